@@ -1,0 +1,112 @@
+"""The one place every setting lives: `orchestrator`, `celery -A tasks worker` and
+`celery -A tasks flower` all read this module (design invariant 6).
+
+Every value can be overridden by an ORCH_* environment variable, named next to it.
+Why this matters: kombu's Redis transport keeps one global `unacked` hash, and ANY
+consumer of the broker (a worker, Flower, `celery inspect`) restores "expired"
+messages using ITS OWN visibility timeout. A tool started with a shorter timeout would
+redeliver everyone's running training runs (celery#7651, #5935). So no process of
+this project configures Celery anywhere else.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def _env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+# --- where things are ------------------------------------------------------------
+broker_url = _env("ORCH_BROKER_URL", "redis://127.0.0.1:6379/0")
+# Chords need a backend that counts parts atomically: Redis, here the same server.
+result_backend = _env("ORCH_RESULT_BACKEND", broker_url)
+# Results root: every run's files go below it (a shared filesystem across hosts).
+orch_results_root = os.path.abspath(_env("ORCH_RESULTS_ROOT", "results"))
+# Live state (run/group states for progress bars): Redis, by default the backend's.
+orch_state_url = _env("ORCH_STATE_URL", result_backend)
+
+# --- only JSON crosses the broker (design invariant 3) -----------------------------
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+result_accept_content = ["json"]
+
+# --- delivery: a run is acknowledged only after it finished ------------------------
+# Late acks: a worker that dies mid-run leaves its message unacknowledged, so Redis
+# gives it to another worker instead of losing it.
+task_acks_late = True
+# One message at a time per process: the visibility clock starts when a message is
+# FETCHED, so a prefetched second run would age while the first one trains.
+worker_prefetch_multiplier = 1
+# A run that raised is finished (its FAILED state is recorded, retries are explicit):
+# acknowledge it instead of redelivering it forever.
+task_acks_on_failure_or_timeout = True
+# True can requeue a run that kills its process in an endless loop (celery#9082).
+task_reject_on_worker_lost = False
+# A redelivered message whose task already succeeded is not executed again.
+worker_deduplicate_successful_tasks = True
+# Redis connection lost mid-run: kombu requeues unacked messages on reconnect, so a
+# still-running run would get a parallel duplicate unless the running one is cancelled.
+worker_cancel_long_running_tasks_on_connection_loss = True
+
+# --- broker transport ---------------------------------------------------------------
+# Visibility timeout: a message not acknowledged after this long is handed out AGAIN,
+# even if its run is still training. It must exceed the longest run, so 12 hours
+# (ORCH_VISIBILITY_TIMEOUT, seconds). The price: a run of a worker that died silently
+# is only restored after this timeout (plus kombu's sweep); reassigning faster needs
+# leases and a watchdog, not a shorter timeout.
+visibility_timeout = _env_float("ORCH_VISIBILITY_TIMEOUT", 12 * 3600)
+broker_transport_options = {
+    "visibility_timeout": visibility_timeout,
+    # Ten priority levels, so `priority: 0..9` in the YAML is honoured (0 is served
+    # first by kombu's Redis transport; canvas.py maps 9 (highest) to 0).
+    "priority_steps": list(range(10)),
+    "sep": ":",
+    # Queues are served in the order a worker lists them: pinned queue first.
+    "queue_order_strategy": "priority",
+    "socket_keepalive": True,
+    "socket_timeout": 30,
+    "socket_connect_timeout": 10,
+    "retry_on_timeout": True,
+    "health_check_interval": 25,
+}
+broker_connection_retry_on_startup = True
+broker_connection_max_retries = None  # keep retrying: a Redis restart must not kill workers
+
+# --- results and chords -------------------------------------------------------------
+# A chord's part counter lives in the result backend with this TTL. If it expires
+# before the last fold finishes, the chord body silently never runs (celery PR #3573),
+# so it must be far longer than queue wait plus training: 7 days (ORCH_RESULT_EXPIRES).
+result_expires = _env_float("ORCH_RESULT_EXPIRES", 7 * 24 * 3600)
+result_chord_expires = result_expires
+result_extended = True  # task name, args and worker stored with each result
+# A lost write of a chord part's result leaves the chord hung forever (celery#3363).
+result_backend_always_retry = True
+result_backend_max_retries = 20
+redis_socket_timeout = 30
+redis_socket_connect_timeout = 10
+redis_retry_on_timeout = True
+redis_socket_keepalive = True
+redis_backend_health_check_interval = 25
+
+# --- queues -------------------------------------------------------------------------
+# Anything not explicitly routed (chord bodies, error callbacks) goes to `control`,
+# which only the control worker consumes: training queues stay training-only.
+task_default_queue = "control"
+task_create_missing_queues = True
+
+# --- visibility for Flower and `orchestrator watch` --------------------------------
+task_track_started = True
+worker_send_task_events = True
+task_send_sent_event = True
+
+# --- worker processes ---------------------------------------------------------------
+# CUDA is only ever initialised in the pool child that trains (design invariant 5).
+worker_pool_start_method = _env("ORCH_POOL_START_METHOD", "fork")
+worker_hijack_root_logger = False

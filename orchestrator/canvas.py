@@ -1,0 +1,87 @@
+"""Build and publish the Celery canvas: per group, chord(train_run per fold, finalize).
+
+The only module of the orchestrator that imports `tasks`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from celery import chord
+
+from tasks import app
+from tasks.training import finalize, group_failed, train_run
+
+from .config import Experiment
+from .livestate import LiveState
+from .paths import Layout, atomic_write_json
+from .plan import FINALIZE, RUN, SKIP, GroupPlan
+from .spec import RunSpec
+from .status import Status, read_fold_status, write_fold_status
+
+
+def message_priority(priority: int) -> int:
+    """YAML priority 9 is the most urgent; kombu's Redis transport serves 0 first."""
+    return 9 - priority
+
+
+def _train_signature(spec: RunSpec) -> Any:
+    options: dict[str, Any] = {
+        "queue": spec.queue, "priority": message_priority(spec.priority),
+        "argsrepr": repr(spec.name), "kwargsrepr": "{}",
+    }
+    if spec.timeout is not None:
+        options["soft_time_limit"] = spec.timeout
+        options["time_limit"] = spec.timeout + 30  # hard kill if the soft limit is ignored
+    return train_run.signature(args=(spec.to_dict(),), **options)
+
+
+def _group_options(plan: GroupPlan) -> dict[str, Any]:
+    return {"queue": "control", "argsrepr": repr(plan.first.group_name), "kwargsrepr": "{}"}
+
+
+def write_manifest(layout: Layout, exp: Experiment, plans: list[GroupPlan]) -> None:
+    """<root>/<experiment>/experiment.json: what the last submission contained."""
+    atomic_write_json(layout.manifest(exp.name), {
+        "experiment": exp.name, "config": exp.file, "trainer": exp.trainer.name,
+        "submitted_at": time.time(), "results_root": str(layout.root),
+        "groups": [{
+            "group_id": p.first.group_id, "name": p.first.group_name, "dir": p.first.group_dir,
+            "runs": [s.to_dict() for s in p.specs],
+        } for p in plans],
+    })
+
+
+def submit(exp: Experiment, plans: list[GroupPlan], layout: Layout, live: LiveState) -> dict[str, int]:
+    """Publish what the plan says; returns counts of what was published."""
+    write_manifest(layout, exp, plans)
+    states: dict[str, str] = {}
+    for p in plans:
+        for s in p.specs:
+            states[s.run_id] = Status.PENDING.value if s in p.todo else Status.DONE.value
+            if s in p.todo:
+                old = read_fold_status(layout, s)
+                if old is not None and old.get("status") != Status.PENDING.value:
+                    write_fold_status(layout, s, Status.PENDING, error=old.get("error"))
+    live.set_runs(exp.name, states)
+    live.clear_groups(exp.name, [p.first.group_id for p in plans if p.action != SKIP])
+    for p in plans:
+        if p.action == SKIP:
+            live.set_group(exp.name, p.first.group_id, Status.DONE.value)
+
+    published = {"runs": 0, "groups": 0, "finalize_only": 0}
+    with app.producer_or_acquire() as producer:
+        for p in plans:
+            specs = [s.to_dict() for s in p.specs]
+            body = finalize.signature(args=(specs,), **_group_options(p))
+            if p.action == RUN:
+                errback = group_failed.signature(kwargs={"specs": specs}, queue="control")
+                header = [_train_signature(s) for s in p.todo]
+                chord(header, app=app)(body.on_error(errback), producer=producer)
+                published["runs"] += len(header)
+                published["groups"] += 1
+            elif p.action == FINALIZE:
+                body.apply_async(args=([], specs), producer=producer)
+                published["finalize_only"] += 1
+    return published

@@ -1,0 +1,148 @@
+"""Group finalization (the chord body) and group failure (the chord error callback).
+
+Plain Python over the files of a group's folds. Idempotent: a group whose status.json
+already says DONE for the same runs is left untouched, and every other write replaces
+a file with the same content.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from typing import Any
+
+import numpy as np
+
+from .livestate import LiveState
+from .metrics import fmt, scores, table_csv
+from .paths import Layout, atomic_write_json, atomic_write_text, read_json
+from .results import update_final_results
+from .spec import RunSpec
+from .status import Status, fold_is_done, read_fold_status, read_group_status
+
+
+class GroupNotReady(RuntimeError):
+    """finalize was called while a fold of the group is not DONE."""
+
+
+def _read_probs(path: Any) -> tuple[list[str], list[tuple[int, str, list[float]]]]:
+    with open(path, newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader)
+        rows = [(int(r[0]), r[1], [float(x) for x in r[2:]]) for r in reader]
+    return header[2:], rows
+
+
+def finalize_group(layout: Layout, specs: list[RunSpec], live: LiveState | None = None) -> dict[str, Any]:
+    """Write the ensemble outputs, final_results.csv rows and status.json DONE."""
+    first = specs[0]
+    run_ids = sorted(s.run_id for s in specs)
+    existing = read_group_status(layout, first)
+    if existing and existing.get("train_status") == Status.DONE.value and existing.get("run_ids") == run_ids:
+        if live:
+            live.set_group(first.experiment, first.group_id, Status.DONE.value)
+        return existing
+    missing = [s.fold for s in specs if not fold_is_done(layout, s)]
+    if missing:
+        raise GroupNotReady(f"{first.group_name}: folds {missing} are not DONE")
+
+    classes: list[str] = []
+    truth: dict[int, str] = {}
+    oof_rows: list[tuple[int, int, list[float]]] = []
+    holdout_sum: dict[int, np.ndarray] = {}
+    fold_metrics: list[dict[str, float]] = []
+    metas: dict[int, dict[str, Any]] = {}
+    for spec in sorted(specs, key=lambda s: s.fold):
+        files = layout.fold_files(spec)
+        classes, rows = _read_probs(files["probabilities.csv"])
+        with open(files["predictions.csv"], newline="") as fh:
+            for r in csv.DictReader(fh):
+                truth[int(r["index"])] = r["y_true"]
+        for index, split, probs in rows:
+            if split == "val":
+                oof_rows.append((index, spec.fold, probs))
+            else:
+                holdout_sum[index] = holdout_sum.get(index, 0) + np.asarray(probs)
+        meta = read_json(files["metadata.json"]) or {}
+        metas[spec.fold] = meta
+        fold_metrics.append(meta.get("metrics", {}))
+
+    cls_index = {c: i for i, c in enumerate(classes)}
+    oof_rows.sort()
+    oof_probs = np.array([p for _, _, p in oof_rows]) if oof_rows else np.zeros((0, len(classes)))
+    oof_y = np.array([cls_index[truth[i]] for i, _, _ in oof_rows], dtype=np.int64)
+    hold_idx = sorted(holdout_sum)
+    hold_probs = (np.array([holdout_sum[i] / len(specs) for i in hold_idx])
+                  if hold_idx else np.zeros((0, len(classes))))
+    hold_y = np.array([cls_index[truth[i]] for i in hold_idx], dtype=np.int64)
+
+    files = layout.ensemble_files(first)
+    atomic_write_text(files["oof_predictions.csv"], table_csv(
+        ["index", "fold", "y_true", "y_pred", *classes],
+        [(i, f, truth[i], classes[int(np.argmax(p))], *map(fmt, p)) for i, f, p in oof_rows]))
+    atomic_write_text(files["holdout_predictions.csv"], table_csv(
+        ["index", "y_true", "y_pred", *classes],
+        [(i, truth[i], classes[int(np.argmax(p))], *map(fmt, p)) for i, p in zip(hold_idx, hold_probs, strict=True)]))
+    names = sorted({k for m in fold_metrics for k in m})
+    fold_summary = {
+        k: {"mean": float(np.mean([m[k] for m in fold_metrics if k in m])),
+            "std": float(np.std([m[k] for m in fold_metrics if k in m]))}
+        for k in names
+    }
+    metrics = {"oof": scores(oof_y, oof_probs), "ensemble_holdout": scores(hold_y, hold_probs),
+               "folds": fold_summary, "n_folds": len(specs), "classes": classes}
+    atomic_write_json(files["metrics.json"], metrics)
+
+    update_final_results(layout, first.experiment, [_row(s, metas[s.fold]) for s in specs])
+    record = {
+        "group_id": first.group_id, "experiment": first.experiment, "name": first.group_name,
+        "train_status": Status.DONE.value, "run_ids": run_ids,
+        "folds": {str(s.fold): Status.DONE.value for s in specs}, "failed": {},
+        "metrics": {"oof": metrics["oof"], "ensemble_holdout": metrics["ensemble_holdout"]},
+        "finished_at": time.time(),
+    }
+    atomic_write_json(layout.group_status(first), record)
+    if live:
+        live.set_group(first.experiment, first.group_id, Status.DONE.value)
+    return record
+
+
+def _row(spec: RunSpec, meta: dict[str, Any]) -> dict[str, Any]:
+    metrics = meta.get("metrics", {})
+    hold = meta.get("holdout_metrics", {})
+    row = {
+        "experiment": spec.experiment, "dataset": spec.dataset.name, "point": spec.point,
+        "seed": spec.seed, "fold": spec.fold, "run_id": spec.run_id, "group_id": spec.group_id,
+        "accuracy": metrics.get("accuracy"), "log_loss": metrics.get("log_loss"),
+        "macro_f1": metrics.get("macro_f1"), "holdout_accuracy": hold.get("accuracy"),
+        "seconds": meta.get("training_seconds"), "worker": meta.get("worker"),
+        "device": meta.get("device"), "attempt": meta.get("attempt"),
+    }
+    for name, value in sorted(spec.params.items()):
+        row[f"param.{name}"] = value
+    return row
+
+
+def mark_group_failed(layout: Layout, specs: list[RunSpec], reason: str = "",
+                      live: LiveState | None = None) -> dict[str, Any]:
+    """status.json FAILED, naming which folds failed and why (the chord error callback)."""
+    first = specs[0]
+    folds: dict[str, str] = {}
+    failed: dict[str, str] = {}
+    for spec in specs:
+        record = read_fold_status(layout, spec) or {}
+        status = record.get("status", Status.PENDING.value)
+        if fold_is_done(layout, spec):
+            status = Status.DONE.value
+        folds[str(spec.fold)] = status
+        if status != Status.DONE.value:
+            failed[str(spec.fold)] = record.get("error") or reason or "did not finish"
+    record = {
+        "group_id": first.group_id, "experiment": first.experiment, "name": first.group_name,
+        "train_status": Status.FAILED.value, "run_ids": sorted(s.run_id for s in specs),
+        "folds": folds, "failed": failed, "finished_at": time.time(),
+    }
+    atomic_write_json(layout.group_status(first), record)
+    if live:
+        live.set_group(first.experiment, first.group_id, Status.FAILED.value)
+    return record

@@ -1,0 +1,69 @@
+"""What is happening now, in Redis: run and group states per experiment.
+
+Files under the results root are the record; these keys are a fast view of it for
+progress bars and `watch`. Keys expire a week after their last write.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+
+PREFIX = "orch"
+TTL_SECONDS = 7 * 24 * 3600
+
+
+def runs_key(experiment: str) -> str:
+    return f"{PREFIX}:exp:{experiment}:runs"
+
+
+def groups_key(experiment: str) -> str:
+    return f"{PREFIX}:exp:{experiment}:groups"
+
+
+class LiveState:
+    def __init__(self, client: redis.Redis):
+        self.client = client
+
+    @classmethod
+    def from_url(cls, url: str) -> LiveState:
+        return cls(redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5,
+                                        health_check_interval=25, retry_on_timeout=True))
+
+    def set_run(self, experiment: str, run_id: str, status: str, **info: Any) -> None:
+        value = json.dumps({"status": status, "t": time.time(), **info})
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(runs_key(experiment), run_id, value)
+        pipe.expire(runs_key(experiment), TTL_SECONDS)
+        pipe.execute()
+
+    def set_runs(self, experiment: str, statuses: dict[str, str]) -> None:
+        if not statuses:
+            return
+        now = time.time()
+        mapping = {rid: json.dumps({"status": st, "t": now}) for rid, st in statuses.items()}
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(runs_key(experiment), mapping=mapping)
+        pipe.expire(runs_key(experiment), TTL_SECONDS)
+        pipe.execute()
+
+    def set_group(self, experiment: str, group_id: str, status: str) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(groups_key(experiment), group_id, status)
+        pipe.expire(groups_key(experiment), TTL_SECONDS)
+        pipe.execute()
+
+    def clear_groups(self, experiment: str, group_ids: list[str]) -> None:
+        if group_ids:
+            self.client.hdel(groups_key(experiment), *group_ids)
+
+    def runs(self, experiment: str) -> dict[str, dict[str, Any]]:
+        raw = self.client.hgetall(runs_key(experiment))
+        return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+    def groups(self, experiment: str) -> dict[str, str]:
+        raw = self.client.hgetall(groups_key(experiment))
+        return {k.decode(): v.decode() for k, v in raw.items()}

@@ -1,0 +1,133 @@
+"""The on-disk layout under the results root, and the one atomic-write helper.
+
+Nothing else in the project joins result path strings. Layout (README "Results"):
+
+    <root>/<experiment>/experiment.json          manifest of the last submission
+    <root>/<experiment>/final_results.csv        one row per finished run
+    <root>/<output>/<point>/seed=<seed>/         one group (all folds of a point+seed)
+        fold_<i>/predictions.csv probabilities.csv ranks.csv metadata.json
+        ensemble/oof_predictions.csv holdout_predictions.csv metrics.json
+        status/fold_<i>.json status.json
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import UnsafeNameError
+from .names import check_name, check_relative_path
+from .spec import RunSpec
+
+FOLD_FILES = ("predictions.csv", "probabilities.csv", "ranks.csv", "metadata.json")
+ENSEMBLE_FILES = ("oof_predictions.csv", "holdout_predictions.csv", "metrics.json")
+
+# Durability: rename is atomic against a crashed process; fsync also survives a crashed
+# host (a GPU driver panic) at the price of a disk flush per file.
+FSYNC = os.environ.get("ORCH_FSYNC", "1") not in ("0", "false", "no")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            if FSYNC:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path) -> Any | None:
+    """The parsed file, or None if it does not exist or is not valid JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (for read-modify-write of shared files)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+class Layout:
+    """Paths of everything under one results root."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root).resolve()
+
+    def _inside(self, rel: str) -> Path:
+        check_relative_path(rel, "path")
+        path = (self.root / rel).resolve()
+        if not path.is_relative_to(self.root):
+            raise UnsafeNameError(f"path {rel!r} leaves the results root")
+        return path
+
+    # experiment level
+    def experiment_dir(self, experiment: str) -> Path:
+        return self._inside(check_name(experiment, "experiment"))
+
+    def manifest(self, experiment: str) -> Path:
+        return self.experiment_dir(experiment) / "experiment.json"
+
+    def final_results(self, experiment: str) -> Path:
+        return self.experiment_dir(experiment) / "final_results.csv"
+
+    def final_results_lock(self, experiment: str) -> Path:
+        return self.experiment_dir(experiment) / ".final_results.lock"
+
+    # group level
+    def group_dir(self, spec: RunSpec) -> Path:
+        return self._inside(spec.group_dir)
+
+    def status_dir(self, spec: RunSpec) -> Path:
+        return self.group_dir(spec) / "status"
+
+    def group_status(self, spec: RunSpec) -> Path:
+        return self.status_dir(spec) / "status.json"
+
+    def ensemble_dir(self, spec: RunSpec) -> Path:
+        return self.group_dir(spec) / "ensemble"
+
+    # fold level
+    def fold_dir(self, spec: RunSpec) -> Path:
+        return self.group_dir(spec) / f"fold_{spec.fold}"
+
+    def fold_status(self, spec: RunSpec) -> Path:
+        return self.status_dir(spec) / f"fold_{spec.fold}.json"
+
+    def fold_files(self, spec: RunSpec) -> dict[str, Path]:
+        base = self.fold_dir(spec)
+        return {name: base / name for name in FOLD_FILES}
+
+    def ensemble_files(self, spec: RunSpec) -> dict[str, Path]:
+        base = self.ensemble_dir(spec)
+        return {name: base / name for name in ENSEMBLE_FILES}

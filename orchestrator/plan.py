@@ -1,0 +1,65 @@
+"""What submitting an experiment would do, given what the results root already holds.
+
+Per group: skip it (status.json DONE for exactly these runs), only finalize it (every
+fold DONE but no status.json DONE), or run its missing/failed folds and then finalize.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .expand import groups
+from .paths import Layout
+from .spec import RunSpec
+from .status import Status, fold_is_done, read_fold_status, read_group_status
+
+SKIP, FINALIZE, RUN = "skip", "finalize", "run"
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    specs: tuple[RunSpec, ...]
+    todo: tuple[RunSpec, ...]  # folds to train
+    action: str  # SKIP, FINALIZE or RUN
+
+    @property
+    def first(self) -> RunSpec:
+        return self.specs[0]
+
+
+def run_state(layout: Layout, spec: RunSpec) -> str:
+    """A run's state from the files: DONE, FAILED, IN_PROGRESS, PENDING, CANCELLED or NEW."""
+    if fold_is_done(layout, spec):
+        return Status.DONE.value
+    record = read_fold_status(layout, spec)
+    if record is None or record.get("status") == Status.DONE.value:  # DONE but files missing
+        return "NEW"
+    return str(record.get("status"))
+
+
+def make_plan(layout: Layout, runs: list[RunSpec]) -> list[GroupPlan]:
+    plans: list[GroupPlan] = []
+    for specs in groups(runs):
+        todo = tuple(s for s in specs if not fold_is_done(layout, s))
+        if todo:
+            action = RUN
+        else:
+            record = read_group_status(layout, specs[0])
+            done = (record is not None and record.get("train_status") == Status.DONE.value
+                    and record.get("run_ids") == sorted(s.run_id for s in specs))
+            action = SKIP if done else FINALIZE
+        plans.append(GroupPlan(specs=tuple(specs), todo=todo, action=action))
+    return plans
+
+
+def totals(plans: list[GroupPlan]) -> dict[str, int]:
+    runs = sum(len(p.specs) for p in plans)
+    todo = sum(len(p.todo) for p in plans)
+    return {"runs": runs, "done": runs - todo, "to_run": todo, "groups": len(plans),
+            "groups_to_finalize": sum(p.action != SKIP for p in plans)}
+
+
+def plan_rows(layout: Layout, plans: list[GroupPlan]) -> list[dict[str, Any]]:
+    return [{"name": s.name, "run_id": s.run_id, "group_id": s.group_id, "queue": s.queue,
+             "state": run_state(layout, s)} for p in plans for s in p.specs]

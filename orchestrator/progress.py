@@ -1,0 +1,91 @@
+"""Waiting for submitted experiments: a progress bar from Redis live state, then a
+summary read from the status files (the record)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .errors import EnvironmentProblem
+from .livestate import LiveState
+from .plan import GroupPlan
+from .status import Status
+
+FINAL_GROUP = (Status.DONE.value, Status.FAILED.value)
+
+
+@dataclass
+class Tracked:
+    experiment: str
+    plans: list[GroupPlan]
+
+    @property
+    def run_ids(self) -> set[str]:
+        return {s.run_id for p in self.plans for s in p.specs}
+
+    @property
+    def group_ids(self) -> set[str]:
+        return {p.first.group_id for p in self.plans}
+
+
+def counts(live: LiveState, tracked: list[Tracked]) -> tuple[Counter[str], int, int]:
+    """(run states, groups finished, groups in all) over every tracked experiment."""
+    states: Counter[str] = Counter()
+    finished = total = 0
+    for t in tracked:
+        runs = live.runs(t.experiment)
+        ids = t.run_ids
+        for rid in ids:
+            states[runs.get(rid, {}).get("status", Status.PENDING.value)] += 1
+        groups = live.groups(t.experiment)
+        finished += sum(1 for g in t.group_ids if groups.get(g) in FINAL_GROUP)
+        total += len(t.group_ids)
+    return states, finished, total
+
+
+def wait(live: LiveState, tracked: list[Tracked], console: Console,
+         check: Callable[[], None] | None = None, poll: float = 0.5) -> None:
+    """Block until every tracked group is DONE or FAILED. `check` may raise to abort."""
+    start = time.monotonic()
+    already = None
+    interactive = console.is_terminal
+    last_line = 0.0
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(),
+               TextColumn("{task.completed}/{task.total} runs"),
+               TextColumn("[green]{task.fields[done]} done[/] [red]{task.fields[failed]} failed[/] "
+                          "[yellow]{task.fields[running]} running[/]"),
+               TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}")]
+    with Progress(*columns, console=console, disable=not interactive, transient=False) as bar:
+        task = bar.add_task("training", total=sum(len(t.run_ids) for t in tracked),
+                            done=0, failed=0, running=0, eta="?")
+        while True:
+            if check is not None:
+                check()
+            try:
+                states, finished, total = counts(live, tracked)
+            except Exception as exc:  # redis errors: report, do not traceback
+                raise EnvironmentProblem(f"lost the connection to Redis: {exc}") from exc
+            done, failed = states[Status.DONE.value], states[Status.FAILED.value]
+            running = states[Status.IN_PROGRESS.value]
+            if already is None:
+                already = done
+            elapsed = time.monotonic() - start
+            rate = (done - already) / elapsed if elapsed > 0 else 0
+            remaining = sum(states.values()) - done - failed
+            eta = f"{remaining / rate:.0f}s" if rate > 0 and remaining else "?"
+            bar.update(task, completed=done + failed, done=done, failed=failed,
+                       running=running, eta=eta)
+            if not interactive and (time.monotonic() - last_line > 5 or finished == total):
+                print(f"progress: {done + failed}/{sum(states.values())} runs "
+                      f"({done} done, {failed} failed, {running} running), "
+                      f"groups {finished}/{total}, ETA {eta}", file=sys.stderr, flush=True)
+                last_line = time.monotonic()
+            if finished == total:
+                return
+            time.sleep(poll)

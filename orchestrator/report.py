@@ -1,0 +1,104 @@
+"""`orchestrator status`: experiments, groups and folds as the files record them."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from .errors import ExperimentNotFound
+from .paths import Layout, read_json
+from .plan import run_state
+from .spec import RunSpec
+from .status import Status, read_fold_status, read_group_status
+
+
+def experiments(layout: Layout) -> list[str]:
+    if not layout.root.is_dir():
+        return []
+    return sorted(p.parent.name for p in layout.root.glob("*/experiment.json"))
+
+
+def load_manifest(layout: Layout, experiment: str) -> dict[str, Any]:
+    data = read_json(layout.manifest(experiment))
+    if not isinstance(data, dict):
+        known = ", ".join(experiments(layout)) or "none"
+        raise ExperimentNotFound(f"no experiment {experiment!r} under {layout.root} "
+                                 f"(experiments there: {known})")
+    return data
+
+
+def group_state(layout: Layout, specs: list[RunSpec], fold_states: list[str]) -> str:
+    record = read_group_status(layout, specs[0])
+    if record and record.get("run_ids") == sorted(s.run_id for s in specs):
+        return str(record["train_status"])
+    if Status.IN_PROGRESS.value in fold_states or Status.DONE.value in fold_states:
+        return Status.IN_PROGRESS.value
+    return Status.PENDING.value
+
+
+def experiment_status(layout: Layout, experiment: str, with_files: bool = False) -> dict[str, Any]:
+    manifest = load_manifest(layout, experiment)
+    now = time.time()
+    groups_out = []
+    run_counts: Counter[str] = Counter()
+    group_counts: Counter[str] = Counter()
+    for g in manifest["groups"]:
+        specs = [RunSpec.from_dict(r) for r in g["runs"]]
+        folds = []
+        for spec in specs:
+            state = run_state(layout, spec)
+            record = read_fold_status(layout, spec) or {}
+            started, finished = record.get("started_at"), record.get("finished_at")
+            elapsed = record.get("elapsed")
+            if elapsed is None and started and state == Status.IN_PROGRESS.value:
+                elapsed = now - started
+            fold: dict[str, Any] = {
+                "fold": spec.fold, "run_id": spec.run_id, "name": spec.name, "state": state,
+                "worker": record.get("worker"), "attempt": record.get("attempt"),
+                "elapsed": None if elapsed is None else round(float(elapsed), 2),
+                "error": record.get("error") if state != Status.DONE.value else None,
+                "finished_at": finished,
+            }
+            if with_files:
+                fold["files"] = {k: str(v) for k, v in layout.fold_files(spec).items()}
+                fold["status_file"] = str(layout.fold_status(spec))
+            folds.append(fold)
+            run_counts[state] += 1
+        state = group_state(layout, specs, [f["state"] for f in folds])
+        group_counts[state] += 1
+        entry: dict[str, Any] = {"group_id": g["group_id"], "name": g["name"], "state": state,
+                                 "counts": dict(Counter(f["state"] for f in folds)), "folds": folds}
+        record = read_group_status(layout, specs[0]) or {}
+        if record.get("metrics"):
+            entry["metrics"] = record["metrics"]
+        if record.get("failed"):
+            entry["failed"] = record["failed"]
+        if with_files:
+            entry["dir"] = str(layout.group_dir(specs[0]))
+            entry["status_file"] = str(layout.group_status(specs[0]))
+            entry["ensemble_files"] = {k: str(v) for k, v in layout.ensemble_files(specs[0]).items()}
+        groups_out.append(entry)
+    out: dict[str, Any] = {
+        "experiment": experiment, "config": manifest.get("config"),
+        "runs": dict(run_counts), "groups": dict(group_counts), "group_details": groups_out,
+    }
+    if with_files:
+        out["final_results"] = str(layout.final_results(experiment))
+        out["manifest"] = str(layout.manifest(experiment))
+        out["results_root"] = str(layout.root)
+    return out
+
+
+def final_states(layout: Layout, experiment: str) -> Counter[str]:
+    """Group states of an experiment, read from status.json files."""
+    status = experiment_status(layout, experiment)
+    return Counter(g["state"] for g in status["group_details"])
+
+
+def relative(path: str | Path, root: Path) -> str:
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)

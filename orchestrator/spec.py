@@ -1,0 +1,232 @@
+"""RunSpec: the one object that crosses the broker, as JSON.
+
+`from_dict` treats its input as untrusted (it comes from a broker message): every field
+is type-checked and every name that becomes a path is checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import InvalidSpecError
+from .names import check_name, check_relative_path, path_component
+
+DEVICES = ("cuda", "cpu")
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def content_hash(value: Any, length: int = 16) -> str:
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()[:length]
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """Where a dataset comes from; `identity()` is what enters the run id."""
+
+    name: str
+    source: str  # "sklearn" (bundled) or "csv"
+    path: str | None = None  # absolute path of a CSV file
+    target: str | None = None  # CSV column holding the label
+    sha256: str | None = None  # CSV content hash at submission time
+
+    def identity(self) -> dict[str, Any]:
+        if self.source == "sklearn":
+            return {"source": "sklearn", "name": self.name}
+        return {"source": "csv", "sha256": self.sha256, "target": self.target}
+
+
+@dataclass(frozen=True)
+class Resources:
+    gpus: float = 1.0  # GPUs per run; 0 sends the run to the `cpu` queue
+    gpu_memory_gb: float | None = None  # GPU memory the run needs (admission: issue 4)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run: (experiment, dataset, parameter point, seed, fold)."""
+
+    experiment: str
+    trainer: str
+    trainer_version: str
+    dataset: DatasetRef
+    params: Mapping[str, Any]  # exactly as the YAML states them (no trainer defaults)
+    point: str  # readable name of the parameter point, e.g. "hidden=64,lr=0.01"
+    seed: int
+    fold: int
+    k: int | None  # None: a single train/validation split
+    validation: float | None  # validation fraction of a single split
+    holdout: float  # fraction held out of every fold, scored by the fold ensemble
+    output: str  # output folder, relative to the results root
+    overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # by device
+    resources: Resources = field(default_factory=Resources)
+    retries: int = 0
+    timeout: float | None = None
+    priority: int = 5
+
+    # -- identity ---------------------------------------------------------------
+    def _identity(self, with_fold: bool) -> dict[str, Any]:
+        ident: dict[str, Any] = {
+            "trainer": self.trainer,
+            "trainer_version": self.trainer_version,
+            "dataset": self.dataset.identity(),
+            "params": dict(self.params),
+            "seed": self.seed,
+            "k": self.k,
+            "validation": self.validation,
+            "holdout": self.holdout,
+        }
+        if with_fold:
+            ident["fold"] = self.fold
+        return ident
+
+    @property
+    def run_id(self) -> str:
+        """Content hash of what determines the result; device overrides stay out."""
+        return content_hash(self._identity(with_fold=True))
+
+    @property
+    def group_id(self) -> str:
+        """Same for every fold of one (dataset, point, seed): the chord unit."""
+        return content_hash(self._identity(with_fold=False))
+
+    @property
+    def name(self) -> str:
+        return f"{self.group_name}/fold={self.fold}"
+
+    @property
+    def group_name(self) -> str:
+        return f"{self.experiment}/{self.dataset.name}/{self.point}/seed={self.seed}"
+
+    @property
+    def group_dir(self) -> str:
+        """Group folder relative to the results root."""
+        return f"{self.output}/{path_component(self.point)}/seed={self.seed}"
+
+    @property
+    def n_folds(self) -> int:
+        return self.k if self.k is not None else 1
+
+    @property
+    def queue(self) -> str:
+        return "gpu" if self.resources.gpus > 0 else "cpu"
+
+    def params_for(self, device: str) -> dict[str, Any]:
+        """Stated params with this device's overrides applied on top."""
+        merged = dict(self.params)
+        merged.update(self.overrides.get(device, {}))
+        return merged
+
+    # -- JSON -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["params"] = dict(self.params)
+        data["overrides"] = {d: dict(v) for d, v in self.overrides.items()}
+        return data
+
+    def to_json(self) -> str:
+        return canonical_json(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: object) -> RunSpec:
+        """Build a spec from untrusted JSON data, checking every field."""
+        try:
+            return _parse_spec(data)
+        except InvalidSpecError:
+            raise
+        except (TypeError, ValueError, KeyError) as exc:
+            raise InvalidSpecError(f"malformed run spec: {exc}") from exc
+
+
+# -- strict parsing of untrusted dicts -------------------------------------------
+_SPEC_KEYS = {
+    "experiment", "trainer", "trainer_version", "dataset", "params", "point", "seed",
+    "fold", "k", "validation", "holdout", "output", "overrides", "resources", "retries",
+    "timeout", "priority",
+}
+
+
+def _expect(value: Any, types: type | tuple[type, ...], what: str) -> Any:
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise InvalidSpecError(f"{what} must be {types}, got a boolean")
+    if not isinstance(value, types):
+        raise InvalidSpecError(f"{what} has type {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidSpecError(f"{what} must be finite")
+    return value
+
+
+def _json_params(value: Any, what: str) -> dict[str, Any]:
+    _expect(value, dict, what)
+    for key in value:
+        _expect(key, str, f"{what} key")
+    canonical_json(value)  # rejects NaN and non-JSON values
+    return dict(value)
+
+
+def _parse_spec(data: object) -> RunSpec:
+    if not isinstance(data, dict):
+        raise InvalidSpecError("run spec must be a JSON object")
+    unknown = set(data) - _SPEC_KEYS
+    missing = _SPEC_KEYS - set(data)
+    if unknown or missing:
+        raise InvalidSpecError(f"run spec keys: unknown {sorted(unknown)}, missing {sorted(missing)}")
+    ds = _expect(data["dataset"], dict, "dataset")
+    if set(ds) != {"name", "source", "path", "target", "sha256"}:
+        raise InvalidSpecError("dataset must have name, source, path, target, sha256")
+    source = ds["source"]
+    if source not in ("sklearn", "csv"):
+        raise InvalidSpecError(f"dataset source {source!r} is not sklearn or csv")
+    if source == "csv":
+        path = _expect(ds["path"], str, "dataset path")
+        if not path.startswith("/") or not path.endswith(".csv"):
+            raise InvalidSpecError("dataset path must be an absolute path to a .csv file")
+        _expect(ds["target"], str, "dataset target")
+        _expect(ds["sha256"], str, "dataset sha256")
+    dataset = DatasetRef(
+        name=check_name(ds["name"], "dataset"), source=source, path=ds["path"],
+        target=ds["target"], sha256=ds["sha256"],
+    )
+    res = _expect(data["resources"], dict, "resources")
+    if set(res) != {"gpus", "gpu_memory_gb"}:
+        raise InvalidSpecError("resources must have gpus and gpu_memory_gb")
+    overrides = _expect(data["overrides"], dict, "overrides")
+    if not set(overrides) <= set(DEVICES):
+        raise InvalidSpecError(f"overrides devices must be among {DEVICES}")
+    k = data["k"]
+    if k is not None:
+        _expect(k, int, "k")
+    fold = _expect(data["fold"], int, "fold")
+    if not 0 <= fold < (k if k is not None else 1):
+        raise InvalidSpecError(f"fold {fold} out of range for k={k}")
+    timeout = data["timeout"]
+    return RunSpec(
+        experiment=check_name(data["experiment"], "experiment"),
+        trainer=_expect(data["trainer"], str, "trainer"),
+        trainer_version=_expect(data["trainer_version"], str, "trainer_version"),
+        dataset=dataset,
+        params=_json_params(data["params"], "params"),
+        point=_expect(data["point"], str, "point"),
+        seed=_expect(data["seed"], int, "seed"),
+        fold=fold,
+        k=k,
+        validation=None if data["validation"] is None else float(_expect(data["validation"], (int, float), "validation")),
+        holdout=float(_expect(data["holdout"], (int, float), "holdout")),
+        output=check_relative_path(data["output"], "output"),
+        overrides={d: _json_params(v, f"overrides.{d}") for d, v in overrides.items()},
+        resources=Resources(
+            gpus=float(_expect(res["gpus"], (int, float), "resources.gpus")),
+            gpu_memory_gb=None if res["gpu_memory_gb"] is None
+            else float(_expect(res["gpu_memory_gb"], (int, float), "resources.gpu_memory_gb")),
+        ),
+        retries=_expect(data["retries"], int, "retries"),
+        timeout=None if timeout is None else float(_expect(timeout, (int, float), "timeout")),
+        priority=_expect(data["priority"], int, "priority"),
+    )

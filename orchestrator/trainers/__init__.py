@@ -1,0 +1,150 @@
+"""Trainer registry: the only code a worker will run for a message.
+
+A trainer is a plain function `fn(ctx: TrainContext) -> TrainResult` plus a declaration
+of its parameters. Built-in trainers are registered here; third-party ones come from the
+`orchestrator.trainers` entry-point group, or from modules an operator names in
+`ORCH_TRAINER_MODULES` (comma-separated) on the worker. A message naming anything else
+is rejected before any code is imported for it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any
+
+import numpy as np
+
+from ..errors import UnknownTrainerError
+
+PARAM_KINDS = ("int", "float", "str", "bool", "int_list")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One trainer parameter: its default and what values are valid."""
+
+    default: Any
+    kind: str
+    choices: tuple[Any, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    help: str = ""
+
+    def problem(self, value: Any) -> str | None:
+        """Why `value` is invalid, or None if it is fine."""
+        ok_type = {
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, int | float) and not isinstance(value, bool),
+            "str": isinstance(value, str),
+            "bool": isinstance(value, bool),
+            "int_list": (isinstance(value, int) and not isinstance(value, bool)) or (
+                isinstance(value, list) and bool(value)
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in value)),
+        }[self.kind]
+        if not ok_type:
+            return f"must be {self.describe()}, got {value!r}"
+        if self.choices is not None and value not in self.choices:
+            return f"must be one of {', '.join(map(str, self.choices))}, got {value!r}"
+        nums = value if isinstance(value, list) else [value]
+        for v in nums if self.kind in ("int", "float", "int_list") else []:
+            if self.minimum is not None and v < self.minimum:
+                return f"must be >= {self.minimum}, got {value!r}"
+            if self.maximum is not None and v > self.maximum:
+                return f"must be <= {self.maximum}, got {value!r}"
+        return None
+
+    def describe(self) -> str:
+        kind = {"int": "an integer", "float": "a number", "str": "a string",
+                "bool": "true or false", "int_list": "a list of positive integers"}[self.kind]
+        if self.minimum is not None and self.maximum is not None:
+            kind += f" in [{self.minimum}, {self.maximum}]"
+        elif self.minimum is not None:
+            kind += f" >= {self.minimum}"
+        return kind
+
+
+@dataclass
+class Reporter:
+    """Trainers call `report(epoch=..., **metrics)`; the last values go into metadata."""
+
+    last: dict[str, Any] = field(default_factory=dict)
+    on_report: Callable[[dict[str, Any]], None] | None = None
+
+    def report(self, **values: Any) -> None:
+        self.last = {k: (float(v) if isinstance(v, np.floating) else v) for k, v in values.items()}
+        if self.on_report is not None:
+            self.on_report(self.last)
+
+
+@dataclass(frozen=True)
+class TrainContext:
+    params: Mapping[str, Any]  # trainer defaults + stated params + device overrides
+    device: str  # "cuda" or "cpu"
+    seed: int
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_eval: np.ndarray  # validation rows then holdout rows
+    n_classes: int
+    reporter: Reporter
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    probabilities: np.ndarray  # (len(X_eval), n_classes), rows sum to 1
+    params_count: int = 0
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Trainer:
+    name: str
+    version: str
+    fn: Callable[[TrainContext], TrainResult]
+    params: Mapping[str, Param]
+    description: str = ""
+
+    def resolve(self, stated: Mapping[str, Any]) -> dict[str, Any]:
+        return {**{k: p.default for k, p in self.params.items()}, **stated}
+
+
+_REGISTRY: dict[str, Trainer] | None = None
+
+
+def _add(registry: dict[str, Trainer], obj: object, origin: str) -> None:
+    items = obj if isinstance(obj, list | tuple) else [obj]
+    for trainer in items:
+        if not isinstance(trainer, Trainer):
+            raise TypeError(f"{origin} does not provide orchestrator.trainers.Trainer objects")
+        registry[trainer.name] = trainer
+
+
+def registry() -> dict[str, Trainer]:
+    """Every trainer this process may run, loaded once."""
+    global _REGISTRY
+    if _REGISTRY is None:
+        reg: dict[str, Trainer] = {}
+        from . import mlp, prior
+
+        _add(reg, mlp.TRAINER, "built-in mlp")
+        _add(reg, prior.TRAINER, "built-in prior")
+        for ep in entry_points(group="orchestrator.trainers"):
+            if ep.name not in reg:
+                _add(reg, ep.load(), f"entry point {ep.name}")
+        for module in filter(None, os.environ.get("ORCH_TRAINER_MODULES", "").split(",")):
+            mod = importlib.import_module(module.strip())
+            _add(reg, getattr(mod, "TRAINERS", getattr(mod, "TRAINER", None)), module)
+        _REGISTRY = reg
+    return _REGISTRY
+
+
+def get_trainer(name: str) -> Trainer:
+    reg = registry()
+    if name not in reg:
+        raise UnknownTrainerError(
+            f"trainer {name!r} is not registered (registered: {', '.join(sorted(reg))})"
+        )
+    return reg[name]

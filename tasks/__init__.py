@@ -1,0 +1,13 @@
+"""The Celery app: `celery -A tasks worker` / `celery -A tasks flower` find `app` here.
+
+Settings come only from `celeryconfig.py` (see its docstring for why).
+"""
+
+from celery import Celery
+
+app = Celery("tasks")
+app.config_from_object("celeryconfig")
+
+from . import training  # noqa: E402,F401  (registers the tasks)
+
+__all__ = ["app"]
