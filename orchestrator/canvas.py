@@ -18,7 +18,7 @@ from .livestate import LiveState
 from .paths import Layout, atomic_write_json
 from .plan import FINALIZE, RUN, SKIP, GroupPlan
 from .spec import RunSpec
-from .status import Status, read_fold_status, write_fold_status
+from .status import Status, read_fold_status, reset_group_status, write_fold_status
 
 
 def message_priority(priority: int) -> int:
@@ -58,6 +58,8 @@ def submit(exp: Experiment, plans: list[GroupPlan], layout: Layout, live: LiveSt
     write_manifest(layout, exp, plans)
     states: dict[str, str] = {}
     for p in plans:
+        if p.action == RUN:
+            reset_group_status(layout, p.first)
         for s in p.specs:
             states[s.run_id] = Status.PENDING.value if s in p.todo else Status.DONE.value
             if s in p.todo:
@@ -82,6 +84,6 @@ def submit(exp: Experiment, plans: list[GroupPlan], layout: Layout, live: LiveSt
                 published["runs"] += len(header)
                 published["groups"] += 1
             elif p.action == FINALIZE:
-                body.apply_async(args=([], specs), producer=producer)
+                body.apply_async(args=([],), producer=producer)  # results=[], then (specs,)
                 published["finalize_only"] += 1
     return published

@@ -72,7 +72,7 @@ def execute(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
     reporter = Reporter()
     eval_rows = np.concatenate([split.val, split.holdout])
     result = trainer.fn(TrainContext(
-        params=params, device=worker.device, seed=spec.seed,
+        params=params, device=worker.device, seed=spec.seed, fold=spec.fold, run_name=spec.name,
         X_train=table.X[split.train], y_train=table.y[split.train], X_eval=table.X[eval_rows],
         n_classes=len(table.classes), reporter=reporter,
     ))

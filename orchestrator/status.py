@@ -63,6 +63,15 @@ def read_group_status(layout: Layout, spec: RunSpec) -> dict[str, Any] | None:
     return data
 
 
+def reset_group_status(layout: Layout, spec: RunSpec) -> None:
+    """A group whose folds will run again: its old status.json no longer describes it."""
+    if read_group_status(layout, spec) is not None:
+        atomic_write_json(layout.group_status(spec), {
+            "group_id": spec.group_id, "experiment": spec.experiment, "name": spec.group_name,
+            "train_status": Status.PENDING.value, "updated_at": time.time(),
+        })
+
+
 def group_is_done(layout: Layout, spec: RunSpec) -> bool:
     data = read_group_status(layout, spec)
     return bool(data) and data.get("train_status") == Status.DONE.value
@@ -75,5 +84,6 @@ __all__ = [
     "group_is_done",
     "read_fold_status",
     "read_group_status",
+    "reset_group_status",
     "write_fold_status",
 ]

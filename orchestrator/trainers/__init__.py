@@ -85,6 +85,8 @@ class TrainContext:
     params: Mapping[str, Any]  # trainer defaults + stated params + device overrides
     device: str  # "cuda" or "cpu"
     seed: int
+    fold: int
+    run_name: str  # readable, e.g. exp/iris/lr=0.01/seed=0/fold=2
     X_train: np.ndarray
     y_train: np.ndarray
     X_eval: np.ndarray  # validation rows then holdout rows

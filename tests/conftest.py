@@ -1,0 +1,116 @@
+"""Fixtures: a real redis-server (own port, own directory) and real Celery workers.
+
+Never the machine's default Redis, never a flush of anyone else's data: every server
+here is started by the test session on a free port and stopped at its end.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from orchestrator.local import spawn, start_redis, stop_process
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """Environment for orchestrator subprocesses: test trainers, wide terminal, no broker."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
+    env.update(PYTHONPATH=str(REPO), COLUMNS="250", ORCH_TRAINER_MODULES="tests.plugins",
+               PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=REPO, env=env or cli_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
+    """Poll `condition` until it returns something truthy; fail the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def write_experiment(tmp_path: Path) -> Callable[..., Path]:
+    """Write an experiment YAML from keyword fields; returns its path."""
+
+    def write(name: str = "exp", filename: str | None = None, **fields: Any) -> Path:
+        doc = {"experiment": name, **fields}
+        path = tmp_path / (filename or f"{name}.yaml")
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        return path
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private redis-server for the whole session."""
+    proc, url = start_redis(tmp_path_factory.mktemp("redis"))
+    yield url
+    stop_process(proc)
+
+
+@dataclass
+class Cluster:
+    url: str
+    root: Path
+    logs: Path
+    processes: dict[str, subprocess.Popen[bytes]]
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return cli_env(ORCH_BROKER_URL=self.url, ORCH_RESULTS_ROOT=str(self.root), **extra)
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+
+def celery_app(url: str) -> Any:
+    """A client app with the project's settings, pointed at `url`."""
+    from celery import Celery
+
+    app = Celery("test-client")
+    app.config_from_object("celeryconfig")
+    app.conf.update(broker_url=url, result_backend=url)
+    return app
+
+
+@pytest.fixture(scope="session")
+def running_cluster(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """2 CPU workers and a control worker, started like an operator would."""
+    root = tmp_path_factory.mktemp("cluster-results")
+    logs = tmp_path_factory.mktemp("cluster-logs")
+    cluster = Cluster(redis_url, root, logs, {})
+    env = cluster.env()
+    base = [sys.executable, "-m", "orchestrator", "worker", "--loglevel", "INFO"]
+    specs = {"cpu1": [*base, "--cpu", "--accept-gpu-runs", "--name", "cpu1@%h"],
+             "cpu2": [*base, "--cpu", "--accept-gpu-runs", "--name", "cpu2@%h"],
+             "control": [*base, "--control"]}
+    for name, argv in specs.items():
+        cluster.processes[name] = spawn(argv, env, logs / f"{name}.log")
+    app = celery_app(redis_url)
+    try:
+        wait_for(lambda: len(app.control.ping(timeout=0.5)) >= 3, timeout=60, what="3 workers to answer ping")
+        yield cluster
+    finally:
+        for proc in cluster.processes.values():
+            stop_process(proc)

@@ -1,0 +1,36 @@
+"""Trainers used only by the tests, registered on workers via ORCH_TRAINER_MODULES."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from orchestrator.trainers import Param, TrainContext, Trainer, TrainResult
+from orchestrator.trainers.prior import train as prior_train
+
+
+def _flaky(ctx: TrainContext) -> TrainResult:
+    """Raises on the fold named by `fail_fold`; otherwise the prior baseline."""
+    if ctx.fold == ctx.params["fail_fold"]:
+        raise ValueError(f"deliberate failure on fold {ctx.fold} of {ctx.run_name}")
+    return prior_train(ctx)
+
+
+def _slow(ctx: TrainContext) -> TrainResult:
+    """Sleeps `seconds`, then the prior baseline: lets a test interrupt a running run."""
+    time.sleep(float(ctx.params["seconds"]))
+    return prior_train(ctx)
+
+
+def _pid(ctx: TrainContext) -> TrainResult:
+    """Records which process trained it (tests assert where code ran)."""
+    result = prior_train(ctx)
+    return TrainResult(result.probabilities, result.params_count, {"pid": os.getpid()})
+
+
+TRAINERS = [
+    Trainer("flaky", "1", _flaky, {"fail_fold": Param(-1, "int"), "smoothing": Param(1.0, "float")}),
+    Trainer("slow", "1", _slow, {"seconds": Param(1.0, "float", minimum=0.0),
+                                 "smoothing": Param(1.0, "float")}),
+    Trainer("pid", "1", _pid, {"smoothing": Param(1.0, "float")}),
+]

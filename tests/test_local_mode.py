@@ -1,0 +1,236 @@
+"""`orchestrator run` in local mode: private Redis, real workers, real training."""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from orchestrator.finalize import finalize_group
+from orchestrator.paths import Layout
+from orchestrator.report import load_manifest
+from orchestrator.spec import RunSpec
+
+from .conftest import REPO, cli_env, run_cli, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def fold_records(root: Path, experiment: str) -> dict[str, dict]:
+    """run name -> fold status record, for every run of the experiment."""
+    layout = Layout(root)
+    out = {}
+    for group in load_manifest(layout, experiment)["groups"]:
+        for raw in group["runs"]:
+            spec = RunSpec.from_dict(raw)
+            path = layout.fold_status(spec)
+            out[spec.name] = json.loads(path.read_text()) if path.exists() else {}
+    return out
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_iris_kfold_end_to_end(tmp_path: Path, write_experiment) -> None:
+    cfg = write_experiment("iris_e2e", trainer="mlp", datasets=["iris"], folds=5, seeds=[42],
+                           params={"hidden": [32], "epochs": 60, "batch_size": 16, "lr": 0.01})
+    root = tmp_path / "results"
+    proc = run_cli("run", str(cfg), "--results-root", str(root))
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "DONE" in proc.stdout
+
+    status = json.loads(run_cli("status", "iris_e2e", "--json", "--results-root", str(root)).stdout)
+    assert status["runs"] == {"DONE": 5}
+    (group,) = status["group_details"]
+    assert group["state"] == "DONE"
+    assert group["metrics"]["oof"]["accuracy"] > 0.9
+    assert group["metrics"]["ensemble_holdout"]["accuracy"] > 0.9
+    for fold in group["folds"]:
+        assert fold["state"] == "DONE" and fold["attempt"] == 1 and fold["worker"].startswith("cpu")
+        files = {name: Path(p) for name, p in fold["files"].items()}
+        assert set(files) == {"predictions.csv", "probabilities.csv", "ranks.csv", "metadata.json"}
+        preds, probs, ranks = (read_csv(files[n]) for n in ("predictions.csv", "probabilities.csv", "ranks.csv"))
+        meta = json.loads(files["metadata.json"].read_text())
+        assert len(preds) == len(probs) == len(ranks) == meta["n_val"] + meta["n_holdout"]
+        assert meta["n_val"] + meta["n_holdout"] + meta["n_train"] == 150 and meta["n_holdout"] == 30
+        for p, r in zip(probs, ranks, strict=True):
+            values = [float(p[c]) for c in meta["classes"]]
+            assert abs(sum(values) - 1) < 1e-6
+            assert sorted(int(r[c]) for c in meta["classes"]) == [1, 2, 3]
+            best = max(meta["classes"], key=lambda c: float(p[c]))
+            assert r[best] == "1"
+        assert set(meta["metrics"]) == {"accuracy", "log_loss", "macro_f1"}
+        assert meta["params_count"] == 4 * 32 + 32 + 32 * 3 + 3
+        assert meta["device"] == "cpu" and meta["attempt"] == 1 and meta["training_seconds"] > 0
+        assert meta["spec"]["fold"] == fold["fold"] and meta["run_id"] == fold["run_id"]
+        assert meta["last_report"]["epoch"] == 60
+    for path in group["ensemble_files"].values():
+        assert Path(path).stat().st_size > 0
+    oof = read_csv(Path(group["ensemble_files"]["oof_predictions.csv"]))
+    assert len(oof) == 120 and {r["fold"] for r in oof} == {"0", "1", "2", "3", "4"}
+    rows = read_csv(Path(status["final_results"]))
+    assert sorted(int(r["fold"]) for r in rows) == [0, 1, 2, 3, 4]
+    assert all(float(r["accuracy"]) > 0.75 and r["param.lr"] == "0.01" for r in rows)
+    # No temporary file is left anywhere.
+    assert not [p for p in root.rglob("*.tmp")]
+
+    # Running it again finds everything DONE and changes nothing.
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")}
+    again = run_cli("run", str(cfg), "--results-root", str(root))
+    assert again.returncode == 0, again.stderr
+    assert "nothing to do" in again.stderr
+    assert before == {p: p.stat().st_mtime_ns for p in before}
+
+
+def test_failing_fold_marks_group_failed_while_others_finish(tmp_path: Path, write_experiment) -> None:
+    cfg = write_experiment("flaky", trainer="flaky", datasets=["iris"], folds=4, retries=1,
+                           sweep={"grid": {"fail_fold": [2, -1]}})
+    root = tmp_path / "results"
+    proc = run_cli("run", str(cfg), "--results-root", str(root))
+    assert proc.returncode == 1, proc.stderr
+    assert "deliberate failure on fold 2" in proc.stderr
+
+    records = fold_records(root, "flaky")
+    bad = "flaky/iris/fail_fold=2/seed=0"
+    assert records[f"{bad}/fold=2"]["status"] == "FAILED"
+    assert records[f"{bad}/fold=2"]["attempt"] == 2  # retried once, then gave up
+    assert "ValueError: deliberate failure on fold 2" in records[f"{bad}/fold=2"]["error"]
+    for name, record in records.items():
+        if name != f"{bad}/fold=2":
+            assert record["status"] == "DONE", name
+    layout = Layout(root)
+    status_json = json.loads((layout.root / "flaky/iris/fail_fold=2/seed=0/status/status.json").read_text())
+    assert status_json["train_status"] == "FAILED"
+    assert list(status_json["failed"]) == ["2"] and "deliberate" in status_json["failed"]["2"]
+    good = json.loads((layout.root / "flaky/iris/fail_fold=-1/seed=0/status/status.json").read_text())
+    assert good["train_status"] == "DONE"
+    # The DONE folds of the failed group still have their outputs.
+    assert (layout.root / "flaky/iris/fail_fold=2/seed=0/fold_3/metadata.json").exists()
+    assert not (layout.root / "flaky/iris/fail_fold=2/seed=0/fold_2/metadata.json").exists()
+
+
+def test_resume_runs_only_what_is_missing(tmp_path: Path, write_experiment) -> None:
+    cfg = write_experiment("resume", trainer="prior", datasets=["iris"], folds=3,
+                           sweep={"grid": {"smoothing": [1.0, 2.0, 3.0]}})
+    root = tmp_path / "results"
+    assert run_cli("run", str(cfg), "--results-root", str(root)).returncode == 0
+    first = fold_records(root, "resume")
+    base = root / "resume/iris"
+    # Group 1: fold 1 never ran. Group 2: its folds ran but finalize did not.
+    (base / "smoothing=1/seed=0/status/fold_1.json").unlink()
+    for f in (base / "smoothing=1/seed=0/fold_1").iterdir():
+        f.unlink()
+    (base / "smoothing=2/seed=0/status/status.json").unlink()
+    untouched = (base / "smoothing=3/seed=0/status/status.json").stat().st_mtime_ns
+
+    plan = json.loads(run_cli("plan", str(cfg), "--json", "--results-root", str(root)).stdout)
+    assert plan[0]["totals"] == {"runs": 9, "done": 8, "to_run": 1, "groups": 3, "groups_to_finalize": 2}
+
+    proc = run_cli("run", str(cfg), "--results-root", str(root))
+    assert proc.returncode == 0, proc.stderr
+    assert "1 runs in 1 groups, 1 groups to finalize" in proc.stderr
+    second = fold_records(root, "resume")
+    for name, record in second.items():
+        assert record["status"] == "DONE"
+        if name == "resume/iris/smoothing=1/seed=0/fold=1":
+            assert name not in first or record["started_at"] != first[name].get("started_at")
+        else:
+            assert record["started_at"] == first[name]["started_at"], f"{name} was re-run"
+    for point in ("smoothing=1", "smoothing=2"):
+        assert json.loads((base / point / "seed=0/status/status.json").read_text())["train_status"] == "DONE"
+    assert (base / "smoothing=3/seed=0/status/status.json").stat().st_mtime_ns == untouched
+    assert len(read_csv(root / "resume/final_results.csv")) == 9
+
+    # finalize is idempotent: running it again changes no byte.
+    layout = Layout(root)
+    group = load_manifest(layout, "resume")["groups"][0]
+    specs = [RunSpec.from_dict(r) for r in group["runs"]]
+    files = [p for p in (root / "resume").rglob("*") if p.is_file() and not p.name.startswith(".")]
+    snapshot = {p: p.read_bytes() for p in files}
+    (layout.group_status(specs[0])).unlink()  # force the full finalize path
+    finalize_group(layout, specs)
+    finalize_group(layout, specs)
+    changed = {str(p): "".join(difflib.unified_diff(snapshot[p].decode().splitlines(True),
+                                                     p.read_text().splitlines(True)))
+               for p in files if p.read_bytes() != snapshot[p] and p.name != "status.json"}
+    assert changed == {}
+
+
+def test_grid_edit_reruns_only_new_points(tmp_path: Path, write_experiment) -> None:
+    cfg = write_experiment("grid", trainer="prior", datasets=["iris", "wine"], folds=2,
+                           sweep={"grid": {"smoothing": [1.0, 2.0]}})
+    root = tmp_path / "results"
+    assert run_cli("run", str(cfg), "--results-root", str(root)).returncode == 0
+    first = fold_records(root, "grid")
+    assert len(first) == 8
+
+    cfg = write_experiment("grid", trainer="prior", datasets=["iris", "wine"], folds=2,
+                           sweep={"grid": {"smoothing": [1.0, 2.0, 0.5]}})
+    proc = run_cli("run", str(cfg), "--results-root", str(root))
+    assert proc.returncode == 0, proc.stderr
+    assert "submitted grid: 4 runs in 2 groups" in proc.stderr
+    second = fold_records(root, "grid")
+    assert len(second) == 12
+    new = {n for n in second if "smoothing=0.5" in n}
+    assert len(new) == 4
+    for name in first:
+        assert second[name]["started_at"] == first[name]["started_at"], f"{name} was re-run"
+        assert second[name]["run_id"] == first[name]["run_id"]
+    rows = read_csv(root / "grid/final_results.csv")
+    assert len(rows) == 12 and len({r["run_id"] for r in rows}) == 12
+
+
+def test_ctrl_c_stops_everything_and_a_rerun_finishes(tmp_path: Path, write_experiment) -> None:
+    cfg = write_experiment("interrupt", trainer="slow", datasets=["iris"], folds=4,
+                           params={"seconds": 1.0}, sweep={"grid": {"smoothing": [1.0, 2.0]}})
+    root = tmp_path / "results"
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", str(cfg), "--results-root", str(root)],
+                            cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def done_count() -> int:
+            try:
+                return sum(r.get("status") == "DONE" for r in fold_records(root, "interrupt").values())
+            except Exception:
+                return 0
+
+        wait_for(lambda: done_count() >= 2, timeout=90, what="two runs to finish")
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 4  # redis, 2 workers, control (and their pool children)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    gone, alive = psutil.wait_procs(children, timeout=20)
+    assert alive == [], f"left running: {[p.cmdline() for p in alive]}"
+    states = {n: r.get("status") for n, r in fold_records(root, "interrupt").items()}
+    assert set(states.values()) <= {"DONE", "CANCELLED"} and "CANCELLED" in states.values()
+    first = fold_records(root, "interrupt")
+
+    again = run_cli("run", str(cfg), "--results-root", str(root))
+    assert again.returncode == 0, again.stderr
+    second = fold_records(root, "interrupt")
+    for name, record in first.items():
+        assert second[name]["status"] == "DONE"
+        if record["status"] == "DONE":
+            assert second[name]["started_at"] == record["started_at"], f"{name} was re-run"
+
+
+def test_missing_redis_server_gives_one_clear_message(tmp_path: Path, write_experiment) -> None:
+    cfg = write_experiment("noredis", trainer="prior", datasets=["iris"], folds=2)
+    env = cli_env(PATH=os.path.dirname(sys.executable))  # python, but no redis-server
+    proc = run_cli("run", str(cfg), "--results-root", str(tmp_path / "r"), env=env)
+    assert proc.returncode == 3
+    assert "redis-server was not found" in proc.stderr and "apt-get install redis-server" in proc.stderr
+    assert "Traceback" not in proc.stderr
