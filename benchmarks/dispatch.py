@@ -26,6 +26,7 @@ import argparse
 import csv
 import json
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -90,6 +91,10 @@ class Procs:
     def add(self, name: str, proc: subprocess.Popen[bytes], logfile: Path) -> None:
         self.items[name] = (proc, logfile)
 
+    def cpu(self, names: list[str]) -> dict[str, float]:
+        """CPU seconds (user + system) used so far by each named process and its children."""
+        return {n: cpu_seconds(self.items[n][0].pid) for n in names}
+
     def check(self, names: list[str]) -> None:
         for n in names:
             proc, logfile = self.items[n]
@@ -111,6 +116,39 @@ class Procs:
             stop_process(self.items["redis"][0], signal.SIGTERM, 5.0)
         for n in names:
             self.items.pop(n, None)
+
+
+def cpu_seconds(pid: int) -> float:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for proc in family:
+        try:
+            t = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+def children_cpu() -> float:
+    """CPU seconds of every child this process has waited for (and of their waited children)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def self_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: after[k] - before[k] for k in after}
 
 
 def tail(path: Path, chars: int = 2000) -> str:
@@ -277,13 +315,15 @@ def measure_a(args: argparse.Namespace, tmp: Path, points: int, runs: int) -> di
     argv = [sys.executable, "-m", "orchestrator", "run", str(work / "exp.yaml"),
             "--results-root", str(root), "--workers", "2"]
     log("A: " + " ".join(argv[1:]))
+    cpu0 = children_cpu()
     t = Timed(argv, base_env(), work / "run.out", args.timeout).run()
+    cpu_total = children_cpu() - cpu0  # `run` waits for its redis and workers: all included
     if t.returncode != 0:
         raise BenchmarkError(f"A: orchestrator run exited {t.returncode}; output ends:\n{t.output()[-3000:]}")
     verify_results(root, exp, runs, points)
     r = {"elapsed": t.elapsed, "cluster_started": t.first("local mode:"),
          "submitted": t.first("submitted "), "all_final": t.last("progress:"),
-         "summary_printed": t.last("results:")}
+         "summary_printed": t.last("results:"), "cpu_total": cpu_total}
     log(f"A: {t.elapsed:.2f} s (phases from its output: cluster spawned {r['cluster_started']}, "
         f"submitted {r['submitted']}, last progress line {r['all_final']}, summary {r['summary_printed']})")
     return r
@@ -348,20 +388,32 @@ def measure_b(args: argparse.Namespace, tmp: Path, url: str, root: Path, rep: in
     write_experiment(work / "exp.yaml", exp, points, args.folds)
     argv = [sys.executable, "-m", "orchestrator", "submit", str(work / "exp.yaml"), "--wait",
             "--broker", url, "--results-root", str(root)]
+    names = ["b_cpu1", "b_cpu2", "b_control", "redis"]
+    cpu0, sub0 = procs.cpu(names), children_cpu()
     t = Timed(argv, base_env(), work / "submit.out", args.timeout).run()
+    cpu = {**cpu_delta(cpu0, procs.cpu(names)), "client": children_cpu() - sub0}
     procs.check(["b_cpu1", "b_cpu2", "b_control"])
     if t.returncode != 0:
         raise BenchmarkError(f"B: orchestrator submit exited {t.returncode}; output ends:\n{t.output()[-3000:]}")
     verify_results(root, exp, runs, points)
-    r = {"elapsed": t.elapsed, "submitted": t.first("submitted "), "all_final": t.last("progress:"),
+    r = {"elapsed": t.elapsed, "cpu": cpu, "submitted": t.first("submitted "), "all_final": t.last("progress:"),
          "summary_printed": t.last("results:"), **timeline(root, exp, t.wall_start)}
     if not args.keep:
         shutil.rmtree(root / exp, ignore_errors=True)
     return r
 
 
-def measure_c(runs: int, folds: int, timeout: float, shaped: bool) -> dict[str, Any]:
+def measure_c(runs: int, folds: int, timeout: float, shaped: bool, procs: Procs) -> dict[str, Any]:
     """C: chord(runs no-ops, no-op body). C5 (shaped): runs/folds chords of `folds`."""
+    names = ["c_noop1", "c_noop2", "c_control", "redis"]
+    cpu0, self0 = procs.cpu(names), self_cpu()
+    r = _measure_c(runs, folds, timeout, shaped)
+    r["cpu"] = {**cpu_delta(cpu0, procs.cpu(names)), "client": self_cpu() - self0}
+    procs.check(["c_noop1", "c_noop2", "c_control"])
+    return r
+
+
+def _measure_c(runs: int, folds: int, timeout: float, shaped: bool) -> dict[str, Any]:
     from celery import chord
 
     from benchmarks.noop_tasks import app, done, noop
@@ -450,12 +502,10 @@ def main() -> int:
             b = measure_b(args, tmp, url_b, b_root, rep, points, runs, procs)
             bs.append(b)
             log(f"rep {rep}: B {b['elapsed']:.2f} s")
-            c = measure_c(runs, args.folds, args.timeout, shaped=False)
-            procs.check(["c_noop1", "c_noop2", "c_control"])
+            c = measure_c(runs, args.folds, args.timeout, shaped=False, procs=procs)
             cs.append(c)
             log(f"rep {rep}: C {c['elapsed']:.2f} s")
-            c5 = measure_c(runs, args.folds, args.timeout, shaped=True)
-            procs.check(["c_noop1", "c_noop2", "c_control"])
+            c5 = measure_c(runs, args.folds, args.timeout, shaped=True, procs=procs)
             c5s.append(c5)
             log(f"rep {rep}: C5 {c5['elapsed']:.2f} s")
 
@@ -504,8 +554,22 @@ def main() -> int:
               + ", ".join(f"{s * 1000:.0f} ms" for s in b["first_run_per_worker"].values()))
         print(f"  finalize lag (group status.json after its last fold): median "
               f"{b['finalize_lag_median'] * 1000:.0f} ms, max {b['finalize_lag_max'] * 1000:.0f} ms")
-        if c5s:
-            print(f"C5: all {points} chords published after {c5s[0]['published']:.2f} s")
+        print(f"C5: all {points} chords published after {c5s[0]['published']:.2f} s")
+        print()
+        print(f"CPU seconds used during each measurement (rep 1; {affinity} cores, so wall >= total/{affinity}):")
+        if a is not None:
+            print(f"  A  total (orchestrator run + its redis and workers) {a['cpu_total']:6.1f} s "
+                  f"= {a['cpu_total'] / runs * 1000:5.1f} ms/run")
+        for label, m, roles in (("B ", bs[0], (("cpu workers", ("b_cpu1", "b_cpu2")), ("control", ("b_control",)),
+                                                ("redis", ("redis",)), ("submit process", ("client",)))),
+                                ("C ", cs[0], (("noop workers", ("c_noop1", "c_noop2")), ("control", ("c_control",)),
+                                               ("redis", ("redis",)), ("client", ("client",)))),
+                                ("C5", c5s[0], (("noop workers", ("c_noop1", "c_noop2")), ("control", ("c_control",)),
+                                                ("redis", ("redis",)), ("client", ("client",))))):
+            cpu = m["cpu"]
+            parts = [f"{role} {sum(cpu[k] for k in keys):.1f}" for role, keys in roles]
+            total = sum(cpu.values())
+            print(f"  {label} " + ", ".join(parts) + f"; total {total:.1f} s = {total / runs * 1000:.1f} ms/run")
     except KeyboardInterrupt:
         log("interrupted: stopping everything")
         status = 130

@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import errors
@@ -76,7 +77,8 @@ def validate(configs: tuple[str, ...]) -> None:
     for exp in load_experiments(list(configs)):
         runs = expand(exp)
         n_groups = len({r.group_id for r in runs})
-        out.print(f"OK  {exp.file}: experiment {exp.name!r}, {len(runs)} runs in {n_groups} groups")
+        out.print(f"OK  {exp.file}: experiment {exp.name!r}, {len(runs)} runs in {n_groups} groups",
+                  markup=False)
 
 
 @cli.command()
@@ -161,7 +163,7 @@ def _summary(exps: list[Experiment], layout: Layout) -> int:
             out.print(f"({len(groups) - len(shown)} more groups: `orchestrator status {exp.name}`)")
         for g in failed:
             for fold, error in (g.get("failed") or {}).items():
-                err.print(f"[red]FAILED[/] {g['name']}/fold={fold}: {error}")
+                err.print(f"[red]FAILED[/] {escape(g['name'])}/fold={fold}: {escape(str(error))}")
         failed_any = failed_any or bool(failed)
         out.print(f"results: {layout.final_results(exp.name)}")
     return errors.EXIT_RUNS_FAILED if failed_any else errors.EXIT_OK
@@ -380,7 +382,7 @@ def main() -> None:
         exc.show()
         sys.exit(errors.EXIT_USAGE)
     except OrchestratorError as exc:
-        err.print(f"[red]error:[/] {exc}", markup=True)
+        err.print(f"[red]error:[/] {escape(str(exc))}")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(errors.EXIT_INTERRUPTED)

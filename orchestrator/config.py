@@ -7,6 +7,7 @@ and raises one ConfigError with all of them; nothing downstream re-checks.
 from __future__ import annotations
 
 import difflib
+import math
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from . import datasets
 from .errors import ConfigError, DatasetError, Problem, UnknownTrainerError, UnsafeNameError
 from .names import NAME_RE, NAME_RULE, check_relative_path
 from .spec import DEVICES, DatasetRef, Resources
-from .sweep import SweepError, expand_points
+from .sweep import SweepError, axis_keys, expand_points
 from .trainers import Trainer, get_trainer, registry
 
 TOP_KEYS = {
@@ -163,7 +164,8 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_num(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+    """A finite int or float (not a bool): NaN and inf never pass validation."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 class _Validator:
@@ -403,6 +405,7 @@ class _Validator:
                 self.bad(key, message)
             return None
         if trainer is not None:
+            keys = axis_keys(sweep)
             swept: dict[str, set[str]] = {}
             for _, pt in points:
                 for name, v in pt.items():
@@ -412,7 +415,10 @@ class _Validator:
                     if fingerprint in swept.setdefault(name, set()):
                         continue
                     swept[name].add(fingerprint)
-                    self.check_param(trainer, f"sweep (parameter {name!r})", name, v)
+                    before = len(self.problems)
+                    self.check_param(trainer, keys.get(name, "sweep"), name, v)
+                    if len(self.problems) > before:
+                        break  # one message per parameter is enough
         return points
 
     def _check_data(self, dsets: list[DatasetRef], k: int | None, validation: float | None, holdout: float) -> None:

@@ -7,6 +7,7 @@ A point's name lists only the swept values, in the order the YAML declares them.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
 from typing import Any
@@ -31,7 +32,8 @@ def format_value(value: Any) -> str:
     if isinstance(value, list):
         return "-".join(format_value(v) for v in value)
     if isinstance(value, float):
-        return f"{value:g}"
+        short = f"{value:g}"  # 0.01, 1e-05, 3 (for 3.0): readable where it is exact
+        return short if float(short) == value else repr(value)
     return str(value)
 
 
@@ -108,18 +110,37 @@ def expand_points(sweep: Any, fixed: dict[str, Any]) -> list[tuple[str, dict[str
         raise SweepError(problems)
 
     points: list[tuple[str, dict[str, Any]]] = []
-    seen: set[str] = set()
+    seen: dict[str, str] = {}  # point name -> canonical JSON of its values
     for combo in itertools.product(*axes):
         swept: dict[str, Any] = {}
         for part in combo:
             swept.update(part)
         ordered = {n: swept[n] for n in declared if n in swept}
         name = point_name(ordered)
-        if name in seen:  # random draws can repeat a point
-            continue
-        seen.add(name)
+        values = json.dumps(ordered, sort_keys=True, default=repr)
+        if name in seen:
+            if seen[name] != values:  # e.g. 1 and 1.0, or "1" and 1: one folder for two points
+                problems.append(("sweep", f"two different points are both named {name!r}; "
+                                          "make their values distinguishable"))
+            continue  # random draws can repeat a point
+        seen[name] = values
         points.append((name, {**fixed, **ordered}))
+    if problems:
+        raise SweepError(problems)
     return points
+
+
+def axis_keys(sweep: Any) -> dict[str, str]:
+    """Key path of the axis that sweeps each parameter (for error messages)."""
+    keys: dict[str, str] = {}
+    if isinstance(sweep, dict):
+        for kind in ("grid", "zip"):
+            if isinstance(sweep.get(kind), dict):
+                keys.update({str(n): f"sweep.{kind}.{n}" for n in sweep[kind]})
+        rnd = sweep.get("random")
+        if isinstance(rnd, dict) and isinstance(rnd.get("space"), dict):
+            keys.update({str(n): f"sweep.random.space.{n}" for n in rnd["space"]})
+    return keys
 
 
 def _random_axis(rnd: Any, problems: list[tuple[str, str]], declared: list[str]) -> list[dict[str, Any]] | None:

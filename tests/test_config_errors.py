@@ -240,48 +240,28 @@ def test_missing_file_argument(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     _assert_reported(stderr, missing, None, "no such file or folder")
 
 
-# -- known bugs: written as the behaviour should be -----------------------------------
+# -- regressions: bugs found in review, fixed since ------------------------------------
 BUGS = [
     pytest.param(HEAD + "params: {lr: .nan}\n", "params.lr", "got nan",
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "Param.problem accepts NaN (every comparison with NaN is False); "
-                     "`validate` then crashes with a ValueError traceback in content_hash")),
                  id="param-nan"),
     pytest.param(HEAD + "params: {weight_decay: .inf}\n", "params.weight_decay", "got inf",
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "Param.problem accepts inf when there is no maximum; "
-                     "`validate` then crashes with a ValueError traceback in content_hash")),
                  id="param-inf"),
     pytest.param(HEAD + "timeout: .inf\n", "timeout", "got inf",
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "_Validator._timeout accepts inf: validate says OK, but RunSpec.to_json "
-                     "(allow_nan=False) fails at submit and from_dict would reject it")),
                  id="timeout-inf"),
     pytest.param(HEAD + "sweep:\n  grid:\n    lr: [0.01, -1]\n", "sweep.grid.lr", "must be >= 1e-08",
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "a bad swept value is reported under \"sweep (parameter 'lr')\", "
-                     "not the key path sweep.grid.lr")),
                  id="grid-value-key-path"),
     pytest.param(HEAD.replace("iris_cfg", "'[/oops]'"), "experiment", "is not a valid name",
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "cli.main prints the error text with markup=True: a value containing "
-                     "'[/...]' raises rich.errors.MarkupError (traceback, exit 1)")),
                  id="markup-closing-tag-in-value"),
     pytest.param("experiment: iris_cfg\ntrainer: mlp\n", "datasets", "a list such as [iris, wine]",
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "cli.main prints the error text with markup=True: '[iris, wine]' is "
-                     "taken as a style tag and vanishes from the message")),
                  id="markup-brackets-swallowed"),
     pytest.param(HEAD + "sweep:\n  random:\n    samples: 2\n    space:\n      lr: {uniform: [0.5, 0.1]}\n",
                  "sweep.random.space.lr", "uniform needs [low, high] with low < high",
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "cli.main prints the error text with markup=True: '[low, high]' vanishes")),
                  id="markup-low-high-swallowed"),
 ]
 
 
 @pytest.mark.parametrize(("text", "key", "fragment"), BUGS)
-def test_known_bugs(text: str, key: str, fragment: str, tmp_path: Path,
+def test_regressions(text: str, key: str, fragment: str, tmp_path: Path,
                     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     path = _write(tmp_path, Case("bug", text, key, fragment))
     monkeypatch.setenv("COLUMNS", "300")

@@ -18,7 +18,7 @@ from orchestrator.expand import expand, groups
 from orchestrator.names import COMPONENT_RE, check_relative_path, path_component
 from orchestrator.paths import Layout
 from orchestrator.spec import RunSpec
-from orchestrator.sweep import expand_points
+from orchestrator.sweep import SweepError, expand_points
 
 IRIS = """\
 experiment: iris_kfold
@@ -294,10 +294,6 @@ def test_no_sweep_is_one_base_point() -> None:
     assert expand_points(None, {"lr": 0.1}) == [("base", {"lr": 0.1})]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "sweep.expand_points de-duplicates points by their *name*, and format_value prints floats "
-    "with '{:g}' (6 significant digits): distinct grid values 0.1234567 and 0.1234568 both "
-    "become 'lr=0.123457' and the second point is silently dropped"))
 def test_distinct_grid_values_are_not_merged() -> None:
     points = expand_points({"grid": {"lr": [0.1234567, 0.1234568]}}, {})
     assert [p["lr"] for _, p in points] == [0.1234567, 0.1234568]
@@ -364,3 +360,9 @@ def test_layout_refuses_symlink_out_of_root(tmp_path: Path) -> None:
     layout = Layout(root)
     with pytest.raises(UnsafeNameError, match="leaves the results root"):
         layout.experiment_dir("link")
+
+
+def test_points_whose_names_clash_are_reported() -> None:
+    # 1 and 1.0 are different params (different run ids) but would share one folder.
+    with pytest.raises(SweepError, match="both named 'lr=1'"):
+        expand_points({"grid": {"lr": [1, 1.0]}}, {})

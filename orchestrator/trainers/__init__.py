@@ -10,6 +10,7 @@ is rejected before any code is imported for it.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ class Param:
         }[self.kind]
         if not ok_type:
             return f"must be {self.describe()}, got {value!r}"
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+            return f"must be a finite number, got {value!r}"
         if self.choices is not None and value not in self.choices:
             return f"must be one of {', '.join(map(str, self.choices))}, got {value!r}"
         nums = value if isinstance(value, list) else [value]
