@@ -44,9 +44,11 @@ task_acks_late = True
 # One message at a time per process: the visibility clock starts when a message is
 # FETCHED, so a prefetched second run would age while the first one trains.
 worker_prefetch_multiplier = 1
-# A run that raised is finished (its FAILED state is recorded, retries are explicit):
-# acknowledge it instead of redelivering it forever.
-task_acks_on_failure_or_timeout = True
+# A run that raised or hit its time limit is finished (its FAILED state is recorded,
+# retries are explicit): acknowledge it instead of redelivering it forever. (5.7 splits
+# the older task_acks_on_failure_or_timeout into these two.)
+task_acks_on_failure = True
+task_acks_on_timeout = True
 # True can requeue a run that kills its process in an endless loop (celery#9082).
 task_reject_on_worker_lost = False
 # A redelivered message whose task already succeeded is not executed again.

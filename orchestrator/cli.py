@@ -103,7 +103,7 @@ def plan(configs: tuple[str, ...], results_root: str | None, as_json: bool) -> N
     for name, p in plans.items():
         table = Table(title=f"experiment {name}", title_justify="left")
         for col in ("run", "run_id", "queue", "state"):
-            table.add_column(col)
+            table.add_column(col, overflow="fold")
         for row in plan_rows(layout, p):
             style = {"DONE": "green", "FAILED": "red", "IN_PROGRESS": "yellow"}.get(row["state"])
             table.add_row(row["name"], row["run_id"], row["queue"], row["state"], style=style)
@@ -143,7 +143,8 @@ def _summary(exps: list[Experiment], layout: Layout) -> int:
         groups = status["group_details"]
         table = Table(title=f"{exp.name}: {len(groups)} groups", title_justify="left")
         for col in ("group", "state", "folds", "oof acc", "ensemble acc"):
-            table.add_column(col, justify="right" if "acc" in col or col == "folds" else "left")
+            table.add_column(col, justify="right" if "acc" in col or col == "folds" else "left",
+                             overflow="fold")
 
         def acc(g: dict[str, Any], key: str) -> float:
             return float(g.get("metrics", {}).get(key, {}).get("accuracy", -1))
@@ -317,7 +318,7 @@ def status(experiment: str | None, results_root: str | None, as_json: bool) -> N
             continue
         table = Table(show_edge=False)
         for col in ("group", "state", "fold", "run state", "worker", "attempt", "elapsed", "error"):
-            table.add_column(col)
+            table.add_column(col, overflow="fold")
         for g in st["group_details"]:
             for i, f in enumerate(g["folds"]):
                 table.add_row(g["name"] if i == 0 else "", g["state"] if i == 0 else "",
@@ -354,14 +355,16 @@ def worker(gpu: int | None, cpu: bool, accept_gpu_runs: bool, control: bool, nam
     env = dict(os.environ)
     if gpu is not None:
         queues += [f"gpu.{host}.{gpu}", "gpu"]
-        env.update(CUDA_VISIBLE_DEVICES=str(gpu), ORCH_DEVICE="cuda", ORCH_GPU=str(gpu))
+        env.update(CUDA_VISIBLE_DEVICES=str(gpu), ORCH_DEVICE="cuda", ORCH_GPU=str(gpu),
+                   ORCH_PRELOAD=env.get("ORCH_PRELOAD", "1"))
         default_name = f"gpu{gpu}@%h"
     elif cpu:
         queues += ["cpu"] + (["gpu"] if accept_gpu_runs else [])
-        env.update(ORCH_DEVICE="cpu", CUDA_VISIBLE_DEVICES="")
+        env.update(ORCH_DEVICE="cpu", CUDA_VISIBLE_DEVICES="", ORCH_PRELOAD=env.get("ORCH_PRELOAD", "1"))
         default_name = "cpu@%h"
     else:
         default_name = "control@%h"
+        env["ORCH_PRELOAD"] = "0"  # callbacks never train: no torch import here
     if control:
         queues.append("control")
     procs = concurrency if (concurrency and gpu is None and not cpu) else 1

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import threading
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_process_init
 
 from orchestrator.errors import InvalidSpecError, UnknownTrainerError
 from orchestrator.finalize import finalize_group, mark_group_failed
@@ -18,6 +21,7 @@ from orchestrator.livestate import LiveState
 from orchestrator.paths import Layout
 from orchestrator.runner import WorkerInfo, execute, record_failure
 from orchestrator.spec import RunSpec
+from orchestrator.trainers import registry
 
 from . import app
 
@@ -45,6 +49,25 @@ def _specs(specs: Any) -> list[RunSpec]:
     if len({s.group_id for s in parsed}) != 1:
         raise InvalidSpecError("specs of one group must share their group_id")
     return parsed
+
+
+@worker_process_init.connect
+def _preload_trainers(**_: Any) -> None:
+    """Warm up trainers in each training pool child (`orchestrator worker --gpu/--cpu`
+    sets ORCH_PRELOAD=1), in a thread: a child must report alive to its parent within
+    worker_proc_alive_timeout (4 s), and `import torch` can take longer."""
+    if os.environ.get("ORCH_PRELOAD") != "1":
+        return
+
+    def run() -> None:
+        for trainer in registry().values():
+            if trainer.preload is not None:
+                try:
+                    trainer.preload()
+                except Exception:  # a failed warm-up only costs time later
+                    log.exception("preloading trainer %s failed", trainer.name)
+
+    threading.Thread(target=run, name="preload-trainers", daemon=True).start()
 
 
 def backoff(retries: int) -> float:

@@ -111,6 +111,9 @@ class Trainer:
     fn: Callable[[TrainContext], TrainResult]
     params: Mapping[str, Param]
     description: str = ""
+    # Optional warm-up a worker's pool child runs once at start (e.g. `import torch`),
+    # so the first run does not pay for it. Must not initialise CUDA.
+    preload: Callable[[], None] | None = None
 
     def resolve(self, stated: Mapping[str, Any]) -> dict[str, Any]:
         return {**{k: p.default for k, p in self.params.items()}, **stated}

@@ -78,8 +78,12 @@ def train(ctx: TrainContext) -> TrainResult:
     )
 
 
+def preload() -> None:
+    import torch  # noqa: F401  (imports only: CUDA stays uninitialised)
+
+
 TRAINER = Trainer(
-    name="mlp", version="1", fn=train,
+    name="mlp", version="1", fn=train, preload=preload,
     params={
         "hidden": Param([64], "int_list", minimum=1, help="hidden layer widths, e.g. [64, 32]"),
         "activation": Param("relu", "str", choices=ACTIVATIONS),
