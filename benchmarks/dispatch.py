@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import json
 import os
 import resource
@@ -286,7 +287,7 @@ def timeline(root: Path, experiment: str, wall_start: float) -> dict[str, Any]:
         items.sort(key=lambda d: d["started_at"])
         busy[w] = sum(d["finished_at"] - d["started_at"] for d in items)
         first_run[w] = items[0]["finished_at"] - items[0]["started_at"]
-        gaps += [b["started_at"] - a["finished_at"] for a, b in zip(items, items[1:])]
+        gaps += [b["started_at"] - a["finished_at"] for a, b in zip(items, items[1:], strict=False)]
     in_task = [d["finished_at"] - d["started_at"] for d in folds]
     lag = [g["finished_at"] - g["last_fold"] for g in groups]
     return {
@@ -407,7 +408,10 @@ def measure_c(runs: int, folds: int, timeout: float, shaped: bool, procs: Procs)
     """C: chord(runs no-ops, no-op body). C5 (shaped): runs/folds chords of `folds`."""
     names = ["c_noop1", "c_noop2", "c_control", "redis"]
     cpu0, self0 = procs.cpu(names), self_cpu()
-    r = _measure_c(runs, folds, timeout, shaped)
+    try:
+        r = _measure_c(runs, folds, timeout, shaped)
+    finally:
+        gc.collect()  # AsyncResult.__del__ unsubscribes from Redis: do it while Redis runs
     r["cpu"] = {**cpu_delta(cpu0, procs.cpu(names)), "client": self_cpu() - self0}
     procs.check(["c_noop1", "c_noop2", "c_control"])
     return r
@@ -439,6 +443,23 @@ def _measure_c(runs: int, folds: int, timeout: float, shaped: bool) -> dict[str,
     if sum(got) != runs:
         raise BenchmarkError(f"C5: chord bodies saw {sum(got)} results, expected {runs}")
     return {"elapsed": elapsed, "published": published}
+
+
+def close_celery_client() -> None:
+    """Drop this process's result subscriptions while Redis still runs, so that no
+    AsyncResult.__del__ tries to unsubscribe from a stopped Redis at interpreter exit."""
+    gc.collect()
+    noop = sys.modules.get("benchmarks.noop_tasks")
+    if noop is None:
+        return
+    try:
+        consumer = noop.app.backend.result_consumer
+        if consumer is not None:
+            consumer.stop()
+            consumer.subscribed_to.clear()
+        noop.app.close()
+    except Exception as exc:  # noqa: BLE001 - cleanup must go on
+        log(f"closing the Celery client: {type(exc).__name__}: {exc}")
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -585,6 +606,7 @@ def main() -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        close_celery_client()
         procs.stop()
         if args.keep:
             log(f"kept {tmp} (logs, results)")

@@ -48,7 +48,7 @@ def write_manifest(layout: Layout, exp: Experiment, plans: list[GroupPlan]) -> N
         "submitted_at": time.time(), "results_root": str(layout.root),
         "groups": [{
             "group_id": p.first.group_id, "name": p.first.group_name, "dir": p.first.group_dir,
-            "runs": [s.to_dict() for s in p.specs],
+            "run_ids": sorted(s.run_id for s in p.specs), "runs": [s.to_dict() for s in p.specs],
         } for p in plans],
     })
 

@@ -135,35 +135,32 @@ def _submit(exps: list[Experiment], plans: dict[str, list[GroupPlan]], layout: L
 
 def _summary(exps: list[Experiment], layout: Layout) -> int:
     """Print the result table; return the exit code (1 if any group FAILED)."""
-    from .report import experiment_status
+    from .report import group_summaries
 
     failed_any = False
     for exp in exps:
-        status = experiment_status(layout, exp.name)
-        groups = status["group_details"]
+        groups = group_summaries(layout, exp.name)
         table = Table(title=f"{exp.name}: {len(groups)} groups", title_justify="left")
         for col in ("group", "state", "folds", "oof acc", "ensemble acc"):
             table.add_column(col, justify="right" if "acc" in col or col == "folds" else "left",
                              overflow="fold")
 
         def acc(g: dict[str, Any], key: str) -> float:
-            return float(g.get("metrics", {}).get(key, {}).get("accuracy", -1))
+            return float(g["metrics"].get(key, {}).get("accuracy", -1))
 
         failed = [g for g in groups if g["state"] != "DONE"]
         best = sorted((g for g in groups if g["state"] == "DONE"), key=lambda g: -acc(g, "oof"))
         shown = failed[:20] + best[: max(0, 20 - len(failed[:20]))]
         for g in shown:
-            done = g["counts"].get("DONE", 0)
-            style = "red" if g["state"] == "FAILED" else None
-            table.add_row(g["name"], g["state"], f"{done}/{len(g['folds'])}",
+            table.add_row(g["name"], g["state"], f"{g['done']}/{g['folds']}",
                           f"{acc(g, 'oof'):.3f}" if acc(g, "oof") >= 0 else "-",
                           f"{acc(g, 'ensemble_holdout'):.3f}" if acc(g, "ensemble_holdout") >= 0 else "-",
-                          style=style)
+                          style="red" if g["state"] == "FAILED" else None)
         out.print(table)
         if len(shown) < len(groups):
             out.print(f"({len(groups) - len(shown)} more groups: `orchestrator status {exp.name}`)")
         for g in failed:
-            for fold, error in (g.get("failed") or {}).items():
+            for fold, error in g["failed"].items():
                 err.print(f"[red]FAILED[/] {escape(g['name'])}/fold={fold}: {escape(str(error))}")
         failed_any = failed_any or bool(failed)
         out.print(f"results: {layout.final_results(exp.name)}")

@@ -18,9 +18,17 @@ from .errors import DatasetError
 from .spec import DatasetRef, RunSpec
 
 BUILTIN = ("iris", "wine", "breast_cancer", "digits")
+# Class sizes of the bundled datasets (fixed data), so that validating a config does not
+# import scikit-learn just to count them. tests/test_spec_and_sweep.py checks them.
+BUILTIN_CLASS_COUNTS: dict[str, dict[str, int]] = {
+    "iris": {"setosa": 50, "versicolor": 50, "virginica": 50},
+    "wine": {"class_0": 59, "class_1": 71, "class_2": 48},
+    "breast_cancer": {"malignant": 212, "benign": 357},
+    "digits": dict(zip("0123456789", (178, 182, 177, 183, 181, 182, 181, 179, 174, 180), strict=True)),
+}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # hashed by identity: the lru caches below key on it
 class Table:
     X: np.ndarray  # float32, (n_samples, n_features)
     y: np.ndarray  # int64 class indices
@@ -127,27 +135,36 @@ def _cached_sha(path: str, mtime_ns: int, size: int) -> str:
 
 def split(table: Table, spec: RunSpec) -> Split:
     """Holdout first (same for every fold of the group), then the fold or the split."""
+    key = (spec.dataset.name, spec.dataset.sha256, len(table.y), spec.seed, spec.k,
+           spec.validation, spec.holdout)
+    return _all_splits(key, table)[spec.fold]
+
+
+@functools.lru_cache(maxsize=64)
+def _all_splits(key: tuple[object, ...], table: Table) -> tuple[Split, ...]:
+    """Every fold of one group at once: a worker computes the assignment once per group."""
     from sklearn.model_selection import StratifiedKFold, train_test_split
 
-    n = len(table.y)
+    _, _, n, seed, k, validation, holdout_fraction = key
     idx = np.arange(n)
     rest, holdout = idx, np.array([], dtype=np.int64)
-    if spec.holdout > 0:
-        rest, holdout = train_test_split(
-            idx, test_size=spec.holdout, stratify=table.y, random_state=spec.seed
-        )
-    if spec.k is not None:
-        folds = StratifiedKFold(n_splits=spec.k, shuffle=True, random_state=spec.seed)
-        train_pos, val_pos = list(folds.split(rest, table.y[rest]))[spec.fold]
-        train, val = rest[train_pos], rest[val_pos]
+    if holdout_fraction > 0:
+        rest, holdout = train_test_split(idx, test_size=holdout_fraction, stratify=table.y,
+                                         random_state=seed)
+    holdout = np.sort(holdout)
+    if k is not None:
+        folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+        pairs = [(rest[t], rest[v]) for t, v in folds.split(rest, table.y[rest])]
     else:
-        train, val = train_test_split(
-            rest, test_size=spec.validation, stratify=table.y[rest], random_state=spec.seed
-        )
-    return Split(train=np.sort(train), val=np.sort(val), holdout=np.sort(holdout))
+        pairs = [tuple(train_test_split(rest, test_size=validation, stratify=table.y[rest],
+                                        random_state=seed))]
+    return tuple(Split(train=np.sort(t), val=np.sort(v), holdout=holdout) for t, v in pairs)
 
 
-def smallest_class(table: Table) -> tuple[str, int]:
+def class_counts(ref: DatasetRef) -> dict[str, int]:
+    """Samples per class; for built-in datasets without loading them."""
+    if ref.source == "sklearn" and ref.name in BUILTIN_CLASS_COUNTS:
+        return BUILTIN_CLASS_COUNTS[ref.name]
+    table = load(ref, verify=False)
     counts = np.bincount(table.y, minlength=len(table.classes))
-    i = int(np.argmin(counts))
-    return table.classes[i], int(counts[i])
+    return {c: int(n) for c, n in zip(table.classes, counts, strict=True)}

@@ -7,6 +7,7 @@ killed orchestrator never leaves workers or Redis behind.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
@@ -134,9 +135,12 @@ class LocalCluster:
         return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
     def stop(self) -> None:
-        for name, proc in self.processes.items():
-            if name != "redis":
-                stop_process(proc, signal.SIGTERM, grace=15)
+        workers = [p for n, p in self.processes.items() if n != "redis"]
+        for proc in workers:  # signal all first: they shut down in parallel
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in workers:
+            stop_process(proc, signal.SIGTERM, grace=15)
         if "redis" in self.processes:
             stop_process(self.processes["redis"], signal.SIGTERM, grace=5)
         if self.workdir is not None and os.environ.get("ORCH_KEEP_LOCAL_LOGS") != "1":

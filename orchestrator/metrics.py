@@ -12,19 +12,27 @@ import numpy as np
 
 
 def scores(y_true: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    from sklearn.metrics import accuracy_score, f1_score, log_loss
+    """accuracy, log-loss and macro-F1 over all classes (absent ones count as F1 0).
 
+    Plain numpy: the same values as scikit-learn's accuracy_score, log_loss and
+    f1_score(average="macro", zero_division=0) (a test checks this), at a fraction of the
+    cost of their input validation, which dominated a short run's overhead.
+    """
     if len(y_true) == 0:
         return {}
+    y = np.asarray(y_true, dtype=np.int64)
     n_classes = probs.shape[1]
     pred = probs.argmax(axis=1)
     clipped = np.clip(probs, 1e-15, 1.0)
     clipped = clipped / clipped.sum(axis=1, keepdims=True)
+    confusion = np.bincount(y * n_classes + pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+    tp = np.diag(confusion).astype(np.float64)
+    denominator = confusion.sum(axis=0) + confusion.sum(axis=1)  # 2tp + fp + fn
+    f1 = np.divide(2 * tp, denominator, out=np.zeros(n_classes), where=denominator > 0)
     return {
-        "accuracy": float(accuracy_score(y_true, pred)),
-        "log_loss": float(log_loss(y_true, clipped, labels=list(range(n_classes)))),
-        "macro_f1": float(f1_score(y_true, pred, average="macro", labels=list(range(n_classes)),
-                                   zero_division=0)),
+        "accuracy": float(np.mean(pred == y)),
+        "log_loss": float(-np.mean(np.log(clipped[np.arange(len(y)), y]))),
+        "macro_f1": float(f1.mean()),
     }
 
 

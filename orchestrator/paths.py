@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,14 +33,27 @@ ENSEMBLE_FILES = ("oof_predictions.csv", "holdout_predictions.csv", "metrics.jso
 FSYNC = os.environ.get("ORCH_FSYNC", "1") not in ("0", "false", "no")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+_counter = itertools.count()
+
+
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one.
+
+    `durable=False` skips the fsync for records a host crash may lose harmlessly
+    (an IN_PROGRESS mark: losing it only means the run is run again).
+    """
+    # Unique per process and call; O_EXCL guards against any leftover of the same name.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{next(_counter)}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    try:
+        fd = os.open(tmp, flags, 0o644)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, flags, 0o644)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-            if FSYNC:
+            if FSYNC and durable:
                 fh.flush()
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -50,12 +63,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+def atomic_write_text(path: Path, text: str, durable: bool = True) -> None:
+    atomic_write_bytes(path, text.encode(), durable)
 
 
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+def atomic_write_json(path: Path, data: Any, durable: bool = True) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n", durable)
 
 
 def read_json(path: Path) -> Any | None:
@@ -83,12 +96,20 @@ class Layout:
 
     def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root).resolve()
+        self._resolved: dict[str, Path] = {}
 
     def _inside(self, rel: str) -> Path:
-        check_relative_path(rel, "path")
-        path = (self.root / rel).resolve()
-        if not path.is_relative_to(self.root):
-            raise UnsafeNameError(f"path {rel!r} leaves the results root")
+        """root/rel, checked to stay inside the root (symlinks included); cached, since
+        every file of a run lives in the same few folders."""
+        path = self._resolved.get(rel)
+        if path is None:
+            check_relative_path(rel, "path")
+            path = (self.root / rel).resolve()
+            if not path.is_relative_to(self.root):
+                raise UnsafeNameError(f"path {rel!r} leaves the results root")
+            if len(self._resolved) > 10000:
+                self._resolved.clear()
+            self._resolved[rel] = path
         return path
 
     # experiment level
@@ -105,6 +126,10 @@ class Layout:
         return self.experiment_dir(experiment) / ".final_results.lock"
 
     # group level
+    def group_root(self, group_dir: str) -> Path:
+        """A group folder given as the manifest records it (relative to the root)."""
+        return self._inside(group_dir)
+
     def group_dir(self, spec: RunSpec) -> Path:
         return self._inside(spec.group_dir)
 

@@ -3,6 +3,7 @@ summary read from the status files (the record)."""
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from collections import Counter
@@ -25,13 +26,13 @@ class Tracked:
     experiment: str
     plans: list[GroupPlan]
 
-    @property
-    def run_ids(self) -> set[str]:
-        return {s.run_id for p in self.plans for s in p.specs}
+    @functools.cached_property
+    def run_ids(self) -> frozenset[str]:
+        return frozenset(s.run_id for p in self.plans for s in p.specs)
 
-    @property
-    def group_ids(self) -> set[str]:
-        return {p.first.group_id for p in self.plans}
+    @functools.cached_property
+    def group_ids(self) -> frozenset[str]:
+        return frozenset(p.first.group_id for p in self.plans)
 
 
 def counts(live: LiveState, tracked: list[Tracked]) -> tuple[Counter[str], int, int]:
@@ -50,7 +51,7 @@ def counts(live: LiveState, tracked: list[Tracked]) -> tuple[Counter[str], int, 
 
 
 def wait(live: LiveState, tracked: list[Tracked], console: Console,
-         check: Callable[[], None] | None = None, poll: float = 0.5) -> None:
+         check: Callable[[], None] | None = None, poll: float = 0.2) -> None:
     """Block until every tracked group is DONE or FAILED. `check` may raise to abort."""
     start = time.monotonic()
     already = None

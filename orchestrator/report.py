@@ -91,10 +91,26 @@ def experiment_status(layout: Layout, experiment: str, with_files: bool = False)
     return out
 
 
-def final_states(layout: Layout, experiment: str) -> Counter[str]:
-    """Group states of an experiment, read from status.json files."""
-    status = experiment_status(layout, experiment)
-    return Counter(g["state"] for g in status["group_details"])
+def group_summaries(layout: Layout, experiment: str) -> list[dict[str, Any]]:
+    """Per group of the last submission: state, fold counts, metrics, failed folds.
+
+    Reads one status.json per group (not every fold's file): what `run` and `submit
+    --wait` print at the end.
+    """
+    out = []
+    for g in load_manifest(layout, experiment)["groups"]:
+        run_ids = g["run_ids"]
+        record = read_json(layout.group_root(g["dir"]) / "status" / "status.json") or {}
+        current = record.get("group_id") == g["group_id"] and record.get("run_ids") == run_ids
+        folds = record.get("folds", {}) if current else {}
+        out.append({
+            "name": g["name"], "group_id": g["group_id"],
+            "state": record.get("train_status", Status.PENDING.value) if current else Status.PENDING.value,
+            "folds": len(g["runs"]), "done": sum(v == Status.DONE.value for v in folds.values()),
+            "metrics": record.get("metrics", {}) if current else {},
+            "failed": record.get("failed", {}) if current else {},
+        })
+    return out
 
 
 def relative(path: str | Path, root: Path) -> str:

@@ -59,7 +59,7 @@ def execute(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
         raise RuntimeError(f"trainer {spec.trainer!r} is version {trainer.version} on this worker, "
                            f"the run was submitted for version {spec.trainer_version}")
     started = time.time()
-    write_fold_status(layout, spec, Status.IN_PROGRESS, attempt=attempt, worker=worker.name,
+    record = write_fold_status(layout, spec, Status.IN_PROGRESS, attempt=attempt, worker=worker.name,
                       host=worker.host, gpu=worker.gpu, device=worker.device,
                       started_at=started, finished_at=None, error=None)
     if live:
@@ -94,7 +94,7 @@ def execute(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
         "n_val": n_val, "n_holdout": len(split.holdout), "last_report": reporter.last,
         "trainer_info": dict(result.info),
     })
-    write_fold_status(layout, spec, Status.DONE, finished_at=time.time(),
+    write_fold_status(layout, spec, Status.DONE, base=record, finished_at=time.time(),
                       elapsed=round(elapsed, 4), error=None, metrics=metrics)
     if live:
         live.set_run(spec.experiment, spec.run_id, Status.DONE.value, worker=worker.name,

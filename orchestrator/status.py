@@ -39,10 +39,12 @@ def fold_is_done(layout: Layout, spec: RunSpec) -> bool:
 
 
 def write_fold_status(
-    layout: Layout, spec: RunSpec, status: Status, **fields: Any
+    layout: Layout, spec: RunSpec, status: Status, base: dict[str, Any] | None = None,
+    **fields: Any,
 ) -> dict[str, Any]:
-    """Replace the fold's status file, keeping earlier fields of the same run."""
-    previous = read_fold_status(layout, spec) or {}
+    """Replace the fold's status file, keeping earlier fields of the same run (from
+    `base` when the caller has the current record, else read from the file)."""
+    previous = base if base is not None else (read_fold_status(layout, spec) or {})
     record = {
         **previous,
         "run_id": spec.run_id,
@@ -52,7 +54,9 @@ def write_fold_status(
         "updated_at": time.time(),
         **fields,
     }
-    atomic_write_json(layout.fold_status(spec), record)
+    # Only final states must survive a host crash; a lost IN_PROGRESS/PENDING mark
+    # just means the run is run again.
+    atomic_write_json(layout.fold_status(spec), record, durable=status.final)
     return record
 
 

@@ -93,3 +93,47 @@ def test_pickle_messages_are_refused(running_cluster: Cluster) -> None:
     wait_for(lambda: any("ContentDisallowed" in running_cluster.log(n) or "disallowed" in running_cluster.log(n)
                          for n in ("cpu1", "cpu2")),
              timeout=60, what="a worker to refuse the pickle message")
+
+
+def _maps(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_torch_only_in_the_pool_child_that_trains(running_cluster: Cluster, write_experiment) -> None:
+    """Design invariant 5: the worker's parent process never loads torch (nor CUDA);
+    only its forked pool child does, where training happens."""
+    import psutil
+
+    cfg = write_experiment("where_torch", trainer="mlp", datasets=["iris"], folds=2,
+                           params={"epochs": 2, "hidden": [8]})
+    proc = run_cli("submit", str(cfg), "--wait", env=running_cluster.env())
+    assert proc.returncode == 0, proc.stderr
+    for name in ("cpu1", "cpu2"):
+        parent = psutil.Process(running_cluster.processes[name].pid)
+        assert "libtorch" not in _maps(parent.pid), f"{name}: torch loaded in the worker's parent"
+        children = parent.children()
+        assert children, f"{name} has no pool child"
+    trained_in = {json.loads(Path(f["files"]["metadata.json"]).read_text())["worker"]
+                  for g in json.loads(run_cli("status", "where_torch", "--json",
+                                              env=running_cluster.env()).stdout)["group_details"]
+                  for f in g["folds"]}
+    for worker in trained_in:
+        name = worker.split("@")[0]
+        (child,) = psutil.Process(running_cluster.processes[name].pid).children()
+        assert "libtorch" in _maps(child.pid), f"{name}: the pool child that trained has no torch"
+    control = running_cluster.processes["control"].pid
+    assert all("libtorch" not in _maps(p.pid) for p in [psutil.Process(control), *psutil.Process(control).children()])
+
+
+def test_timeout_fails_the_run_with_a_clear_error(running_cluster: Cluster, write_experiment) -> None:
+    cfg = write_experiment("too_slow", trainer="slow", datasets=["iris"], folds=2, timeout=1,
+                           params={"seconds": 60}, resources={"gpus": 0})
+    proc = run_cli("submit", str(cfg), "--wait", env=running_cluster.env(), timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    status = json.loads(run_cli("status", "too_slow", "--json", env=running_cluster.env()).stdout)
+    assert status["groups"] == {"FAILED": 1}
+    for fold in status["group_details"][0]["folds"]:
+        assert fold["state"] == "FAILED"
+        assert "exceeded its timeout of 1 s" in fold["error"]
+        assert fold["elapsed"] is None or fold["elapsed"] < 30

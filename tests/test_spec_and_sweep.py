@@ -366,3 +366,33 @@ def test_points_whose_names_clash_are_reported() -> None:
     # 1 and 1.0 are different params (different run ids) but would share one folder.
     with pytest.raises(SweepError, match="both named 'lr=1'"):
         expand_points({"grid": {"lr": [1, 1.0]}}, {})
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_numpy_scores_match_scikit_learn(seed: int) -> None:
+    import numpy as np
+    from sklearn.metrics import accuracy_score, f1_score, log_loss
+
+    from orchestrator.metrics import scores
+
+    rng = np.random.default_rng(seed)
+    n_classes = 4
+    y = rng.integers(0, 3, size=40)  # class 3 never occurs: it still counts in macro-F1
+    probs = rng.dirichlet(np.ones(n_classes), size=40)
+    got = scores(y, probs)
+    labels = list(range(n_classes))
+    assert got["accuracy"] == pytest.approx(accuracy_score(y, probs.argmax(1)))
+    assert got["log_loss"] == pytest.approx(log_loss(y, probs, labels=labels))
+    assert got["macro_f1"] == pytest.approx(
+        f1_score(y, probs.argmax(1), average="macro", labels=labels, zero_division=0))
+
+
+@pytest.mark.parametrize("name", ["iris", "wine", "breast_cancer", "digits"])
+def test_builtin_class_counts_match_the_data(name: str) -> None:
+    from orchestrator import datasets
+    from orchestrator.spec import DatasetRef
+
+    ref = DatasetRef(name=name, source="sklearn")
+    table = datasets.load(ref)
+    real = dict(zip(table.classes, map(int, __import__("numpy").bincount(table.y)), strict=True))
+    assert datasets.class_counts(ref) == real
