@@ -15,9 +15,9 @@ from tasks.training import finalize, group_failed, train_run
 
 from .config import Experiment
 from .livestate import LiveState
-from .paths import Layout, atomic_write_json
+from .paths import Layout, atomic_write_bytes
 from .plan import FINALIZE, RUN, SKIP, GroupPlan
-from .spec import RunSpec
+from .spec import RunSpec, canonical_json
 from .status import Status, read_fold_status, reset_group_status, write_fold_status
 
 
@@ -26,7 +26,7 @@ def message_priority(priority: int) -> int:
     return 9 - priority
 
 
-def _train_signature(spec: RunSpec) -> Any:
+def _train_signature(spec: RunSpec, data: dict[str, Any]) -> Any:
     options: dict[str, Any] = {
         "queue": spec.queue, "priority": message_priority(spec.priority),
         "argsrepr": repr(spec.name), "kwargsrepr": "{}",
@@ -34,28 +34,31 @@ def _train_signature(spec: RunSpec) -> Any:
     if spec.timeout is not None:
         options["soft_time_limit"] = spec.timeout
         options["time_limit"] = spec.timeout + 30  # hard kill if the soft limit is ignored
-    return train_run.signature(args=(spec.to_dict(),), **options)
+    return train_run.signature(args=(data,), **options)
 
 
 def _group_options(plan: GroupPlan) -> dict[str, Any]:
     return {"queue": "control", "argsrepr": repr(plan.first.group_name), "kwargsrepr": "{}"}
 
 
-def write_manifest(layout: Layout, exp: Experiment, plans: list[GroupPlan]) -> None:
-    """<root>/<experiment>/experiment.json: what the last submission contained."""
-    atomic_write_json(layout.manifest(exp.name), {
+def write_manifest(layout: Layout, exp: Experiment, plans: list[GroupPlan],
+                   dicts: dict[str, dict[str, Any]]) -> None:
+    """<root>/<experiment>/experiment.json: what the last submission contained.
+    Compact JSON: it is read by programs, and can hold thousands of specs."""
+    atomic_write_bytes(layout.manifest(exp.name), canonical_json({
         "experiment": exp.name, "config": exp.file, "trainer": exp.trainer.name,
         "submitted_at": time.time(), "results_root": str(layout.root),
         "groups": [{
             "group_id": p.first.group_id, "name": p.first.group_name, "dir": p.first.group_dir,
-            "run_ids": sorted(s.run_id for s in p.specs), "runs": [s.to_dict() for s in p.specs],
+            "run_ids": sorted(s.run_id for s in p.specs), "runs": [dicts[s.run_id] for s in p.specs],
         } for p in plans],
-    })
+    }).encode())
 
 
 def submit(exp: Experiment, plans: list[GroupPlan], layout: Layout, live: LiveState) -> dict[str, int]:
     """Publish what the plan says; returns counts of what was published."""
-    write_manifest(layout, exp, plans)
+    dicts = {s.run_id: s.to_dict() for p in plans for s in p.specs}
+    write_manifest(layout, exp, plans, dicts)
     states: dict[str, str] = {}
     for p in plans:
         if p.action == RUN:
@@ -75,11 +78,11 @@ def submit(exp: Experiment, plans: list[GroupPlan], layout: Layout, live: LiveSt
     published = {"runs": 0, "groups": 0, "finalize_only": 0}
     with app.producer_or_acquire() as producer:
         for p in plans:
-            specs = [s.to_dict() for s in p.specs]
+            specs = [dicts[s.run_id] for s in p.specs]
             body = finalize.signature(args=(specs,), **_group_options(p))
             if p.action == RUN:
                 errback = group_failed.signature(kwargs={"specs": specs}, queue="control")
-                header = [_train_signature(s) for s in p.todo]
+                header = [_train_signature(s, dicts[s.run_id]) for s in p.todo]
                 chord(header, app=app)(body.on_error(errback), producer=producer)
                 published["runs"] += len(header)
                 published["groups"] += 1

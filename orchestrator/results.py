@@ -1,16 +1,44 @@
-"""The experiment's final_results.csv: one row per finished run, keyed by run_id."""
+"""The experiment's final_results.csv: one row per finished run, keyed by run_id.
+
+Every finalize inserts or replaces its group's rows and rewrites the file atomically
+(sorted, so a rerun writes the same bytes). The rows are kept parsed in the writing
+process between calls, valid while the file is exactly as that process left it, so a
+control worker finalizing hundreds of groups does not re-parse a growing CSV each time.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from .metrics import table_csv
 from .paths import Layout, atomic_write_text, file_lock
 
 FIRST_COLUMNS = ["experiment", "dataset", "point", "seed", "fold", "run_id", "group_id",
                  "accuracy", "log_loss", "macro_f1", "holdout_accuracy", "seconds", "worker",
                  "device", "attempt"]
+
+
+@dataclass
+class _Table:
+    stamp: tuple[int, int]  # (mtime_ns, size) of the file as last written or read
+    rows: dict[str, dict[str, str]]  # run_id -> row
+    lines: dict[str, str] = field(default_factory=dict)  # run_id -> CSV line for `header`
+    header: list[str] = field(default_factory=list)
+
+
+_cache: dict[Path, _Table] = {}
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
 
 
 def read_final_results(layout: Layout, experiment: str) -> list[dict[str, str]]:
@@ -29,14 +57,39 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _line(row: dict[str, str], header: list[str]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow([row.get(c, "") for c in header])
+    return buf.getvalue()
+
+
+def _sort_key(row: dict[str, str]) -> tuple[str, str, int, int]:
+    return (row["dataset"], row["point"], int(row["seed"]), int(row["fold"]))
+
+
 def update_final_results(layout: Layout, experiment: str, rows: list[dict[str, Any]]) -> None:
-    """Insert or replace rows by run_id; rows stay sorted, so a rerun writes the same file."""
+    """Insert or replace rows by run_id, under a lock, and rewrite the file atomically."""
+    path = layout.final_results(experiment)
     with file_lock(layout.final_results_lock(experiment)):
-        by_id = {r["run_id"]: r for r in read_final_results(layout, experiment)}
+        stamp = _stamp(path)
+        table = _cache.get(path)
+        if table is None or table.stamp != stamp:  # someone else wrote it: read it again
+            existing = read_final_results(layout, experiment) if stamp else []
+            table = _Table(stamp=stamp or (0, 0), rows={r["run_id"]: r for r in existing})
         for row in rows:
-            by_id[row["run_id"]] = {k: _cell(v) for k, v in row.items()}
-        params = sorted({k for r in by_id.values() for k in r if k not in FIRST_COLUMNS})
+            table.rows[row["run_id"]] = {k: _cell(v) for k, v in row.items()}
+            table.lines.pop(row["run_id"], None)
+        params = sorted({k for r in table.rows.values() for k in r} - set(FIRST_COLUMNS))
         header = FIRST_COLUMNS + params
-        ordered = sorted(by_id.values(), key=lambda r: (r["dataset"], r["point"], int(r["seed"]), int(r["fold"])))
-        atomic_write_text(layout.final_results(experiment),
-                          table_csv(header, [[r.get(c, "") for c in header] for r in ordered]))
+        if header != table.header:
+            table.header, table.lines = header, {}
+        ordered = sorted(table.rows.items(), key=lambda item: _sort_key(item[1]))
+        body = []
+        for run_id, row in ordered:
+            line = table.lines.get(run_id)
+            if line is None:
+                line = table.lines[run_id] = _line(row, header)
+            body.append(line)
+        atomic_write_text(path, _line({c: c for c in header}, header) + "".join(body))
+        table.stamp = _stamp(path) or (0, 0)
+        _cache[path] = table

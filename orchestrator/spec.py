@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InvalidSpecError
@@ -126,10 +126,21 @@ class RunSpec:
 
     # -- JSON -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["params"] = dict(self.params)
-        data["overrides"] = {d: dict(v) for d, v in self.overrides.items()}
-        return data
+        """Plain JSON-ready dict (built by hand: dataclasses.asdict deep-copies, and
+        submitting 1000 runs called this thousands of times)."""
+        ds, res = self.dataset, self.resources
+        return {
+            "experiment": self.experiment, "trainer": self.trainer,
+            "trainer_version": self.trainer_version,
+            "dataset": {"name": ds.name, "source": ds.source, "path": ds.path,
+                        "target": ds.target, "sha256": ds.sha256},
+            "params": dict(self.params), "point": self.point, "seed": self.seed,
+            "fold": self.fold, "k": self.k, "validation": self.validation,
+            "holdout": self.holdout, "output": self.output,
+            "overrides": {d: dict(v) for d, v in self.overrides.items()},
+            "resources": {"gpus": res.gpus, "gpu_memory_gb": res.gpu_memory_gb},
+            "retries": self.retries, "timeout": self.timeout, "priority": self.priority,
+        }
 
     def to_json(self) -> str:
         return canonical_json(self.to_dict())
