@@ -6,6 +6,7 @@ is type-checked and every name that becomes a path is checked.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -87,12 +88,12 @@ class RunSpec:
             ident["fold"] = self.fold
         return ident
 
-    @property
+    @functools.cached_property  # frozen dataclass: cached in __dict__, not a field
     def run_id(self) -> str:
         """Content hash of what determines the result; device overrides stay out."""
         return content_hash(self._identity(with_fold=True))
 
-    @property
+    @functools.cached_property
     def group_id(self) -> str:
         """Same for every fold of one (dataset, point, seed): the chord unit."""
         return content_hash(self._identity(with_fold=False))

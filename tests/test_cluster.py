@@ -137,3 +137,62 @@ def test_timeout_fails_the_run_with_a_clear_error(running_cluster: Cluster, writ
         assert fold["state"] == "FAILED"
         assert "exceeded its timeout of 1 s" in fold["error"]
         assert fold["elapsed"] is None or fold["elapsed"] < 30
+
+
+def _blobs_csv(path: Path, rows: int = 90) -> Path:
+    import random
+
+    rnd = random.Random(0)
+    lines = ["a,b,label"]
+    for i in range(rows):
+        c = i % 3
+        lines.append(f"{c * 3 + rnd.gauss(0, 1):.3f},{c * -2 + rnd.gauss(0, 1):.3f},cls{c}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_csv_dataset_with_single_split_and_random_sweep(running_cluster: Cluster, write_experiment,
+                                                        tmp_path: Path) -> None:
+    _blobs_csv(tmp_path / "blobs.csv")
+    cfg = write_experiment("csv_split", trainer="mlp", datasets=[{"csv": "blobs.csv", "target": "label"}],
+                           split={"validation": 0.3}, holdout=0.2, seeds=[3],
+                           params={"epochs": 30, "hidden": [16]}, resources={"gpus": 0},
+                           sweep={"random": {"samples": 3, "seed": 1, "space": {"lr": {"loguniform": [0.003, 0.03]}}}})
+    proc = run_cli("submit", str(cfg), "--wait", env=running_cluster.env())
+    assert proc.returncode == 0, proc.stderr
+    status = json.loads(run_cli("status", "csv_split", "--json", env=running_cluster.env()).stdout)
+    assert status["groups"] == {"DONE": 3} and status["runs"] == {"DONE": 3}
+    for group in status["group_details"]:
+        assert group["name"].startswith("csv_split/blobs/lr=") and len(group["folds"]) == 1
+        meta = json.loads(Path(group["folds"][0]["files"]["metadata.json"]).read_text())
+        assert meta["classes"] == ["cls0", "cls1", "cls2"]
+        assert meta["n_holdout"] == 18 and meta["n_val"] + meta["n_train"] == 72
+        assert meta["spec"]["dataset"]["source"] == "csv" and len(meta["spec"]["dataset"]["sha256"]) == 64
+        assert group["metrics"]["oof"]["accuracy"] > 0.8
+
+
+def test_single_split_failure_reaches_the_error_callback(running_cluster: Cluster, write_experiment) -> None:
+    cfg = write_experiment("split_fail", trainer="flaky", datasets=["iris"], split={"validation": 0.3},
+                           params={"fail_fold": 0}, resources={"gpus": 0})
+    proc = run_cli("submit", str(cfg), "--wait", env=running_cluster.env(), timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    status = json.loads(run_cli("status", "split_fail", "--json", env=running_cluster.env()).stdout)
+    (group,) = status["group_details"]
+    assert group["state"] == "FAILED" and "deliberate failure on fold 0" in group["failed"]["0"]
+
+
+def test_a_csv_changed_after_submission_fails_clearly(running_cluster: Cluster, write_experiment,
+                                                      tmp_path: Path) -> None:
+    """The run id covers the CSV's content: a worker refuses a file that changed since."""
+    from orchestrator.config import load_experiments
+    from orchestrator.expand import expand
+
+    csv_path = _blobs_csv(tmp_path / "drift.csv")
+    cfg = write_experiment("drift", trainer="prior", datasets=[{"csv": "drift.csv", "target": "label"}],
+                           folds=2, resources={"gpus": 0})
+    spec = expand(load_experiments([str(cfg)])[0])[0]
+    csv_path.write_text(csv_path.read_text().replace("cls2", "cls9"))
+    app = celery_app(running_cluster.url)
+    result = app.send_task("tasks.train_run", args=[spec.to_dict()], queue="cpu")
+    wait_for(lambda: result.state == "FAILURE", timeout=60, what="the run to fail")
+    assert "changed since the experiment was submitted" in str(result.result)
