@@ -135,18 +135,17 @@ def _cached_sha(path: str, mtime_ns: int, size: int) -> str:
 
 def split(table: Table, spec: RunSpec) -> Split:
     """Holdout first (same for every fold of the group), then the fold or the split."""
-    key = (spec.dataset.name, spec.dataset.sha256, len(table.y), spec.seed, spec.k,
-           spec.validation, spec.holdout)
-    return _all_splits(key, table)[spec.fold]
+    return _all_splits(table, spec.seed, spec.k, spec.validation, spec.holdout)[spec.fold]
 
 
 @functools.lru_cache(maxsize=64)
-def _all_splits(key: tuple[object, ...], table: Table) -> tuple[Split, ...]:
-    """Every fold of one group at once: a worker computes the assignment once per group."""
+def _all_splits(table: Table, seed: int, k: int | None, validation: float | None,
+                holdout_fraction: float) -> tuple[Split, ...]:
+    """Every fold of one group at once: a worker computes the assignment once per group.
+    (`table` is cached per dataset, so its identity is a valid cache key.)"""
     from sklearn.model_selection import StratifiedKFold, train_test_split
 
-    _, _, n, seed, k, validation, holdout_fraction = key
-    idx = np.arange(n)
+    idx = np.arange(len(table.y))
     rest, holdout = idx, np.array([], dtype=np.int64)
     if holdout_fraction > 0:
         rest, holdout = train_test_split(idx, test_size=holdout_fraction, stratify=table.y,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -61,9 +61,9 @@ class LiveState:
             self.client.hdel(groups_key(experiment), *group_ids)
 
     def runs(self, experiment: str) -> dict[str, dict[str, Any]]:
-        raw = self.client.hgetall(runs_key(experiment))
+        raw = cast(dict[bytes, bytes], self.client.hgetall(runs_key(experiment)))
         return {k.decode(): json.loads(v) for k, v in raw.items()}
 
     def groups(self, experiment: str) -> dict[str, str]:
-        raw = self.client.hgetall(groups_key(experiment))
+        raw = cast(dict[bytes, bytes], self.client.hgetall(groups_key(experiment)))
         return {k.decode(): v.decode() for k, v in raw.items()}

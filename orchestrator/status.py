@@ -76,16 +76,10 @@ def reset_group_status(layout: Layout, spec: RunSpec) -> None:
         })
 
 
-def group_is_done(layout: Layout, spec: RunSpec) -> bool:
-    data = read_group_status(layout, spec)
-    return bool(data) and data.get("train_status") == Status.DONE.value
-
-
 __all__ = [
     "FOLD_FILES",
     "Status",
     "fold_is_done",
-    "group_is_done",
     "read_fold_status",
     "read_group_status",
     "reset_group_status",

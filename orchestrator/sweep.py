@@ -180,6 +180,7 @@ def _random_axis(rnd: Any, problems: list[tuple[str, str]], declared: list[str])
             problems.append((key, f"randint needs integer bounds, got {args!r}"))
     if len(problems) > start:
         return None
+    assert isinstance(samples, int)  # checked above
     rng = random.Random(seed)
     draws = []
     for _ in range(samples):

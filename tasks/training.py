@@ -95,9 +95,9 @@ def train_run(self: Any, spec: dict[str, Any]) -> dict[str, Any]:
         record_failure(run, _layout(), worker, attempt, exc, will_retry=False, live=_live())
         raise
     except SoftTimeLimitExceeded:
-        exc = TimeoutError(f"run exceeded its timeout of {run.timeout:g} s")
-        record_failure(run, _layout(), worker, attempt, exc, will_retry=False, live=_live())
-        raise exc from None
+        timeout = TimeoutError(f"run exceeded its timeout of {run.timeout:g} s")
+        record_failure(run, _layout(), worker, attempt, timeout, will_retry=False, live=_live())
+        raise timeout from None
     except Exception as exc:
         will_retry = self.request.retries < run.retries
         record_failure(run, _layout(), worker, attempt, exc, will_retry=will_retry, live=_live())
