@@ -21,6 +21,24 @@ from .spec import RunSpec, canonical_json
 from .status import Status, read_fold_status, reset_group_status, write_fold_status
 
 
+def _stop_listening_for_results() -> None:
+    """Tell this (submitting) process's result backend not to listen for results.
+
+    Celery's Redis backend SUBSCRIBEs the publishing process to each task's result
+    channel, when the task is sent (`on_task_call`) and when a group/chord result is
+    built (`add_pending_result`, via a barrier over the parts), so that
+    `AsyncResult.get()` can wake up. The orchestrator never waits on Celery results
+    (progress comes from the live state), so the subscriptions only cost a round trip
+    per task, and the results they pin are collected at interpreter exit, when their
+    `__del__` tries to unsubscribe from a Redis that local mode has already stopped
+    (a traceback after a successful run). Workers and Flower are not affected: this
+    changes only the backend object of the current thread of this process.
+    """
+    backend = app.backend
+    backend.on_task_call = lambda producer, task_id: None
+    backend.add_pending_result = lambda result, weak=False, start_drainer=True: result
+
+
 def message_priority(priority: int) -> int:
     """YAML priority 9 is the most urgent; kombu's Redis transport serves 0 first."""
     return 9 - priority
@@ -76,6 +94,7 @@ def submit(exp: Experiment, plans: list[GroupPlan], layout: Layout, live: LiveSt
             live.set_group(exp.name, p.first.group_id, Status.DONE.value)
 
     published = {"runs": 0, "groups": 0, "finalize_only": 0}
+    _stop_listening_for_results()
     with app.producer_or_acquire() as producer:
         for p in plans:
             specs = [dicts[s.run_id] for s in p.specs]

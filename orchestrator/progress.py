@@ -79,7 +79,7 @@ def wait(live: LiveState, tracked: list[Tracked], console: Console,
             elapsed = time.monotonic() - start
             rate = (done - already) / elapsed if elapsed > 0 else 0
             remaining = sum(states.values()) - done - failed
-            eta = f"{remaining / rate:.0f}s" if rate > 0 and remaining else "?"
+            eta = "0s" if not remaining else f"{remaining / rate:.0f}s" if rate > 0 else "?"
             bar.update(task, completed=done + failed, done=done, failed=failed,
                        running=running, eta=eta)
             if not interactive and (time.monotonic() - last_line > 5 or finished == total):

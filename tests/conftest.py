@@ -33,8 +33,12 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=REPO, env=env or cli_env(),
+    """Run the CLI; whatever the outcome, it must never print a Python traceback."""
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=REPO, env=env or cli_env(),
                           capture_output=True, text=True, timeout=timeout)
+    for noise in ("Traceback (most recent call last)", "Exception ignored"):
+        assert noise not in proc.stderr, f"`orchestrator {' '.join(args)}` printed:\n{proc.stderr}"
+    return proc
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
