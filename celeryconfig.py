@@ -13,13 +13,24 @@ from __future__ import annotations
 
 import os
 
+from orchestrator.errors import SettingError
+
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
 
 
 def _env_float(name: str, default: float) -> float:
-    return float(os.environ.get(name, default))
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise SettingError(f"{name}={raw!r} is not valid: give a positive number of seconds")
+    return value
 
 
 # --- where things are ------------------------------------------------------------

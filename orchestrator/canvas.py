@@ -5,7 +5,6 @@ The only module of the orchestrator that imports `tasks`.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from celery import chord
@@ -15,9 +14,10 @@ from tasks.training import finalize, group_failed, train_run
 
 from .config import Experiment
 from .livestate import LiveState
-from .paths import Layout, atomic_write_bytes
+from .manifest import write_manifest
+from .paths import Layout
 from .plan import FINALIZE, RUN, SKIP, GroupPlan
-from .spec import RunSpec, canonical_json
+from .spec import RunSpec
 from .status import Status, read_fold_status, reset_group_status, write_fold_status
 
 
@@ -59,27 +59,20 @@ def _group_options(plan: GroupPlan) -> dict[str, Any]:
     return {"queue": "control", "argsrepr": repr(plan.first.group_name), "kwargsrepr": "{}"}
 
 
-def write_manifest(layout: Layout, exp: Experiment, plans: list[GroupPlan],
-                   dicts: dict[str, dict[str, Any]]) -> None:
-    """<root>/<experiment>/experiment.json: what the last submission contained.
-    Compact JSON: it is read by programs, and can hold thousands of specs."""
-    atomic_write_bytes(layout.manifest(exp.name), canonical_json({
-        "experiment": exp.name, "config": exp.file, "trainer": exp.trainer.name,
-        "submitted_at": time.time(), "results_root": str(layout.root),
-        "groups": [{
-            "group_id": p.first.group_id, "name": p.first.group_name, "dir": p.first.group_dir,
-            "run_ids": sorted(s.run_id for s in p.specs), "runs": [dicts[s.run_id] for s in p.specs],
-        } for p in plans],
-    }).encode())
+def check_connections(live: LiveState) -> None:
+    """Reach the live-state Redis and the broker before anything is written: a submit
+    that cannot publish must leave the results root as it was."""
+    live.client.ping()
+    with app.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1)
 
 
 def submit(exp: Experiment, plans: list[GroupPlan], layout: Layout, live: LiveState) -> dict[str, int]:
     """Publish what the plan says; returns counts of what was published."""
-    dicts = {s.run_id: s.to_dict() for p in plans for s in p.specs}
-    write_manifest(layout, exp, plans, dicts)
+    dicts = write_manifest(layout, exp, plans)
     states: dict[str, str] = {}
     for p in plans:
-        if p.action == RUN:
+        if p.action != SKIP:  # it will be finalized again: its old record is stale
             reset_group_status(layout, p.first)
         for s in p.specs:
             states[s.run_id] = Status.PENDING.value if s in p.todo else Status.DONE.value
@@ -98,11 +91,11 @@ def submit(exp: Experiment, plans: list[GroupPlan], layout: Layout, live: LiveSt
     with app.producer_or_acquire() as producer:
         for p in plans:
             specs = [dicts[s.run_id] for s in p.specs]
-            body = finalize.signature(args=(specs,), **_group_options(p))
+            body = finalize.signature(args=(specs,), **_group_options(p)).on_error(
+                group_failed.signature(kwargs={"specs": specs}, queue="control"))
             if p.action == RUN:
-                errback = group_failed.signature(kwargs={"specs": specs}, queue="control")
                 header = [_train_signature(s, dicts[s.run_id]) for s in p.todo]
-                chord(header, app=app)(body.on_error(errback), producer=producer)
+                chord(header, app=app)(body, producer=producer)
                 published["runs"] += len(header)
                 published["groups"] += 1
             elif p.action == FINALIZE:

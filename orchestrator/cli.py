@@ -30,13 +30,60 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def _results_root(value: str | None) -> Path:
-    return Path(value or os.environ.get("ORCH_RESULTS_ROOT", "results")).resolve()
+def _results_root(value: str | None, writable: bool = False) -> Path:
+    """The results root; for commands that write, checked to be a writable folder."""
+    root = Path(value or os.environ.get("ORCH_RESULTS_ROOT", "results")).resolve()
+    if writable:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            probe = root / f".write-test-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as exc:
+            raise EnvironmentProblem(f"results root {root} is not a writable folder: "
+                                     f"{exc.strerror or exc}") from None
+    return root
 
 
-def _use_broker(url: str, results_root: Path) -> None:
-    """Point this process (and `tasks`, imported later) at a broker and results root."""
+def _check_redis_url(url: str, what: str) -> str:
+    """A Redis URL redis-py can use, or a usage error naming where it came from."""
+    from redis.connection import parse_url
+
+    problem = ""
+    from urllib.parse import urlsplit
+
+    db = urlsplit(url).path.strip("/")
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        problem = "it must start with redis://, rediss:// or unix://"
+    elif url.startswith("redis") and db and not db.isdigit():
+        problem = f"the database after the last '/' must be a number, got {db!r}"
+    else:
+        try:
+            parse_url(url)
+        except ValueError as exc:
+            problem = str(exc)
+    if problem:
+        raise errors.OrchestratorError(
+            f"{what} {url!r} is not a usable Redis URL: {problem} "
+            "(expected redis://[:password@]host:port/db)")
+    return url
+
+
+def _use_broker(url: str, results_root: Path, private: bool = False) -> None:
+    """Point this process (and `tasks`, imported later) at a broker and results root.
+
+    A private (local-mode) Redis is also the result backend and the live state, whatever
+    the environment says: its workers were started that way, and polling another Redis
+    would wait forever.
+    """
+    if not private:
+        _check_redis_url(url, "broker URL (--broker / ORCH_BROKER_URL)")
+        for name in ("ORCH_RESULT_BACKEND", "ORCH_STATE_URL"):
+            if os.environ.get(name):
+                _check_redis_url(os.environ[name], name)
     os.environ["ORCH_BROKER_URL"] = url
+    if private:
+        os.environ["ORCH_RESULT_BACKEND"] = os.environ["ORCH_STATE_URL"] = url
     os.environ.setdefault("ORCH_RESULT_BACKEND", url)
     os.environ.setdefault("ORCH_STATE_URL", os.environ["ORCH_RESULT_BACKEND"])
     os.environ["ORCH_RESULTS_ROOT"] = str(results_root)
@@ -119,11 +166,14 @@ def _submit(exps: list[Experiment], plans: dict[str, list[GroupPlan]], layout: L
     from kombu.exceptions import OperationalError as KombuOperationalError
     from redis.exceptions import RedisError
 
-    from .canvas import submit
+    import celeryconfig  # noqa: F401  (Celery loads it lazily: report a bad ORCH_* value first)
+
+    from .canvas import check_connections, submit
     from .livestate import LiveState
 
     live = LiveState.from_url(os.environ.get("ORCH_STATE_URL", os.environ["ORCH_BROKER_URL"]))
     try:
+        check_connections(live)
         for exp in exps:
             published = submit(exp, plans[exp.name], layout, live)
             err.print(f"submitted {exp.name}: {published['runs']} runs in {published['groups']} groups"
@@ -161,7 +211,8 @@ def _summary(exps: list[Experiment], layout: Layout) -> int:
             out.print(f"({len(groups) - len(shown)} more groups: `orchestrator status {exp.name}`)")
         for g in failed:
             for fold, error in g["failed"].items():
-                err.print(f"[red]FAILED[/] {escape(g['name'])}/fold={fold}: {escape(str(error))}")
+                where = f"fold={fold}" if fold.isdigit() else fold
+                err.print(f"[red]FAILED[/] {escape(g['name'])}/{where}: {escape(str(error))}")
         failed_any = failed_any or bool(failed)
         out.print(f"results: {layout.final_results(exp.name)}")
     return errors.EXIT_RUNS_FAILED if failed_any else errors.EXIT_OK
@@ -195,11 +246,15 @@ def run(configs: tuple[str, ...], results_root: str | None, broker: str | None, 
     from .local import LocalCluster
     from .progress import Tracked, wait
 
-    root = _results_root(results_root)
-    layout = Layout(root)
     exps = load_experiments(list(configs))
+    root = _results_root(results_root, writable=True)
+    layout = Layout(root)
     plans = _plans(exps, layout)
     if all(t["groups_to_finalize"] == 0 for t in map(totals, plans.values())):
+        from .manifest import write_manifest
+
+        for exp in exps:  # the summary below (and `status`) describe this submission
+            write_manifest(layout, exp, plans[exp.name])
         err.print("nothing to do: every run and group is already DONE")
         sys.exit(_summary(exps, layout))
     tracked = [Tracked(e.name, plans[e.name]) for e in exps]
@@ -214,7 +269,7 @@ def run(configs: tuple[str, ...], results_root: str | None, broker: str | None, 
             gpus = [g.index for g in detect()]
             cluster = LocalCluster(results_root=root, cpu_workers=n_workers, gpus=gpus, loglevel=loglevel)
             url = cluster.start()
-            _use_broker(url, root)
+            _use_broker(url, root, private=True)
             err.print(f"local mode: redis at {url}, "
                       + (f"{len(gpus)} GPU workers" if gpus else f"{n_workers} CPU workers")
                       + ", 1 control worker")
@@ -232,15 +287,21 @@ def run(configs: tuple[str, ...], results_root: str | None, broker: str | None, 
         if cluster is not None:
             cluster.stop()
             cluster = None
-            _cancel_unfinished(layout, plans)
+            _cancel_unfinished(layout, plans, "interrupted (Ctrl-C)")
         sys.exit(errors.EXIT_INTERRUPTED)
+    except EnvironmentProblem as exc:
+        if cluster is not None:  # a local worker or Redis died: nothing will finish now
+            cluster.stop()
+            cluster = None
+            _cancel_unfinished(layout, plans, f"local cluster failed: {str(exc).splitlines()[0]}")
+        raise
     finally:
         if cluster is not None:
             cluster.stop()
     sys.exit(_summary(exps, layout))
 
 
-def _cancel_unfinished(layout: Layout, plans: dict[str, list[GroupPlan]]) -> None:
+def _cancel_unfinished(layout: Layout, plans: dict[str, list[GroupPlan]], why: str) -> None:
     """After local workers were stopped: runs that did not finish are CANCELLED."""
     from .status import Status, read_fold_status, write_fold_status
 
@@ -249,7 +310,7 @@ def _cancel_unfinished(layout: Layout, plans: dict[str, list[GroupPlan]]) -> Non
             for spec in p.todo:
                 record = read_fold_status(layout, spec)
                 if record is None or record.get("status") in ("PENDING", "IN_PROGRESS"):
-                    write_fold_status(layout, spec, Status.CANCELLED, error="interrupted (Ctrl-C)")
+                    write_fold_status(layout, spec, Status.CANCELLED, error=why)
 
 
 @cli.command()
@@ -270,10 +331,10 @@ def submit(configs: tuple[str, ...], results_root: str | None, broker: str | Non
         raise errors.OrchestratorError(
             "no broker configured: pass --broker redis://HOST:6379/0 or set ORCH_BROKER_URL "
             "(or use `orchestrator run` to start a local cluster)")
-    root = _results_root(results_root)
+    exps = load_experiments(list(configs))
+    root = _results_root(results_root, writable=True)
     _use_broker(broker, root)
     layout = Layout(root)
-    exps = load_experiments(list(configs))
     plans = _plans(exps, layout)
     live = _submit(exps, plans, layout)
     for exp in exps:
@@ -298,7 +359,8 @@ def status(experiment: str | None, results_root: str | None, as_json: bool) -> N
       orchestrator status
       orchestrator status iris_kfold --json | jq '.group_details[0].folds[0].files'
     """
-    from .report import experiment_status, experiments
+    from .manifest import experiments
+    from .report import experiment_status
 
     layout = Layout(_results_root(results_root))
     names = [experiment] if experiment else experiments(layout)

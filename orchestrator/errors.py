@@ -43,6 +43,10 @@ class ConfigError(OrchestratorError):
         super().__init__(f"{len(problems)} {noun} in the configuration:\n{lines}")
 
 
+class SettingError(OrchestratorError, ValueError):
+    """An ORCH_* environment variable whose value is not valid for its setting."""
+
+
 class UnknownTrainerError(OrchestratorError):
     """A trainer name that is not registered on this process."""
 

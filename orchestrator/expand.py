@@ -31,5 +31,9 @@ def groups(runs: Iterable[RunSpec]) -> list[list[RunSpec]]:
     """Runs that differ only by fold, in first-seen order."""
     by_id: dict[str, list[RunSpec]] = {}
     for run in runs:
-        by_id.setdefault(run.group_id, []).append(run)
+        group = by_id.setdefault(run.group_id, [])
+        clash = [other for other in group if other.fold == run.fold]
+        if clash:  # two runs would share one set of files
+            raise ValueError(f"runs {clash[0].name} and {run.name} have the same identity")
+        group.append(run)
     return list(by_id.values())

@@ -18,7 +18,15 @@ from .metrics import fmt, scores, table_csv
 from .paths import Layout, atomic_write_json, atomic_write_text, read_json
 from .results import update_final_results
 from .spec import RunSpec
-from .status import Status, fold_is_done, read_fold_status, read_group_status
+from .status import (
+    Status,
+    file_sizes,
+    fold_is_done,
+    group_record_done,
+    read_fold_status,
+    read_group_status,
+    write_fold_status,
+)
 
 
 class GroupNotReady(RuntimeError):
@@ -38,7 +46,8 @@ def finalize_group(layout: Layout, specs: list[RunSpec], live: LiveState | None 
     first = specs[0]
     run_ids = sorted(s.run_id for s in specs)
     existing = read_group_status(layout, first)
-    if existing and existing.get("train_status") == Status.DONE.value and existing.get("run_ids") == run_ids:
+    if group_record_done(layout, first, existing, run_ids):
+        assert existing is not None
         if live:
             live.set_group(first.experiment, first.group_id, Status.DONE.value)
         return existing
@@ -54,16 +63,21 @@ def finalize_group(layout: Layout, specs: list[RunSpec], live: LiveState | None 
     metas: dict[int, dict[str, Any]] = {}
     for spec in sorted(specs, key=lambda s: s.fold):
         files = layout.fold_files(spec)
+        meta = read_json(files["metadata.json"]) or {}
         classes, rows = _read_probs(files["probabilities.csv"])
         with open(files["predictions.csv"], newline="") as fh:
             for r in csv.DictReader(fh):
                 truth[int(r["index"])] = r["y_true"]
+        n_val = sum(split == "val" for _, split, _ in rows)
+        if (classes != meta.get("classes") or n_val != meta.get("n_val")
+                or len(rows) - n_val != meta.get("n_holdout")):
+            raise ValueError(f"fold {spec.fold}: its outputs do not match its metadata.json "
+                             f"(classes, validation or holdout rows): {files['probabilities.csv']}")
         for index, split, probs in rows:
             if split == "val":
                 oof_rows.append((index, spec.fold, probs))
             else:
                 holdout_sum[index] = holdout_sum.get(index, 0) + np.asarray(probs)
-        meta = read_json(files["metadata.json"]) or {}
         metas[spec.fold] = meta
         fold_metrics.append(meta.get("metrics", {}))
 
@@ -99,7 +113,7 @@ def finalize_group(layout: Layout, specs: list[RunSpec], live: LiveState | None 
         "train_status": Status.DONE.value, "run_ids": run_ids,
         "folds": {str(s.fold): Status.DONE.value for s in specs}, "failed": {},
         "metrics": {"oof": metrics["oof"], "ensemble_holdout": metrics["ensemble_holdout"]},
-        "finished_at": time.time(),
+        "files": file_sizes(files), "finished_at": time.time(),
     }
     atomic_write_json(layout.group_status(first), record)
     if live:
@@ -123,9 +137,18 @@ def _row(spec: RunSpec, meta: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def mark_group_failed(layout: Layout, specs: list[RunSpec], reason: str = "",
+LOST = ("did not finish: the process training it died or its message was lost "
+        "(see the worker's log)")
+
+
+def mark_group_failed(layout: Layout, specs: list[RunSpec], reason: str | None = None,
                       live: LiveState | None = None) -> dict[str, Any]:
-    """status.json FAILED, naming which folds failed and why (the chord error callback)."""
+    """status.json FAILED, naming which folds failed and why (the chord error callback).
+
+    Called once every fold has reported, so a fold that is not DONE or FAILED now was
+    lost (its process was killed): it is marked FAILED with that reason. `reason`
+    (a finalize that failed) is recorded under the key "finalize".
+    """
     first = specs[0]
     folds: dict[str, str] = {}
     failed: dict[str, str] = {}
@@ -134,9 +157,19 @@ def mark_group_failed(layout: Layout, specs: list[RunSpec], reason: str = "",
         status = record.get("status", Status.PENDING.value)
         if fold_is_done(layout, spec):
             status = Status.DONE.value
+        elif status != Status.FAILED.value:
+            status = Status.FAILED.value
+            record = write_fold_status(layout, spec, Status.FAILED, base=record or None,
+                                       error=LOST, finished_at=time.time())
         folds[str(spec.fold)] = status
         if status != Status.DONE.value:
-            failed[str(spec.fold)] = record.get("error") or reason or "did not finish"
+            failed[str(spec.fold)] = record.get("error") or LOST
+    if not reason:  # the error callback after a finalize that recorded why it failed
+        previous = read_group_status(layout, first) or {}
+        if previous.get("run_ids") == sorted(s.run_id for s in specs):
+            reason = previous.get("failed", {}).get("finalize")
+    if reason or not failed:
+        failed["finalize"] = reason or "finalize did not complete (see the control worker's log)"
     record = {
         "group_id": first.group_id, "experiment": first.experiment, "name": first.group_name,
         "train_status": Status.FAILED.value, "run_ids": sorted(s.run_id for s in specs),

@@ -72,10 +72,11 @@ def atomic_write_json(path: Path, data: Any, durable: bool = True) -> None:
 
 
 def read_json(path: Path) -> Any | None:
-    """The parsed file, or None if it does not exist or is not valid JSON."""
+    """The parsed file, or None if it cannot be read (missing, not a file, no
+    permission) or is not valid JSON."""
     try:
         return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
 
 

@@ -11,8 +11,9 @@ from typing import Any
 
 from .expand import groups
 from .paths import Layout
+from .results import read_final_results
 from .spec import RunSpec
-from .status import Status, fold_is_done, read_fold_status, read_group_status
+from .status import Status, fold_is_done, group_record_done, read_fold_status, read_group_status
 
 SKIP, FINALIZE, RUN = "skip", "finalize", "run"
 
@@ -39,15 +40,23 @@ def run_state(layout: Layout, spec: RunSpec) -> str:
 
 
 def make_plan(layout: Layout, runs: list[RunSpec]) -> list[GroupPlan]:
+    """Runs of ONE experiment -> what to do per group (see the module docstring).
+
+    A group is skipped only if its status.json says DONE, its ensemble files are intact
+    and final_results.csv has its rows: anything less is rebuilt by a finalize."""
     plans: list[GroupPlan] = []
+    listed: set[str] | None = None
     for specs in groups(runs):
         todo = tuple(s for s in specs if not fold_is_done(layout, s))
         if todo:
             action = RUN
         else:
-            record = read_group_status(layout, specs[0])
-            done = (record is not None and record.get("train_status") == Status.DONE.value
-                    and record.get("run_ids") == sorted(s.run_id for s in specs))
+            run_ids = sorted(s.run_id for s in specs)
+            done = group_record_done(layout, specs[0], read_group_status(layout, specs[0]), run_ids)
+            if done:
+                if listed is None:
+                    listed = {r["run_id"] for r in read_final_results(layout, specs[0].experiment)}
+                done = listed.issuperset(run_ids)
             action = SKIP if done else FINALIZE
         plans.append(GroupPlan(specs=tuple(specs), todo=todo, action=action))
     return plans

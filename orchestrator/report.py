@@ -7,26 +7,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .errors import ExperimentNotFound
+from .manifest import load_manifest
 from .paths import Layout, read_json
 from .plan import run_state
 from .spec import RunSpec
 from .status import Status, read_fold_status, read_group_status
-
-
-def experiments(layout: Layout) -> list[str]:
-    if not layout.root.is_dir():
-        return []
-    return sorted(p.parent.name for p in layout.root.glob("*/experiment.json"))
-
-
-def load_manifest(layout: Layout, experiment: str) -> dict[str, Any]:
-    data = read_json(layout.manifest(experiment))
-    if not isinstance(data, dict):
-        known = ", ".join(experiments(layout)) or "none"
-        raise ExperimentNotFound(f"no experiment {experiment!r} under {layout.root} "
-                                 f"(experiments there: {known})")
-    return data
 
 
 def group_state(layout: Layout, specs: list[RunSpec], fold_states: list[str]) -> str:

@@ -24,7 +24,7 @@ FIRST_COLUMNS = ["experiment", "dataset", "point", "seed", "fold", "run_id", "gr
 
 @dataclass
 class _Table:
-    stamp: tuple[int, int]  # (mtime_ns, size) of the file as last written or read
+    stamp: tuple[int, ...]  # (inode, device, mtime_ns, size) as last written or read
     rows: dict[str, dict[str, str]]  # run_id -> row
     lines: dict[str, str] = field(default_factory=dict)  # run_id -> CSV line for `header`
     header: list[str] = field(default_factory=list)
@@ -33,12 +33,14 @@ class _Table:
 _cache: dict[Path, _Table] = {}
 
 
-def _stamp(path: Path) -> tuple[int, int] | None:
+def _stamp(path: Path) -> tuple[int, ...] | None:
+    """Identifies one version of the file: every atomic write creates a new inode, so
+    another writer's version never matches, even with coarse timestamps (NFS)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
         return None
-    return (st.st_mtime_ns, st.st_size)
+    return (st.st_ino, st.st_dev, st.st_mtime_ns, st.st_size)
 
 
 def read_final_results(layout: Layout, experiment: str) -> list[dict[str, str]]:
@@ -75,7 +77,7 @@ def update_final_results(layout: Layout, experiment: str, rows: list[dict[str, A
         table = _cache.get(path)
         if table is None or table.stamp != stamp:  # someone else wrote it: read it again
             existing = read_final_results(layout, experiment) if stamp else []
-            table = _Table(stamp=stamp or (0, 0), rows={r["run_id"]: r for r in existing})
+            table = _Table(stamp=stamp or (), rows={r["run_id"]: r for r in existing})
         for row in rows:
             table.rows[row["run_id"]] = {k: _cell(v) for k, v in row.items()}
             table.lines.pop(row["run_id"], None)
@@ -91,5 +93,5 @@ def update_final_results(layout: Layout, experiment: str, rows: list[dict[str, A
                 line = table.lines[run_id] = _line(row, header)
             body.append(line)
         atomic_write_text(path, _line({c: c for c in header}, header) + "".join(body))
-        table.stamp = _stamp(path) or (0, 0)
+        table.stamp = _stamp(path) or ()
         _cache[path] = table

@@ -18,11 +18,12 @@ from typing import Any
 import numpy as np
 
 from . import datasets
+from .errors import InvalidSpecError
 from .livestate import LiveState
 from .metrics import fmt, ranks, scores, table_csv
 from .paths import Layout, atomic_write_json, atomic_write_text, read_json
 from .spec import RunSpec
-from .status import Status, fold_is_done, write_fold_status
+from .status import Status, file_sizes, fold_is_done, write_fold_status
 from .trainers import Reporter, TrainContext, get_trainer
 
 
@@ -37,9 +38,13 @@ class WorkerInfo:
 
     @classmethod
     def from_env(cls, name: str) -> WorkerInfo:
-        device = os.environ.get("ORCH_DEVICE", "cpu")
-        return cls(name=name, device=device if device in ("cuda", "cpu") else "cpu",
-                   gpu=os.environ.get("CUDA_VISIBLE_DEVICES") if device == "cuda" else None)
+        """ORCH_DEVICE (set by `orchestrator worker`) decides; a plain `celery worker`
+        started with a non-empty CUDA_VISIBLE_DEVICES is a GPU worker too."""
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+        device = os.environ.get("ORCH_DEVICE") or ("cuda" if visible and visible != "-1" else "cpu")
+        if device not in ("cuda", "cpu"):
+            raise RuntimeError(f"ORCH_DEVICE={device!r} on worker {name}: must be cuda or cpu")
+        return cls(name=name, device=device, gpu=(visible or None) if device == "cuda" else None)
 
 
 def summary(layout: Layout, spec: RunSpec) -> dict[str, Any]:
@@ -58,6 +63,12 @@ def execute(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
     if trainer.version != spec.trainer_version:
         raise RuntimeError(f"trainer {spec.trainer!r} is version {trainer.version} on this worker, "
                            f"the run was submitted for version {spec.trainer_version}")
+    params = trainer.resolve(spec.params_for(worker.device))
+    problems = [f"{name}: {problem}" for name, value in params.items()
+                if (problem := trainer.params[name].problem(value) if name in trainer.params
+                    else f"unknown parameter of trainer {trainer.name!r}")]
+    if problems:  # a message that bypassed validation: refuse before touching anything
+        raise InvalidSpecError(f"invalid params for {spec.name}: {'; '.join(problems)}")
     started = time.time()
     record = write_fold_status(layout, spec, Status.IN_PROGRESS, attempt=attempt, worker=worker.name,
                       host=worker.host, gpu=worker.gpu, device=worker.device,
@@ -68,7 +79,6 @@ def execute(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
 
     table = datasets.load(spec.dataset)
     split = datasets.split(table, spec)
-    params = trainer.resolve(spec.params_for(worker.device))
     reporter = Reporter()
     eval_rows = np.concatenate([split.val, split.holdout])
     result = trainer.fn(TrainContext(
@@ -95,7 +105,8 @@ def execute(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
         "trainer_info": dict(result.info),
     })
     write_fold_status(layout, spec, Status.DONE, base=record, finished_at=time.time(),
-                      elapsed=round(elapsed, 4), error=None, metrics=metrics)
+                      elapsed=round(elapsed, 4), error=None, metrics=metrics,
+                      files=file_sizes(layout.fold_files(spec)))
     if live:
         live.set_run(spec.experiment, spec.run_id, Status.DONE.value, worker=worker.name,
                      attempt=attempt)

@@ -10,6 +10,7 @@ import functools
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +42,9 @@ class DatasetRef:
     def identity(self) -> dict[str, Any]:
         if self.source == "sklearn":
             return {"source": "sklearn", "name": self.name}
-        return {"source": "csv", "sha256": self.sha256, "target": self.target}
+        # The name too: two names for byte-identical files are two datasets with two
+        # output folders, and must not collapse into one run id.
+        return {"source": "csv", "name": self.name, "sha256": self.sha256, "target": self.target}
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,7 @@ class RunSpec:
             return _parse_spec(data)
         except InvalidSpecError:
             raise
-        except (TypeError, ValueError, KeyError) as exc:
+        except (TypeError, ValueError, KeyError, ArithmeticError) as exc:
             raise InvalidSpecError(f"malformed run spec: {exc}") from exc
 
 
@@ -173,6 +176,14 @@ def _expect(value: Any, types: type | tuple[type, ...], what: str) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         raise InvalidSpecError(f"{what} must be finite")
     return value
+
+
+def _bounded(value: Any, low: float, high: float, what: str,
+             low_open: bool = False, high_open: bool = False) -> None:
+    _expect(value, (int, float), what)
+    if (value < low or (low_open and value == low) or value > high
+            or (high_open and value == high)):
+        raise InvalidSpecError(f"{what} {value!r} is out of range")
 
 
 def _json_params(value: Any, what: str) -> dict[str, Any]:
@@ -201,7 +212,12 @@ def _parse_spec(data: object) -> RunSpec:
         if not path.startswith("/") or not path.endswith(".csv"):
             raise InvalidSpecError("dataset path must be an absolute path to a .csv file")
         _expect(ds["target"], str, "dataset target")
-        _expect(ds["sha256"], str, "dataset sha256")
+        # The worker reads the file only if its content has this hash: a message can
+        # name only a file whose exact content its sender already knows.
+        if not re.fullmatch(r"[0-9a-f]{64}", _expect(ds["sha256"], str, "dataset sha256")):
+            raise InvalidSpecError("dataset sha256 must be 64 hexadecimal digits")
+    elif (ds["path"], ds["target"], ds["sha256"]) != (None, None, None):
+        raise InvalidSpecError("a bundled dataset has no path, target or sha256")
     dataset = DatasetRef(
         name=check_name(ds["name"], "dataset"), source=source, path=ds["path"],
         target=ds["target"], sha256=ds["sha256"],
@@ -219,6 +235,19 @@ def _parse_spec(data: object) -> RunSpec:
     if not 0 <= fold < (k if k is not None else 1):
         raise InvalidSpecError(f"fold {fold} out of range for k={k}")
     timeout = data["timeout"]
+    _bounded(data["seed"], 0, 2**63, "seed")
+    _bounded(data["retries"], 0, 100, "retries")
+    _bounded(data["priority"], 0, 9, "priority")
+    _bounded(data["holdout"], 0, 0.9, "holdout", high_open=True)
+    if k is not None:
+        _bounded(k, 2, 100, "k")
+    if data["validation"] is not None:
+        _bounded(data["validation"], 0, 1, "validation", low_open=True, high_open=True)
+    _bounded(res["gpus"], 0, 64, "resources.gpus")
+    if res["gpu_memory_gb"] is not None:
+        _bounded(res["gpu_memory_gb"], 0, 1e6, "resources.gpu_memory_gb", low_open=True)
+    if timeout is not None:
+        _bounded(timeout, 0, 1e9, "timeout", low_open=True)
     return RunSpec(
         experiment=check_name(data["experiment"], "experiment"),
         trainer=_expect(data["trainer"], str, "trainer"),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import time
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from .paths import FOLD_FILES, Layout, atomic_write_json, read_json
@@ -30,12 +32,31 @@ def read_fold_status(layout: Layout, spec: RunSpec) -> dict[str, Any] | None:
     return data
 
 
+def files_intact(paths: dict[str, Path], sizes: Any) -> bool:
+    """Every file exists with the size its record noted when it was written. Cheap (one
+    stat each), and it turns a truncated or emptied file (a host crash before the data
+    reached the disk, a user's mistake) into "run it again" instead of a broken result."""
+    if not isinstance(sizes, dict) or set(sizes) != set(paths):
+        return False
+    for name, path in paths.items():
+        try:
+            if os.stat(path).st_size != sizes[name]:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def file_sizes(paths: dict[str, Path]) -> dict[str, int]:
+    return {name: os.stat(path).st_size for name, path in paths.items()}
+
+
 def fold_is_done(layout: Layout, spec: RunSpec) -> bool:
-    """DONE with this run_id, and every output file present."""
+    """DONE with this run_id, and every output file as it was written."""
     data = read_fold_status(layout, spec)
     if not data or data.get("status") != Status.DONE.value:
         return False
-    return all(p.exists() for p in layout.fold_files(spec).values())
+    return files_intact(layout.fold_files(spec), data.get("files"))
 
 
 def write_fold_status(
@@ -60,6 +81,14 @@ def write_fold_status(
     return record
 
 
+def group_record_done(layout: Layout, spec: RunSpec, record: dict[str, Any] | None,
+                      run_ids: list[str]) -> bool:
+    """status.json says DONE for exactly these runs, and its ensemble files are intact."""
+    return (record is not None and record.get("train_status") == Status.DONE.value
+            and record.get("run_ids") == run_ids
+            and files_intact(layout.ensemble_files(spec), record.get("files")))
+
+
 def read_group_status(layout: Layout, spec: RunSpec) -> dict[str, Any] | None:
     data = read_json(layout.group_status(spec))
     if not isinstance(data, dict) or data.get("group_id") != spec.group_id:
@@ -79,7 +108,10 @@ def reset_group_status(layout: Layout, spec: RunSpec) -> None:
 __all__ = [
     "FOLD_FILES",
     "Status",
+    "file_sizes",
+    "files_intact",
     "fold_is_done",
+    "group_record_done",
     "read_fold_status",
     "read_group_status",
     "reset_group_status",

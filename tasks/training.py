@@ -91,7 +91,7 @@ def train_run(self: Any, spec: dict[str, Any]) -> dict[str, Any]:
     attempt = self.request.retries + 1
     try:
         return execute(run, _layout(), worker, attempt, _live())
-    except UnknownTrainerError as exc:
+    except (UnknownTrainerError, InvalidSpecError) as exc:  # retrying cannot help
         record_failure(run, _layout(), worker, attempt, exc, will_retry=False, live=_live())
         raise
     except SoftTimeLimitExceeded:
@@ -111,7 +111,13 @@ def train_run(self: Any, spec: dict[str, Any]) -> dict[str, Any]:
 @app.task(name="tasks.finalize", bind=True)
 def finalize(self: Any, results: Any, specs: list[dict[str, Any]]) -> dict[str, Any]:
     """Chord body: ensemble outputs, final_results.csv rows, status.json DONE."""
-    record = finalize_group(_layout(), _specs(specs), _live())
+    group = _specs(specs)
+    try:
+        record = finalize_group(_layout(), group, _live())
+    except Exception as exc:
+        # Recorded here, with its reason: the chord error callback only learns a task id.
+        mark_group_failed(_layout(), group, reason=f"{type(exc).__name__}: {exc}", live=_live())
+        raise
     return {"group_id": record["group_id"], "train_status": record["train_status"]}
 
 

@@ -34,3 +34,15 @@ TRAINERS = [
                                  "smoothing": Param(1.0, "float")}),
     Trainer("pid", "1", _pid, {"smoothing": Param(1.0, "float")}),
 ]
+
+
+def _killed(ctx: TrainContext) -> TrainResult:
+    """SIGKILLs its own process on `kill_fold`: a segfault or an OOM kill, as a test."""
+    import signal
+
+    if ctx.fold == ctx.params["kill_fold"]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return prior_train(ctx)
+
+
+TRAINERS.append(Trainer("killed", "1", _killed, {"kill_fold": Param(-1, "int"), "smoothing": Param(1.0, "float")}))

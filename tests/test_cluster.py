@@ -63,6 +63,11 @@ def _spec(cluster: Cluster, write_experiment, **changes: object) -> dict:
 
 
 @pytest.mark.parametrize(("changes", "error"), [
+    ({"dataset": {"name": "secret", "source": "csv", "path": "/etc/secret.csv", "target": "y", "sha256": ""}},
+     "InvalidSpecError"),
+    ({"holdout": 1e308}, "InvalidSpecError"),
+    ({"retries": 10**6}, "InvalidSpecError"),
+    ({"params": {"epochs": 10**9}}, "InvalidSpecError"),
     ({"experiment": "../../escape"}, "InvalidSpecError"),
     ({"output": "../outside"}, "InvalidSpecError"),
     ({"trainer": "os.system"}, "UnknownTrainerError"),
@@ -196,3 +201,87 @@ def test_a_csv_changed_after_submission_fails_clearly(running_cluster: Cluster, 
     result = app.send_task("tasks.train_run", args=[spec.to_dict()], queue="cpu")
     wait_for(lambda: result.state == "FAILURE", timeout=60, what="the run to fail")
     assert "changed since the experiment was submitted" in str(result.result)
+
+
+def test_identical_csv_files_under_two_names_are_two_datasets(running_cluster: Cluster, write_experiment,
+                                                              tmp_path: Path) -> None:
+    _blobs_csv(tmp_path / "one.csv")
+    (tmp_path / "two.csv").write_bytes((tmp_path / "one.csv").read_bytes())
+    cfg = write_experiment("twins", trainer="prior", folds=2, resources={"gpus": 0},
+                           datasets=[{"name": "a", "csv": "one.csv", "target": "label"},
+                                     {"name": "b", "csv": "two.csv", "target": "label"}])
+    assert run_cli("submit", str(cfg), "--wait", env=running_cluster.env()).returncode == 0
+    status = json.loads(run_cli("status", "twins", "--json", env=running_cluster.env()).stdout)
+    assert sorted(g["name"] for g in status["group_details"]) == ["twins/a/base/seed=0", "twins/b/base/seed=0"]
+    assert status["groups"] == {"DONE": 2} and status["runs"] == {"DONE": 4}
+    again = run_cli("submit", str(cfg), "--wait", env=running_cluster.env())
+    assert again.returncode == 0 and "0 runs in 0 groups" in again.stderr
+
+
+def test_a_failing_finalize_fails_the_group_with_its_reason(running_cluster: Cluster, write_experiment) -> None:
+    cfg = write_experiment("badfinal", trainer="prior", datasets=["iris"], folds=2, resources={"gpus": 0})
+    assert run_cli("submit", str(cfg), "--wait", env=running_cluster.env()).returncode == 0
+    group = running_cluster.root / "badfinal/iris/base/seed=0"
+    probs = group / "fold_0/probabilities.csv"
+    probs.write_text("x" * len(probs.read_text()))  # same size: the fold still looks DONE
+    (group / "status/status.json").unlink()
+    proc = run_cli("submit", str(cfg), "--wait", env=running_cluster.env(), timeout=120)
+    assert proc.returncode == 1, proc.stderr  # and no hang: the group reached a final state
+    assert "badfinal/iris/base/seed=0/finalize" in proc.stderr
+    record = json.loads((group / "status/status.json").read_text())
+    assert record["train_status"] == "FAILED" and "finalize" in record["failed"]
+
+
+def test_a_truncated_output_makes_its_run_run_again(running_cluster: Cluster, write_experiment) -> None:
+    cfg = write_experiment("truncated", trainer="prior", datasets=["iris"], folds=2, resources={"gpus": 0})
+    assert run_cli("submit", str(cfg), "--wait", env=running_cluster.env()).returncode == 0
+    fold = running_cluster.root / "truncated/iris/base/seed=0/fold_1"
+    (fold / "ranks.csv").write_text("")  # what a host crash before writeback can leave
+    plan = json.loads(run_cli("plan", str(cfg), "--json", env=running_cluster.env()).stdout)
+    assert plan[0]["totals"]["to_run"] == 1
+    assert run_cli("submit", str(cfg), "--wait", env=running_cluster.env()).returncode == 0
+    assert (fold / "ranks.csv").stat().st_size > 0
+
+
+def test_a_killed_training_process_fails_its_fold_with_a_reason(running_cluster: Cluster, write_experiment) -> None:
+    cfg = write_experiment("killed", trainer="killed", datasets=["iris"], folds=3,
+                           params={"kill_fold": 1}, resources={"gpus": 0})
+    proc = run_cli("submit", str(cfg), "--wait", env=running_cluster.env(), timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    status = json.loads(run_cli("status", "killed", "--json", env=running_cluster.env()).stdout)
+    folds = {f["fold"]: f for f in status["group_details"][0]["folds"]}
+    assert folds[1]["state"] == "FAILED" and "did not finish" in folds[1]["error"]
+    assert folds[0]["state"] == folds[2]["state"] == "DONE"
+    # The worker replaced its pool process and goes on working.
+    cfg2 = write_experiment("after_kill", trainer="prior", datasets=["iris"], folds=2, resources={"gpus": 0})
+    assert run_cli("submit", str(cfg2), "--wait", env=running_cluster.env()).returncode == 0
+
+
+def test_submit_to_an_unreachable_broker_writes_nothing(tmp_path: Path, write_experiment) -> None:
+    from orchestrator.local import free_port
+
+    cfg = write_experiment("nowrite", trainer="prior", datasets=["iris"])
+    root = tmp_path / "r"
+    proc = run_cli("submit", str(cfg), "--broker", f"redis://127.0.0.1:{free_port()}/0",
+                   "--results-root", str(root), timeout=120)
+    assert proc.returncode == 3
+    assert [p for p in root.rglob("*")] == []
+
+
+@pytest.mark.parametrize(("args", "env", "code", "message"), [
+    (["--broker", "redis://:bad"], {}, 2, "is not a usable Redis URL"),
+    (["--broker", "http://x"], {}, 2, "must start with redis://"),
+    (["--broker", "redis://127.0.0.1:6379/x"], {}, 2, "must be a number"),
+    (["--broker", "redis://127.0.0.1:1/0", "--results-root", "/proc/forbidden"], {}, 3, "is not a writable folder"),
+    (["--broker", "redis://127.0.0.1:1/0"], {"ORCH_VISIBILITY_TIMEOUT": "12h"}, 2, "ORCH_VISIBILITY_TIMEOUT='12h' is not valid"),
+])
+def test_bad_settings_are_clear_errors(write_experiment, tmp_path: Path, args: list[str],
+                                       env: dict[str, str], code: int, message: str) -> None:
+    from .conftest import cli_env
+
+    cfg = write_experiment("settings", trainer="prior", datasets=["iris"])
+    if "--results-root" not in args:
+        args = [*args, "--results-root", str(tmp_path / "r")]
+    proc = run_cli("submit", str(cfg), *args, env=cli_env(**env), timeout=120)
+    assert proc.returncode == code, proc.stderr
+    assert message in " ".join(proc.stderr.split())

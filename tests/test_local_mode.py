@@ -15,8 +15,8 @@ import psutil
 import pytest
 
 from orchestrator.finalize import finalize_group
+from orchestrator.manifest import load_manifest
 from orchestrator.paths import Layout
-from orchestrator.report import load_manifest
 from orchestrator.spec import RunSpec
 
 from .conftest import REPO, cli_env, run_cli, wait_for
@@ -118,6 +118,13 @@ def test_failing_fold_marks_group_failed_while_others_finish(tmp_path: Path, wri
     assert (layout.root / "flaky/iris/fail_fold=2/seed=0/fold_3/metadata.json").exists()
     assert not (layout.root / "flaky/iris/fail_fold=2/seed=0/fold_2/metadata.json").exists()
 
+    # Dropping the failing point: nothing is left to do, and the summary says so.
+    cfg = write_experiment("flaky", trainer="flaky", datasets=["iris"], folds=4, retries=1,
+                           sweep={"grid": {"fail_fold": [-1]}})
+    again = run_cli("run", str(cfg), "--results-root", str(root))
+    assert again.returncode == 0, again.stderr
+    assert "nothing to do" in again.stderr and "FAILED" not in again.stderr + again.stdout
+
 
 def test_resume_runs_only_what_is_missing(tmp_path: Path, write_experiment) -> None:
     cfg = write_experiment("resume", trainer="prior", datasets=["iris"], folds=3,
@@ -149,6 +156,13 @@ def test_resume_runs_only_what_is_missing(tmp_path: Path, write_experiment) -> N
     for point in ("smoothing=1", "smoothing=2"):
         assert json.loads((base / point / "seed=0/status/status.json").read_text())["train_status"] == "DONE"
     assert (base / "smoothing=3/seed=0/status/status.json").stat().st_mtime_ns == untouched
+    assert len(read_csv(root / "resume/final_results.csv")) == 9
+
+    # A deleted final_results.csv is rebuilt, without training anything.
+    (root / "resume/final_results.csv").unlink()
+    plan = json.loads(run_cli("plan", str(cfg), "--json", "--results-root", str(root)).stdout)
+    assert plan[0]["totals"]["to_run"] == 0 and plan[0]["totals"]["groups_to_finalize"] == 3
+    assert run_cli("run", str(cfg), "--results-root", str(root)).returncode == 0
     assert len(read_csv(root / "resume/final_results.csv")) == 9
 
     # finalize is idempotent: running it again changes no byte.
@@ -234,3 +248,13 @@ def test_missing_redis_server_gives_one_clear_message(tmp_path: Path, write_expe
     assert proc.returncode == 3
     assert "redis-server was not found" in proc.stderr and "apt-get install redis-server" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_local_mode_ignores_state_and_backend_urls_of_another_cluster(tmp_path: Path, write_experiment) -> None:
+    from orchestrator.local import free_port
+
+    cfg = write_experiment("own_redis", trainer="prior", datasets=["iris"], folds=2)
+    elsewhere = f"redis://127.0.0.1:{free_port()}/3"  # nothing listens there
+    env = cli_env(ORCH_STATE_URL=elsewhere, ORCH_RESULT_BACKEND=elsewhere)
+    proc = run_cli("run", str(cfg), "--results-root", str(tmp_path / "r"), env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
