@@ -78,8 +78,10 @@ def submit(exp: Experiment, plans: list[GroupPlan], layout: Layout, live: LiveSt
             states[s.run_id] = Status.PENDING.value if s in p.todo else Status.DONE.value
             if s in p.todo:
                 old = read_fold_status(layout, s)
-                if old is not None and old.get("status") != Status.PENDING.value:
-                    write_fold_status(layout, s, Status.PENDING, error=old.get("error"))
+                # FAILED/CANCELLED become PENDING again; an IN_PROGRESS fold may be training
+                # on a worker right now and keeps its record until this attempt starts.
+                if old is not None and old.get("status") in (Status.FAILED.value, Status.CANCELLED.value):
+                    write_fold_status(layout, s, Status.PENDING, base=old, error=old.get("error"))
     live.set_runs(exp.name, states)
     live.clear_groups(exp.name, [p.first.group_id for p in plans if p.action != SKIP])
     for p in plans:
