@@ -282,6 +282,7 @@ def run(configs: tuple[str, ...], results_root: str | None, broker: str | None, 
                                          f"{cluster.log_tail(name)}")
 
         wait(live, tracked, err, check=check)
+        code = _summary(exps, layout)  # results first; stopping the workers takes a moment
     except KeyboardInterrupt:
         err.print("interrupted: stopping workers")
         if cluster is not None:
@@ -298,7 +299,7 @@ def run(configs: tuple[str, ...], results_root: str | None, broker: str | None, 
     finally:
         if cluster is not None:
             cluster.stop()
-    sys.exit(_summary(exps, layout))
+    sys.exit(code)
 
 
 def _cancel_unfinished(layout: Layout, plans: dict[str, list[GroupPlan]], why: str) -> None:
