@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 from .manifest import load_manifest
@@ -96,10 +95,3 @@ def group_summaries(layout: Layout, experiment: str) -> list[dict[str, Any]]:
             "failed": record.get("failed", {}) if current else {},
         })
     return out
-
-
-def relative(path: str | Path, root: Path) -> str:
-    try:
-        return str(Path(path).relative_to(root))
-    except ValueError:
-        return str(path)

@@ -7,7 +7,6 @@ says so *and* all four files exist, so a crash between writes is simply re-run.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -143,7 +142,3 @@ def record_failure(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: i
         live.set_run(spec.experiment, spec.run_id, status.value, worker=worker.name,
                      attempt=attempt, error=error)
     return error
-
-
-def dumps(data: Any) -> str:
-    return json.dumps(data, sort_keys=True)

@@ -8,7 +8,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from .paths import FOLD_FILES, Layout, atomic_write_json, read_json
+from .paths import Layout, atomic_write_json, read_json
 from .spec import RunSpec
 
 
@@ -106,7 +106,6 @@ def reset_group_status(layout: Layout, spec: RunSpec) -> None:
 
 
 __all__ = [
-    "FOLD_FILES",
     "Status",
     "file_sizes",
     "files_intact",
