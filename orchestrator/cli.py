@@ -267,12 +267,15 @@ def run(configs: tuple[str, ...], results_root: str | None, broker: str | None, 
             from .gpu import detect
 
             gpus = [g.index for g in detect()]
-            cluster = LocalCluster(results_root=root, cpu_workers=n_workers, gpus=gpus, loglevel=loglevel)
+            cpu_runs = any(s.queue == "cpu" for ps in plans.values() for p in ps for s in p.todo)
+            cluster = LocalCluster(results_root=root, cpu_workers=n_workers, gpus=gpus,
+                                   cpu_runs=cpu_runs, loglevel=loglevel)
             url = cluster.start()
             _use_broker(url, root, private=True)
-            err.print(f"local mode: redis at {url}, "
-                      + (f"{len(gpus)} GPU workers" if gpus else f"{n_workers} CPU workers")
-                      + ", 1 control worker")
+            kinds = [f"{len(gpus)} GPU workers"] if gpus else []
+            if not gpus or cpu_runs:
+                kinds.append(f"{n_workers} CPU workers")
+            err.print(f"local mode: redis at {url}, {', '.join(kinds)}, 1 control worker")
         live = _submit(exps, plans, layout)
 
         def check() -> None:

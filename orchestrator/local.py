@@ -94,11 +94,16 @@ def start_redis(workdir: Path, port: int | None = None) -> tuple[subprocess.Pope
 
 @dataclass
 class LocalCluster:
-    """Redis + one worker per GPU (or `cpu_workers` CPU workers) + a control worker."""
+    """Redis + one worker per GPU (or `cpu_workers` CPU workers) + a control worker.
+
+    With GPUs, CPU workers are added only when some run asks for no GPU (`cpu_runs`):
+    otherwise such runs would wait on the `cpu` queue with nobody consuming it.
+    """
 
     results_root: Path
     cpu_workers: int = 2
     gpus: list[int] = field(default_factory=list)
+    cpu_runs: bool = False
     loglevel: str = "WARNING"
     workdir: Path | None = None
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -111,19 +116,23 @@ class LocalCluster:
         env = {**os.environ, "ORCH_BROKER_URL": self.broker_url,
                "ORCH_RESULT_BACKEND": self.broker_url, "ORCH_STATE_URL": self.broker_url,
                "ORCH_RESULTS_ROOT": str(self.results_root)}
-        base = [sys.executable, "-m", "orchestrator", "worker", "--loglevel", self.loglevel]
-        workers: dict[str, list[str]] = {}
-        if self.gpus:
-            for index in self.gpus:
-                workers[f"gpu{index}"] = [*base, "--gpu", str(index)]
-        else:
-            for i in range(1, self.cpu_workers + 1):
-                # No GPU here: CPU slots take the `gpu` queue too, so every run runs.
-                workers[f"cpu{i}"] = [*base, "--cpu", "--accept-gpu-runs", "--name", f"cpu{i}@%h"]
-        workers["control"] = [*base, "--control"]
-        for name, argv in workers.items():
+        for name, argv in self.worker_commands().items():
             self.processes[name] = spawn(argv, env, self.workdir / f"{name}.log")
         return self.broker_url
+
+    def worker_commands(self) -> dict[str, list[str]]:
+        """Name -> command line of every worker this cluster runs."""
+        base = [sys.executable, "-m", "orchestrator", "worker", "--loglevel", self.loglevel]
+        workers: dict[str, list[str]] = {}
+        for index in self.gpus:
+            workers[f"gpu{index}"] = [*base, "--gpu", str(index)]
+        if not self.gpus or self.cpu_runs:
+            # Without GPUs, CPU slots take the `gpu` queue too, so every run runs.
+            extra = [] if self.gpus else ["--accept-gpu-runs"]
+            for i in range(1, self.cpu_workers + 1):
+                workers[f"cpu{i}"] = [*base, "--cpu", *extra, "--name", f"cpu{i}@%h"]
+        workers["control"] = [*base, "--control"]
+        return workers
 
     def dead(self) -> list[str]:
         """Names of children that exited on their own."""
