@@ -74,9 +74,10 @@ def submit(exp: Experiment, plans: list[GroupPlan], layout: Layout, live: LiveSt
     for p in plans:
         if p.action != SKIP:  # it will be finalized again: its old record is stale
             reset_group_status(layout, p.first)
+        todo = {s.run_id for s in p.todo}
         for s in p.specs:
-            states[s.run_id] = Status.PENDING.value if s in p.todo else Status.DONE.value
-            if s in p.todo:
+            states[s.run_id] = Status.PENDING.value if s.run_id in todo else Status.DONE.value
+            if s.run_id in todo:
                 old = read_fold_status(layout, s)
                 # FAILED/CANCELLED become PENDING again; an IN_PROGRESS fold may be training
                 # on a worker right now and keeps its record until this attempt starts.
@@ -84,9 +85,7 @@ def submit(exp: Experiment, plans: list[GroupPlan], layout: Layout, live: LiveSt
                     write_fold_status(layout, s, Status.PENDING, base=old, error=old.get("error"))
     live.set_runs(exp.name, states)
     live.clear_groups(exp.name, [p.first.group_id for p in plans if p.action != SKIP])
-    for p in plans:
-        if p.action == SKIP:
-            live.set_group(exp.name, p.first.group_id, Status.DONE.value)
+    live.set_groups(exp.name, {p.first.group_id: Status.DONE.value for p in plans if p.action == SKIP})
 
     published = {"runs": 0, "groups": 0, "finalize_only": 0}
     _stop_listening_for_results()

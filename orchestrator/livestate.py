@@ -51,8 +51,13 @@ class LiveState:
         pipe.execute()
 
     def set_group(self, experiment: str, group_id: str, status: str) -> None:
+        self.set_groups(experiment, {group_id: status})
+
+    def set_groups(self, experiment: str, statuses: dict[str, str]) -> None:
+        if not statuses:
+            return
         pipe = self.client.pipeline(transaction=False)
-        pipe.hset(groups_key(experiment), group_id, status)
+        pipe.hset(groups_key(experiment), mapping=statuses)
         pipe.expire(groups_key(experiment), TTL_SECONDS)
         pipe.execute()
 
