@@ -69,9 +69,10 @@ def execute(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
     if problems:  # a message that bypassed validation: refuse before touching anything
         raise InvalidSpecError(f"invalid params for {spec.name}: {'; '.join(problems)}")
     started = time.time()
-    record = write_fold_status(layout, spec, Status.IN_PROGRESS, attempt=attempt, worker=worker.name,
-                      host=worker.host, gpu=worker.gpu, device=worker.device,
-                      started_at=started, finished_at=None, error=None)
+    record = write_fold_status(layout, spec, Status.IN_PROGRESS, attempt=attempt,
+                               worker=worker.name, host=worker.host, gpu=worker.gpu,
+                               device=worker.device, started_at=started, finished_at=None,
+                               error=None)
     if live:
         live.set_run(spec.experiment, spec.run_id, Status.IN_PROGRESS.value,
                      worker=worker.name, attempt=attempt)
