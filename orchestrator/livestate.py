@@ -65,6 +65,15 @@ class LiveState:
         if group_ids:
             self.client.hdel(groups_key(experiment), *group_ids)
 
+    def snapshot(self, experiment: str) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+        """(runs, groups) of an experiment in one round trip: what a progress poll reads."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(runs_key(experiment))
+        pipe.hgetall(groups_key(experiment))
+        runs, groups = cast(list[dict[bytes, bytes]], pipe.execute())
+        return ({k.decode(): json.loads(v) for k, v in runs.items()},
+                {k.decode(): v.decode() for k, v in groups.items()})
+
     def runs(self, experiment: str) -> dict[str, dict[str, Any]]:
         raw = cast(dict[bytes, bytes], self.client.hgetall(runs_key(experiment)))
         return {k.decode(): json.loads(v) for k, v in raw.items()}

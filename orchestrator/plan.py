@@ -13,7 +13,7 @@ from .expand import groups
 from .paths import Layout
 from .results import read_final_results
 from .spec import RunSpec
-from .status import Status, fold_is_done, group_record_done, read_fold_status, read_group_status
+from .status import fold_is_done, fold_state, group_record_done, read_group_status
 
 SKIP, FINALIZE, RUN = "skip", "finalize", "run"
 
@@ -27,16 +27,6 @@ class GroupPlan:
     @property
     def first(self) -> RunSpec:
         return self.specs[0]
-
-
-def run_state(layout: Layout, spec: RunSpec) -> str:
-    """A run's state from the files: DONE, FAILED, IN_PROGRESS, PENDING, CANCELLED or NEW."""
-    if fold_is_done(layout, spec):
-        return Status.DONE.value
-    record = read_fold_status(layout, spec)
-    if record is None or record.get("status") == Status.DONE.value:  # DONE but files missing
-        return "NEW"
-    return str(record.get("status"))
 
 
 def make_plan(layout: Layout, runs: list[RunSpec]) -> list[GroupPlan]:
@@ -71,4 +61,4 @@ def totals(plans: list[GroupPlan]) -> dict[str, int]:
 
 def plan_rows(layout: Layout, plans: list[GroupPlan]) -> list[dict[str, Any]]:
     return [{"name": s.name, "run_id": s.run_id, "group_id": s.group_id, "queue": s.queue,
-             "state": run_state(layout, s)} for p in plans for s in p.specs]
+             "state": fold_state(layout, s)[0]} for p in plans for s in p.specs]

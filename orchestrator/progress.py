@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import redis
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -40,11 +41,9 @@ def counts(live: LiveState, tracked: list[Tracked]) -> tuple[Counter[str], int, 
     states: Counter[str] = Counter()
     finished = total = 0
     for t in tracked:
-        runs = live.runs(t.experiment)
-        ids = t.run_ids
-        for rid in ids:
+        runs, groups = live.snapshot(t.experiment)
+        for rid in t.run_ids:
             states[runs.get(rid, {}).get("status", Status.PENDING.value)] += 1
-        groups = live.groups(t.experiment)
         finished += sum(1 for g in t.group_ids if groups.get(g) in FINAL_GROUP)
         total += len(t.group_ids)
     return states, finished, total
@@ -70,7 +69,7 @@ def wait(live: LiveState, tracked: list[Tracked], console: Console,
                 check()
             try:
                 states, finished, total = counts(live, tracked)
-            except Exception as exc:  # redis errors: report, do not traceback
+            except redis.RedisError as exc:  # report, do not traceback
                 raise EnvironmentProblem(f"lost the connection to Redis: {exc}") from exc
             done, failed = states[Status.DONE.value], states[Status.FAILED.value]
             running = states[Status.IN_PROGRESS.value]

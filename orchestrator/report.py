@@ -8,9 +8,8 @@ from typing import Any
 
 from .manifest import load_manifest
 from .paths import Layout, read_json
-from .plan import run_state
 from .spec import RunSpec
-from .status import Status, read_fold_status, read_group_status
+from .status import Status, fold_state, read_group_status
 
 
 def group_state(layout: Layout, specs: list[RunSpec], fold_states: list[str]) -> str:
@@ -32,8 +31,7 @@ def experiment_status(layout: Layout, experiment: str, with_files: bool = False)
         specs = [RunSpec.from_dict(r) for r in g["runs"]]
         folds = []
         for spec in specs:
-            state = run_state(layout, spec)
-            record = read_fold_status(layout, spec) or {}
+            state, record = fold_state(layout, spec)
             started, finished = record.get("started_at"), record.get("finished_at")
             elapsed = record.get("elapsed")
             if elapsed is None and started and state == Status.IN_PROGRESS.value:

@@ -51,12 +51,21 @@ def file_sizes(paths: dict[str, Path]) -> dict[str, int]:
     return {name: os.stat(path).st_size for name, path in paths.items()}
 
 
+def fold_state(layout: Layout, spec: RunSpec) -> tuple[str, dict[str, Any]]:
+    """(state, record) from one read of the fold's status file. The state is DONE only
+    when every output file is as it was written; NEW when there is no record of this
+    run (or a DONE record whose files are gone); else what the record says."""
+    record = read_fold_status(layout, spec) or {}
+    status = record.get("status")
+    if status == Status.DONE.value:
+        done = files_intact(layout.fold_files(spec), record.get("files"))
+        return (Status.DONE.value if done else "NEW"), record
+    return (str(status) if status else "NEW"), record
+
+
 def fold_is_done(layout: Layout, spec: RunSpec) -> bool:
     """DONE with this run_id, and every output file as it was written."""
-    data = read_fold_status(layout, spec)
-    if not data or data.get("status") != Status.DONE.value:
-        return False
-    return files_intact(layout.fold_files(spec), data.get("files"))
+    return fold_state(layout, spec)[0] == Status.DONE.value
 
 
 def write_fold_status(
@@ -110,6 +119,7 @@ __all__ = [
     "file_sizes",
     "files_intact",
     "fold_is_done",
+    "fold_state",
     "group_record_done",
     "read_fold_status",
     "read_group_status",
