@@ -1,0 +1,104 @@
+"""Commands that read experiments and results: validate, plan, status."""
+
+from __future__ import annotations
+
+import json
+
+import click
+from rich.table import Table
+
+from ..config import load_experiments
+from ..expand import expand
+from ..paths import Layout
+from ..plan import plan_rows, totals
+from .base import _plans, _results_root, cli, out, results_root_option
+
+
+@cli.command()
+@click.argument("configs", nargs=-1, required=True, type=click.Path())
+def validate(configs: tuple[str, ...]) -> None:
+    """Check experiment files and report every problem at once.
+
+    \b
+    Example:
+      orchestrator validate configs/          # every *.yaml in the folder
+    """
+    for exp in load_experiments(list(configs)):
+        runs = expand(exp)
+        n_groups = len({r.group_id for r in runs})
+        out.print(f"OK  {exp.file}: experiment {exp.name!r}, {len(runs)} runs in {n_groups} groups",
+                  markup=False)
+
+
+@cli.command()
+@click.argument("configs", nargs=-1, required=True, type=click.Path())
+@results_root_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plan(configs: tuple[str, ...], results_root: str | None, as_json: bool) -> None:
+    """Show the runs an experiment expands to, and which are already DONE.
+
+    \b
+    Example:
+      orchestrator plan configs/iris_sweep.yaml --json | jq '.[0].totals'
+    """
+    layout = Layout(_results_root(results_root))
+    exps = load_experiments(list(configs))
+    plans = _plans(exps, layout)
+    if as_json:
+        data = [{"experiment": name, "totals": totals(p), "runs": plan_rows(layout, p)}
+                for name, p in plans.items()]
+        out.print_json(json.dumps(data))
+        return
+    for name, p in plans.items():
+        table = Table(title=f"experiment {name}", title_justify="left")
+        for col in ("run", "run_id", "queue", "state"):
+            table.add_column(col, overflow="fold")
+        for row in plan_rows(layout, p):
+            style = {"DONE": "green", "FAILED": "red", "IN_PROGRESS": "yellow"}.get(row["state"])
+            table.add_row(row["name"], row["run_id"], row["queue"], row["state"], style=style)
+        out.print(table)
+        t = totals(p)
+        out.print(f"{t['runs']} runs in {t['groups']} groups: {t['done']} DONE, {t['to_run']} to run, "
+                  f"{t['groups_to_finalize']} groups to finalize")
+
+
+
+@cli.command()
+@click.argument("experiment", required=False)
+@results_root_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable, with every output file's path.")
+def status(experiment: str | None, results_root: str | None, as_json: bool) -> None:
+    """Per experiment and group: counts by state; per fold: worker, attempt, elapsed.
+
+    \b
+    Examples:
+      orchestrator status
+      orchestrator status iris_kfold --json | jq '.group_details[0].folds[0].files'
+    """
+    from ..manifest import experiments
+    from ..report import experiment_status
+
+    layout = Layout(_results_root(results_root))
+    names = [experiment] if experiment else experiments(layout)
+    data = [experiment_status(layout, n, with_files=as_json) for n in names]
+    if as_json:
+        out.print_json(json.dumps(data if experiment is None else data[0]))
+        return
+    if not names:
+        out.print(f"no experiments under {layout.root}")
+        return
+    for st in data:
+        out.print(f"[bold]{st['experiment']}[/]: groups {st['groups']}, runs {st['runs']}")
+        if experiment is None:
+            continue
+        table = Table(show_edge=False)
+        for col in ("group", "state", "fold", "run state", "worker", "attempt", "elapsed", "error"):
+            table.add_column(col, overflow="fold")
+        for g in st["group_details"]:
+            for i, f in enumerate(g["folds"]):
+                table.add_row(g["name"] if i == 0 else "", g["state"] if i == 0 else "",
+                              str(f["fold"]), f["state"], f["worker"] or "-", str(f["attempt"] or "-"),
+                              f"{f['elapsed']:.1f}s" if f["elapsed"] is not None else "-",
+                              (f["error"] or "")[:60])
+        out.print(table)
+
