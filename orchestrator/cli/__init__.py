@@ -13,7 +13,15 @@ from rich.markup import escape
 
 from .. import errors
 from ..errors import OrchestratorError
-from . import experiments, running, workers  # noqa: F401  (each registers its commands)
+from . import (  # noqa: F401  (each registers its commands)
+    control,
+    experiments,
+    fleet,
+    flowercmd,
+    reporting,
+    running,
+    workers,
+)
 from .base import cli, err
 
 __all__ = ["cli", "main"]

@@ -1,0 +1,3 @@
+"""Worker-side fleet hooks (registry heartbeat, exit when idle), connected through Celery signals."""
+
+from __future__ import annotations
