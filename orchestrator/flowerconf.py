@@ -38,8 +38,8 @@ DEFAULT_ADDRESS = "127.0.0.1"
 DEFAULT_MAX_TASKS = 20_000
 DEFAULT_SAVE_INTERVAL = 60.0  # seconds between state saves
 # The tasks page lists each run by its readable name (canvas.py sets argsrepr to it),
-# its worker, runtime and exception; the uuid column links to the detail page.
-DEFAULT_TASK_COLUMNS = "name,uuid,args,state,received,started,runtime,worker,exception"
+# state, arrival (the sort column), runtime, worker and exception; the uuid opens its details.
+DEFAULT_TASK_COLUMNS = "args,name,state,received,runtime,worker,uuid,exception"
 
 # Options the caller may not pass through to Flower: the broker comes from celeryconfig
 # (ORCH_BROKER_URL / --broker of this command), credentials from the environment.
