@@ -22,6 +22,20 @@ if ! command -v redis-server >/dev/null 2>&1; then
   fi
 fi
 
+# chromium (tests only): the Flower browser test drives Debian's /usr/bin/chromium through
+# Playwright; no browser is ever downloaded from the internet.
+if [ -n "$extras" ] && [ ! -x /usr/bin/chromium ]; then
+  if command -v apt-get >/dev/null 2>&1; then
+    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends chromium
+  else
+    echo "install.sh: /usr/bin/chromium is missing and apt-get is not available;" \
+         "install Chromium there (the browser test of Flower needs it)." >&2
+    exit 1
+  fi
+fi
+
 # torch before anything else, pinned: on a CPU machine `torch==2.13.0` resolves to the
 # local CPU wheel; letting another package pull an unpinned torch would download
 # gigabytes of CUDA libraries. On a GPU machine install the CUDA build you need first.
