@@ -62,6 +62,10 @@ task_acks_on_failure = True
 task_acks_on_timeout = True
 # True can requeue a run that kills its process in an endless loop (celery#9082).
 task_reject_on_worker_lost = False
+# A pool process killed mid-run (segfault, OOM kill) sends the run again at once, same
+# task id and chord; train_run counts such lost attempts in Redis and gives up after
+# max(retries, 2) of them, so a run that always kills its process cannot loop.
+task_retry_on_worker_lost = True
 # A redelivered message whose task already succeeded is not executed again.
 worker_deduplicate_successful_tasks = True
 # Redis connection lost mid-run: kombu requeues unacked messages on reconnect, so a

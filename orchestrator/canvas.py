@@ -5,6 +5,7 @@ The only module of the orchestrator that imports `tasks`.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from celery import chord
@@ -16,9 +17,16 @@ from .config import Experiment
 from .livestate import LiveState
 from .manifest import write_manifest
 from .paths import Layout
-from .plan import FINALIZE, RUN, SKIP, GroupPlan
+from .plan import FINALIZE, RUN, SKIP, GroupPlan, make_plan
 from .spec import RunSpec
-from .status import Status, read_fold_status, reset_group_status, write_fold_status
+from .status import (
+    Status,
+    fold_state,
+    read_fold_status,
+    read_group_status,
+    reset_group_status,
+    write_fold_status,
+)
 
 
 def _stop_listening_for_results() -> None:
@@ -44,7 +52,7 @@ def message_priority(priority: int) -> int:
     return 9 - priority
 
 
-def _train_signature(spec: RunSpec, data: dict[str, Any]) -> Any:
+def _train_signature(spec: RunSpec, data: dict[str, Any], submitted_at: float) -> Any:
     options: dict[str, Any] = {
         "queue": spec.queue, "priority": message_priority(spec.priority),
         "argsrepr": repr(spec.name), "kwargsrepr": "{}",
@@ -52,7 +60,8 @@ def _train_signature(spec: RunSpec, data: dict[str, Any]) -> Any:
     if spec.timeout is not None:
         options["soft_time_limit"] = spec.timeout
         options["time_limit"] = spec.timeout + 30  # hard kill if the soft limit is ignored
-    return train_run.signature(args=(data,), **options)
+    # submitted_at: a run cancelled after this moment is dropped when it is reached.
+    return train_run.signature(args=(data,), kwargs={"submitted_at": submitted_at}, **options)
 
 
 def _group_options(plan: GroupPlan) -> dict[str, Any]:
@@ -87,7 +96,14 @@ def submit(exp: Experiment, plans: list[GroupPlan], layout: Layout, live: LiveSt
     live.clear_groups(exp.name, [p.first.group_id for p in plans if p.action != SKIP])
     live.set_groups(exp.name, {p.first.group_id: Status.DONE.value for p in plans if p.action == SKIP})
 
+    return publish(plans, dicts)
+
+
+def publish(plans: list[GroupPlan], dicts: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """Per group to run: chord(train_run per fold to do, finalize); per group to finalize
+    only: finalize. Returns counts of what was published."""
     published = {"runs": 0, "groups": 0, "finalize_only": 0}
+    now = time.time()
     _stop_listening_for_results()
     with app.producer_or_acquire() as producer:
         for p in plans:
@@ -95,7 +111,7 @@ def submit(exp: Experiment, plans: list[GroupPlan], layout: Layout, live: LiveSt
             body = finalize.signature(args=(specs,), **_group_options(p)).on_error(
                 group_failed.signature(kwargs={"specs": specs}, queue="control"))
             if p.action == RUN:
-                header = [_train_signature(s, dicts[s.run_id]) for s in p.todo]
+                header = [_train_signature(s, dicts[s.run_id], now) for s in p.todo]
                 chord(header, app=app)(body, producer=producer)
                 published["runs"] += len(header)
                 published["groups"] += 1
@@ -103,3 +119,36 @@ def submit(exp: Experiment, plans: list[GroupPlan], layout: Layout, live: LiveSt
                 body.apply_async(args=([],), producer=producer)  # results=[], then (specs,)
                 published["finalize_only"] += 1
     return published
+
+
+def redispatch(layout: Layout, live: LiveState) -> dict[str, int]:
+    """Redis lost its data (restarted without persistence): the queued messages and
+    chord counters are gone. Publish again every group that the results root says was
+    submitted (it is in a manifest) and is neither finished nor given up (no FAILED or
+    CANCELLED fold or group). Runs still training on a live worker are not repeated: the
+    new delivery waits on their lease and reports their outcome."""
+    from .manifest import experiments, load_manifest
+
+    total = {"runs": 0, "groups": 0, "finalize_only": 0}
+    ended = {Status.FAILED.value, Status.CANCELLED.value}
+    for name in experiments(layout):
+        try:
+            manifest = load_manifest(layout, name)
+            runs = [RunSpec.from_dict(r) for g in manifest.get("groups", []) for r in g.get("runs", [])]
+        except Exception:  # an unreadable manifest is not this watchdog's to repair
+            continue
+        todo = []
+        for p in make_plan(layout, runs):
+            if p.action == SKIP:
+                continue
+            group = read_group_status(layout, p.first) or {}
+            if group.get("train_status") in ended:
+                continue
+            if any(fold_state(layout, s)[0] in ended for s in p.specs):
+                continue
+            todo.append(p)
+        if todo:
+            live.set_runs(name, {s.run_id: Status.PENDING.value for p in todo for s in p.todo})
+            counts = publish(todo, {s.run_id: s.to_dict() for p in todo for s in p.specs})
+            total = {k: total[k] + counts[k] for k in total}
+    return total

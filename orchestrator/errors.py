@@ -71,3 +71,13 @@ class ExperimentNotFound(OrchestratorError):
 
 class DatasetError(OrchestratorError):
     """A dataset cannot be loaded or no longer matches the identity it was submitted with."""
+
+
+class RunStopped(Exception):
+    """An attempt must stop and write nothing: its lease went to another attempt (it is a
+    zombie, or a warm stop handed it back) or its experiment was cancelled. Internal:
+    the `train_run` task turns it into "ignore this delivery" or CANCELLED."""
+
+    def __init__(self, reason: str, cancelled: bool = False):
+        super().__init__(reason)
+        self.cancelled = cancelled

@@ -71,6 +71,16 @@ def atomic_write_json(path: Path, data: Any, durable: bool = True) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n", durable)
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` survive a host crash (when ORCH_FSYNC is on)."""
+    if FSYNC:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def read_json(path: Path) -> Any | None:
     """The parsed file, or None if it cannot be read (missing, not a file, no
     permission) or is not valid JSON."""
@@ -146,6 +156,11 @@ class Layout:
     # fold level
     def fold_dir(self, spec: RunSpec) -> Path:
         return self.group_dir(spec) / f"fold_{spec.fold}"
+
+    def staging_dir(self, spec: RunSpec, tag: str) -> Path:
+        """Where an attempt writes a fold's outputs before it commits them (one rename of
+        the folder): hidden, so no partial file is ever at an output's name."""
+        return self.group_dir(spec) / ".staging" / f"fold_{spec.fold}.{check_name(tag, 'attempt tag')}"
 
     def fold_status(self, spec: RunSpec) -> Path:
         return self.status_dir(spec) / f"fold_{spec.fold}.json"

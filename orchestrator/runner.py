@@ -1,28 +1,35 @@
 """Execute one run: plain Python, no Celery. The `train_run` task is a thin wrapper.
 
-Order of writes: fold status IN_PROGRESS; the four output files (each atomic,
-metadata.json last); fold status DONE. A fold counts as DONE only when its status
-says so *and* all four files exist, so a crash between writes is simply re-run.
+Order of writes: fold status IN_PROGRESS; the four output files into a hidden staging
+folder of this attempt; one rename of that folder to `fold_<i>/` (only while the
+attempt still holds its lease: see orchestrator.leases); fold status DONE with the
+files' sizes. A fold counts as DONE only when its status says so *and* the files are
+as written, so a crash between writes is simply re-run.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import shutil
 import socket
 import time
 import traceback
+import uuid
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
 from . import datasets
-from .errors import InvalidSpecError
+from .errors import InvalidSpecError, RunStopped
 from .livestate import LiveState
 from .metrics import fmt, ranks, scores, table_csv
-from .paths import Layout, atomic_write_json, atomic_write_text, read_json
+from .paths import FSYNC, Layout, fsync_dir, read_json
 from .spec import RunSpec
-from .status import Status, file_sizes, fold_is_done, write_fold_status
+from .status import Status, file_sizes, fold_state, read_fold_status, write_fold_status
 from .trainers import Reporter, TrainContext, get_trainer
 
 
@@ -46,6 +53,15 @@ class WorkerInfo:
         return cls(name=name, device=device, gpu=(visible or None) if device == "cuda" else None)
 
 
+def write_new(path: Path, text: str) -> None:
+    """A new file in a staging folder (no rename needed: the folder is renamed)."""
+    with open(path, "xb") as fh:
+        fh.write(text.encode())
+        if FSYNC:
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
 def summary(layout: Layout, spec: RunSpec) -> dict[str, Any]:
     """What a finished run reports back (small: it travels through the result backend)."""
     meta = read_json(layout.fold_files(spec)["metadata.json"]) or {}
@@ -53,11 +69,38 @@ def summary(layout: Layout, spec: RunSpec) -> dict[str, Any]:
             "metrics": meta.get("metrics", {}), "worker": meta.get("worker")}
 
 
+class Guard(Protocol):
+    """The fence of one attempt (orchestrator.attempts.LeaseGuard on a worker)."""
+
+    tag: str  # unique per attempt: names its staging folder
+
+    def stop_reason(self) -> str | None: ...  # cheap: asked at every trainer report
+
+    def check(self) -> None: ...  # raises RunStopped unless this attempt may write
+
+
+class _NoGuard:
+    """Outside a cluster (direct calls, tests of the runner): nothing can fence."""
+
+    def __init__(self) -> None:
+        self.tag = uuid.uuid4().hex
+
+    def stop_reason(self) -> str | None:
+        return None
+
+    def check(self) -> None:
+        return None
+
+
 def execute(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
-            live: LiveState | None = None) -> dict[str, Any]:
-    """Train one run and write its outputs; returns its summary. Raises on failure."""
-    if fold_is_done(layout, spec):  # a redelivered or resubmitted run that already finished
+            live: LiveState | None = None, guard: Guard | None = None,
+            lost: int = 0) -> dict[str, Any]:
+    """Train one run and commit its outputs; returns its summary. Raises on failure, and
+    RunStopped (after removing what it wrote) when the guard says it may not commit."""
+    state, current = fold_state(layout, spec)
+    if state == Status.DONE.value:  # a redelivered or resubmitted run that already finished
         return {**summary(layout, spec), "skipped": True}
+    guard = guard or _NoGuard()
     trainer = get_trainer(spec.trainer)
     if trainer.version != spec.trainer_version:
         raise RuntimeError(f"trainer {spec.trainer!r} is version {trainer.version} on this worker, "
@@ -69,17 +112,18 @@ def execute(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
     if problems:  # a message that bypassed validation: refuse before touching anything
         raise InvalidSpecError(f"invalid params for {spec.name}: {'; '.join(problems)}")
     started = time.time()
-    record = write_fold_status(layout, spec, Status.IN_PROGRESS, attempt=attempt,
+    record = write_fold_status(layout, spec, Status.IN_PROGRESS, base=current, attempt=attempt,
                                worker=worker.name, host=worker.host, gpu=worker.gpu,
                                device=worker.device, started_at=started, finished_at=None,
-                               error=None)
+                               error=None, lost_attempts=lost,
+                               history=start_attempt(current, attempt, worker, started))
     if live:
         live.set_run(spec.experiment, spec.run_id, Status.IN_PROGRESS.value,
                      worker=worker.name, attempt=attempt)
 
     table = datasets.load(spec.dataset)
     split = datasets.split(table, spec)
-    reporter = Reporter()
+    reporter = Reporter(should_stop=guard.stop_reason)
     eval_rows = np.concatenate([split.val, split.holdout])
     result = trainer.fn(TrainContext(
         params=params, device=worker.device, seed=spec.seed, fold=spec.fold, run_name=spec.name,
@@ -94,19 +138,28 @@ def execute(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
     n_val = len(split.val)
     metrics = scores(table.y[split.val], probs[:n_val])
     holdout_metrics = scores(table.y[split.holdout], probs[n_val:])
-    _write_outputs(layout, spec, table, eval_rows, n_val, probs)
-    atomic_write_json(layout.fold_files(spec)["metadata.json"], {
-        "run_id": spec.run_id, "name": spec.name, "spec": spec.to_dict(),
-        "params_resolved": params, "metrics": metrics, "holdout_metrics": holdout_metrics,
-        "params_count": result.params_count, "training_seconds": round(elapsed, 4),
-        "device": worker.device, "gpu": worker.gpu, "worker": worker.name, "host": worker.host,
-        "attempt": attempt, "classes": list(table.classes), "n_train": len(split.train),
-        "n_val": n_val, "n_holdout": len(split.holdout), "last_report": reporter.last,
-        "trainer_info": dict(result.info),
-    })
-    write_fold_status(layout, spec, Status.DONE, base=record, finished_at=time.time(),
+    guard.check()  # a zombie stops here, before writing anything
+    staging = layout.staging_dir(spec, guard.tag)
+    try:
+        _write_outputs(staging, table, eval_rows, n_val, probs, {
+            "run_id": spec.run_id, "name": spec.name, "spec": spec.to_dict(),
+            "params_resolved": params, "metrics": metrics, "holdout_metrics": holdout_metrics,
+            "params_count": result.params_count, "training_seconds": round(elapsed, 4),
+            "device": worker.device, "gpu": worker.gpu, "worker": worker.name, "host": worker.host,
+            "attempt": attempt, "classes": list(table.classes), "n_train": len(split.train),
+            "n_val": n_val, "n_holdout": len(split.holdout), "last_report": reporter.last,
+            "trainer_info": dict(result.info),
+        })
+        guard.check()
+        _commit(staging, layout.fold_dir(spec))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finished = time.time()
+    write_fold_status(layout, spec, Status.DONE, base=record, finished_at=finished,
                       elapsed=round(elapsed, 4), error=None, metrics=metrics,
-                      files=file_sizes(layout.fold_files(spec)))
+                      files=file_sizes(layout.fold_files(spec)),
+                      history=end_attempt(record, "DONE", finished))
     if live:
         live.set_run(spec.experiment, spec.run_id, Status.DONE.value, worker=worker.name,
                      attempt=attempt)
@@ -114,31 +167,85 @@ def execute(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
             "metrics": metrics, "worker": worker.name}
 
 
-def _write_outputs(layout: Layout, spec: RunSpec, table: datasets.Table, rows: np.ndarray,
-                   n_val: int, probs: np.ndarray) -> None:
-    files = layout.fold_files(spec)
+def start_attempt(record: dict[str, Any], attempt: int, worker: WorkerInfo,
+                  started: float) -> list[dict[str, Any]]:
+    """The fold's attempt history with this attempt added; an earlier attempt that never
+    reported an outcome is marked lost (its process or host died)."""
+    history = [dict(h) for h in record.get("history", []) if isinstance(h, dict)][-20:]
+    for h in history:
+        h.setdefault("outcome", "LOST")
+    return [*history, {"attempt": attempt, "worker": worker.name, "host": worker.host,
+                       "started_at": started}]
+
+
+def end_attempt(record: dict[str, Any], outcome: str, finished: float, error: str | None = None,
+                attempt: int | None = None, worker: str | None = None) -> list[dict[str, Any]]:
+    """The history with the outcome of `attempt` (default: the open one) recorded; an
+    attempt that ends before it started training (given up, cancelled) gets its entry."""
+    history = [dict(h) for h in record.get("history", []) if isinstance(h, dict)]
+    if attempt is not None and attempt > 0 and (not history or history[-1].get("attempt") != attempt):
+        for h in history:
+            h.setdefault("outcome", "LOST")
+        history.append({"attempt": attempt, "worker": worker, "started_at": finished})
+    if history and "outcome" not in history[-1]:
+        history[-1].update(outcome=outcome, finished_at=finished,
+                           **({"error": error} if error else {}))
+    return history
+
+
+def _commit(staging: Path, final: Path) -> None:
+    """Move the staged folder to its place in one rename. Whatever an earlier, unfinished
+    attempt left there is moved aside first (it was never DONE); if another attempt
+    commits in between, the rename fails and this attempt's work is discarded."""
+    aside = None
+    if final.exists():
+        aside = staging.with_name(staging.name + ".old")
+        os.rename(final, aside)
+    try:
+        os.rename(staging, final)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise RunStopped("another attempt committed this run's outputs first") from None
+        raise
+    fsync_dir(final.parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _write_outputs(folder: Path, table: datasets.Table, rows: np.ndarray, n_val: int,
+                   probs: np.ndarray, metadata: dict[str, Any]) -> None:
+    """The four files of a fold, in a fresh staging folder (durable before the commit)."""
+    folder.mkdir(parents=True)
     split_of = ["val"] * n_val + ["holdout"] * (len(rows) - n_val)
     classes = list(table.classes)
     pred = probs.argmax(axis=1)
-    atomic_write_text(files["predictions.csv"], table_csv(
+    write_new(folder / "predictions.csv", table_csv(
         ["index", "split", "y_true", "y_pred"],
         [(int(r), s, classes[table.y[r]], classes[p]) for r, s, p in zip(rows, split_of, pred, strict=True)]))
-    atomic_write_text(files["probabilities.csv"], table_csv(
+    write_new(folder / "probabilities.csv", table_csv(
         ["index", "split", *classes],
         [(int(r), s, *map(fmt, pr)) for r, s, pr in zip(rows, split_of, probs, strict=True)]))
-    atomic_write_text(files["ranks.csv"], table_csv(
+    write_new(folder / "ranks.csv", table_csv(
         ["index", "split", *classes],
         [(int(r), s, *rk) for r, s, rk in zip(rows, split_of, ranks(probs), strict=True)]))
+    write_new(folder / "metadata.json", json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+    fsync_dir(folder)
 
 
 def record_failure(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
-                   exc: BaseException, will_retry: bool, live: LiveState | None = None) -> str:
-    """Mark the fold FAILED (or PENDING when a retry follows); return the error text."""
+                   exc: BaseException, will_retry: bool, live: LiveState | None = None,
+                   status: Status | None = None) -> str:
+    """Mark the fold FAILED (or PENDING when a retry follows, or `status`); return the
+    error text."""
     error = f"{type(exc).__name__}: {exc}"
-    status = Status.PENDING if will_retry else Status.FAILED
-    write_fold_status(layout, spec, status, attempt=attempt, worker=worker.name, host=worker.host,
-                      finished_at=time.time(), error=error,
-                      traceback="".join(traceback.format_exception(exc))[-4000:])
+    status = status or (Status.PENDING if will_retry else Status.FAILED)
+    current = read_fold_status(layout, spec) or {}
+    now = time.time()
+    write_fold_status(layout, spec, status, base=current, attempt=attempt, worker=worker.name,
+                      host=worker.host, finished_at=now, error=error,
+                      traceback="".join(traceback.format_exception(exc))[-4000:],
+                      history=end_attempt(current, "RETRY" if will_retry else status.value, now, error,
+                                          attempt, worker.name))
     if live:
         live.set_run(spec.experiment, spec.run_id, status.value, worker=worker.name,
                      attempt=attempt, error=error)

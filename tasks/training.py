@@ -6,21 +6,25 @@ parsed strictly (orchestrator.spec), trainers must be registered on this worker.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import threading
+import time
 from typing import Any
 
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 from celery.signals import worker_init, worker_process_init
 
-from orchestrator.errors import InvalidSpecError, UnknownTrainerError
+from orchestrator.errors import InvalidSpecError, RunStopped, UnknownTrainerError
 from orchestrator.finalize import finalize_group, mark_group_failed
+from orchestrator.leases import Claim, LeaseGuard, Leases
 from orchestrator.livestate import LiveState
 from orchestrator.paths import Layout
-from orchestrator.runner import WorkerInfo, execute, record_failure
+from orchestrator.runner import WorkerInfo, execute, record_failure, summary
 from orchestrator.spec import RunSpec
+from orchestrator.status import Status, fold_state
 from orchestrator.trainers import registry
 
 from . import app
@@ -29,11 +33,20 @@ log = logging.getLogger(__name__)
 
 RETRY_BASE_SECONDS = 1.0
 RETRY_MAX_SECONDS = 300.0
+# A run whose process dies (segfault, OOM kill, lost host) gets max(retries, this) more
+# attempts: a host failure is not the run's fault, but a run that kills every worker
+# it touches must not loop forever.
+LOST_ATTEMPTS_MIN = 2
 
 
 @functools.cache
 def _layout() -> Layout:
     return Layout(app.conf.orch_results_root)
+
+
+@functools.cache
+def _leases() -> Leases:
+    return Leases.from_url(app.conf.orch_state_url)
 
 
 @functools.cache
@@ -83,29 +96,128 @@ def backoff(retries: int) -> float:
     return min(RETRY_BASE_SECONDS * 2**retries, RETRY_MAX_SECONDS)
 
 
-@app.task(name="tasks.train_run", bind=True)
-def train_run(self: Any, spec: dict[str, Any]) -> dict[str, Any]:
-    """Train one run (one fold of one parameter point) on this worker's device."""
-    run = RunSpec.from_dict(spec)  # raises InvalidSpecError: FAILURE, nothing touched
-    worker = WorkerInfo.from_env(self.request.hostname or "unknown")
-    attempt = self.request.retries + 1
+class RunFailed(Exception):
+    """A run that ended FAILED or CANCELLED without (another) attempt: the chord sees a
+    failure and its error callback records the group."""
+
+
+def _pid_alive(pid: Any) -> bool:
     try:
-        return execute(run, _layout(), worker, attempt, _live())
+        os.kill(int(pid), 0)
+    except (OSError, ValueError, TypeError):
+        return False
+    return True
+
+
+def _claim(task: Any, run: RunSpec, worker: WorkerInfo, info: dict[str, Any]) -> Claim | dict[str, Any]:
+    """Claim the run's lease. If another attempt holds it: take over at once when that
+    attempt was a pool process of this host that died (the retry after a SIGKILL); else
+    wait until it ends (this delivery is a duplicate: a redelivery, or a re-dispatch after
+    Redis lost its state) and then report what it recorded, or take over if it lapses."""
+    leases = _leases()
+    while True:
+        got = leases.claim(run.run_id, info)
+        if isinstance(got, Claim):
+            return got
+        holder = got
+        token = holder.get("token")
+        if (token and holder.get("host") == worker.host and holder.get("pid")
+                and not _pid_alive(holder["pid"])):
+            leases.revoke(run.run_id, token, why="its process died")
+            continue
+        state, _ = fold_state(_layout(), run)
+        if state == Status.DONE.value:
+            return {"done": True}
+        time.sleep(1.0)
+
+
+def _settled(run: RunSpec, submitted_at: float | None) -> dict[str, Any] | None:
+    """The fold's record if it already ended after this message was submitted: this
+    delivery is a duplicate of an attempt that finished (DONE, FAILED or CANCELLED)."""
+    state, record = fold_state(_layout(), run)
+    if state == Status.DONE.value:
+        return record
+    if (submitted_at is not None and state in (Status.FAILED.value, Status.CANCELLED.value)
+            and float(record.get("updated_at", 0)) > submitted_at):
+        return record
+    return None
+
+
+@app.task(name="tasks.train_run", bind=True, max_retries=None, default_retry_delay=1)
+def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None) -> dict[str, Any]:
+    """Train one run (one fold of one parameter point) on this worker's device, holding
+    its lease (orchestrator.leases) from start to end."""
+    run = RunSpec.from_dict(spec)  # raises InvalidSpecError: FAILURE, nothing touched
+    if submitted_at is not None and not isinstance(submitted_at, (int, float)):
+        raise InvalidSpecError("submitted_at must be a number (unix time)")
+    worker = WorkerInfo.from_env(self.request.hostname or "unknown")
+    layout, live, leases = _layout(), _live(), _leases()
+    guard_info = {"worker": worker.name, "host": worker.host, "pid": os.getpid(),
+                  "name": run.name, "experiment": run.experiment, "task_id": self.request.id,
+                  "started": time.time(), "queue": (self.request.delivery_info or {}).get("routing_key")}
+    cancelled_at = leases.cancelled_at(run.experiment)
+    if cancelled_at is not None and (submitted_at is None or cancelled_at > submitted_at):
+        why = "cancelled: its experiment was cancelled (orchestrator cancel) before it started"
+        record_failure(run, layout, worker, 0, RunFailed(why), will_retry=False, live=live,
+                       status=Status.CANCELLED)
+        raise RunFailed(why)
+    if (record := _settled(run, submitted_at)) is not None:
+        return _outcome(run, record)
+    claim = _claim(self, run, worker, guard_info)
+    if not isinstance(claim, Claim):
+        return _outcome(run, _settled(run, submitted_at) or {})
+    try:
+        if (record := _settled(run, submitted_at)) is not None:
+            return _outcome(run, record)
+        lost_limit = max(run.retries, LOST_ATTEMPTS_MIN)
+        if claim.lost > lost_limit:
+            why = (f"its process died {claim.lost} times without finishing (segfault, OOM "
+                   f"kill or lost host); gave up after {lost_limit} retries")
+            record_failure(run, layout, worker, claim.attempt, RunFailed(why), will_retry=False,
+                           live=live)
+            raise RunFailed(why)
+        with LeaseGuard(leases, run.run_id, claim, guard_info, run.experiment, submitted_at) as guard:
+            try:
+                return execute(run, layout, worker, claim.attempt, live, guard, lost=claim.lost)
+            except RunStopped as stop:
+                if stop.cancelled:
+                    record_failure(run, layout, worker, claim.attempt, RunFailed(str(stop)),
+                                   will_retry=False, live=live, status=Status.CANCELLED)
+                    raise RunFailed(str(stop)) from None
+                # A zombie, or handed back by a warm stop: another attempt owns the run
+                # now. Write nothing, report nothing (the chord counts that attempt);
+                # requeue this delivery if it is still unacknowledged (a warm stop that
+                # got here before Celery stopped the process), else it is a no-op.
+                log.warning("%s: attempt %d stops without writing: %s", run.name, claim.attempt, stop)
+                raise Reject(str(stop), requeue=True) from None
     except (UnknownTrainerError, InvalidSpecError) as exc:  # retrying cannot help
-        record_failure(run, _layout(), worker, attempt, exc, will_retry=False, live=_live())
+        record_failure(run, layout, worker, claim.attempt, exc, will_retry=False, live=live)
         raise
     except SoftTimeLimitExceeded:
         timeout = TimeoutError(f"run exceeded its timeout of {run.timeout:g} s")
-        record_failure(run, _layout(), worker, attempt, timeout, will_retry=False, live=_live())
+        record_failure(run, layout, worker, claim.attempt, timeout, will_retry=False, live=live)
         raise timeout from None
-    except Exception as exc:
-        will_retry = self.request.retries < run.retries
-        record_failure(run, _layout(), worker, attempt, exc, will_retry=will_retry, live=_live())
-        if will_retry:
-            log.warning("%s: attempt %d failed (%s); retrying", run.name, attempt, exc)
-            raise self.retry(exc=exc, countdown=backoff(self.request.retries),
-                             max_retries=run.retries) from exc
+    except (Reject, RunFailed):
         raise
+    except Exception as exc:
+        failures = leases.count_failure(run.run_id)
+        will_retry = failures <= run.retries
+        record_failure(run, layout, worker, claim.attempt, exc, will_retry=will_retry, live=live)
+        if will_retry:
+            log.warning("%s: attempt %d failed (%s); retrying", run.name, claim.attempt, exc)
+            raise self.retry(exc=exc, countdown=backoff(failures - 1), max_retries=None) from exc
+        raise
+    finally:
+        with contextlib.suppress(Exception):  # a stale token releases nothing
+            leases.release(run.run_id, claim.token)
+
+
+def _outcome(run: RunSpec, record: dict[str, Any]) -> dict[str, Any]:
+    """What a duplicate delivery reports: the recorded outcome of the attempt that ran."""
+    state = record.get("status")
+    if state == Status.DONE.value:
+        return {**summary(_layout(), run), "skipped": True}
+    raise RunFailed(str(record.get("error") or f"{run.name} ended {state}"))
 
 
 @app.task(name="tasks.finalize", bind=True)

@@ -1,3 +1,86 @@
-"""The watchdog: runs in control workers, hands orphaned runs to other workers."""
+"""Worker-side reliability hooks, connected through Celery signals:
+
+- In every worker that consumes `control`: the watchdog thread (orchestrator.watchdog),
+  with kombu's own restore of an unacknowledged message as the way to hand a run back.
+- In every worker: on shutdown, the runs it holds are handed back at once (their
+  leases revoked as "handed back"), so a warm stop does not wait for a lease to lapse.
+"""
 
 from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+from typing import Any
+
+from celery.signals import worker_ready, worker_shutting_down
+
+from . import app
+
+log = logging.getLogger(__name__)
+_stop = threading.Event()
+
+
+def restore_message(task_id: str) -> bool:
+    """Put the unacknowledged message of `task_id` back at the head of its queue, as
+    kombu does when a visibility timeout expires (same message, same task id, so the
+    chord counts it once). False if no such message is unacknowledged."""
+    with app.connection_for_write() as conn:
+        channel: Any = conn.default_channel
+        client = channel.client
+        for tag, raw in client.hgetall(channel.unacked_key).items():
+            try:
+                payload = json.loads(raw)[0]
+                found = payload["headers"]["id"] == task_id
+            except (ValueError, KeyError, IndexError, TypeError):
+                continue
+            if found:
+                channel.qos.restore_by_tag(tag.decode() if isinstance(tag, bytes) else tag,
+                                           leftmost=True)
+                return True
+    return False
+
+
+def _leases() -> Any:
+    from orchestrator.leases import Leases
+
+    return Leases.from_url(app.conf.orch_state_url)
+
+
+def _redispatch() -> dict[str, int]:
+    from orchestrator.canvas import redispatch
+    from orchestrator.livestate import LiveState
+    from orchestrator.paths import Layout
+
+    return redispatch(Layout(app.conf.orch_results_root), LiveState.from_url(app.conf.orch_state_url))
+
+
+@worker_ready.connect
+def _start_watchdog(sender: Any = None, **_: Any) -> None:
+    queues = set(app.amqp.queues.consume_from or {})
+    if "control" not in queues:
+        return
+    from orchestrator.watchdog import Watchdog
+
+    dog = Watchdog(_leases(), restore_message, _redispatch,
+                   name=f"watchdog@{getattr(sender, 'hostname', '?')}")
+    _stop.clear()
+    threading.Thread(target=dog.run_forever, args=(_stop,), name="orch-watchdog", daemon=True).start()
+    log.info("watchdog started (every %.1f s, leases of %.1f s)", dog.interval, dog.leases.ttl)
+
+
+@worker_shutting_down.connect
+def _hand_back(sender: Any = None, **_: Any) -> None:
+    """This worker stops: revoke the leases it holds as "handed back". Its pool child is
+    then stopped by Celery and its unacknowledged message goes back to the queue (or the
+    child, if it gets there first, requeues it itself); the next worker claims the run
+    at once instead of waiting for the lease to lapse."""
+    _stop.set()
+    hostname = str(sender or "")
+    with contextlib.suppress(Exception):
+        leases = _leases()
+        for run_id, entry in leases.active().items():
+            if entry.get("worker") == hostname and entry.get("token"):
+                leases.revoke(run_id, entry["token"], why="handed back")
+                log.warning("handed back %s (worker stopping)", entry.get("name", run_id))

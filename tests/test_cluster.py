@@ -243,14 +243,19 @@ def test_a_truncated_output_makes_its_run_run_again(running_cluster: Cluster, wr
     assert (fold / "ranks.csv").stat().st_size > 0
 
 
-def test_a_killed_training_process_fails_its_fold_with_a_reason(running_cluster: Cluster, write_experiment) -> None:
+def test_a_run_that_always_kills_its_process_is_retried_then_fails(running_cluster: Cluster, write_experiment) -> None:
+    """Poison run: each attempt SIGKILLs its pool process. It is retried (a lost attempt
+    is not the run's fault) but not forever: 1 + max(retries, 2) attempts, then FAILED."""
     cfg = write_experiment("killed", trainer="killed", datasets=["iris"], folds=3,
                            params={"kill_fold": 1}, resources={"gpus": 0})
     proc = run_cli("submit", str(cfg), "--wait", env=running_cluster.env(), timeout=120)
     assert proc.returncode == 1, proc.stderr
     status = json.loads(run_cli("status", "killed", "--json", env=running_cluster.env()).stdout)
     folds = {f["fold"]: f for f in status["group_details"][0]["folds"]}
-    assert folds[1]["state"] == "FAILED" and "did not finish" in folds[1]["error"]
+    assert folds[1]["state"] == "FAILED", folds[1]
+    assert "died 3 times" in folds[1]["error"] and folds[1]["attempt"] == 4, folds[1]
+    record = json.loads((running_cluster.root / "killed/iris/base/seed=0/status/fold_1.json").read_text())
+    assert [h["outcome"] for h in record["history"]] == ["LOST", "LOST", "LOST", "FAILED"]
     assert folds[0]["state"] == folds[2]["state"] == "DONE"
     # The worker replaced its pool process and goes on working.
     cfg2 = write_experiment("after_kill", trainer="prior", datasets=["iris"], folds=2, resources={"gpus": 0})

@@ -76,11 +76,18 @@ class Reporter:
 
     last: dict[str, Any] = field(default_factory=dict)
     on_report: Callable[[dict[str, Any]], None] | None = None
+    # Asked at every report: a reason to stop (the attempt lost its lease, or its
+    # experiment was cancelled) ends the trainer there instead of at its last epoch.
+    should_stop: Callable[[], str | None] | None = None
 
     def report(self, **values: Any) -> None:
         self.last = {k: (float(v) if isinstance(v, np.floating) else v) for k, v in values.items()}
         if self.on_report is not None:
             self.on_report(self.last)
+        if self.should_stop is not None and (why := self.should_stop()):
+            from ..errors import RunStopped
+
+            raise RunStopped(why, cancelled="cancel" in why)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,336 @@
+"""Run leases in Redis: who is training a run right now, fenced by a token per attempt.
+
+Keys (all under `orch:`):
+
+    lease:<run_id>        the token of the attempt that holds the run; PX ttl, renewed by
+                          a heartbeat thread independent of the training loop
+    active                hash run_id -> JSON of the attempt holding (or last holding) the
+                          run: token, worker, host, pid, name, experiment, task id, the
+                          message to re-send; removed when the attempt ends
+    attempts:<run_id>     hash: n (attempts started), lost (attempts that never ended)
+    cancel:<experiment>   unix time of the last `orchestrator cancel`
+
+A lease that lapses while its `active` entry remains means the worker is gone (host
+down, process killed, network cut, SIGSTOP): the watchdog hands the run to another
+worker and revokes the token in `active`, so the old attempt (a zombie, if it comes
+back) can never renew or commit: its work is discarded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import redis
+
+PREFIX = "orch"
+ACTIVE = f"{PREFIX}:active"
+EPOCH = f"{PREFIX}:epoch"
+ATTEMPTS_TTL = 7 * 24 * 3600
+
+
+def lease_key(run_id: str) -> str:
+    return f"{PREFIX}:lease:{run_id}"
+
+
+def attempts_key(run_id: str) -> str:
+    return f"{PREFIX}:attempts:{run_id}"
+
+
+def cancel_key(experiment: str) -> str:
+    return f"{PREFIX}:cancel:{experiment}"
+
+
+def lease_seconds() -> float:
+    """ORCH_LEASE_SECONDS (default 10): how long a lease lives without a heartbeat.
+    Reassignment takes at most this plus one watchdog interval."""
+    return _positive("ORCH_LEASE_SECONDS", 10.0)
+
+
+def _positive(name: str, default: float) -> float:
+    from .errors import SettingError
+
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1e7:
+        raise SettingError(f"{name}={raw!r} is not valid: give a positive number of seconds")
+    return value
+
+
+# KEYS: lease, active, attempts. ARGV: run_id, token, ttl_ms, info_json, attempts_ttl_s.
+# Returns {code, attempts, lost, holder}: code 1 claimed; 0 held by a live lease.
+# A previous attempt whose `active` entry is still there never ended: it was lost.
+# An entry "handed_back" (warm stop, watchdog reassignment) was not the run's fault.
+_CLAIM = """
+local holder = redis.call('GET', KEYS[1])
+if holder then
+  local a = redis.call('HGET', KEYS[2], ARGV[1])
+  return {0, 0, 0, a or ''}
+end
+local prev = redis.call('HGET', KEYS[2], ARGV[1])
+local lost = 0
+if prev then
+  local ok, p = pcall(cjson.decode, prev)
+  if not (ok and p['handed_back']) then lost = 1 end
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
+local n = redis.call('HINCRBY', KEYS[3], 'n', 1)
+local l = redis.call('HINCRBY', KEYS[3], 'lost', lost)
+redis.call('EXPIRE', KEYS[3], ARGV[5])
+return {1, n, l, ''}
+"""
+
+# KEYS: lease, active. ARGV: run_id, token, ttl_ms, info_json.
+# 1: renewed. 2: the lease had lapsed (or Redis lost it) but nobody took the run over:
+# taken back. 0: the token is stale (the run was handed to another attempt): fenced.
+_RENEW = """
+local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[2] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return 1
+end
+if cur then return 0 end
+local a = redis.call('HGET', KEYS[2], ARGV[1])
+if a then
+  local ok, p = pcall(cjson.decode, a)
+  if not (ok and p['token'] == ARGV[2]) then return 0 end
+else
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 2
+"""
+
+# KEYS: lease, active. ARGV: run_id, token. Ends an attempt that holds the token.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[2] then redis.call('DEL', KEYS[1]) end
+local a = redis.call('HGET', KEYS[2], ARGV[1])
+if a then
+  local ok, p = pcall(cjson.decode, a)
+  if ok and p['token'] == ARGV[2] then redis.call('HDEL', KEYS[2], ARGV[1]) return 1 end
+end
+return 0
+"""
+
+# KEYS: lease, active. ARGV: run_id, token (the one seen lapsed), handed_back_json.
+# The watchdog's (or a warm stop's) step: only if that attempt still holds the entry.
+_REVOKE = """
+local a = redis.call('HGET', KEYS[2], ARGV[1])
+if not a then return 0 end
+local ok, p = pcall(cjson.decode, a)
+if not (ok and p['token'] == ARGV[2]) then return 0 end
+if redis.call('GET', KEYS[1]) == ARGV[2] then redis.call('DEL', KEYS[1]) end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Claim:
+    token: str
+    attempt: int  # attempts started, this one included
+    lost: int  # earlier attempts whose process died without ending
+
+
+class Leases:
+    """The lease operations, on one Redis client (plain Python; the tasks call it)."""
+
+    def __init__(self, client: redis.Redis, ttl: float | None = None):
+        self.client = client
+        self.ttl = ttl if ttl is not None else lease_seconds()
+        self._claim = client.register_script(_CLAIM)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+        self._revoke = client.register_script(_REVOKE)
+
+    @classmethod
+    def from_url(cls, url: str, ttl: float | None = None) -> Leases:
+        return cls(redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5,
+                                        health_check_interval=25, retry_on_timeout=True), ttl)
+
+    @property
+    def ttl_ms(self) -> int:
+        return max(1, int(self.ttl * 1000))
+
+    def claim(self, run_id: str, info: dict[str, Any]) -> Claim | dict[str, Any]:
+        """Take the run: a Claim, or (when a live attempt holds it) that attempt's info."""
+        token = uuid.uuid4().hex
+        record = json.dumps({**info, "token": token, "claimed_at": time.time()})
+        code, n, lost, holder = cast(list[Any], self._claim(
+            keys=[lease_key(run_id), ACTIVE, attempts_key(run_id)],
+            args=[run_id, token, self.ttl_ms, record, ATTEMPTS_TTL]))
+        if int(code) == 1:
+            return Claim(token=token, attempt=int(n), lost=int(lost))
+        try:
+            return cast(dict[str, Any], json.loads(holder)) if holder else {}
+        except ValueError:
+            return {}
+
+    def renew(self, run_id: str, token: str, info: dict[str, Any]) -> int:
+        """1 renewed, 2 taken back after a lapse nobody acted on, 0 fenced."""
+        record = json.dumps({**info, "token": token})
+        return int(cast(int, self._renew(keys=[lease_key(run_id), ACTIVE],
+                                         args=[run_id, token, self.ttl_ms, record])))
+
+    def holds(self, run_id: str, token: str) -> bool:
+        """Does this attempt still hold the run? (The fencing check before a commit.)"""
+        value = self.client.get(lease_key(run_id))
+        return value is not None and cast(bytes, value).decode() == token
+
+    def release(self, run_id: str, token: str) -> bool:
+        return bool(self._release(keys=[lease_key(run_id), ACTIVE], args=[run_id, token]))
+
+    def revoke(self, run_id: str, token: str, why: str) -> bool:
+        """Take the run away from the attempt holding `token` (it may be dead or a zombie):
+        its token can then never renew or commit. The next claim does not count it as lost
+        when `why` is a warm stop."""
+        entry = self.active().get(run_id, {})
+        marker = json.dumps({**entry, "token": None, "revoked_token": token, "why": why,
+                             "handed_back": why == "handed back", "revoked_at": time.time()})
+        return bool(self._revoke(keys=[lease_key(run_id), ACTIVE], args=[run_id, token, marker]))
+
+    def active(self) -> dict[str, dict[str, Any]]:
+        raw = cast(dict[bytes, bytes], self.client.hgetall(ACTIVE))
+        found: dict[str, dict[str, Any]] = {}
+        for key, value in raw.items():
+            try:
+                found[key.decode()] = json.loads(value)
+            except ValueError:
+                continue
+        return found
+
+    def live(self, run_ids: list[str]) -> set[str]:
+        """Which of these runs have a live lease."""
+        if not run_ids:
+            return set()
+        pipe = self.client.pipeline(transaction=False)
+        for rid in run_ids:
+            pipe.exists(lease_key(rid))
+        return {rid for rid, alive in zip(run_ids, pipe.execute(), strict=True) if alive}
+
+    def count_failure(self, run_id: str) -> int:
+        """One more attempt ended with an exception; returns how many have."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hincrby(attempts_key(run_id), "failed", 1)
+        pipe.expire(attempts_key(run_id), ATTEMPTS_TTL)
+        return int(pipe.execute()[0])
+
+    def attempts(self, run_id: str) -> dict[str, int]:
+        raw = cast(dict[bytes, bytes], self.client.hgetall(attempts_key(run_id)))
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    def cancelled_at(self, experiment: str) -> float | None:
+        value = self.client.get(cancel_key(experiment))
+        return float(cast(bytes, value)) if value is not None else None
+
+    def cancel(self, experiment: str) -> float:
+        now = time.time()
+        self.client.set(cancel_key(experiment), repr(now), ex=ATTEMPTS_TTL)
+        return now
+
+
+class Heartbeat:
+    """Renews one lease from a daemon thread, every ttl/4, whatever the training loop does.
+
+    `fenced` becomes set when the lease turns out to belong to another attempt (or the
+    run's experiment was cancelled, through `should_stop`): the run's work will be
+    discarded, and a reporter that sees the flag stops the trainer early.
+    """
+
+    def __init__(self, leases: Leases, run_id: str, token: str, info: dict[str, Any],
+                 should_stop: Callable[[], str | None] | None = None):
+        self.leases, self.run_id, self.token, self.info = leases, run_id, token, info
+        self.should_stop = should_stop
+        self.fenced = threading.Event()
+        self.reason = ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"lease-{run_id[:8]}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        interval = max(0.05, self.leases.ttl / 4)
+        while not self._stop.wait(interval):
+            try:
+                if self.leases.renew(self.run_id, self.token, self.info) == 0:
+                    self._fence("its lease was handed to another attempt")
+                    return
+                if self.should_stop and (why := self.should_stop()):
+                    self._fence(why)
+                    return
+            except redis.RedisError:
+                continue  # Redis unreachable: keep trying; the commit checks again
+
+    def _fence(self, why: str) -> None:
+        self.reason = why
+        self.fenced.set()
+
+
+class LeaseGuard:
+    """The fence of one attempt on a worker: heartbeat, cancel check, commit check.
+
+    Use as a context manager around the attempt; `check()` before every write that
+    makes the run's result visible (runner.execute calls it)."""
+
+    def __init__(self, leases: Leases, run_id: str, claim: Claim, info: dict[str, Any],
+                 experiment: str, submitted_at: float | None):
+        self.leases, self.run_id, self.token = leases, run_id, claim.token
+        self.tag = claim.token
+        self.info = {**info, "attempt": claim.attempt}
+        self.experiment, self.submitted_at = experiment, submitted_at
+        self.heartbeat = Heartbeat(leases, run_id, claim.token, self.info, should_stop=self.cancelled)
+
+    def __enter__(self) -> LeaseGuard:
+        self.heartbeat.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.heartbeat.__exit__(*exc)
+
+    def cancelled(self) -> str | None:
+        at = self.leases.cancelled_at(self.experiment)
+        if at is not None and (self.submitted_at is None or at > self.submitted_at):
+            return "cancelled: its experiment was cancelled (orchestrator cancel)"
+        return None
+
+    def stop_reason(self) -> str | None:
+        return self.heartbeat.reason if self.heartbeat.fenced.is_set() else None
+
+    def check(self) -> None:
+        """Raise RunStopped unless this attempt still holds the run. Redis may be
+        restarting: keep asking for up to a minute before giving up (then the attempt
+        fails and is retried; nothing was written)."""
+        from .errors import RunStopped
+
+        if (why := self.stop_reason()) is not None:
+            raise RunStopped(why, cancelled=why.startswith("cancelled"))
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if self.leases.renew(self.run_id, self.token, self.info) == 0:
+                    raise RunStopped("its lease was handed to another attempt")
+                if (why := self.cancelled()) is not None:
+                    raise RunStopped(why, cancelled=True)
+                return
+            except redis.RedisError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
