@@ -1,37 +1,131 @@
-"""GPU detection through NVML. Returns [] when there is no NVIDIA driver."""
+"""GPU detection through NVML: devices, memory, utilisation and the processes on them.
+
+NVML is reached through one seam, `nvml()`: the real `pynvml` module unless a test
+installed another object with the same functions (`use_nvml`), or the environment
+names a module with pynvml's API in ORCH_NVML_MODULE (how subprocess tests fake GPUs:
+`ORCH_NVML_MODULE=tests.fake_nvml`). Only NVML is loaded here, never CUDA (design
+invariant 5): a parent that forks training processes may call this.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+_installed: Any = None
+
+
+def use_nvml(module: Any) -> None:
+    """Make `nvml()` return `module` (an object with pynvml's functions); None undoes it."""
+    global _installed
+    _installed = module
+
+
+def nvml() -> Any:
+    """The NVML binding in use: an installed fake, ORCH_NVML_MODULE, or pynvml."""
+    if _installed is not None:
+        return _installed
+    return importlib.import_module(os.environ.get("ORCH_NVML_MODULE") or "pynvml")
+
+
+@dataclass(frozen=True)
+class GPUProcess:
+    pid: int
+    name: str  # "?" when the process is not visible from here (another container)
+    used_memory_mb: int | None  # None where the driver does not report it
 
 
 @dataclass(frozen=True)
 class GPU:
-    index: int
+    index: int  # NVML index = PCI bus order = CUDA_VISIBLE_DEVICES with CUDA_DEVICE_ORDER=PCI_BUS_ID
     name: str
     memory_total_mb: int
     memory_free_mb: int
+    uuid: str = ""
+    memory_used_mb: int = 0
+    utilization_pct: int | None = None  # None where the device does not report it (MIG, old cards)
+    processes: tuple[GPUProcess, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """What NVML says about this host: whether a driver answered, its version, the GPUs."""
+
+    driver: bool
+    driver_version: str = ""
+    error: str = ""  # why NVML could not be used, when driver is False
+    gpus: list[GPU] = field(default_factory=list)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _optional(fn: Any, *args: Any) -> Any:
+    """An NVML query that some devices do not support: None instead of an error."""
+    try:
+        return fn(*args)
+    except Exception:
+        return None
+
+
+def _process_name(lib: Any, pid: int) -> str:
+    try:
+        import psutil
+
+        return str(psutil.Process(pid).name())
+    except Exception:  # gone, or in another PID namespace
+        name = _optional(lib.nvmlSystemGetProcessName, pid)
+        return os.path.basename(_text(name)) if name else "?"
+
+
+def _processes(lib: Any, handle: Any) -> tuple[GPUProcess, ...]:
+    seen: dict[int, GPUProcess] = {}
+    for query in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
+        fn = getattr(lib, query, None)
+        for info in (_optional(fn, handle) if fn else None) or []:
+            pid = int(info.pid)
+            used = getattr(info, "usedGpuMemory", None)
+            if pid not in seen:
+                seen[pid] = GPUProcess(pid, _process_name(lib, pid),
+                                       int(used) // 2**20 if used is not None else None)
+    return tuple(sorted(seen.values(), key=lambda p: p.pid))
+
+
+def inventory(processes: bool = True) -> Inventory:
+    """Every GPU NVML sees, with memory, utilisation and (optionally) processes."""
+    try:
+        lib = nvml()
+    except ImportError as exc:
+        return Inventory(driver=False, error=f"the NVML binding is not installed ({exc})")
+    try:
+        lib.nvmlInit()
+    except Exception as exc:  # no driver, no library: a CPU machine
+        return Inventory(driver=False, error=str(exc) or type(exc).__name__)
+    try:
+        version = _text(_optional(lib.nvmlSystemGetDriverVersion) or "")
+        found = []
+        for i in range(lib.nvmlDeviceGetCount()):
+            handle = lib.nvmlDeviceGetHandleByIndex(i)
+            mem = lib.nvmlDeviceGetMemoryInfo(handle)
+            util = _optional(lib.nvmlDeviceGetUtilizationRates, handle)
+            found.append(GPU(index=i, name=_text(lib.nvmlDeviceGetName(handle)),
+                             memory_total_mb=int(mem.total) // 2**20,
+                             memory_free_mb=int(mem.free) // 2**20,
+                             uuid=_text(_optional(lib.nvmlDeviceGetUUID, handle) or ""),
+                             memory_used_mb=int(mem.used) // 2**20,
+                             utilization_pct=int(util.gpu) if util is not None else None,
+                             processes=_processes(lib, handle) if processes else ()))
+        return Inventory(driver=True, driver_version=version, gpus=found)
+    finally:
+        _optional(lib.nvmlShutdown)
 
 
 def detect() -> list[GPU]:
-    """Every GPU NVML sees; NVML is loaded here only, never CUDA."""
-    try:
-        import pynvml
-    except ImportError:
-        return []
-    try:
-        pynvml.nvmlInit()
-    except Exception:  # no driver, no library: a CPU machine
-        return []
-    try:
-        found = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            name = pynvml.nvmlDeviceGetName(handle)
-            found.append(GPU(index=i, name=name.decode() if isinstance(name, bytes) else str(name),
-                             memory_total_mb=int(mem.total) // 2**20,
-                             memory_free_mb=int(mem.free) // 2**20))
-        return found
-    finally:
-        pynvml.nvmlShutdown()
+    """Every GPU NVML sees ([] without a driver); NVML is loaded here only, never CUDA."""
+    return inventory(processes=False).gpus

@@ -1,3 +1,196 @@
-"""Worker-side fleet hooks (registry heartbeat, exit when idle), connected through Celery signals."""
+"""Worker-side fleet hooks (registry heartbeat, exit when idle), connected through Celery signals.
+
+Both run as daemon threads in the worker's MAIN process (worker_ready and
+worker_shutdown are sent there only), never in the pool children that train:
+
+- heartbeat: writes this worker's record (orchestrator.fleet) every few seconds, with a
+  TTL of three heartbeats; deletes it at shutdown.
+- exit when idle (ORCH_EXIT_WHEN_IDLE=SECONDS, set by `orchestrator worker
+  --exit-when-idle`): once the worker has held no task and all its queues have been
+  empty for that long, it stops itself (warm shutdown, exit code 0), so a node borrowed
+  from a batch scheduler is handed back when the work is done (seed 001).
+"""
 
 from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import redis
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
+
+from orchestrator import fleet
+
+log = logging.getLogger(__name__)
+
+_stop = threading.Event()
+_lock = threading.Lock()
+_record: fleet.WorkerRecord | None = None
+_client: redis.Redis | None = None
+
+
+def _busy() -> int:
+    """Tasks this worker holds: reserved (waiting for the pool), running, or ETA-scheduled."""
+    from celery.worker import state
+
+    for _ in range(5):  # the consumer changes these while we read them: retry on a clash
+        with contextlib.suppress(RuntimeError):
+            return len({*list(state.requests), *(r.id for r in list(state.active_requests)),
+                        *(r.id for r in list(state.reserved_requests))})
+    return 1  # unknown: count as busy, so neither idle exit nor "idle" is claimed
+
+
+def _device(queues: list[str]) -> str:
+    if queues == ["control"]:
+        return "control"
+    if os.environ.get("ORCH_DEVICE") in ("cuda", "cpu"):
+        return os.environ["ORCH_DEVICE"]
+    return "cuda" if os.environ.get("CUDA_VISIBLE_DEVICES") else "cpu"
+
+
+def _gpu() -> int | None:
+    raw = os.environ.get("ORCH_GPU", "")
+    return int(raw) if raw.isdigit() else None
+
+
+def _exit_when_idle() -> float | None:
+    raw = os.environ.get("ORCH_EXIT_WHEN_IDLE")
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        log.error("ORCH_EXIT_WHEN_IDLE=%r is not a positive number of seconds: ignored", raw)
+        return None
+    return value
+
+
+def _beat() -> None:
+    """Write this worker's record now: busy or idle from the requests it holds."""
+    with _lock:
+        if _record is None or _client is None or _stop.is_set():
+            return
+        busy = _busy()
+        if _record.state != fleet.WorkerState.STOPPING.value:
+            _record.state = (fleet.WorkerState.BUSY if busy else fleet.WorkerState.IDLE).value
+        _record.active, _record.heartbeat = busy, time.time()
+        fleet.register(_client, _record, fleet.record_ttl(fleet.heartbeat_seconds()))
+
+
+def _heartbeat_loop(interval: float) -> None:
+    while not _stop.wait(interval):
+        try:
+            _beat()
+        except Exception as exc:  # Redis restarting, network blip: try again next beat
+            log.warning("worker registry heartbeat failed: %s", exc)
+
+
+def _queued(queues: list[str], conn: Any) -> int:
+    from kombu.exceptions import ChannelError
+
+    total = 0
+    channel = conn.default_channel
+    for queue in queues:
+        try:
+            total += int(channel.queue_declare(queue, passive=True).message_count)
+        except ChannelError:  # Redis deletes an empty list: the queue does not exist
+            continue
+    return total
+
+
+def _idle_loop(app: Any, queues: list[str], seconds: float) -> None:
+    """SIGTERM this worker once it held nothing and its queues were empty for `seconds`."""
+    poll = min(1.0, seconds / 4)
+    idle_since: float | None = None
+    conn = None
+    while not _stop.wait(poll):
+        try:
+            if conn is None:
+                conn = app.connection_for_read()
+            idle = _busy() == 0 and _queued(queues, conn) == 0
+        except Exception as exc:  # broker unreachable: not evidence of idleness
+            log.warning("exit-when-idle: cannot read queue lengths: %s", exc)
+            if conn is not None:
+                conn.release()
+            conn, idle = None, False
+        now = time.monotonic()
+        if not idle:
+            idle_since = None
+        elif idle_since is None:
+            idle_since = now
+        elif now - idle_since >= seconds:
+            log.warning("no task and empty queues %s for %gs: shutting down (--exit-when-idle)",
+                        ",".join(queues), seconds)
+            _request_warm_shutdown()
+            return
+
+
+def _request_warm_shutdown() -> None:
+    """What Celery's own warm-shutdown signal handler does, with exit code 0: the consumer
+    loop sees the flag within a second or two and stops. (SIGTERM is not used: `orchestrator
+    worker` remaps it to a cold shutdown, which exits with 1, read as a crash by supervisors.)"""
+    from celery.worker import state
+
+    if _record is not None:
+        _record.state = fleet.WorkerState.STOPPING.value
+    state.should_stop = 0
+
+
+@worker_ready.connect
+def _on_ready(sender: Any = None, **_: Any) -> None:
+    """Register this worker and start its heartbeat (and idle watch) threads."""
+    global _record, _client
+    if _record is not None:  # the consumer restarted (broker reconnect): threads run already
+        return
+    app = sender.app
+    queues = sorted(app.amqp.queues.consume_from.keys())
+    interval = fleet.heartbeat_seconds()
+    exit_idle = _exit_when_idle()
+    now = time.time()
+    _client = redis.Redis.from_url(app.conf.orch_state_url, socket_timeout=10, socket_connect_timeout=5,
+                                   retry_on_timeout=True)
+    _record = fleet.WorkerRecord(
+        name=sender.hostname, host=sender.hostname.split("@", 1)[-1], pid=os.getpid(), gpu=_gpu(),
+        device=_device(queues), queues=queues, state=fleet.WorkerState.IDLE.value, started=now,
+        heartbeat=now, exit_when_idle=exit_idle)
+    try:
+        _beat()
+    except Exception as exc:
+        log.warning("worker registry: first heartbeat failed: %s", exc)
+    atexit.register(_unregister)
+    threading.Thread(target=_heartbeat_loop, args=(interval,), name="orch-heartbeat", daemon=True).start()
+    if exit_idle is not None:
+        threading.Thread(target=_idle_loop, args=(app, queues, exit_idle), name="orch-exit-when-idle",
+                         daemon=True).start()
+
+
+@worker_shutting_down.connect
+def _on_shutting_down(**_: Any) -> None:
+    """Runs inside the signal handler: only flag the state; the next beat writes it."""
+    if _record is not None:
+        _record.state = fleet.WorkerState.STOPPING.value
+
+
+@worker_shutdown.connect
+def _on_shutdown(**_: Any) -> None:
+    _unregister()
+
+
+def _unregister() -> None:
+    """Remove this worker's record: at worker_shutdown (warm), or at exit, because a cold
+    shutdown (SIGQUIT, or SIGTERM remapped to it) never sends worker_shutdown."""
+    _stop.set()
+    with _lock:
+        if _record is None or _client is None or os.getpid() != _record.pid:
+            return  # not started, or a forked pool child
+        try:
+            fleet.unregister(_client, _record.name, _record.pid)
+        except Exception as exc:  # the record expires on its own
+            log.warning("worker registry: could not remove %s: %s", _record.name, exc)

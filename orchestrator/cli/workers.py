@@ -5,11 +5,60 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from collections.abc import Mapping
 
 import click
 
 from .. import errors
 from .base import cli
+
+
+def celery_worker_command(gpu: int | None = None, cpu: bool = False, accept_gpu_runs: bool = False,
+                          control: bool = False, name: str | None = None, concurrency: int | None = None,
+                          loglevel: str = "INFO", exit_when_idle: float | None = None,
+                          environ: Mapping[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """The `celery worker` command line and environment for one device and/or `control`."""
+    if gpu is None and not cpu and not control:
+        raise errors.OrchestratorError("say what to consume: --gpu N, --cpu and/or --control")
+    if gpu is not None and cpu:
+        raise errors.OrchestratorError("--gpu and --cpu exclude each other: one worker per device")
+    if gpu is not None and gpu < 0:
+        raise errors.OrchestratorError(f"--gpu must be a GPU index >= 0 (see `orchestrator gpus`), got {gpu}")
+    host = socket.gethostname().split(".")[0]
+    queues: list[str] = []
+    env = dict(os.environ if environ is None else environ)
+    if gpu is not None:
+        queues += [f"gpu.{host}.{gpu}", "gpu"]
+        # PCI_BUS_ID: CUDA's default order ("fastest first") can differ from NVML's and
+        # nvidia-smi's, and then CUDA_VISIBLE_DEVICES=N would select another GPU than N.
+        env.update(CUDA_VISIBLE_DEVICES=str(gpu), CUDA_DEVICE_ORDER="PCI_BUS_ID", ORCH_DEVICE="cuda",
+                   ORCH_GPU=str(gpu), ORCH_PRELOAD=env.get("ORCH_PRELOAD", "1"))
+        default_name = f"gpu{gpu}@%h"
+    elif cpu:
+        queues += ["cpu"] + (["gpu"] if accept_gpu_runs else [])
+        env.update(ORCH_DEVICE="cpu", CUDA_VISIBLE_DEVICES="", ORCH_PRELOAD=env.get("ORCH_PRELOAD", "1"))
+        env.pop("ORCH_GPU", None)
+        default_name = "cpu@%h"
+    else:
+        default_name = "control@%h"
+        env["ORCH_PRELOAD"] = "0"  # callbacks never train: no torch import here
+        env.pop("ORCH_GPU", None)
+    if control:
+        queues.append("control")
+    # Stopping a worker on purpose (SIGTERM: systemd, `workers down`, Ctrl-C of `run`)
+    # hands its running run back at once: a cold shutdown requeues the unacknowledged
+    # message, and the worker revokes its leases as "handed back" (tasks/watchdog.py),
+    # instead of a warm shutdown that would wait for a run of hours to end.
+    env.setdefault("REMAP_SIGTERM", "SIGQUIT")
+    if exit_when_idle is not None:
+        env["ORCH_EXIT_WHEN_IDLE"] = f"{exit_when_idle:g}"  # read by tasks/fleet.py
+    else:
+        env.pop("ORCH_EXIT_WHEN_IDLE", None)
+    procs = concurrency if (concurrency and gpu is None and not cpu) else 1
+    argv = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", ",".join(queues),
+            "-c", str(procs), "-P", "prefork", "-n", name or default_name, "-E",
+            "--without-mingle", "--without-gossip", "--loglevel", loglevel]
+    return argv, env
 
 
 @cli.command()
@@ -19,42 +68,22 @@ from .base import cli
 @click.option("--control", "control", is_flag=True, help="Consume the `control` queue (chord callbacks).")
 @click.option("--name", default=None, help="Celery node name [default gpuN@%h, cpu@%h, control@%h].")
 @click.option("--concurrency", default=None, type=int, help="Processes (only with --control alone; training is 1 per device).")
+@click.option("--exit-when-idle", "exit_when_idle", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="SECONDS", help="Shut down warmly once no task was held and the queues were empty "
+              "for SECONDS (nodes borrowed from a batch scheduler).")
 @click.option("--loglevel", default="INFO", show_default=True)
 def worker(gpu: int | None, cpu: bool, accept_gpu_runs: bool, control: bool, name: str | None,
-           concurrency: int | None, loglevel: str) -> None:
+           concurrency: int | None, exit_when_idle: float | None, loglevel: str) -> None:
     """Start one Celery worker bound to one GPU, the CPU, and/or the control queue.
 
     \b
     Examples:
       orchestrator worker --gpu 0            # queues gpu.<host>.0 and gpu
       orchestrator worker --cpu --control    # a laptop: CPU runs and callbacks
+      orchestrator worker --gpu 0 --exit-when-idle 300   # a batch job: leave when done
     It runs `celery -A tasks worker` with this project's celeryconfig.py.
     """
-    if sum(x is not None and x is not False for x in (gpu, cpu or None)) == 0 and not control:
-        raise errors.OrchestratorError("say what to consume: --gpu N, --cpu and/or --control")
-    if gpu is not None and cpu:
-        raise errors.OrchestratorError("--gpu and --cpu exclude each other: one worker per device")
-    host = socket.gethostname().split(".")[0]
-    queues: list[str] = []
-    env = dict(os.environ)
-    if gpu is not None:
-        queues += [f"gpu.{host}.{gpu}", "gpu"]
-        env.update(CUDA_VISIBLE_DEVICES=str(gpu), ORCH_DEVICE="cuda", ORCH_GPU=str(gpu),
-                   ORCH_PRELOAD=env.get("ORCH_PRELOAD", "1"))
-        default_name = f"gpu{gpu}@%h"
-    elif cpu:
-        queues += ["cpu"] + (["gpu"] if accept_gpu_runs else [])
-        env.update(ORCH_DEVICE="cpu", CUDA_VISIBLE_DEVICES="", ORCH_PRELOAD=env.get("ORCH_PRELOAD", "1"))
-        default_name = "cpu@%h"
-    else:
-        default_name = "control@%h"
-        env["ORCH_PRELOAD"] = "0"  # callbacks never train: no torch import here
-    if control:
-        queues.append("control")
-    procs = concurrency if (concurrency and gpu is None and not cpu) else 1
-    argv = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", ",".join(queues),
-            "-c", str(procs), "-P", "prefork", "-n", name or default_name, "-E",
-            "--without-mingle", "--without-gossip", "--loglevel", loglevel]
+    argv, env = celery_worker_command(gpu, cpu, accept_gpu_runs, control, name, concurrency, loglevel,
+                                      exit_when_idle)
     sys.stdout.flush()
     os.execve(sys.executable, argv, env)
-

@@ -1,0 +1,476 @@
+"""The workers of a cluster: a registry in Redis, and the supervisor behind `workers up`.
+
+Registry (after seed 003's `workers:*` keys with a TTL): the main process of every
+worker writes `orch:worker:<node name>` (one JSON value) every HEARTBEAT seconds with
+a lifetime of three heartbeats (tasks/fleet.py). A worker that stops cleanly deletes
+its key; one that dies (SIGKILL, host lost) drops out when the key expires. Readers
+never have to guess from timestamps whether a worker is alive.
+
+Supervisor: one process per host and state folder that starts the `orchestrator worker`
+commands it is given, restarts a worker that exits with exponential backoff, gives up
+on one that keeps crashing right after it starts, and stops them cleanly: on SIGTERM
+at once (running runs are handed back to their queues), on SIGINT after their current
+run (drain). Plain Python, no Celery: the workers are subprocesses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, cast
+
+import redis
+
+from .errors import SettingError
+from .local import spawn
+
+PREFIX = "orch:worker:"
+# Written by the worker that trains a run (run leases), read here for "current run":
+# field = run_id, value = JSON with at least "worker", "name", "experiment", "started".
+ACTIVE_KEY = "orch:active"
+DEFAULT_HEARTBEAT_SECONDS = 5.0
+TTL_HEARTBEATS = 3  # a record outlives two missed heartbeats, not three
+
+
+def heartbeat_seconds() -> float:
+    """Seconds between registry writes (ORCH_WORKER_HEARTBEAT, default 5)."""
+    raw = os.environ.get("ORCH_WORKER_HEARTBEAT")
+    if raw is None:
+        return DEFAULT_HEARTBEAT_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3600:
+        raise SettingError(f"ORCH_WORKER_HEARTBEAT={raw!r} is not valid: give seconds between 0 and 3600")
+    return value
+
+
+def record_ttl(interval: float) -> int:
+    return max(1, math.ceil(interval * TTL_HEARTBEATS))
+
+
+class WorkerState(str, Enum):
+    IDLE = "idle"  # consuming, no run in hand
+    BUSY = "busy"  # at least one task reserved or running
+    STOPPING = "stopping"  # shutting down: takes nothing new
+
+
+@dataclass
+class WorkerRecord:
+    """What a worker says about itself in the registry."""
+
+    name: str  # Celery node name, e.g. gpu0@host
+    host: str
+    pid: int  # the worker's main process
+    gpu: int | None  # NVML index of its GPU, None for CPU and control workers
+    device: str  # cuda | cpu | control
+    queues: list[str]
+    state: str
+    started: float  # unix time
+    heartbeat: float  # unix time of the last write
+    active: int = 0  # tasks reserved or running
+    exit_when_idle: float | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> WorkerRecord:
+        data = json.loads(raw)
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)
+
+
+def worker_key(name: str) -> str:
+    return f"{PREFIX}{name}"
+
+
+def register(client: redis.Redis, record: WorkerRecord, ttl: int) -> None:
+    client.set(worker_key(record.name), record.to_json(), ex=ttl)
+
+
+def unregister(client: redis.Redis, name: str, pid: int) -> bool:
+    """Delete `name`'s record if it is still this process's (not a restarted successor's)."""
+    key = worker_key(name)
+    with client.pipeline() as pipe:
+        try:
+            pipe.watch(key)
+            raw = pipe.get(key)
+            if raw is None or WorkerRecord.from_json(cast(bytes, raw)).pid != pid:
+                return False
+            pipe.multi()
+            pipe.delete(key)
+            pipe.execute()
+            return True
+        except redis.WatchError:
+            return False
+
+
+def list_workers(client: redis.Redis) -> list[WorkerRecord]:
+    """Every worker whose record has not expired, sorted by host and name."""
+    keys = sorted(client.scan_iter(match=f"{PREFIX}*", count=1000))
+    if not keys:
+        return []
+    records = []
+    for raw in cast(list[bytes | None], client.mget(keys)):
+        if raw is None:  # expired between SCAN and MGET
+            continue
+        with contextlib.suppress(ValueError, TypeError):
+            records.append(WorkerRecord.from_json(raw))
+    return sorted(records, key=lambda r: (r.host, r.name))
+
+
+def current_runs(client: redis.Redis) -> dict[str, list[dict[str, Any]]]:
+    """Worker node name -> the runs it holds now, from the run leases' `orch:active`."""
+    by_worker: dict[str, list[dict[str, Any]]] = {}
+    raw = cast(dict[bytes, bytes], client.hgetall(ACTIVE_KEY))
+    for run_id, value in raw.items():
+        try:
+            info = json.loads(value)
+        except ValueError:
+            continue
+        if isinstance(info, dict) and isinstance(info.get("worker"), str):
+            by_worker.setdefault(info["worker"], []).append({"run_id": run_id.decode(), **info})
+    return by_worker
+
+
+def this_host() -> str:
+    """The host part of this host's node names (Celery's %h)."""
+    return socket.gethostname()
+
+
+def node_name(template: str) -> str:
+    return template.replace("%h", this_host())
+
+
+# --- what `workers up` starts ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class WorkerCommand:
+    label: str  # gpu0, gpu0-1, cpu1, control: also the log file's name
+    node: str  # Celery node name template, e.g. gpu0@%h
+    gpu: int | None
+    argv: list[str]
+
+
+def worker_commands(gpus: list[int], per_gpu: int = 1, cpu: int = 0, control: bool = False,
+                    accept_gpu_runs: bool = False, loglevel: str = "INFO",
+                    exit_when_idle: float | None = None) -> list[WorkerCommand]:
+    """One `orchestrator worker` per GPU (per_gpu each), `cpu` CPU workers, a control one."""
+    base = [sys.executable, "-m", "orchestrator", "worker", "--loglevel", loglevel]
+    if exit_when_idle is not None:
+        base += ["--exit-when-idle", f"{exit_when_idle:g}"]
+    commands = []
+    for index in gpus:
+        for k in range(per_gpu):
+            label = f"gpu{index}" if per_gpu == 1 else f"gpu{index}-{k}"
+            commands.append(WorkerCommand(label, f"{label}@%h", index,
+                                          [*base, "--gpu", str(index), "--name", f"{label}@%h"]))
+    for i in range(1, cpu + 1):
+        extra = ["--accept-gpu-runs"] if accept_gpu_runs else []
+        commands.append(WorkerCommand(f"cpu{i}", f"cpu{i}@%h", None,
+                                      [*base, "--cpu", *extra, "--name", f"cpu{i}@%h"]))
+    if control:
+        commands.append(WorkerCommand("control", "control@%h", None, [*base, "--control"]))
+    return commands
+
+
+def default_state_dir() -> Path:
+    if os.environ.get("ORCH_STATE_DIR"):
+        return Path(os.environ["ORCH_STATE_DIR"])
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "orchestrator"
+
+
+@dataclass(frozen=True)
+class StateDir:
+    """The files of one supervisor: plan, pid, lock, status and logs."""
+
+    path: Path
+
+    @property
+    def plan(self) -> Path:
+        return self.path / "plan.json"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.path / "supervisor.pid"
+
+    @property
+    def lock(self) -> Path:
+        return self.path / "supervisor.lock"
+
+    @property
+    def status(self) -> Path:
+        return self.path / "supervisor.json"
+
+    @property
+    def log(self) -> Path:
+        return self.path / "supervisor.log"
+
+    @property
+    def logs(self) -> Path:
+        return self.path / "logs"
+
+    def running_pid(self) -> int | None:
+        """The pid of the supervisor holding this folder's lock, or None."""
+        if not self.lock.exists():
+            return None
+        with open(self.lock, "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    return int(self.pid_file.read_text().strip())
+                except (OSError, ValueError):
+                    return -1  # locked, pid file not written yet
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            return None
+
+    def read_status(self) -> dict[str, Any] | None:
+        try:
+            return cast(dict[str, Any], json.loads(self.status.read_text()))
+        except (OSError, ValueError):
+            return None
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def write_plan(state: StateDir, commands: list[WorkerCommand], exit_when_idle: bool) -> None:
+    state.path.mkdir(parents=True, exist_ok=True)
+    _write_json(state.plan, {"exit_when_idle": exit_when_idle,
+                             "workers": [asdict(c) for c in commands]})
+
+
+def read_plan(state: StateDir) -> tuple[list[WorkerCommand], bool]:
+    data = json.loads(state.plan.read_text())
+    return [WorkerCommand(**c) for c in data["workers"]], bool(data["exit_when_idle"])
+
+
+# --- the supervisor -----------------------------------------------------------------
+
+class ChildState(str, Enum):
+    RUNNING = "running"  # process alive
+    WAITING = "waiting"  # exited; restarts at next_start (backoff)
+    FAILED = "failed"  # crashed max_failures times in a row right after starting: given up
+    DONE = "done"  # left on its own when idle (--exit-when-idle): not restarted
+    STOPPED = "stopped"  # stopped by the supervisor
+
+
+@dataclass
+class Child:
+    command: WorkerCommand
+    proc: subprocess.Popen[bytes] | None = None
+    state: ChildState = ChildState.WAITING
+    started: float = 0.0
+    next_start: float = 0.0
+    restarts: int = 0
+    failures: int = 0  # consecutive exits within stable_seconds of starting
+    exit_codes: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Supervisor:
+    """Keeps `commands` running; `run()` returns when stopped or when nothing is left."""
+
+    commands: list[WorkerCommand]
+    state: StateDir
+    env: dict[str, str]
+    exit_when_idle: bool = False  # a worker that exits with 0 is done, not crashed
+    stable_seconds: float = 60.0  # a worker up this long resets its crash count
+    max_failures: int = 5  # consecutive fast crashes before giving up on a worker
+    backoff_base: float = 1.0  # first restart delay; doubles per consecutive fast crash
+    backoff_max: float = 60.0
+    kill_after: float = 60.0  # SIGKILL what is still running this long after SIGTERM
+    children: list[Child] = field(default_factory=list)
+    _stop: str = ""  # "", "drain" or "now"
+
+    def log(self, message: str) -> None:
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} supervisor[{os.getpid()}]: {message}", flush=True)
+
+    def _start(self, child: Child) -> None:
+        self.state.logs.mkdir(parents=True, exist_ok=True)
+        child.proc = spawn(child.command.argv, self.env, self.state.logs / f"{child.command.label}.log")
+        child.state, child.started = ChildState.RUNNING, time.monotonic()
+        self.log(f"started {child.command.label} ({node_name(child.command.node)}) pid {child.proc.pid}")
+
+    def _reap(self, child: Child, now: float) -> None:
+        assert child.proc is not None
+        code = child.proc.returncode
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.proc.pid, signal.SIGKILL)  # pool children of a killed main process
+        child.exit_codes = [*child.exit_codes[-9:], code]
+        label = child.command.label
+        if self.exit_when_idle and code == 0:
+            child.state = ChildState.DONE
+            self.log(f"{label} left after being idle: done")
+            return
+        uptime = now - child.started
+        child.failures = child.failures + 1 if uptime < self.stable_seconds else 1
+        if child.failures > self.max_failures:
+            child.state = ChildState.FAILED
+            self.log(f"{label} exited {self.max_failures + 1} times in a row within "
+                     f"{self.stable_seconds:g}s of starting (last exit code {code}); not restarting it. "
+                     f"See {self.state.logs / (label + '.log')}")
+            return
+        delay = min(self.backoff_base * 2 ** (child.failures - 1), self.backoff_max)
+        child.state, child.next_start = ChildState.WAITING, now + delay
+        self.log(f"{label} exited with code {code} after {uptime:.1f}s; restarting in {delay:g}s")
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        # First SIGINT (Ctrl-C, `workers down --drain`): drain. SIGTERM, or a second SIGINT: now.
+        self._stop = "drain" if signum == signal.SIGINT and not self._stop else "now"
+
+    def status(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "host": this_host(), "stopping": self._stop,
+                "workers": {c.command.label: {
+                    "node": node_name(c.command.node), "gpu": c.command.gpu, "state": c.state.value,
+                    "pid": c.proc.pid if c.proc and c.state == ChildState.RUNNING else None,
+                    "restarts": c.restarts, "exit_codes": c.exit_codes,
+                    "log": str(self.state.logs / f"{c.command.label}.log")} for c in self.children}}
+
+    def run(self) -> int:
+        self.state.path.mkdir(parents=True, exist_ok=True)
+        with open(self.state.lock, "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.log(f"another supervisor holds {self.state.lock}; not starting")
+                return 3
+            self.state.pid_file.write_text(f"{os.getpid()}\n")
+            try:
+                return self._run()
+            finally:
+                self.state.pid_file.unlink(missing_ok=True)
+
+    def _run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        self.children = [Child(c) for c in self.commands]
+        for child in self.children:
+            self._start(child)
+        last = ""
+        while not self._stop:
+            now = time.monotonic()
+            for child in self.children:
+                if child.state == ChildState.RUNNING and child.proc and child.proc.poll() is not None:
+                    self._reap(child, now)
+                if child.state == ChildState.WAITING and now >= child.next_start:
+                    child.restarts += 1
+                    self._start(child)
+            status = self.status()
+            if json.dumps(status) != last:
+                _write_json(self.state.status, status)
+                last = json.dumps(status)
+            if all(c.state in (ChildState.FAILED, ChildState.DONE) for c in self.children):
+                break
+            time.sleep(0.2)
+        if self._stop:
+            self._shutdown()
+        _write_json(self.state.status, self.status())
+        failed = [c.command.label for c in self.children if c.state == ChildState.FAILED]
+        self.log("stopped" + (f"; gave up on {', '.join(failed)}" if failed else ""))
+        return 1 if failed else 0
+
+    def _running(self) -> Iterator[Child]:
+        for child in self.children:
+            if child.state == ChildState.RUNNING and child.proc and child.proc.poll() is None:
+                yield child
+
+    def _signal_all(self, sig: int) -> None:
+        for child in self._running():
+            assert child.proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.proc.pid, sig)  # the Celery main process handles its pool
+
+    def _shutdown(self) -> None:
+        """Drain: SIGINT, a Celery warm shutdown: each worker finishes its current run and
+        takes no new one. Now: SIGTERM, which `orchestrator worker` maps to Celery's cold
+        shutdown: a running run goes back to its queue at once, for another worker. What
+        is left `kill_after` seconds after SIGTERM is killed."""
+        mode = self._stop
+        self.log(f"stopping {len(list(self._running()))} workers "
+                 + ("(drain: each finishes its current run)" if mode == "drain"
+                    else "(running runs go back to their queues)"))
+        self._signal_all(signal.SIGINT if mode == "drain" else signal.SIGTERM)
+        kill_at = None if mode == "drain" else time.monotonic() + self.kill_after
+        while list(self._running()):
+            if mode == "drain" and self._stop == "now":
+                mode, kill_at = "now", time.monotonic() + self.kill_after
+                self.log("stopping now: running runs go back to their queues")
+                self._signal_all(signal.SIGTERM)
+            if kill_at is not None and time.monotonic() > kill_at:
+                self.log(f"killing workers still running {self.kill_after:g}s after SIGTERM")
+                for child in self._running():
+                    assert child.proc is not None
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(child.proc.pid, signal.SIGKILL)
+                kill_at = None
+            time.sleep(0.2)
+        for child in self.children:
+            if child.proc is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(child.proc.pid, signal.SIGKILL)  # leftover pool children
+                if child.state in (ChildState.RUNNING, ChildState.WAITING):
+                    child.state = ChildState.STOPPED
+
+
+# --- helpers for the commands ------------------------------------------------------
+
+def state_url(broker: str) -> str:
+    """Where the registry lives: the live-state Redis, as the workers compute it."""
+    return os.environ.get("ORCH_STATE_URL") or os.environ.get("ORCH_RESULT_BACKEND") or broker
+
+
+def client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10)
+
+
+def redact(url: str) -> str:
+    """A Redis URL fit to print: the password replaced by ***."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+
+
+def gpu_owners(gpu_index: int, records: list[WorkerRecord], host: str | None = None) -> list[str]:
+    """Node names of this host's workers bound to GPU `gpu_index`."""
+    host = host or this_host()
+    return [r.name for r in records if r.host == host and r.gpu == gpu_index]
+
+
+def process_owner(pid: int, records: list[WorkerRecord], host: str | None = None) -> str | None:
+    """The worker of this host whose main process is `pid` or one of its ancestors."""
+    import psutil
+
+    host = host or this_host()
+    mains = {r.pid: r.name for r in records if r.host == host}
+    try:
+        proc = psutil.Process(pid)
+        chain = [proc, *proc.parents()]
+    except psutil.Error:
+        return None
+    return next((mains[p.pid] for p in chain if p.pid in mains), None)
