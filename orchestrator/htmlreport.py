@@ -422,13 +422,17 @@ def _timeline(data: ReportData) -> Figure | None:
     workers = list(spans)
     fig = _new_figure(9.0, 1.3 + 0.45 * len(workers))
     ax = fig.add_subplot()
+    # A thin white edge tells runs apart, but on a bar narrower than it (runs of a few
+    # milliseconds over minutes) the edge alone would show and look like idle time.
+    visible = (max(e for runs in spans.values() for _, e, _ in runs) - t0) / 300
     for y, worker in enumerate(workers):
         by_state: dict[str, list[tuple[float, float]]] = defaultdict(list)
         for start, end, state in spans[worker]:
             by_state[state].append((start - t0, max(end - start, 1e-3)))
         for state, bars in by_state.items():
             ax.broken_barh(bars, (y - 0.35, 0.7), facecolors=STATE_COLORS.get(state, "#5470c6"),
-                           edgecolors="white", linewidth=0.4, label=state)
+                           edgecolors=["white" if w > visible else "none" for _, w in bars],
+                           linewidth=0.4, label=state)
     handles, names = ax.get_legend_handles_labels()
     unique = dict(zip(names, handles, strict=True))
     ax.legend(unique.values(), unique.keys(), fontsize="small", loc="upper right", ncols=len(unique))

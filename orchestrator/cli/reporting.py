@@ -36,8 +36,9 @@ def open_in_browser(path: Path) -> bool:
 def report(experiment: str, results_root: str | None, output: Path | None, metric: str, top: int,
            open_browser: bool) -> None:
     """Write an HTML report of an experiment, finished or not: plots of the metric
-    against each swept parameter, per-fold scores, the best group's confusion matrix,
-    a timeline of runs per worker, and the best groups as a table.
+    against each swept parameter, per-fold scores, confusion matrices of each dataset's
+    best group, a timeline of runs per worker (idle gaps show), and the best groups as
+    a table.
 
     \b
     Example:
