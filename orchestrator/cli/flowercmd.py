@@ -86,7 +86,7 @@ def _is_loopback(address: str) -> bool:
 @click.option("--purge-offline-workers", default=None, type=click.IntRange(1), metavar="SECONDS",
               help="Forget workers offline for this long [default: keep them, shown offline].")
 @click.option("--read-only", is_flag=True,
-              help="Hide revoke, terminate, pool and shutdown buttons: a viewing-only Flower.")
+              help="No revoke, terminate, pool or shutdown (pages and API): a viewing-only Flower.")
 @click.option("--no-auth", is_flag=True,
               help="Serve without a login (only behind a proxy that authenticates).")
 @click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
