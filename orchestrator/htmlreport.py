@@ -54,6 +54,8 @@ class FoldInfo:
     finished_at: float | None
     metrics: dict[str, float]
     error: str | None
+    attempts: list[dict[str, Any]] = field(default_factory=list)  # the record's "history"
+    recorded: str | None = None  # the status its record states (DONE even if files are gone)
 
 
 @dataclass
@@ -137,7 +139,9 @@ def collect(layout: Layout, experiment: str) -> ReportData:
             folds.append(FoldInfo(
                 fold=spec.fold, run_id=spec.run_id, state=state, worker=record.get("worker"),
                 started_at=_number(record.get("started_at")), finished_at=_number(record.get("finished_at")),
-                metrics=metrics or {}, error=record.get("error") if state != DONE else None))
+                metrics=metrics or {}, error=record.get("error") if state != DONE else None,
+                attempts=[h for h in record.get("history") or [] if isinstance(h, dict)],
+                recorded=record.get("status")))
         status = read_group_status(layout, first) or {}
         current = status.get("run_ids") == sorted(s.run_id for s in specs)
         groups.append(GroupInfo(
@@ -182,8 +186,10 @@ def missing(data: ReportData) -> list[str]:
         for f in g.folds:
             if f.state == DONE:
                 continue
-            if g.state == DONE and f.state == "NEW":
+            if f.state == "NEW" and f.recorded == DONE:
                 lines.append(f"{g.name}: fold {f.fold}: outputs missing or changed since they were written")
+            elif f.state == "NEW":
+                lines.append(f"{g.name}: fold {f.fold}: no status record (not started)")
             else:
                 why = f": {_shorten(f.error)}" if f.error else ""
                 lines.append(f"{g.name}: fold {f.fold}: {f.state}{why}")
@@ -381,16 +387,21 @@ def _confusion_panel(ax: Any, labels: list[str], rows: list[dict[str, str]], tit
 
 
 def worker_spans(data: ReportData) -> dict[str, list[tuple[float, float, str]]]:
-    """worker -> (start, end, state) of each run it started; a run still going ends now."""
+    """worker -> (start, end, outcome) of each attempt it made, from the fold records'
+    attempt history (else their last attempt's times); an attempt still going ends now,
+    one that was lost (no end recorded) is left out."""
     spans: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
     for g in data.groups:
         for f in g.folds:
-            if not f.worker or f.started_at is None:
-                continue
-            end = f.finished_at if f.finished_at is not None else (
-                data.generated_at if f.state == Status.IN_PROGRESS.value else None)
-            if end is not None and end >= f.started_at:
-                spans[f.worker].append((f.started_at, end, f.state))
+            attempts = f.attempts or [{"worker": f.worker, "started_at": f.started_at,
+                                       "finished_at": f.finished_at, "outcome": f.state}]
+            for i, a in enumerate(attempts):
+                worker, start, end = a.get("worker"), _number(a.get("started_at")), _number(a.get("finished_at"))
+                outcome = str(a.get("outcome") or f.state)
+                if end is None and i == len(attempts) - 1 and f.state == Status.IN_PROGRESS.value:
+                    end, outcome = data.generated_at, f.state
+                if isinstance(worker, str) and worker and start is not None and end is not None and end >= start:
+                    spans[worker].append((start, end, outcome))
     return {w: sorted(s) for w, s in sorted(spans.items())}
 
 
@@ -410,8 +421,8 @@ def worker_usage(spans: list[tuple[float, float, str]]) -> dict[str, float]:
             "longest_gap": gap}
 
 
-STATE_COLORS = {DONE: "#4c9a5b", Status.FAILED.value: "#c8453c", Status.IN_PROGRESS.value: "#e3a33b",
-                Status.CANCELLED.value: "#8a8a8a"}
+STATE_COLORS = {DONE: "#4c9a5b", Status.FAILED.value: "#c8453c", "RETRY": "#e07b39",
+                Status.IN_PROGRESS.value: "#e3a33b", Status.CANCELLED.value: "#8a8a8a"}
 
 
 def _timeline(data: ReportData) -> Figure | None:
@@ -441,8 +452,9 @@ def _timeline(data: ReportData) -> Figure | None:
     ax.set_xlabel("seconds since the first run started")
     ax.grid(axis="x", alpha=0.3)
     return Figure(slug="timeline", title="Runs per worker over time",
-                  caption=("One bar per run, from its start to its end as its fold status file "
-                           "records them (the last attempt); white space between bars is idle time."),
+                  caption=("One bar per attempt of a run, from its start to its end as the run's "
+                           "status file records them, coloured by outcome (RETRY: failed, then "
+                           "retried); white space between bars is idle time."),
                   png=_png(fig))
 
 

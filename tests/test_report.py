@@ -20,6 +20,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from orchestrator.htmlreport import collect, worker_spans
 from orchestrator.manifest import load_manifest
 from orchestrator.paths import Layout
 from orchestrator.spec import RunSpec
@@ -218,7 +219,11 @@ def test_partly_finished_experiment_still_reports(results_copy: Path) -> None:
     # a failed group: one fold FAILED (with markup in its error), no ensemble, no CSV rows
     failed_fold = RunSpec.from_dict(groups[2]["runs"][1])
     record = json.loads(layout.fold_status(failed_fold).read_text())
-    record.update(status="FAILED", error="<script>alert(1)</script> out of memory")
+    (last,) = record["history"]
+    retry = {"attempt": 1, "worker": "gpu0@other", "started_at": last["started_at"] - 5,
+             "finished_at": last["started_at"] - 4, "outcome": "RETRY"}
+    record.update(status="FAILED", error="<script>alert(1)</script> out of memory",
+                  history=[retry, {**last, "attempt": 2, "outcome": "FAILED"}])
     layout.fold_status(failed_fold).write_text(json.dumps(record))
     layout.group_status(failed).unlink()
     shutil.rmtree(layout.ensemble_dir(failed))
@@ -243,6 +248,12 @@ def test_partly_finished_experiment_still_reports(results_copy: Path) -> None:
     table = dict(page.best_rows())
     assert failed.group_id not in table
     assert len(table) == 10  # 11 groups still have rows in final_results.csv
+    # the timeline draws every attempt in a run's history, on the worker that made it
+    spans = worker_spans(collect(layout, EXPERIMENT))
+    assert spans["gpu0@other"] == [(retry["started_at"], retry["finished_at"], "RETRY")]
+    assert (last["started_at"], last["finished_at"], "FAILED") in spans[last["worker"]]
+    assert sum(len(s) for s in spans.values()) == 37  # 36 runs, one of them twice
+    assert '<td>gpu0@other</td><td class="num">1</td>' in text
 
 
 def test_report_before_anything_finished(results_copy: Path) -> None:
@@ -256,6 +267,9 @@ def test_report_before_anything_finished(results_copy: Path) -> None:
     assert page.images == [] and page.best_rows() == []
     assert page.missing[0].endswith("does not exist yet: no group has been finalized")
     assert len(page.missing) == 1 + 12 * (1 + 3)  # per group: its state and each fold's
+    first = load_manifest(layout, EXPERIMENT)["groups"][0]["name"]
+    assert page.missing[1:3] == [f"{first}: group PENDING, 0/3 folds DONE",
+                                 f"{first}: fold 0: no status record (not started)"]
     assert "No run has started yet." in path.read_text()
 
 
