@@ -361,8 +361,14 @@ class Supervisor:
                 self.state.pid_file.unlink(missing_ok=True)
 
     def _run(self) -> int:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return self._supervise()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _supervise(self) -> int:
         self.children = [Child(c) for c in self.commands]
         for child in self.children:
             self._start(child)

@@ -47,6 +47,10 @@ def _unreachable(broker: str, exc: Exception) -> EnvironmentProblem:
     return EnvironmentProblem(f"cannot reach the broker at {fleet.redact(broker)}: {exc}")
 
 
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _ago(t: float) -> str:
     return f"{max(0.0, time.time() - t):.0f}s ago"
 
@@ -239,7 +243,7 @@ def up(gpus_spec: str | None, per_gpu: int, cpu: int, accept_gpu_runs: bool, con
                                  "--state-dir", str(state.path)], env=env, stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     _wait_started(state, proc, len(commands))
-    out.print(f"supervisor pid {proc.pid} started {len(commands)} workers on {fleet.redact(url)}; "
+    out.print(f"supervisor pid {proc.pid} started {_n(len(commands), 'worker')} on {fleet.redact(url)}; "
               f"logs in {state.logs}", markup=False)
     if wait_s <= 0:
         return
@@ -253,7 +257,7 @@ def up(gpus_spec: str | None, per_gpu: int, cpu: int, accept_gpu_runs: bool, con
         except redis.RedisError:
             pass
         if not missing:
-            out.print(f"all {len(expected)} workers registered in {time.monotonic() - started:.1f}s; "
+            out.print(f"{_n(len(expected), 'worker')} registered in {time.monotonic() - started:.1f}s; "
                       "`orchestrator workers list` shows them, `orchestrator workers down` stops them",
                       markup=False)
             return
@@ -311,7 +315,7 @@ def down(state_dir: str | None, drain: bool, timeout: float | None) -> None:
         raise EnvironmentProblem(f"{state.lock} is locked but {state.pid_file} names no process")
     labels = sorted((state.read_status() or {}).get("workers", {}))
     how = "drain: each finishes its current run" if drain else "running runs go back to their queues"
-    out.print(f"stopping supervisor {pid} and {len(labels)} workers ({how})", markup=False)
+    out.print(f"stopping supervisor {pid} and {_n(len(labels), 'worker')} ({how})", markup=False)
     try:
         os.kill(pid, signal.SIGINT if drain else signal.SIGTERM)
         if drain:
@@ -371,7 +375,8 @@ def list_(broker: str | None, as_json: bool) -> None:
         out.print(f"no live workers registered on {fleet.redact(url)}", markup=False)
         return
     table = Table(title=f"{len(rows)} workers on {fleet.redact(url)}", title_justify="left")
-    for col in ("worker", "host", "gpu", "state", "current run", "last heartbeat", "queues", "pid"):
+    table.add_column("worker", no_wrap=True)
+    for col in ("host", "gpu", "state", "current run", "last heartbeat", "queues", "pid"):
         table.add_column(col, overflow="fold")
     for row in rows:
         current = "\n".join(str(x.get("name") or x["run_id"]) for x in row["current_runs"]) or "-"
