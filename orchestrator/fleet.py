@@ -142,7 +142,10 @@ def current_runs(client: redis.Redis) -> dict[str, list[dict[str, Any]]]:
             info = json.loads(value)
         except ValueError:
             continue
-        if isinstance(info, dict) and isinstance(info.get("worker"), str):
+        if not isinstance(info, dict) or info.get("revoked_token") is not None or \
+                ("token" in info and info["token"] is None):
+            continue  # an attempt the watchdog revoked or that was handed back: not current
+        if isinstance(info.get("worker"), str):
             by_worker.setdefault(info["worker"], []).append({"run_id": run_id.decode(), **info})
     return by_worker
 

@@ -130,7 +130,7 @@ def workers() -> None:
     Examples:
       orchestrator workers up --gpus 0,2     # one supervised worker per selected GPU
       orchestrator workers list              # every worker of the cluster
-      orchestrator workers down              # warm stop of this host's workers
+      orchestrator workers down              # stop them; running runs go back to their queues
     """
 
 
@@ -183,7 +183,7 @@ def _wait_started(state: fleet.StateDir, proc: subprocess.Popen[bytes], n: int, 
 
 @workers.command()
 @click.option("--gpus", "gpus_spec", default=None, metavar="LIST",
-              help="GPU indices, e.g. 0,2, or `all` [default: all GPUs, unless only --cpu is given].")
+              help="GPU indices, e.g. 0,2, or `all` or `none` [default: all GPUs, unless only --cpu is given].")
 @click.option("--per-gpu", default=1, show_default=True, type=click.IntRange(min=1), metavar="K",
               help="Workers per GPU (node names gpu<i>-<k>@host).")
 @click.option("--cpu", default=0, type=click.IntRange(min=0), metavar="N",
