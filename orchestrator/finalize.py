@@ -157,7 +157,7 @@ def mark_group_failed(layout: Layout, specs: list[RunSpec], reason: str | None =
         status = record.get("status", Status.PENDING.value)
         if fold_is_done(layout, spec):
             status = Status.DONE.value
-        elif status != Status.FAILED.value:
+        elif status not in (Status.FAILED.value, Status.CANCELLED.value):
             status = Status.FAILED.value
             record = write_fold_status(layout, spec, Status.FAILED, base=record or None,
                                        error=LOST, finished_at=time.time())
@@ -170,12 +170,18 @@ def mark_group_failed(layout: Layout, specs: list[RunSpec], reason: str | None =
             reason = previous.get("failed", {}).get("finalize")
     if reason or not failed:
         failed["finalize"] = reason or "finalize did not complete (see the control worker's log)"
+    # Cancelled on purpose (and nothing failed): CANCELLED, which a later run resumes.
+    cancelled = (not reason and Status.CANCELLED.value in folds.values()
+                 and Status.FAILED.value not in folds.values())
+    if cancelled:
+        failed.pop("finalize", None)
+    state = Status.CANCELLED if cancelled else Status.FAILED
     record = {
         "group_id": first.group_id, "experiment": first.experiment, "name": first.group_name,
-        "train_status": Status.FAILED.value, "run_ids": sorted(s.run_id for s in specs),
+        "train_status": state.value, "run_ids": sorted(s.run_id for s in specs),
         "folds": folds, "failed": failed, "finished_at": time.time(),
     }
     atomic_write_json(layout.group_status(first), record)
     if live:
-        live.set_group(first.experiment, first.group_id, Status.FAILED.value)
+        live.set_group(first.experiment, first.group_id, state.value)
     return record

@@ -31,6 +31,7 @@ import redis
 
 PREFIX = "orch"
 ACTIVE = f"{PREFIX}:active"
+WAITING = f"{PREFIX}:waiting"  # hash task_id -> time: duplicates waiting on a live lease
 EPOCH = f"{PREFIX}:epoch"
 ATTEMPTS_TTL = 7 * 24 * 3600
 
@@ -219,6 +220,29 @@ class Leases:
         for rid in run_ids:
             pipe.exists(lease_key(rid))
         return {rid for rid, alive in zip(run_ids, pipe.execute(), strict=True) if alive}
+
+    def wait_mark(self, task_id: str, done: bool = False) -> None:
+        """A delivery waiting for another attempt of its run (not an orphan)."""
+        if done:
+            self.client.hdel(WAITING, task_id)
+        else:
+            self.client.hset(WAITING, task_id, repr(time.time()))
+
+    def waiting(self) -> set[str]:
+        """Task ids of deliveries that marked themselves waiting in the last lease periods."""
+        now = time.time()
+        raw = cast(dict[bytes, bytes], self.client.hgetall(WAITING))
+        stale = [k for k, v in raw.items() if now - float(v) > 3 * self.ttl]
+        if stale:
+            self.client.hdel(WAITING, *[k.decode() for k in stale])
+        return {k.decode() for k in raw if k not in stale}
+
+    def count_commit(self, run_id: str) -> int:
+        """An attempt committed the run's outputs (for audits: it must stay at 1)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hincrby(attempts_key(run_id), "committed", 1)
+        pipe.expire(attempts_key(run_id), ATTEMPTS_TTL)
+        return int(pipe.execute()[0])
 
     def count_failure(self, run_id: str) -> int:
         """One more attempt ended with an exception; returns how many have."""

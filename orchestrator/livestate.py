@@ -61,6 +61,17 @@ class LiveState:
         pipe.expire(groups_key(experiment), TTL_SECONDS)
         pipe.execute()
 
+    def count_finalize(self, group_id: str) -> int:
+        """One more execution of a group's finalize (for audits: normally 1)."""
+        key = f"{PREFIX}:group:{group_id}:finalized"
+        pipe = self.client.pipeline(transaction=False)
+        pipe.incr(key)
+        pipe.expire(key, TTL_SECONDS)
+        return int(pipe.execute()[0])
+
+    def finalize_count(self, group_id: str) -> int:
+        return int(cast(bytes, self.client.get(f"{PREFIX}:group:{group_id}:finalized")) or 0)
+
     def clear_groups(self, experiment: str, group_ids: list[str]) -> None:
         if group_ids:
             self.client.hdel(groups_key(experiment), *group_ids)

@@ -19,7 +19,9 @@ from .livestate import LiveState
 from .plan import GroupPlan
 from .status import Status
 
-FINAL_GROUP = (Status.DONE.value, Status.FAILED.value)
+FINAL_GROUP = (Status.DONE.value, Status.FAILED.value, Status.CANCELLED.value)
+# Redis restarting or briefly unreachable: keep polling this long before giving up.
+REDIS_PATIENCE_SECONDS = 300.0
 
 
 @dataclass
@@ -51,9 +53,11 @@ def counts(live: LiveState, tracked: list[Tracked]) -> tuple[Counter[str], int, 
 
 def wait(live: LiveState, tracked: list[Tracked], console: Console,
          check: Callable[[], None] | None = None, poll: float = 0.2) -> None:
-    """Block until every tracked group is DONE or FAILED. `check` may raise to abort."""
+    """Block until every tracked group is DONE, FAILED or CANCELLED. `check` may raise to
+    abort; Redis errors are retried for REDIS_PATIENCE_SECONDS."""
     start = time.monotonic()
     already = None
+    lost_since: float | None = None
     interactive = console.is_terminal
     last_line = 0.0
     columns = [TextColumn("[bold]{task.description}"), BarColumn(),
@@ -69,9 +73,19 @@ def wait(live: LiveState, tracked: list[Tracked], console: Console,
                 check()
             try:
                 states, finished, total = counts(live, tracked)
-            except redis.RedisError as exc:  # report, do not traceback
-                raise EnvironmentProblem(f"lost the connection to Redis: {exc}") from exc
-            done, failed = states[Status.DONE.value], states[Status.FAILED.value]
+                lost_since = None
+            except redis.RedisError as exc:  # Redis restarting? wait for it, with backoff
+                now = time.monotonic()
+                if lost_since is None:
+                    lost_since = now
+                    console.print(f"lost the connection to Redis ({exc}); retrying")
+                if now - lost_since > REDIS_PATIENCE_SECONDS:
+                    raise EnvironmentProblem(f"lost the connection to Redis for "
+                                             f"{REDIS_PATIENCE_SECONDS:.0f} s: {exc}") from exc
+                time.sleep(min(5.0, 0.5 * 2 ** min(6, int(now - lost_since))))
+                continue
+            done = states[Status.DONE.value]
+            failed = states[Status.FAILED.value] + states[Status.CANCELLED.value]
             running = states[Status.IN_PROGRESS.value]
             if already is None:
                 already = done

@@ -18,6 +18,8 @@ def group_state(layout: Layout, specs: list[RunSpec], fold_states: list[str]) ->
         return str(record["train_status"])
     if Status.IN_PROGRESS.value in fold_states or Status.DONE.value in fold_states:
         return Status.IN_PROGRESS.value
+    if Status.CANCELLED.value in fold_states:
+        return Status.CANCELLED.value
     return Status.PENDING.value
 
 

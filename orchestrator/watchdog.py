@@ -21,6 +21,9 @@ from .leases import ACTIVE, EPOCH, PREFIX, Leases
 log = logging.getLogger(__name__)
 LOCK = f"{PREFIX}:watchdog:lock"
 REVOKED_KEEP_SECONDS = 24 * 3600  # revoked entries count as lost attempts until then
+# A delivered training message nobody holds a lease for, this many lease periods after
+# its delivery, was lost by its worker before it started.
+ORPHAN_GRACE_LEASES = 3
 
 
 def watchdog_interval() -> float:
@@ -33,8 +36,10 @@ def watchdog_interval() -> float:
 class Watchdog:
     def __init__(self, leases: Leases, restore: Callable[[str], bool],
                  redispatch: Callable[[], dict[str, int]], name: str | None = None,
-                 interval: float | None = None):
+                 interval: float | None = None,
+                 orphans: Callable[[set[str], float], list[str]] | None = None):
         self.leases = leases
+        self.orphans = orphans
         self.client: redis.Redis = leases.client
         self.restore = restore
         self.redispatch = redispatch
@@ -73,12 +78,18 @@ class Watchdog:
                 continue  # it ended or renewed in between
             task_id = str(entry.get("task_id") or "")
             restored = bool(task_id) and self.restore(task_id)
-            action = (f"{entry.get('name', run_id)}: the lease of {entry.get('worker', '?')} lapsed "
-                      f"(attempt {entry.get('attempt', '?')}); "
+            action = (f"{entry.get('name', run_id)}: the lease of {entry.get('worker', '?')} lapsed; "
                       + ("its message is back on its queue for another worker" if restored
                          else "no unacknowledged message left to restore"))
             log.warning("watchdog: %s", action)
             actions.append(action)
+        if self.orphans is not None:
+            known = {str(e.get("task_id")) for e in active.values() if e.get("token")}
+            known |= self.leases.waiting()
+            for name in self.orphans(known, ORPHAN_GRACE_LEASES * self.leases.ttl):
+                action = f"{name}: delivered but never started (its worker lost it); back on its queue"
+                log.warning("watchdog: %s", action)
+                actions.append(action)
         return actions
 
     def _check_epoch(self) -> list[str]:

@@ -118,6 +118,7 @@ def _claim(task: Any, run: RunSpec, worker: WorkerInfo, info: dict[str, Any]) ->
     while True:
         got = leases.claim(run.run_id, info)
         if isinstance(got, Claim):
+            leases.wait_mark(task.request.id, done=True)
             return got
         holder = got
         token = holder.get("token")
@@ -127,7 +128,9 @@ def _claim(task: Any, run: RunSpec, worker: WorkerInfo, info: dict[str, Any]) ->
             continue
         state, _ = fold_state(_layout(), run)
         if state == Status.DONE.value:
+            leases.wait_mark(task.request.id, done=True)
             return {"done": True}
+        leases.wait_mark(task.request.id)
         time.sleep(1.0)
 
 
@@ -178,7 +181,10 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
             raise RunFailed(why)
         with LeaseGuard(leases, run.run_id, claim, guard_info, run.experiment, submitted_at) as guard:
             try:
-                return execute(run, layout, worker, claim.attempt, live, guard, lost=claim.lost)
+                result = execute(run, layout, worker, claim.attempt, live, guard, lost=claim.lost)
+                if not result.get("skipped"):
+                    leases.count_commit(run.run_id)
+                return result
             except RunStopped as stop:
                 if stop.cancelled:
                     record_failure(run, layout, worker, claim.attempt, RunFailed(str(stop)),
@@ -224,6 +230,7 @@ def _outcome(run: RunSpec, record: dict[str, Any]) -> dict[str, Any]:
 def finalize(self: Any, results: Any, specs: list[dict[str, Any]]) -> dict[str, Any]:
     """Chord body: ensemble outputs, final_results.csv rows, status.json DONE."""
     group = _specs(specs)
+    _live().count_finalize(group[0].group_id)
     try:
         record = finalize_group(_layout(), group, _live())
     except Exception as exc:

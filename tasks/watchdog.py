@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import threading
+import time
 from typing import Any
 
 from celery.signals import worker_ready, worker_shutting_down
@@ -42,6 +43,34 @@ def restore_message(task_id: str) -> bool:
     return False
 
 
+def restore_orphans(known_task_ids: set[str], older_than: float) -> list[str]:
+    """Unacknowledged training messages that no attempt holds a lease for (nor waits on),
+    delivered more than `older_than` seconds ago: their worker lost them before it
+    started (a connection cut between fetch and start, a Redis restart while the
+    restore at disconnect could not reach it). Without this they would wait for the
+    visibility timeout (hours). Each is put back on its queue; returns their names."""
+    restored = []
+    with app.connection_for_write() as conn:
+        channel: Any = conn.default_channel
+        client = channel.client
+        now = time.time()
+        delivered = dict(client.zrange(channel.unacked_index_key, 0, -1, withscores=True))
+        for tag, raw in client.hgetall(channel.unacked_key).items():
+            try:
+                payload = json.loads(raw)[0]
+                headers = payload["headers"]
+                task_id, task = headers["id"], headers["task"]
+            except (ValueError, KeyError, IndexError, TypeError):
+                continue
+            if task != "tasks.train_run" or task_id in known_task_ids:
+                continue
+            if now - float(delivered.get(tag, now)) < older_than:
+                continue
+            channel.qos.restore_by_tag(tag.decode() if isinstance(tag, bytes) else tag, leftmost=True)
+            restored.append(str(headers.get("argsrepr") or task_id))
+    return restored
+
+
 def _leases() -> Any:
     from orchestrator.leases import Leases
 
@@ -63,7 +92,7 @@ def _start_watchdog(sender: Any = None, **_: Any) -> None:
         return
     from orchestrator.watchdog import Watchdog
 
-    dog = Watchdog(_leases(), restore_message, _redispatch,
+    dog = Watchdog(_leases(), restore_message, _redispatch, orphans=restore_orphans,
                    name=f"watchdog@{getattr(sender, 'hostname', '?')}")
     _stop.clear()
     threading.Thread(target=dog.run_forever, args=(_stop,), name="orch-watchdog", daemon=True).start()

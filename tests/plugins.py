@@ -17,8 +17,15 @@ def _flaky(ctx: TrainContext) -> TrainResult:
 
 
 def _slow(ctx: TrainContext) -> TrainResult:
-    """Sleeps `seconds`, then the prior baseline: lets a test interrupt a running run."""
-    time.sleep(float(ctx.params["seconds"]))
+    """Takes `seconds`, reporting progress every 0.1 s like a training loop, then the
+    prior baseline: lets a test interrupt, kill, pause or cancel a running run."""
+    seconds = 0.0 if ctx.fold == ctx.params["short_fold"] else float(ctx.params["seconds"])
+    end = time.monotonic() + seconds
+    step = 0
+    while time.monotonic() < end:
+        time.sleep(min(0.1, max(0.0, end - time.monotonic())))
+        step += 1
+        ctx.reporter.report(step=step)
     return prior_train(ctx)
 
 
@@ -31,7 +38,7 @@ def _pid(ctx: TrainContext) -> TrainResult:
 TRAINERS = [
     Trainer("flaky", "1", _flaky, {"fail_fold": Param(-1, "int"), "smoothing": Param(1.0, "float")}),
     Trainer("slow", "1", _slow, {"seconds": Param(1.0, "float", minimum=0.0),
-                                 "smoothing": Param(1.0, "float")}),
+                                 "short_fold": Param(-1, "int"), "smoothing": Param(1.0, "float")}),
     Trainer("pid", "1", _pid, {"smoothing": Param(1.0, "float")}),
 ]
 

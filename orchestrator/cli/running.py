@@ -80,7 +80,7 @@ def _summary(exps: list[Experiment], layout: Layout) -> int:
         for g in failed:
             for fold, error in g["failed"].items():
                 where = f"fold={fold}" if fold.isdigit() else fold
-                err.print(f"[red]FAILED[/] {escape(g['name'])}/{where}: {escape(str(error))}")
+                err.print(f"[red]{g['state']}[/] {escape(g['name'])}/{where}: {escape(str(error))}")
         failed_any = failed_any or bool(failed)
         out.print(f"results: {layout.final_results(exp.name)}")
     return errors.EXIT_RUNS_FAILED if failed_any else errors.EXIT_OK

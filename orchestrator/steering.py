@@ -1,0 +1,62 @@
+"""Steering experiments on a running cluster: cancel (plain Python over Redis and files)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .finalize import mark_group_failed
+from .leases import Leases
+from .livestate import LiveState
+from .manifest import load_manifest
+from .paths import Layout
+from .spec import RunSpec
+from .status import Status, fold_state, write_fold_status
+
+CANCELLED_WHY = "cancelled (orchestrator cancel)"
+
+
+def cancel_experiment(layout: Layout, experiment: str, leases: Leases,
+                      live: LiveState) -> dict[str, int]:
+    """Cancel what is left of an experiment's last submission.
+
+    From now on, every message of it published before this moment is dropped when a
+    worker reaches it; runs that are training stop at their next progress report (or at
+    the latest before they write anything) and record CANCELLED themselves; queued runs
+    are marked CANCELLED here, and so are groups with nothing running. Submitting the
+    experiment again resumes it (newer messages are not affected)."""
+    manifest = load_manifest(layout, experiment)
+    leases.cancel(experiment)
+    active = {rid for rid, e in leases.active().items()
+              if e.get("token") and e.get("experiment") == experiment}
+    counts = {"queued": 0, "running": 0, "groups": 0}
+    now = time.time()
+    states: dict[str, str] = {}
+    for group in manifest.get("groups", []):
+        specs = [RunSpec.from_dict(r) for r in group.get("runs", [])]
+        running_here = False
+        cancelled_here = False
+        for spec in specs:
+            state, record = fold_state(layout, spec)
+            if state in (Status.DONE.value, Status.FAILED.value):
+                continue
+            if spec.run_id in active:
+                counts["running"] += 1
+                running_here = True
+                continue
+            cancelled_here = True
+            if state != Status.CANCELLED.value:
+                write_fold_status(layout, spec, Status.CANCELLED, base=record or None,
+                                  error=CANCELLED_WHY, finished_at=now)
+                states[spec.run_id] = Status.CANCELLED.value
+                counts["queued"] += 1
+        if cancelled_here and not running_here and specs:
+            mark_group_failed(layout, specs, live=live)  # all folds final: CANCELLED
+            counts["groups"] += 1
+    live.set_runs(experiment, states)
+    return counts
+
+
+def describe(counts: dict[str, Any]) -> str:
+    return (f"{counts['queued']} queued runs CANCELLED, {counts['running']} running runs "
+            f"stopping, {counts['groups']} groups CANCELLED")
