@@ -25,7 +25,7 @@ from orchestrator import fleet, gpu
 from orchestrator.cli.workers import celery_worker_command
 from orchestrator.local import spawn, start_redis, stop_process
 
-from .conftest import cli_env, run_cli, wait_for
+from .conftest import celery_app, cli_env, run_cli, wait_for
 from .fake_nvml import FakeNVML
 
 HOST = socket.gethostname()
@@ -207,6 +207,19 @@ def test_registry_records_expire_and_only_their_owner_removes_them(fleet_redis: 
     assert fleet.current_runs(client) == {"gpu0@h1": [{"run_id": "r1", "worker": "gpu0@h1",
                                                         "name": "e/iris/base/seed=0/fold=1"}]}
     client.flushdb()
+
+
+def test_idle_check_counts_messages_of_every_priority(fleet_redis: str) -> None:
+    from tasks.fleet import _queued
+
+    app = celery_app(fleet_redis.rsplit("/", 1)[0] + "/2")
+    with app.connection_for_write() as conn:
+        assert _queued(["fleet-idle-a", "fleet-idle-b"], conn) == 0  # never declared: empty
+        app.send_task("tests.nothing", queue="fleet-idle-a", priority=0)
+        app.send_task("tests.nothing", queue="fleet-idle-a", priority=9)
+        app.send_task("tests.nothing", queue="fleet-idle-b")
+        assert _queued(["fleet-idle-a"], conn) == 2 and _queued(["fleet-idle-a", "fleet-idle-b"], conn) == 3
+        conn.default_channel.client.flushdb()
 
 
 # --- real workers -------------------------------------------------------------------
