@@ -100,12 +100,15 @@ def _start_watchdog(sender: Any = None, **_: Any) -> None:
 
 
 @worker_shutting_down.connect
-def _hand_back(sender: Any = None, **_: Any) -> None:
-    """This worker stops: revoke the leases it holds as "handed back". Its pool child is
-    then stopped by Celery and its unacknowledged message goes back to the queue (or the
-    child, if it gets there first, requeues it itself); the next worker claims the run
-    at once instead of waiting for the lease to lapse."""
+def _hand_back(sender: Any = None, how: str = "", **_: Any) -> None:
+    """This worker stops cold (SIGTERM of `orchestrator worker`, SIGQUIT): revoke the
+    leases it holds as "handed back". Its pool child is then stopped by Celery and its
+    unacknowledged message goes back to the queue (or the child, if it gets there first,
+    requeues it itself); the next worker claims the run at once instead of waiting for
+    the lease to lapse. A warm stop (SIGINT, `workers down --drain`) lets runs finish."""
     _stop.set()
+    if how != "Cold":
+        return
     hostname = str(sender or "")
     with contextlib.suppress(Exception):
         leases = _leases()

@@ -384,3 +384,22 @@ def test_cancel_then_resume(fc: FaultCluster, tmp_path: Path) -> None:
     proc = submit(fc, cfg, wait=True)
     assert proc.returncode == 0, proc.stderr
     audit(fc, "f_cancel", folds=4)
+
+
+def test_a_poison_run_is_given_up_after_capped_attempts(fc: FaultCluster, tmp_path: Path) -> None:
+    """A run that SIGKILLs its process every time: retried, never forever, then FAILED;
+    the other folds finish and the group is recorded FAILED once."""
+    import yaml
+
+    cfg = tmp_path / "f_poison.yaml"
+    cfg.write_text(yaml.safe_dump({"experiment": "f_poison", "trainer": "killed", "datasets": ["iris"],
+                                   "folds": 2, "params": {"kill_fold": 1}, "resources": {"gpus": 0}}))
+    proc = submit(fc, cfg, wait=True)
+    assert proc.returncode == 1, proc.stderr
+    st = audit(fc, "f_poison", state="FAILED")
+    folds = {f["fold"]: f for f in st["group_details"][0]["folds"]}
+    assert folds[0]["state"] == "DONE" and folds[1]["state"] == "FAILED"
+    assert "died 3 times" in folds[1]["error"] and folds[1]["attempt"] == 4
+    history = _fold_record(fc, "f_poison", 1)["history"]
+    assert [h["outcome"] for h in history] == ["LOST", "LOST", "LOST", "FAILED"]
+    assert fc.client.hget(f"orch:attempts:{folds[1]['run_id']}", "committed") is None

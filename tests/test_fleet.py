@@ -324,8 +324,6 @@ def test_worker_exits_when_idle_after_its_run(fleet_redis: str, tmp_path: Path, 
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(strict=True, reason="tasks/watchdog.py _hand_back revokes a worker's leases on every "
-                   "shutdown, warm (SIGINT, --drain) included, so the run is handed back, not finished")
 def test_down_drain_lets_the_running_run_finish(fleet_redis: str, tmp_path: Path, write_experiment: Any) -> None:
     state = tmp_path / "state"
     env = cli_env(ORCH_BROKER_URL=fleet_redis, ORCH_RESULTS_ROOT=str(tmp_path / "results"), ORCH_PRELOAD="0",
