@@ -5,6 +5,8 @@ The only module of the orchestrator that imports `tasks`.
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from typing import Any
 
@@ -14,6 +16,7 @@ from tasks import app
 from tasks.training import finalize, group_failed, train_run
 
 from .config import Experiment
+from .leases import parked_queue
 from .livestate import LiveState
 from .manifest import write_manifest
 from .paths import Layout
@@ -27,6 +30,8 @@ from .status import (
     reset_group_status,
     write_fold_status,
 )
+
+log = logging.getLogger(__name__)
 
 
 def _stop_listening_for_results() -> None:
@@ -152,3 +157,27 @@ def redispatch(layout: Layout, live: LiveState) -> dict[str, int]:
             counts = publish(todo, {s.run_id: s.to_dict() for p in todo for s in p.specs})
             total = {k: total[k] + counts[k] for k in total}
     return total
+
+
+def unpark(experiment: str) -> int:
+    """Move every parked message of an experiment back to the queue its run belongs on
+    (same body, headers and priority: same task id and chord). Returns how many."""
+    moved = 0
+    with app.connection_for_write() as conn:
+        channel: Any = conn.default_channel
+        producer = conn.Producer()
+        while (message := channel.basic_get(parked_queue(experiment), no_ack=False)) is not None:
+            try:
+                args = json.loads(message.body)[0]
+                queue = RunSpec.from_dict(args[0]).queue
+            except Exception:  # not a run message: drop it rather than loop on it
+                log.error("dropping a parked message that is not a run: %r", message.body[:200])
+                message.ack()
+                continue
+            producer.publish(message.body, routing_key=queue, exchange="",
+                             headers=message.headers, content_type=message.content_type,
+                             content_encoding=message.content_encoding,
+                             priority=(message.properties or {}).get("priority"))
+            message.ack()
+            moved += 1
+    return moved

@@ -48,6 +48,15 @@ def cancel_key(experiment: str) -> str:
     return f"{PREFIX}:cancel:{experiment}"
 
 
+def pause_key(experiment: str) -> str:
+    return f"{PREFIX}:paused:{experiment}"
+
+
+def parked_queue(experiment: str) -> str:
+    """Where the runs of a paused experiment wait: a queue no worker consumes."""
+    return f"parked.{experiment}"
+
+
 def lease_seconds() -> float:
     """ORCH_LEASE_SECONDS (default 10): how long a lease lives without a heartbeat.
     Reassignment takes at most this plus one watchdog interval."""
@@ -258,6 +267,15 @@ class Leases:
     def cancelled_at(self, experiment: str) -> float | None:
         value = self.client.get(cancel_key(experiment))
         return float(cast(bytes, value)) if value is not None else None
+
+    def paused(self, experiment: str) -> bool:
+        return bool(self.client.exists(pause_key(experiment)))
+
+    def pause(self, experiment: str, now: bool) -> None:
+        self.client.set(pause_key(experiment), json.dumps({"at": time.time(), "now": now}))
+
+    def resume(self, experiment: str) -> bool:
+        return bool(self.client.delete(pause_key(experiment)))
 
     def cancel(self, experiment: str) -> float:
         now = time.time()

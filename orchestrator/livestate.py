@@ -24,6 +24,9 @@ def groups_key(experiment: str) -> str:
     return f"{PREFIX}:exp:{experiment}:groups"
 
 
+PROGRESS = f"{PREFIX}:progress"  # hash run_id -> JSON of the run's latest trainer report
+
+
 class LiveState:
     def __init__(self, client: redis.Redis):
         self.client = client
@@ -60,6 +63,24 @@ class LiveState:
         pipe.hset(groups_key(experiment), mapping=statuses)
         pipe.expire(groups_key(experiment), TTL_SECONDS)
         pipe.execute()
+
+    def set_progress(self, run_id: str, report: dict[str, Any]) -> None:
+        self.client.hset(PROGRESS, run_id, json.dumps(report, default=str))
+
+    def clear_progress(self, run_id: str) -> None:
+        self.client.hdel(PROGRESS, run_id)
+
+    def progress(self) -> dict[str, dict[str, Any]]:
+        """run_id -> {"t": unix time, "worker", "name", "experiment", and what the
+        trainer reported last: epoch, step, metrics...} for every run training now."""
+        raw = cast(dict[bytes, bytes], self.client.hgetall(PROGRESS))
+        found = {}
+        for k, v in raw.items():
+            try:
+                found[k.decode()] = json.loads(v)
+            except ValueError:
+                continue
+        return found
 
     def count_finalize(self, group_id: str) -> int:
         """One more execution of a group's finalize (for audits: normally 1)."""

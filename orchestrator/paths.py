@@ -130,6 +130,10 @@ class Layout:
     def manifest(self, experiment: str) -> Path:
         return self.experiment_dir(experiment) / "experiment.json"
 
+    def paused_marker(self, experiment: str) -> Path:
+        """Present while the experiment is paused (`orchestrator pause`)."""
+        return self.experiment_dir(experiment) / "paused.json"
+
     def final_results(self, experiment: str) -> Path:
         return self.experiment_dir(experiment) / "final_results.csv"
 

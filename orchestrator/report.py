@@ -67,6 +67,7 @@ def experiment_status(layout: Layout, experiment: str, with_files: bool = False)
     out: dict[str, Any] = {
         "experiment": experiment, "config": manifest.get("config"),
         "runs": dict(run_counts), "groups": dict(group_counts), "group_details": groups_out,
+        "paused": paused if isinstance(paused := read_json(layout.paused_marker(experiment)), dict) else None,
     }
     if with_files:
         out["final_results"] = str(layout.final_results(experiment))

@@ -9,6 +9,7 @@ as written, so a crash between writes is simply re-run.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -17,6 +18,7 @@ import socket
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -123,7 +125,8 @@ def execute(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
 
     table = datasets.load(spec.dataset)
     split = datasets.split(table, spec)
-    reporter = Reporter(should_stop=guard.stop_reason)
+    reporter = Reporter(should_stop=guard.stop_reason,
+                        on_report=_progress_sender(live, spec, worker) if live else None)
     eval_rows = np.concatenate([split.val, split.holdout])
     result = trainer.fn(TrainContext(
         params=params, device=worker.device, seed=spec.seed, fold=spec.fold, run_name=spec.name,
@@ -165,6 +168,35 @@ def execute(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
                      attempt=attempt)
     return {"run_id": spec.run_id, "name": spec.name, "status": Status.DONE.value,
             "metrics": metrics, "worker": worker.name}
+
+
+def progress_interval() -> float:
+    """ORCH_PROGRESS_INTERVAL (default 1 s): at most one progress write per run this often,
+    however fast the trainer's loop reports."""
+    raw = os.environ.get("ORCH_PROGRESS_INTERVAL", "1")
+    try:
+        return max(0.05, float(raw))
+    except ValueError:
+        return 1.0
+
+
+def _progress_sender(live: LiveState, spec: RunSpec, worker: WorkerInfo) -> Callable[[dict[str, Any]], None]:
+    """A trainer's reports to Redis (`orch:progress`), rate-limited: the first at once,
+    then at most one per progress_interval(). Redis trouble never stops the training."""
+    interval = progress_interval()
+    last = [0.0]
+    base = {"name": spec.name, "experiment": spec.experiment, "worker": worker.name,
+            "gpu": worker.gpu}
+
+    def send(report: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if now - last[0] < interval:
+            return
+        last[0] = now
+        with contextlib.suppress(Exception):
+            live.set_progress(spec.run_id, {**base, **report, "t": time.time()})
+
+    return send
 
 
 def start_attempt(record: dict[str, Any], attempt: int, worker: WorkerInfo,

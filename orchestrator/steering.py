@@ -1,7 +1,9 @@
-"""Steering experiments on a running cluster: cancel (plain Python over Redis and files)."""
+"""Steering experiments on a running cluster: cancel, pause, resume (plain Python over
+Redis and files)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -9,7 +11,7 @@ from .finalize import mark_group_failed
 from .leases import Leases
 from .livestate import LiveState
 from .manifest import load_manifest
-from .paths import Layout
+from .paths import Layout, atomic_write_json, read_json
 from .spec import RunSpec
 from .status import Status, fold_state, write_fold_status
 
@@ -60,3 +62,35 @@ def cancel_experiment(layout: Layout, experiment: str, leases: Leases,
 def describe(counts: dict[str, Any]) -> str:
     return (f"{counts['queued']} queued runs CANCELLED, {counts['running']} running runs "
             f"stopping, {counts['groups']} groups CANCELLED")
+
+
+def pause_experiment(layout: Layout, experiment: str, leases: Leases, now: bool) -> dict[str, Any]:
+    """No new run of the experiment starts: a worker that reaches one parks it in the
+    experiment's parked queue (still the same message, same chord). Running runs finish,
+    or with `now` are handed back at once (they stop at their next report, write
+    nothing, and their message is requeued, then parked)."""
+    load_manifest(layout, experiment)  # ExperimentNotFound for an unknown name
+    leases.pause(experiment, now)
+    atomic_write_json(layout.paused_marker(experiment), {"paused_at": time.time(), "now": now})
+    handed = 0
+    if now:
+        for run_id, entry in leases.active().items():
+            if entry.get("experiment") == experiment and entry.get("token"):
+                handed += leases.revoke(run_id, entry["token"], why="handed back")
+    return {"handed_back": handed}
+
+
+def resume_experiment(layout: Layout, experiment: str, leases: Leases,
+                      unpark: Any) -> dict[str, Any]:
+    """Let the experiment's runs start again: parked runs go back to their queues."""
+    load_manifest(layout, experiment)
+    leases.resume(experiment)
+    with contextlib.suppress(FileNotFoundError):
+        layout.paused_marker(experiment).unlink()
+    return {"unparked": int(unpark(experiment))}
+
+
+def paused_info(layout: Layout, experiment: str) -> dict[str, Any] | None:
+    """The pause record (from the results root: no Redis needed), or None."""
+    data = read_json(layout.paused_marker(experiment))
+    return data if isinstance(data, dict) else None

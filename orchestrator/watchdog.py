@@ -37,9 +37,11 @@ class Watchdog:
     def __init__(self, leases: Leases, restore: Callable[[str], bool],
                  redispatch: Callable[[], dict[str, int]], name: str | None = None,
                  interval: float | None = None,
-                 orphans: Callable[[set[str], float], list[str]] | None = None):
+                 orphans: Callable[[set[str], float], list[str]] | None = None,
+                 chores: list[Callable[[], list[str]]] | None = None):
         self.leases = leases
         self.orphans = orphans
+        self.chores = chores or []
         self.client: redis.Redis = leases.client
         self.restore = restore
         self.redispatch = redispatch
@@ -88,6 +90,10 @@ class Watchdog:
             known |= self.leases.waiting()
             for name in self.orphans(known, ORPHAN_GRACE_LEASES * self.leases.ttl):
                 action = f"{name}: delivered but never started (its worker lost it); back on its queue"
+                log.warning("watchdog: %s", action)
+                actions.append(action)
+        for chore in self.chores:
+            for action in chore():
                 log.warning("watchdog: %s", action)
                 actions.append(action)
         return actions

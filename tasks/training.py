@@ -19,7 +19,7 @@ from celery.signals import worker_init, worker_process_init
 
 from orchestrator.errors import InvalidSpecError, RunStopped, UnknownTrainerError
 from orchestrator.finalize import finalize_group, mark_group_failed
-from orchestrator.leases import Claim, LeaseGuard, Leases
+from orchestrator.leases import Claim, LeaseGuard, Leases, parked_queue
 from orchestrator.livestate import LiveState
 from orchestrator.paths import Layout
 from orchestrator.runner import WorkerInfo, execute, record_failure, summary
@@ -166,6 +166,8 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
         raise RunFailed(why)
     if (record := _settled(run, submitted_at)) is not None:
         return _outcome(run, record)
+    if leases.paused(run.experiment):  # park it, same message and chord, until resumed
+        raise self.retry(queue=parked_queue(run.experiment), countdown=0, max_retries=None)
     claim = _claim(self, run, worker, guard_info)
     if not isinstance(claim, Claim):
         return _outcome(run, _settled(run, submitted_at) or {})
@@ -215,7 +217,8 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
         raise
     finally:
         with contextlib.suppress(Exception):  # a stale token releases nothing
-            leases.release(run.run_id, claim.token)
+            if leases.release(run.run_id, claim.token):
+                live.clear_progress(run.run_id)
 
 
 def _outcome(run: RunSpec, record: dict[str, Any]) -> dict[str, Any]:

@@ -71,6 +71,23 @@ def restore_orphans(known_task_ids: set[str], older_than: float) -> list[str]:
     return restored
 
 
+def unpark_unpaused() -> list[str]:
+    """Parked queues of experiments that are no longer paused (a run parked in the
+    moment `resume` ran): move them back. The watchdog calls this every tick."""
+    from orchestrator.canvas import unpark
+    from orchestrator.leases import Leases
+
+    done = []
+    with app.connection_for_write() as conn:
+        names = {k.decode().split(":")[0][len("parked."):]
+                 for k in conn.default_channel.client.scan_iter("parked.*")}
+    leases = Leases.from_url(app.conf.orch_state_url)
+    for name in sorted(names):
+        if name and not leases.paused(name) and (n := unpark(name)):
+            done.append(f"{name}: {n} parked runs back on their queues (not paused)")
+    return done
+
+
 def _leases() -> Any:
     from orchestrator.leases import Leases
 
@@ -93,6 +110,7 @@ def _start_watchdog(sender: Any = None, **_: Any) -> None:
     from orchestrator.watchdog import Watchdog
 
     dog = Watchdog(_leases(), restore_message, _redispatch, orphans=restore_orphans,
+                   chores=[unpark_unpaused],
                    name=f"watchdog@{getattr(sender, 'hostname', '?')}")
     _stop.clear()
     threading.Thread(target=dog.run_forever, args=(_stop,), name="orch-watchdog", daemon=True).start()

@@ -20,6 +20,7 @@ from . import (  # noqa: F401  (each registers its commands)
     flowercmd,
     reporting,
     running,
+    watching,
     workers,
 )
 from .base import cli, err

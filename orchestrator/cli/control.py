@@ -1,8 +1,11 @@
-"""Commands that steer experiments on a running cluster: cancel."""
+"""Commands that steer experiments on a running cluster: cancel, pause, resume."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+from typing import Any
 
 import click
 
@@ -24,11 +27,59 @@ def cancel(experiment: str, results_root: str | None, broker: str | None) -> Non
     Example:
       orchestrator cancel iris_sweep --broker redis://head:6379/0
     """
-    from redis.exceptions import RedisError
-
-    from ..leases import Leases
     from ..livestate import LiveState
     from ..steering import cancel_experiment, describe
+
+    layout, leases, url = _connect(broker, results_root)
+    with _redis_errors(url):
+        counts = cancel_experiment(layout, experiment, leases, LiveState.from_url(url))
+    out.print(f"{experiment}: {describe(counts)}")
+
+
+@cli.command()
+@click.argument("experiment")
+@click.option("--now", is_flag=True, help="Also hand back the runs training now (they start again on resume).")
+@results_root_option
+@broker_option
+def pause(experiment: str, now: bool, results_root: str | None, broker: str | None) -> None:
+    """Stop new runs of an experiment from starting; running ones finish (or, with
+    --now, are handed back). `orchestrator resume` lets them go again.
+
+    \b
+    Example:
+      orchestrator pause iris_sweep --broker redis://head:6379/0
+    """
+    from ..steering import pause_experiment
+
+    layout, leases, url = _connect(broker, results_root)
+    with _redis_errors(url):
+        result = pause_experiment(layout, experiment, leases, now)
+    extra = f"; {result['handed_back']} running runs handed back" if now else "; running runs finish"
+    out.print(f"{experiment}: paused{extra}")
+
+
+@cli.command()
+@click.argument("experiment")
+@results_root_option
+@broker_option
+def resume(experiment: str, results_root: str | None, broker: str | None) -> None:
+    """Let a paused experiment's runs start again.
+
+    \b
+    Example:
+      orchestrator resume iris_sweep --broker redis://head:6379/0
+    """
+    from ..canvas import unpark
+    from ..steering import resume_experiment
+
+    layout, leases, url = _connect(broker, results_root)
+    with _redis_errors(url):
+        result = resume_experiment(layout, experiment, leases, unpark)
+    out.print(f"{experiment}: resumed; {result['unparked']} waiting runs back on their queues")
+
+
+def _connect(broker: str | None, results_root: str | None) -> tuple[Layout, Any, str]:
+    from ..leases import Leases
 
     if not broker:
         raise errors.OrchestratorError(
@@ -36,8 +87,15 @@ def cancel(experiment: str, results_root: str | None, broker: str | None) -> Non
     root = _results_root(results_root)
     _use_broker(broker, root)
     url = os.environ["ORCH_STATE_URL"]
+    return Layout(root), Leases.from_url(url), url
+
+
+@contextlib.contextmanager
+def _redis_errors(url: str) -> Iterator[None]:
+    from kombu.exceptions import OperationalError
+    from redis.exceptions import RedisError
+
     try:
-        counts = cancel_experiment(Layout(root), experiment, Leases.from_url(url), LiveState.from_url(url))
-    except RedisError as exc:
+        yield
+    except (RedisError, OperationalError) as exc:
         raise errors.EnvironmentProblem(f"cannot reach Redis at {url}: {exc}") from None
-    out.print(f"{experiment}: {describe(counts)}")

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from ..config import load_experiments
 from ..expand import expand
-from ..paths import Layout
+from ..paths import Layout, read_json
 from ..plan import plan_rows, totals
 from .base import _plans, _results_root, cli, out, results_root_option
 
@@ -45,8 +45,8 @@ def plan(configs: tuple[str, ...], results_root: str | None, as_json: bool) -> N
     exps = load_experiments(list(configs))
     plans = _plans(exps, layout)
     if as_json:
-        data = [{"experiment": name, "totals": totals(p), "runs": plan_rows(layout, p)}
-                for name, p in plans.items()]
+        data = [{"experiment": name, "totals": totals(p), "runs": plan_rows(layout, p),
+                 "paused": read_json(layout.paused_marker(name))} for name, p in plans.items()]
         out.print_json(json.dumps(data))
         return
     for name, p in plans.items():
@@ -60,6 +60,8 @@ def plan(configs: tuple[str, ...], results_root: str | None, as_json: bool) -> N
         t = totals(p)
         out.print(f"{t['runs']} runs in {t['groups']} groups: {t['done']} DONE, {t['to_run']} to run, "
                   f"{t['groups_to_finalize']} groups to finalize")
+        if read_json(layout.paused_marker(name)) is not None:
+            out.print(f"{name} is PAUSED: its runs do not start until `orchestrator resume {name}`")
 
 
 
@@ -88,7 +90,8 @@ def status(experiment: str | None, results_root: str | None, as_json: bool) -> N
         out.print(f"no experiments under {layout.root}")
         return
     for st in data:
-        out.print(f"[bold]{st['experiment']}[/]: groups {st['groups']}, runs {st['runs']}")
+        paused = " [yellow]PAUSED[/]" if st["paused"] else ""
+        out.print(f"[bold]{st['experiment']}[/]{paused}: groups {st['groups']}, runs {st['runs']}")
         if experiment is None:
             continue
         table = Table(show_edge=False)
