@@ -83,6 +83,11 @@ class WorkerRecord:
     heartbeat: float  # unix time of the last write
     active: int = 0  # tasks reserved or running
     exit_when_idle: float | None = None
+    # GPU workers: their GPU as NVML saw it at the last heartbeat (None: unknown, or an
+    # older worker that does not report it).
+    gpu_memory_used_mb: int | None = None
+    gpu_memory_total_mb: int | None = None
+    gpu_utilization: int | None = None  # percent
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -129,3 +129,26 @@ def inventory(processes: bool = True) -> Inventory:
 def detect() -> list[GPU]:
     """Every GPU NVML sees ([] without a driver); NVML is loaded here only, never CUDA."""
     return inventory(processes=False).gpus
+
+
+def usage(index: int) -> GPU | None:
+    """Memory and utilisation of the GPU with NVML index `index` (no process list), or
+    None when NVML cannot tell (no driver, no such GPU). What a GPU worker's registry
+    heartbeat adds to its record, for `orchestrator watch`."""
+    try:
+        lib = nvml()
+        lib.nvmlInit()
+    except Exception:  # binding missing, no driver
+        return None
+    try:
+        handle = lib.nvmlDeviceGetHandleByIndex(index)
+        mem = lib.nvmlDeviceGetMemoryInfo(handle)
+        util = _optional(lib.nvmlDeviceGetUtilizationRates, handle)
+        return GPU(index=index, name=_text(_optional(lib.nvmlDeviceGetName, handle) or ""),
+                   memory_total_mb=int(mem.total) // 2**20, memory_free_mb=int(mem.free) // 2**20,
+                   memory_used_mb=int(mem.used) // 2**20,
+                   utilization_pct=int(util.gpu) if util is not None else None)
+    except Exception:
+        return None
+    finally:
+        _optional(lib.nvmlShutdown)

@@ -166,6 +166,13 @@ class Layout:
         the folder): hidden, so no partial file is ever at an output's name."""
         return self.group_dir(spec) / ".staging" / f"fold_{spec.fold}.{check_name(tag, 'attempt tag')}"
 
+    def logs_dir(self, spec: RunSpec) -> Path:
+        return self.group_dir(spec) / "logs"
+
+    def run_log(self, spec: RunSpec, attempt: int) -> Path:
+        """stdout and stderr of one attempt of a run."""
+        return self.logs_dir(spec) / f"fold_{spec.fold}.attempt_{attempt}.log"
+
     def fold_status(self, spec: RunSpec) -> Path:
         return self.status_dir(spec) / f"fold_{spec.fold}.json"
 

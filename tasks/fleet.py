@@ -24,7 +24,7 @@ from typing import Any
 import redis
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
-from orchestrator import fleet
+from orchestrator import fleet, gpu
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,19 @@ def _beat() -> None:
         if _record.state != fleet.WorkerState.STOPPING.value:
             _record.state = (fleet.WorkerState.BUSY if busy else fleet.WorkerState.IDLE).value
         _record.active, _record.heartbeat = busy, time.time()
+        _gpu_usage(_record)
         fleet.register(_client, _record, fleet.record_ttl(fleet.heartbeat_seconds()))
+
+
+def _gpu_usage(record: fleet.WorkerRecord) -> None:
+    """A GPU worker's record gets its GPU's memory in use and utilisation, through NVML
+    (never CUDA: this is the main process, which forks the training processes)."""
+    if record.gpu is None:
+        return
+    found = gpu.usage(record.gpu)
+    record.gpu_memory_used_mb = found.memory_used_mb if found else None
+    record.gpu_memory_total_mb = found.memory_total_mb if found else None
+    record.gpu_utilization = found.utilization_pct if found else None
 
 
 def _heartbeat_loop(interval: float) -> None:

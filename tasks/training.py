@@ -22,6 +22,7 @@ from orchestrator.finalize import finalize_group, mark_group_failed
 from orchestrator.leases import Claim, LeaseGuard, Leases, parked_queue
 from orchestrator.livestate import LiveState
 from orchestrator.paths import Layout
+from orchestrator.runlogs import capture, publish_tail
 from orchestrator.runner import WorkerInfo, execute, record_failure, summary
 from orchestrator.spec import RunSpec
 from orchestrator.status import Status, fold_state
@@ -169,6 +170,7 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
     if leases.paused(run.experiment):  # park it, same message and chord, until resumed
         raise self.retry(queue=parked_queue(run.experiment), countdown=0, max_retries=None)
     claim = _claim(self, run, worker, guard_info)
+    log_path = None
     if not isinstance(claim, Claim):
         return _outcome(run, _settled(run, submitted_at) or {})
     try:
@@ -181,9 +183,11 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
             record_failure(run, layout, worker, claim.attempt, RunFailed(why), will_retry=False,
                            live=live)
             raise RunFailed(why)
+        log_path = layout.run_log(run, claim.attempt)
         with LeaseGuard(leases, run.run_id, claim, guard_info, run.experiment, submitted_at) as guard:
             try:
-                result = execute(run, layout, worker, claim.attempt, live, guard, lost=claim.lost)
+                with capture(log_path):
+                    result = execute(run, layout, worker, claim.attempt, live, guard, lost=claim.lost)
                 if not result.get("skipped"):
                     leases.count_commit(run.run_id)
                 return result
@@ -219,6 +223,8 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
         with contextlib.suppress(Exception):  # a stale token releases nothing
             if leases.release(run.run_id, claim.token):
                 live.clear_progress(run.run_id)
+            if log_path is not None:
+                publish_tail(leases.client, log_path, run.run_id, claim.attempt)
 
 
 def _outcome(run: RunSpec, record: dict[str, Any]) -> dict[str, Any]:

@@ -53,3 +53,21 @@ def _killed(ctx: TrainContext) -> TrainResult:
 
 
 TRAINERS.append(Trainer("killed", "1", _killed, {"kill_fold": Param(-1, "int"), "smoothing": Param(1.0, "float")}))
+
+
+def _chatty(ctx: TrainContext) -> TrainResult:
+    """Prints through Python, the raw file descriptors and a child process; raises on
+    `fail_fold`. What `orchestrator logs` must show."""
+    import subprocess
+    import sys
+
+    print(f"hello from fold {ctx.fold} on stdout")
+    print(f"warning from fold {ctx.fold} on stderr", file=sys.stderr)
+    os.write(1, f"raw fd write from fold {ctx.fold}\n".encode())
+    subprocess.run(["echo", f"child process of fold {ctx.fold}"], check=True)
+    if ctx.fold == ctx.params["fail_fold"]:
+        raise RuntimeError(f"chatty failure on fold {ctx.fold}")
+    return prior_train(ctx)
+
+
+TRAINERS.append(Trainer("chatty", "1", _chatty, {"fail_fold": Param(-1, "int"), "smoothing": Param(1.0, "float")}))

@@ -1,17 +1,20 @@
-"""Commands that read experiments and results: validate, plan, status."""
+"""Commands that read experiments and results: validate, plan, status, logs."""
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import click
 from rich.table import Table
 
 from ..config import load_experiments
+from ..errors import OrchestratorError
 from ..expand import expand
 from ..paths import Layout, read_json
 from ..plan import plan_rows, totals
-from .base import _plans, _results_root, cli, out, results_root_option
+from .base import _plans, _results_root, _use_broker, cli, err, out, results_root_option
 
 
 @cli.command()
@@ -105,3 +108,46 @@ def status(experiment: str | None, results_root: str | None, as_json: bool) -> N
                               (f["error"] or "")[:60])
         out.print(table)
 
+
+
+@cli.command()
+@click.argument("run")
+@click.option("--attempt", type=int, default=None, help="Only this attempt (default: every attempt).")
+@results_root_option
+@click.option("--broker", envvar="ORCH_BROKER_URL", default=None, metavar="URL",
+              help="Also look in this cluster's Redis, for runs trained on hosts without the shared results root.")
+def logs(run: str, attempt: int | None, results_root: str | None, broker: str | None) -> None:
+    """Show a run's stdout and stderr, attempt by attempt.
+
+    RUN is a run name as `status` shows it (exp/dataset/point/seed=S/fold=F) or its
+    run_id (a prefix of 6 or more characters will do).
+
+    \b
+    Example:
+      orchestrator logs iris_kfold/iris/hidden=64,lr=0.01/seed=0/fold=2
+    """
+    import redis as redis_lib
+
+    from ..runlogs import attempt_logs, find_run
+
+    layout = Layout(_results_root(results_root))
+    spec = find_run(layout, run)
+    client = None
+    if broker:
+        _use_broker(broker, layout.root)
+        client = redis_lib.Redis.from_url(os.environ["ORCH_STATE_URL"], socket_connect_timeout=3,
+                                          socket_timeout=5)
+    found = attempt_logs(layout, spec, client)
+    if attempt is not None:
+        found = {k: v for k, v in found.items() if k == attempt}
+    if not found:
+        where = f"under {layout.logs_dir(spec)}" + (" or in Redis" if client is not None else "")
+        raise OrchestratorError(f"no log of {spec.name}" + (f" attempt {attempt}" if attempt else "")
+                                + f" {where}: it has not started yet, or ran elsewhere "
+                                "(pass --broker to look in Redis)")
+    for number, (source, data) in found.items():
+        err.print(f"==> {spec.name} attempt {number} ({source}) <==", markup=False)
+        sys.stdout.write(data.decode(errors="replace"))
+        if data and not data.endswith(b"\n"):
+            sys.stdout.write("\n")
+        sys.stdout.flush()
