@@ -17,6 +17,7 @@ from typing import Any
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 from celery.signals import worker_init, worker_process_init
 
+from orchestrator.admission import Need, Shares, memory_shortfall, worker_gpus
 from orchestrator.errors import InvalidSpecError, RunStopped, UnknownTrainerError
 from orchestrator.finalize import finalize_group, mark_group_failed
 from orchestrator.leases import Claim, LeaseGuard, Leases, parked_queue
@@ -29,6 +30,7 @@ from orchestrator.status import Status, fold_state
 from orchestrator.trainers import registry
 
 from . import app
+from .admission import stop_consuming
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,11 @@ def _layout() -> Layout:
 @functools.cache
 def _leases() -> Leases:
     return Leases.from_url(app.conf.orch_state_url)
+
+
+@functools.cache
+def _shares() -> Shares:
+    return Shares(_leases().client)
 
 
 @functools.cache
@@ -169,10 +176,14 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
         return _outcome(run, record)
     if leases.paused(run.experiment):  # park it, same message and chord, until resumed
         raise self.retry(queue=parked_queue(run.experiment), countdown=0, max_retries=None)
+    gpus = _admit_memory(self, run, worker)
     claim = _claim(self, run, worker, guard_info)
     log_path = None
     if not isinstance(claim, Claim):
         return _outcome(run, _settled(run, submitted_at) or {})
+    if gpus and not _shares().acquire(worker.host, gpus, run.run_id, Need.of(run).share):
+        leases.release(run.run_id, claim.token)
+        _hand_back(self, run, worker, gpus, "its GPU share is taken by other runs")
     try:
         if (record := _settled(run, submitted_at)) is not None:
             return _outcome(run, record)
@@ -221,10 +232,29 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
         raise
     finally:
         with contextlib.suppress(Exception):  # a stale token releases nothing
+            if gpus:
+                _shares().release(worker.host, gpus, run.run_id)
             if leases.release(run.run_id, claim.token):
                 live.clear_progress(run.run_id)
             if log_path is not None:
                 publish_tail(leases.client, log_path, run.run_id, claim.attempt)
+
+
+def _admit_memory(task: Any, run: RunSpec, worker: WorkerInfo) -> list[int]:
+    """On a GPU worker: this run's GPUs if they have the free memory it needs; else the
+    run is handed back (Reject) and this worker waits for memory (tasks/admission.py)."""
+    gpus = worker_gpus() if worker.device == "cuda" and run.resources.gpus > 0 else []
+    if gpus and (short := memory_shortfall(gpus, Need.of(run))):
+        _hand_back(task, run, worker, gpus, short)
+    return gpus
+
+
+def _hand_back(task: Any, run: RunSpec, worker: WorkerInfo, gpus: list[int], why: str) -> None:
+    _shares().start_waiting(worker.name, gpus, Need.of(run), why)
+    stop_consuming(worker.name)
+    log.warning("%s: not starting on GPU %s (%s); handed back, waiting for the GPU",
+                run.name, ",".join(map(str, gpus)), why)
+    raise Reject(f"GPU not available: {why}", requeue=True)
 
 
 def _outcome(run: RunSpec, record: dict[str, Any]) -> dict[str, Any]:

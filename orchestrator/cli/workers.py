@@ -58,6 +58,11 @@ def celery_worker_command(gpu: int | None = None, cpu: bool = False, accept_gpu_
     argv = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", ",".join(queues),
             "-c", str(procs), "-P", "prefork", "-n", name or default_name, "-E",
             "--without-mingle", "--without-gossip", "--loglevel", loglevel]
+    if gpu is not None:
+        # Isolation: every run trains in a fresh pool process that exits after it, so the
+        # CUDA context and every byte of GPU memory it held go back to the driver; a
+        # worker that ran 50 runs holds no more GPU memory than one that ran one.
+        argv += ["--max-tasks-per-child", "1"]
     return argv, env
 
 

@@ -1,0 +1,143 @@
+"""Admission of a run to a GPU: enough free memory (NVML), and a share of the GPU.
+
+- **Memory.** A run states what it needs (`resources.gpu_memory_gb`, default
+  ORCH_DEFAULT_GPU_MEMORY_GB = 4, the seeds' ">4 GB free" check). Before a worker
+  starts a run on its GPU it asks NVML for the free memory; when it is short (another
+  user's process, say), the run is handed back for another GPU and this worker stops
+  taking runs until memory frees up (tasks/admission.py watches for that).
+- **Shares.** `resources.gpus: 0.25` lets up to four such runs share one GPU at once
+  (several workers per GPU: `workers up --per-gpu 4`); `gpus: 1` takes a GPU whole.
+  Shares are counted in Redis per host and GPU (`orch:gpushare:<host>:<index>`, run_id
+  -> share). An entry whose run has no live lease any more (its worker died) does not
+  count, so a crash never keeps a GPU blocked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, cast
+
+import redis
+
+from .leases import PREFIX, lease_key
+from .spec import RunSpec
+
+EPSILON = 1e-6
+
+
+def default_memory_gb() -> float:
+    raw = os.environ.get("ORCH_DEFAULT_GPU_MEMORY_GB", "4")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        from .errors import SettingError
+
+        raise SettingError(f"ORCH_DEFAULT_GPU_MEMORY_GB={raw!r} is not valid: give GiB (>= 0)")
+    return value
+
+
+@dataclass(frozen=True)
+class Need:
+    share: float  # of each GPU, 0 < share <= 1
+    memory_mb: int  # free memory needed on each GPU
+
+    @classmethod
+    def of(cls, spec: RunSpec) -> Need:
+        gb = spec.resources.gpu_memory_gb
+        memory = default_memory_gb() if gb is None else gb
+        return cls(share=min(1.0, spec.resources.gpus), memory_mb=int(memory * 1024))
+
+
+def share_key(host: str, index: int) -> str:
+    return f"{PREFIX}:gpushare:{host}:{index}"
+
+
+def wait_key(worker: str) -> str:
+    return f"{PREFIX}:gpuwait:{worker}"
+
+
+# KEYS: the share hashes of the GPUs. ARGV: run_id, share, lease prefix.
+# Entries of runs without a live lease are dropped first (their worker died).
+_ACQUIRE = """
+for i, key in ipairs(KEYS) do
+  local entries = redis.call('HGETALL', key)
+  local used = 0
+  for j = 1, #entries, 2 do
+    if redis.call('EXISTS', ARGV[3] .. entries[j]) == 0 then
+      redis.call('HDEL', key, entries[j])
+    elseif entries[j] ~= ARGV[1] then
+      used = used + tonumber(entries[j + 1])
+    end
+  end
+  if used + tonumber(ARGV[2]) > 1.000001 then return 0 end
+end
+for i, key in ipairs(KEYS) do redis.call('HSET', key, ARGV[1], ARGV[2]) end
+return 1
+"""
+
+
+class Shares:
+    def __init__(self, client: redis.Redis):
+        self.client = client
+        self._acquire = client.register_script(_ACQUIRE)
+
+    def acquire(self, host: str, indices: list[int], run_id: str, share: float) -> bool:
+        keys = [share_key(host, i) for i in indices]
+        prefix = lease_key("")
+        return bool(self._acquire(keys=keys, args=[run_id, repr(share), prefix]))
+
+    def release(self, host: str, indices: list[int], run_id: str) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for i in indices:
+            pipe.hdel(share_key(host, i), run_id)
+        pipe.execute()
+
+    def used(self, host: str, index: int) -> float:
+        raw = cast(dict[bytes, bytes], self.client.hgetall(share_key(host, index)))
+        live = [k for k in raw if self.client.exists(lease_key(k.decode()))]
+        return sum(float(raw[k]) for k in live)
+
+    # --- a worker that handed a run back waits for its GPU -------------------------
+    def start_waiting(self, worker: str, indices: list[int], need: Need, why: str) -> None:
+        self.client.set(wait_key(worker), json.dumps({
+            "gpus": indices, "share": need.share, "memory_mb": need.memory_mb, "why": why,
+            "since": time.time()}), ex=24 * 3600)
+
+    def waiting(self, worker: str) -> dict[str, Any] | None:
+        raw = self.client.get(wait_key(worker))
+        return json.loads(cast(bytes, raw)) if raw else None
+
+    def stop_waiting(self, worker: str) -> None:
+        self.client.delete(wait_key(worker))
+
+
+def free_memory_mb(indices: list[int]) -> dict[int, int | None]:
+    """NVML's free memory of each GPU (None where NVML cannot tell: no driver)."""
+    from .gpu import usage
+
+    found: dict[int, int | None] = {}
+    for i in indices:
+        gpu = usage(i)
+        found[i] = None if gpu is None else gpu.memory_free_mb
+    return found
+
+
+def memory_shortfall(indices: list[int], need: Need) -> str | None:
+    """Why the GPUs cannot take the run now, or None. Unknown memory (no NVML) admits."""
+    short = [f"GPU {i} has {free} MiB free, the run needs {need.memory_mb} MiB"
+             for i, free in free_memory_mb(indices).items() if free is not None and free < need.memory_mb]
+    return "; ".join(short) or None
+
+
+def worker_gpus() -> list[int]:
+    """NVML indices of this worker's GPUs (ORCH_GPU, set by `orchestrator worker --gpu`)."""
+    raw = os.environ.get("ORCH_GPU", "").strip()
+    try:
+        return [int(x) for x in raw.split(",") if x.strip()]
+    except ValueError:
+        return []
