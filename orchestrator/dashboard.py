@@ -305,7 +305,9 @@ class Collector:
             by_worker.setdefault(info["worker"], []).append((rid, info))
         rows = []
         stale_after = 2 * self.heartbeat + 1
-        for rec in records:
+        rank = {"cuda": 0, "cpu": 1, "control": 2}
+        for rec in sorted(records, key=lambda r: (r.host, rank.get(r.device, 1),
+                                                  r.gpu if r.gpu is not None else -1, r.name)):
             age = max(0.0, now - rec.heartbeat)
             state = "stale" if age > stale_after else rec.state
             rows.append(self._worker_row(rec.name, rec.device, rec.gpu, state, age,
@@ -364,15 +366,20 @@ def duration(seconds: float | None) -> str:
 
 
 def shorten(name: str, width: int) -> str:
-    """A run name cut in the middle, keeping its start (experiment) and its last part
-    (the fold): `iris_sweep/iris…/fold=3`."""
+    """A run name cut to `width`, keeping its first part (the experiment) and as many of
+    its last parts as fit (seed, fold): `iris_sweep/…/seed=0/fold=3`."""
     if len(name) <= width:
         return name
     if width <= 1:
         return "…"[:width]
-    tail = name.rsplit("/", 1)[-1]
+    parts = name.split("/")
+    for k in range(len(parts) - 2, 0, -1):
+        candidate = f"{parts[0]}/…/{'/'.join(parts[-k:])}"
+        if len(candidate) <= width:
+            return candidate
+    tail = parts[-1]
     head = width - len(tail) - 2
-    if "/" not in name or head < 4:
+    if len(parts) == 1 or head < 4:
         return name[:width - 1] + "…"
     return f"{name[:head]}…/{tail}"
 
@@ -489,6 +496,15 @@ _STATE_STYLE = {"busy": "green", "idle": "bright_black", "stopping": "yellow", "
                 "gone": "bold red"}
 
 
+def _note(r: WorkerRow) -> str:
+    """What the PROGRESS column says instead of progress, about a worker in trouble."""
+    if r.state == "stale" and r.heartbeat_age is not None:
+        return f"no heartbeat {duration(r.heartbeat_age)}"
+    if r.state == "gone":
+        return "no worker record"
+    return ""
+
+
 def _worker_lines(snap: Snapshot, width: int, limit: int | None) -> list[Text]:
     rows = snap.workers
     if not rows:
@@ -500,7 +516,8 @@ def _worker_lines(snap: Snapshot, width: int, limit: int | None) -> list[Text]:
     if with_gpu and width - sum(fixed) - (len(fixed) + 1) < 24:  # narrow: memory goes first
         with_gpu, fixed = False, fixed[:4]
     flex = max(16, width - sum(fixed) - (len(fixed) + 1))  # the rest, less the separators
-    prog_w = min(24, flex // 2)
+    needed = max((len(_note(r) or describe_progress(r.progress)) for r in rows), default=0)
+    prog_w = max(8, min(24, flex // 2, needed))
     run_w = flex - prog_w
     head = [_cell("WORKER", name_w), _cell("GPU", 3), _cell("STATE", 5), _cell("RUN", run_w),
             _cell("PROGRESS", prog_w), _cell("TIME", 5, True)]
@@ -514,7 +531,7 @@ def _worker_lines(snap: Snapshot, width: int, limit: int | None) -> list[Text]:
     prefix = f"{snap.experiments[0].name}/" if len(snap.experiments) == 1 else None
     shown = rows if limit is None or len(rows) <= limit else rows[:max(0, limit - 1)]
     for r in shown:
-        gpu = str(r.gpu) if r.gpu is not None else ("ctl" if r.device == "control" else "cpu")
+        gpu = str(r.gpu) if r.gpu is not None else {"control": "ctl", "cpu": "cpu"}.get(r.device, "?")
         state = "stop" if r.state == "stopping" else r.state
         if r.run:
             name = r.run[len(prefix):] if prefix and r.run.startswith(prefix) else r.run
@@ -523,10 +540,7 @@ def _worker_lines(snap: Snapshot, width: int, limit: int | None) -> list[Text]:
             elapsed = duration(snap.taken_at - r.run_started) if r.run_started else "?"
         else:
             run, prog, elapsed = "", "", ""
-        if r.state == "stale" and r.heartbeat_age is not None:
-            prog = f"no heartbeat {duration(r.heartbeat_age)}"
-        elif r.state == "gone":
-            prog = "no worker record"
+        prog = _note(r) or prog
         cells = [_cell(r.name, name_w), _cell(gpu, 3), _cell(Text(state, style=_STATE_STYLE.get(r.state, "")), 5),
                  _cell(run, run_w), _cell(prog, prog_w), _cell(elapsed, 5, True)]
         if with_gpu:
@@ -585,7 +599,7 @@ def render(snap: Snapshot, width: int = 80, height: int | None = None, ascii_onl
     header.append(Text(
         f"{len(snap.workers)} worker{'s' if len(snap.workers) != 1 else ''} ({busy} training) · "
         f"{unfinished}/{len(snap.experiments)} experiments unfinished · "
-        f"{sum(e.running for e in snap.experiments)} runs running · {snap.failed_total} failed",
+        f"{sum(e.running for e in snap.experiments)} running · {snap.failed_total} failed",
         style="bright_black"))
     if snap.error:
         since = f" (since {time.strftime('%H:%M:%S', time.localtime(snap.error_since))})" if snap.error_since else ""

@@ -155,8 +155,10 @@ def test_durations_run_names_and_progress_are_shortened_to_fit() -> None:
         ["?", "5s", "1m35s", "10m", "2h01m", "40h", "8d"]
     name = "iris_sweep/iris/lr=0.01,hidden=64/seed=42/fold=3"
     assert dashboard.shorten(name, 80) == name
-    assert dashboard.shorten(name, 24) == "iris_sweep/iris/…/fold=3"
-    assert len(dashboard.shorten(name, 24)) == 24
+    assert dashboard.shorten(name, 27) == "iris_sweep/…/seed=42/fold=3"  # experiment, seed, fold
+    assert dashboard.shorten(name, 26) == "iris_sweep/…/fold=3"
+    assert dashboard.shorten(name, 12) == "iris…/fold=3"
+    assert dashboard.shorten("a_very_long_experiment_name/iris/base/seed=0/fold=3", 20) == "a_very_long_…/fold=3"
     assert dashboard.describe_progress({"epoch": 3, "train_loss": 0.123456, "t": 1.0, "name": "x"}) == \
         "ep 3 train_loss=0.1235"
     assert dashboard.describe_progress({"epoch": 3, "train_loss": 0.123456}, 16) == "ep 3 tra…=0.1235"
@@ -179,6 +181,73 @@ def test_a_gpu_workers_heartbeat_reports_its_memory_and_old_records_stay_readabl
         gpu.use_nvml(None)
     old = {k: v for k, v in json.loads(record.to_json()).items() if not k.startswith("gpu_")}
     assert fleet.WorkerRecord.from_json(json.dumps(old)).gpu_memory_total_mb is None
+
+
+def test_the_collector_reads_redis_and_the_results_root_and_keeps_the_last_read_when_redis_goes(
+        tmp_path: Path, write_experiment: Any) -> None:
+    from orchestrator.config import load_experiments
+    from orchestrator.expand import expand
+    from orchestrator.leases import ACTIVE
+    from orchestrator.livestate import LiveState
+    from orchestrator.local import start_redis
+    from orchestrator.manifest import write_manifest
+    from orchestrator.paths import Layout, atomic_write_json
+    from orchestrator.plan import make_plan
+
+    layout = Layout(tmp_path / "results")
+    specs = {}
+    for name in ("coll", "files_only"):
+        exp = load_experiments([str(write_experiment(name, trainer="prior", datasets=["iris"], folds=4))])[0]
+        plans = make_plan(layout, expand(exp))
+        write_manifest(layout, exp, plans)
+        specs[name] = [s for p in plans for s in p.specs]
+    atomic_write_json(layout.paused_marker("coll"), {"paused_at": time.time(), "now": False})
+    run = specs["coll"]
+    proc, url = start_redis(tmp_path / "redis")
+    try:
+        client = dashboard.redis_client(url)
+        live = LiveState(client)
+        live.set_run("coll", run[0].run_id, "DONE")
+        live.set_run("coll", run[1].run_id, "FAILED", error="ValueError: boom\nTraceback (most recent call last):")
+        live.set_run("coll", run[2].run_id, "IN_PROGRESS", worker="cpu1@h")
+        now = time.time()
+        fleet.register(client, fleet.WorkerRecord("cpu1@h", "h", 1, None, "cpu", ["cpu"], "busy", now, now), 30)
+        fleet.register(client, fleet.WorkerRecord("cpu2@h", "h", 2, None, "cpu", ["cpu"], "idle", now, now - 60), 30)
+        client.hset(ACTIVE, run[2].run_id, json.dumps({"token": "t1", "worker": "cpu1@h", "name": run[2].name,
+                                                       "experiment": "coll", "started": now - 5, "attempt": 1}))
+        client.hset(ACTIVE, run[3].run_id, json.dumps({"token": None, "worker": "cpu1@h", "name": run[3].name,
+                                                       "revoked_token": "t0"}))  # handed back: not running
+        client.hset(ACTIVE, "other", json.dumps({"token": "t2", "worker": "gpu3@lost", "name": "x/y/fold=0",
+                                                 "started": now - 50}))  # its worker has no record
+        live.set_progress(run[2].run_id, {"name": run[2].name, "worker": "cpu1@h", "step": 7, "t": now})
+        collector = dashboard.Collector(layout, client, url, heartbeat=5)
+        snap = collector.collect()
+        assert snap.error is None
+        coll = next(e for e in snap.experiments if e.name == "coll")
+        assert (coll.total, coll.done, coll.failed, coll.running, coll.paused, coll.eta) == (4, 1, 1, 1, True, None)
+        files_only = next(e for e in snap.experiments if e.name == "files_only")
+        assert (files_only.from_files, files_only.total, files_only.done) == (True, 4, 0)
+        assert [(f.name, f.error) for f in snap.failures] == [(run[1].name, "ValueError: boom")]
+        rows = {w.name: w for w in snap.workers}
+        assert set(rows) == {"cpu1@h", "cpu2@h", "gpu3@lost"}
+        assert (rows["cpu1@h"].state, rows["cpu1@h"].run, rows["cpu1@h"].progress["step"]) == ("busy", run[2].name, 7)
+        assert rows["cpu1@h"].more_runs == 0  # the handed-back entry does not count
+        assert rows["cpu2@h"].state == "stale" and rows["cpu2@h"].run is None
+        assert rows["gpu3@lost"].state == "gone"
+        text = frame_text(snap, 80, 24)
+        assert re.search(r"gpu3@lost\s+\?\s+gone\s+x/y/fold=0\s+no worker record\s+50s", text), text
+        assert "coll" in text and "PAUSED" in text and "step 7" in text and "no heartbeat 1m00s" in text
+
+        live.set_run("coll", run[2].run_id, "DONE")
+        again = collector.collect()
+        coll = next(e for e in again.experiments if e.name == "coll")
+        assert coll.done == 2 and coll.eta is not None and coll.eta > 0  # 1 run finished while watching
+    finally:
+        stop_process(proc)
+    lost = collector.collect()
+    assert lost.error is not None and lost.error.startswith(f"Redis unreachable at {url}")
+    assert lost.experiments == again.experiments  # the last good read stays
+    assert "Redis unreachable" in frame_text(lost, 80, 24)
 
 
 # --- the command ----------------------------------------------------------------
