@@ -40,6 +40,7 @@ TOP_KEYS = {
     "output": "output folder under the results root (default '{experiment}/{dataset}')",
     "cuda": "params that replace `params` on a GPU worker",
     "cpu": "params that replace `params` on a CPU worker",
+    "cuda_oom": "params that replace `params` (after `cuda`) when an attempt died of CUDA out-of-memory",
 }
 DEFAULT_OUTPUT = "{experiment}/{dataset}"
 PLACEHOLDERS = ("experiment", "dataset")

@@ -2,12 +2,14 @@
 
 Keys (all under `orch:`):
 
-    lease:<run_id>        the token of the attempt that holds the run; PX ttl, renewed by
+(A run is keyed by RunSpec.run_key: its content and where its outputs go.)
+
+    lease:<run_key>       the token of the attempt that holds the run; PX ttl, renewed by
                           a heartbeat thread independent of the training loop
-    active                hash run_id -> JSON of the attempt holding (or last holding) the
+    active                hash run_key -> JSON of the attempt holding (or last holding) the
                           run: token, worker, host, pid, name, experiment, task id, the
                           message to re-send; removed when the attempt ends
-    attempts:<run_id>     hash: n (attempts started), lost (attempts that never ended)
+    attempts:<run_key>    hash: n (attempts started), lost (attempts that never ended)
     cancel:<experiment>   unix time of the last `orchestrator cancel`
 
 A lease that lapses while its `active` entry remains means the worker is gone (host
@@ -36,12 +38,12 @@ EPOCH = f"{PREFIX}:epoch"
 ATTEMPTS_TTL = 7 * 24 * 3600
 
 
-def lease_key(run_id: str) -> str:
-    return f"{PREFIX}:lease:{run_id}"
+def lease_key(run_key: str) -> str:
+    return f"{PREFIX}:lease:{run_key}"
 
 
-def attempts_key(run_id: str) -> str:
-    return f"{PREFIX}:attempts:{run_id}"
+def attempts_key(run_key: str) -> str:
+    return f"{PREFIX}:attempts:{run_key}"
 
 
 def cancel_key(experiment: str) -> str:
@@ -78,7 +80,7 @@ def _positive(name: str, default: float) -> float:
     return value
 
 
-# KEYS: lease, active, attempts. ARGV: run_id, token, ttl_ms, info_json, attempts_ttl_s.
+# KEYS: lease, active, attempts. ARGV: run_key, token, ttl_ms, info_json, attempts_ttl_s.
 # Returns {code, attempts, lost, holder}: code 1 claimed; 0 held by a live lease.
 # A previous attempt whose `active` entry is still there never ended: it was lost.
 # An entry "handed_back" (warm stop, watchdog reassignment) was not the run's fault.
@@ -102,7 +104,7 @@ redis.call('EXPIRE', KEYS[3], ARGV[5])
 return {1, n, l, ''}
 """
 
-# KEYS: lease, active. ARGV: run_id, token, ttl_ms, info_json.
+# KEYS: lease, active. ARGV: run_key, token, ttl_ms, info_json.
 # 1: renewed. 2: the lease had lapsed (or Redis lost it) but nobody took the run over:
 # taken back. 0: the token is stale (the run was handed to another attempt): fenced.
 _RENEW = """
@@ -123,7 +125,7 @@ redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 return 2
 """
 
-# KEYS: lease, active. ARGV: run_id, token. Ends an attempt that holds the token.
+# KEYS: lease, active. ARGV: run_key, token. Ends an attempt that holds the token.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[2] then redis.call('DEL', KEYS[1]) end
 local a = redis.call('HGET', KEYS[2], ARGV[1])
@@ -134,7 +136,7 @@ end
 return 0
 """
 
-# KEYS: lease, active. ARGV: run_id, token (the one seen lapsed), handed_back_json.
+# KEYS: lease, active. ARGV: run_key, token (the one seen lapsed), handed_back_json.
 # The watchdog's (or a warm stop's) step: only if that attempt still holds the entry.
 _REVOKE = """
 local a = redis.call('HGET', KEYS[2], ARGV[1])
@@ -174,13 +176,13 @@ class Leases:
     def ttl_ms(self) -> int:
         return max(1, int(self.ttl * 1000))
 
-    def claim(self, run_id: str, info: dict[str, Any]) -> Claim | dict[str, Any]:
+    def claim(self, run_key: str, info: dict[str, Any]) -> Claim | dict[str, Any]:
         """Take the run: a Claim, or (when a live attempt holds it) that attempt's info."""
         token = uuid.uuid4().hex
         record = json.dumps({**info, "token": token, "claimed_at": time.time()})
         code, n, lost, holder = cast(list[Any], self._claim(
-            keys=[lease_key(run_id), ACTIVE, attempts_key(run_id)],
-            args=[run_id, token, self.ttl_ms, record, ATTEMPTS_TTL]))
+            keys=[lease_key(run_key), ACTIVE, attempts_key(run_key)],
+            args=[run_key, token, self.ttl_ms, record, ATTEMPTS_TTL]))
         if int(code) == 1:
             return Claim(token=token, attempt=int(n), lost=int(lost))
         try:
@@ -188,28 +190,28 @@ class Leases:
         except ValueError:
             return {}
 
-    def renew(self, run_id: str, token: str, info: dict[str, Any]) -> int:
+    def renew(self, run_key: str, token: str, info: dict[str, Any]) -> int:
         """1 renewed, 2 taken back after a lapse nobody acted on, 0 fenced."""
         record = json.dumps({**info, "token": token})
-        return int(cast(int, self._renew(keys=[lease_key(run_id), ACTIVE],
-                                         args=[run_id, token, self.ttl_ms, record])))
+        return int(cast(int, self._renew(keys=[lease_key(run_key), ACTIVE],
+                                         args=[run_key, token, self.ttl_ms, record])))
 
-    def holds(self, run_id: str, token: str) -> bool:
+    def holds(self, run_key: str, token: str) -> bool:
         """Does this attempt still hold the run? (The fencing check before a commit.)"""
-        value = self.client.get(lease_key(run_id))
+        value = self.client.get(lease_key(run_key))
         return value is not None and cast(bytes, value).decode() == token
 
-    def release(self, run_id: str, token: str) -> bool:
-        return bool(self._release(keys=[lease_key(run_id), ACTIVE], args=[run_id, token]))
+    def release(self, run_key: str, token: str) -> bool:
+        return bool(self._release(keys=[lease_key(run_key), ACTIVE], args=[run_key, token]))
 
-    def revoke(self, run_id: str, token: str, why: str) -> bool:
+    def revoke(self, run_key: str, token: str, why: str) -> bool:
         """Take the run away from the attempt holding `token` (it may be dead or a zombie):
         its token can then never renew or commit. The next claim does not count it as lost
         when `why` is a warm stop."""
-        entry = self.active().get(run_id, {})
+        entry = self.active().get(run_key, {})
         marker = json.dumps({**entry, "token": None, "revoked_token": token, "why": why,
                              "handed_back": why == "handed back", "revoked_at": time.time()})
-        return bool(self._revoke(keys=[lease_key(run_id), ACTIVE], args=[run_id, token, marker]))
+        return bool(self._revoke(keys=[lease_key(run_key), ACTIVE], args=[run_key, token, marker]))
 
     def active(self) -> dict[str, dict[str, Any]]:
         raw = cast(dict[bytes, bytes], self.client.hgetall(ACTIVE))
@@ -221,14 +223,14 @@ class Leases:
                 continue
         return found
 
-    def live(self, run_ids: list[str]) -> set[str]:
+    def live(self, run_keys: list[str]) -> set[str]:
         """Which of these runs have a live lease."""
-        if not run_ids:
+        if not run_keys:
             return set()
         pipe = self.client.pipeline(transaction=False)
-        for rid in run_ids:
+        for rid in run_keys:
             pipe.exists(lease_key(rid))
-        return {rid for rid, alive in zip(run_ids, pipe.execute(), strict=True) if alive}
+        return {rid for rid, alive in zip(run_keys, pipe.execute(), strict=True) if alive}
 
     def wait_mark(self, task_id: str, done: bool = False) -> None:
         """A delivery waiting for another attempt of its run (not an orphan)."""
@@ -246,22 +248,22 @@ class Leases:
             self.client.hdel(WAITING, *[k.decode() for k in stale])
         return {k.decode() for k in raw if k not in stale}
 
-    def count_commit(self, run_id: str) -> int:
+    def count_commit(self, run_key: str) -> int:
         """An attempt committed the run's outputs (for audits: it must stay at 1)."""
         pipe = self.client.pipeline(transaction=False)
-        pipe.hincrby(attempts_key(run_id), "committed", 1)
-        pipe.expire(attempts_key(run_id), ATTEMPTS_TTL)
+        pipe.hincrby(attempts_key(run_key), "committed", 1)
+        pipe.expire(attempts_key(run_key), ATTEMPTS_TTL)
         return int(pipe.execute()[0])
 
-    def count_failure(self, run_id: str) -> int:
+    def count_failure(self, run_key: str) -> int:
         """One more attempt ended with an exception; returns how many have."""
         pipe = self.client.pipeline(transaction=False)
-        pipe.hincrby(attempts_key(run_id), "failed", 1)
-        pipe.expire(attempts_key(run_id), ATTEMPTS_TTL)
+        pipe.hincrby(attempts_key(run_key), "failed", 1)
+        pipe.expire(attempts_key(run_key), ATTEMPTS_TTL)
         return int(pipe.execute()[0])
 
-    def attempts(self, run_id: str) -> dict[str, int]:
-        raw = cast(dict[bytes, bytes], self.client.hgetall(attempts_key(run_id)))
+    def attempts(self, run_key: str) -> dict[str, int]:
+        raw = cast(dict[bytes, bytes], self.client.hgetall(attempts_key(run_key)))
         return {k.decode(): int(v) for k, v in raw.items()}
 
     def cancelled_at(self, experiment: str) -> float | None:
@@ -291,14 +293,14 @@ class Heartbeat:
     discarded, and a reporter that sees the flag stops the trainer early.
     """
 
-    def __init__(self, leases: Leases, run_id: str, token: str, info: dict[str, Any],
+    def __init__(self, leases: Leases, run_key: str, token: str, info: dict[str, Any],
                  should_stop: Callable[[], str | None] | None = None):
-        self.leases, self.run_id, self.token, self.info = leases, run_id, token, info
+        self.leases, self.run_key, self.token, self.info = leases, run_key, token, info
         self.should_stop = should_stop
         self.fenced = threading.Event()
         self.reason = ""
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"lease-{run_id[:8]}", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=f"lease-{run_key[:8]}", daemon=True)
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()
@@ -312,7 +314,7 @@ class Heartbeat:
         interval = max(0.05, self.leases.ttl / 4)
         while not self._stop.wait(interval):
             try:
-                if self.leases.renew(self.run_id, self.token, self.info) == 0:
+                if self.leases.renew(self.run_key, self.token, self.info) == 0:
                     self._fence("its lease was handed to another attempt")
                     return
                 if self.should_stop and (why := self.should_stop()):
@@ -332,13 +334,13 @@ class LeaseGuard:
     Use as a context manager around the attempt; `check()` before every write that
     makes the run's result visible (runner.execute calls it)."""
 
-    def __init__(self, leases: Leases, run_id: str, claim: Claim, info: dict[str, Any],
+    def __init__(self, leases: Leases, run_key: str, claim: Claim, info: dict[str, Any],
                  experiment: str, submitted_at: float | None):
-        self.leases, self.run_id, self.token = leases, run_id, claim.token
+        self.leases, self.run_key, self.token = leases, run_key, claim.token
         self.tag = claim.token
         self.info = {**info, "attempt": claim.attempt}
         self.experiment, self.submitted_at = experiment, submitted_at
-        self.heartbeat = Heartbeat(leases, run_id, claim.token, self.info, should_stop=self.cancelled)
+        self.heartbeat = Heartbeat(leases, run_key, claim.token, self.info, should_stop=self.cancelled)
 
     def __enter__(self) -> LeaseGuard:
         self.heartbeat.__enter__()
@@ -367,7 +369,7 @@ class LeaseGuard:
         deadline = time.monotonic() + 60
         while True:
             try:
-                if self.leases.renew(self.run_id, self.token, self.info) == 0:
+                if self.leases.renew(self.run_key, self.token, self.info) == 0:
                     raise RunStopped("its lease was handed to another attempt")
                 if (why := self.cancelled()) is not None:
                     raise RunStopped(why, cancelled=True)

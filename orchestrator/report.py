@@ -39,7 +39,8 @@ def experiment_status(layout: Layout, experiment: str, with_files: bool = False)
             if elapsed is None and started and state == Status.IN_PROGRESS.value:
                 elapsed = now - started
             fold: dict[str, Any] = {
-                "fold": spec.fold, "run_id": spec.run_id, "name": spec.name, "state": state,
+                "fold": spec.fold, "run_id": spec.run_id, "run_key": spec.run_key, "name": spec.name,
+                "state": state,
                 "worker": record.get("worker"), "attempt": record.get("attempt"),
                 "elapsed": None if elapsed is None else round(float(elapsed), 2),
                 "error": record.get("error") if state != Status.DONE.value else None,

@@ -3,7 +3,7 @@
 On a worker, `capture` points file descriptors 1 and 2 (and sys.stdout/sys.stderr) of
 the training process at `<group>/logs/fold_<i>.attempt_<n>.log` for the attempt, so
 prints, warnings, C-level output and child processes all land there. When the attempt
-ends, the log's tail also goes to Redis (`orch:log:<run_id>:<n>`), so `orchestrator
+ends, the log's tail also goes to Redis (`orch:log:<run_key>:<n>`), so `orchestrator
 logs` can show a run trained on a host whose disk is not shared.
 """
 
@@ -115,7 +115,7 @@ def attempt_logs(layout: Layout, spec: RunSpec, client: redis.Redis | None) -> d
             continue
     if client is not None:
         with contextlib.suppress(redis.RedisError):
-            for key in client.scan_iter(f"orch:log:{spec.run_id}:*"):
+            for key in client.scan_iter(f"orch:log:{spec.run_key}:*"):
                 attempt = int(key.decode().rsplit(":", 1)[1])
                 if attempt not in found:
                     data = cast(Any, client.get(key))

@@ -94,9 +94,14 @@ class _NoGuard:
         return None
 
 
+def is_cuda_oom(exc: BaseException) -> bool:
+    """torch.OutOfMemoryError (torch.cuda.OutOfMemoryError), or an error that says so."""
+    return type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc)
+
+
 def execute(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
             live: LiveState | None = None, guard: Guard | None = None,
-            lost: int = 0) -> dict[str, Any]:
+            lost: int = 0, after_oom: bool = False) -> dict[str, Any]:
     """Train one run and commit its outputs; returns its summary. Raises on failure, and
     RunStopped (after removing what it wrote) when the guard says it may not commit."""
     state, current = fold_state(layout, spec)
@@ -107,7 +112,8 @@ def execute(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
     if trainer.version != spec.trainer_version:
         raise RuntimeError(f"trainer {spec.trainer!r} is version {trainer.version} on this worker, "
                            f"the run was submitted for version {spec.trainer_version}")
-    params = trainer.resolve(spec.params_for(worker.device))
+    after_oom = after_oom and worker.device == "cuda" and bool(spec.overrides.get("cuda_oom"))
+    params = trainer.resolve(spec.params_for(worker.device, after_oom))
     problems = [f"{name}: {problem}" for name, value in params.items()
                 if (problem := trainer.params[name].problem(value) if name in trainer.params
                     else f"unknown parameter of trainer {trainer.name!r}")]
@@ -117,7 +123,7 @@ def execute(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
     record = write_fold_status(layout, spec, Status.IN_PROGRESS, base=current, attempt=attempt,
                                worker=worker.name, host=worker.host, gpu=worker.gpu,
                                device=worker.device, started_at=started, finished_at=None,
-                               error=None, lost_attempts=lost,
+                               error=None, lost_attempts=lost, oom_overrides=after_oom,
                                history=start_attempt(current, attempt, worker, started))
     if live:
         live.set_run(spec.experiment, spec.run_id, Status.IN_PROGRESS.value,
@@ -194,7 +200,7 @@ def _progress_sender(live: LiveState, spec: RunSpec, worker: WorkerInfo) -> Call
             return
         last[0] = now
         with contextlib.suppress(Exception):
-            live.set_progress(spec.run_id, {**base, **report, "t": time.time()})
+            live.set_progress(spec.run_key, {**base, **report, "t": time.time()})
 
     return send
 

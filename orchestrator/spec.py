@@ -18,7 +18,9 @@ from typing import Any
 from .errors import InvalidSpecError
 from .names import check_name, check_relative_path, path_component
 
-DEVICES = ("cuda", "cpu")
+# Override blocks: params that replace `params` on that device; "cuda_oom" applies on top
+# of "cuda" to the attempt after one that died of CUDA out-of-memory.
+DEVICES = ("cuda", "cpu", "cuda_oom")
 
 
 def canonical_json(value: Any) -> str:
@@ -101,6 +103,13 @@ class RunSpec:
         """Same for every fold of one (dataset, point, seed): the chord unit."""
         return content_hash(self._identity(with_fold=False))
 
+    @functools.cached_property
+    def run_key(self) -> str:
+        """The run's work item in Redis (lease, attempts, progress, logs): its content
+        (run_id) where its outputs go. Two experiments with identical runs but their own
+        folders are two pieces of work; the same run into the same folder is one."""
+        return content_hash({"run_id": self.run_id, "group_dir": self.group_dir})
+
     @property
     def name(self) -> str:
         return f"{self.group_name}/fold={self.fold}"
@@ -122,10 +131,13 @@ class RunSpec:
     def queue(self) -> str:
         return "gpu" if self.resources.gpus > 0 else "cpu"
 
-    def params_for(self, device: str) -> dict[str, Any]:
-        """Stated params with this device's overrides applied on top."""
+    def params_for(self, device: str, after_oom: bool = False) -> dict[str, Any]:
+        """Stated params with this device's overrides applied on top (and, on a GPU after
+        an out-of-memory death, the `cuda_oom` block on top of those)."""
         merged = dict(self.params)
         merged.update(self.overrides.get(device, {}))
+        if after_oom and device == "cuda":
+            merged.update(self.overrides.get("cuda_oom", {}))
         return merged
 
     # -- JSON -------------------------------------------------------------------

@@ -42,7 +42,7 @@ def cancel_experiment(layout: Layout, experiment: str, leases: Leases,
             state, record = fold_state(layout, spec)
             if state in (Status.DONE.value, Status.FAILED.value):
                 continue
-            if spec.run_id in active:
+            if spec.run_key in active:
                 counts["running"] += 1
                 running_here = True
                 continue

@@ -14,17 +14,17 @@ import threading
 import time
 from typing import Any
 
-from celery.exceptions import Reject, SoftTimeLimitExceeded
+from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
 from celery.signals import worker_init, worker_process_init
 
 from orchestrator.admission import Need, Shares, memory_shortfall, worker_gpus
 from orchestrator.errors import InvalidSpecError, RunStopped, UnknownTrainerError
 from orchestrator.finalize import finalize_group, mark_group_failed
-from orchestrator.leases import Claim, LeaseGuard, Leases, parked_queue
+from orchestrator.leases import Claim, LeaseGuard, Leases, attempts_key, parked_queue
 from orchestrator.livestate import LiveState
 from orchestrator.paths import Layout
 from orchestrator.runlogs import capture, publish_tail
-from orchestrator.runner import WorkerInfo, execute, record_failure, summary
+from orchestrator.runner import WorkerInfo, execute, is_cuda_oom, record_failure, summary
 from orchestrator.spec import RunSpec
 from orchestrator.status import Status, fold_state
 from orchestrator.trainers import registry
@@ -124,7 +124,7 @@ def _claim(task: Any, run: RunSpec, worker: WorkerInfo, info: dict[str, Any]) ->
     Redis lost its state) and then report what it recorded, or take over if it lapses."""
     leases = _leases()
     while True:
-        got = leases.claim(run.run_id, info)
+        got = leases.claim(run.run_key, info)
         if isinstance(got, Claim):
             leases.wait_mark(task.request.id, done=True)
             return got
@@ -132,7 +132,7 @@ def _claim(task: Any, run: RunSpec, worker: WorkerInfo, info: dict[str, Any]) ->
         token = holder.get("token")
         if (token and holder.get("host") == worker.host and holder.get("pid")
                 and not _pid_alive(holder["pid"])):
-            leases.revoke(run.run_id, token, why="its process died")
+            leases.revoke(run.run_key, token, why="its process died")
             continue
         state, _ = fold_state(_layout(), run)
         if state == Status.DONE.value:
@@ -181,8 +181,8 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
     log_path = None
     if not isinstance(claim, Claim):
         return _outcome(run, _settled(run, submitted_at) or {})
-    if gpus and not _shares().acquire(worker.host, gpus, run.run_id, Need.of(run).share):
-        leases.release(run.run_id, claim.token)
+    if gpus and not _shares().acquire(worker.host, gpus, run.run_key, Need.of(run).share):
+        leases.release(run.run_key, claim.token)
         _hand_back(self, run, worker, gpus, "its GPU share is taken by other runs")
     try:
         if (record := _settled(run, submitted_at)) is not None:
@@ -195,12 +195,14 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
                            live=live)
             raise RunFailed(why)
         log_path = layout.run_log(run, claim.attempt)
-        with LeaseGuard(leases, run.run_id, claim, guard_info, run.experiment, submitted_at) as guard:
+        with LeaseGuard(leases, run.run_key, claim, guard_info, run.experiment, submitted_at) as guard:
             try:
+                after_oom = worker.device == "cuda" and bool(leases.attempts(run.run_key).get("oom"))
                 with capture(log_path):
-                    result = execute(run, layout, worker, claim.attempt, live, guard, lost=claim.lost)
+                    result = execute(run, layout, worker, claim.attempt, live, guard,
+                                     lost=claim.lost, after_oom=after_oom)
                 if not result.get("skipped"):
-                    leases.count_commit(run.run_id)
+                    leases.count_commit(run.run_key)
                 return result
             except RunStopped as stop:
                 if stop.cancelled:
@@ -220,10 +222,12 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
         timeout = TimeoutError(f"run exceeded its timeout of {run.timeout:g} s")
         record_failure(run, layout, worker, claim.attempt, timeout, will_retry=False, live=live)
         raise timeout from None
-    except (Reject, RunFailed):
+    except (Reject, RunFailed, Retry):
         raise
     except Exception as exc:
-        failures = leases.count_failure(run.run_id)
+        if worker.device == "cuda" and is_cuda_oom(exc):
+            _out_of_memory(self, run, layout, worker, claim.attempt, exc, live)
+        failures = leases.count_failure(run.run_key)
         will_retry = failures <= run.retries
         record_failure(run, layout, worker, claim.attempt, exc, will_retry=will_retry, live=live)
         if will_retry:
@@ -233,11 +237,31 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
     finally:
         with contextlib.suppress(Exception):  # a stale token releases nothing
             if gpus:
-                _shares().release(worker.host, gpus, run.run_id)
-            if leases.release(run.run_id, claim.token):
-                live.clear_progress(run.run_id)
+                _shares().release(worker.host, gpus, run.run_key)
+            if leases.release(run.run_key, claim.token):
+                live.clear_progress(run.run_key)
             if log_path is not None:
-                publish_tail(leases.client, log_path, run.run_id, claim.attempt)
+                publish_tail(leases.client, log_path, run.run_key, claim.attempt)
+
+
+def _out_of_memory(task: Any, run: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
+                   exc: BaseException, live: LiveState) -> None:
+    """CUDA ran out of memory although admission saw enough free: retry once with the
+    run's `cuda_oom` overrides (a smaller batch, say) if it has them and has not used
+    them yet, else FAILED saying so. Always raises."""
+    leases = _leases()
+    used = bool(leases.attempts(run.run_key).get("oom"))
+    if run.overrides.get("cuda_oom") and not used:
+        leases.client.hset(attempts_key(run.run_key), "oom", "1")
+        record_failure(run, layout, worker, attempt, exc, will_retry=True, live=live)
+        log.warning("%s: CUDA out of memory; retrying with its cuda_oom overrides %s", run.name,
+                    dict(run.overrides["cuda_oom"]))
+        raise task.retry(exc=exc, countdown=1, max_retries=None) from exc
+    hint = ("even with its cuda_oom overrides" if used else
+            "and it has no cuda_oom overrides to retry with (add e.g. `cuda_oom: {batch_size: 32}`)")
+    failed = RunFailed(f"CUDA out of memory on GPU {worker.gpu}, {hint}: {exc}")
+    record_failure(run, layout, worker, attempt, failed, will_retry=False, live=live)
+    raise failed from exc
 
 
 def _admit_memory(task: Any, run: RunSpec, worker: WorkerInfo) -> list[int]:

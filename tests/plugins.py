@@ -71,3 +71,18 @@ def _chatty(ctx: TrainContext) -> TrainResult:
 
 
 TRAINERS.append(Trainer("chatty", "1", _chatty, {"fail_fold": Param(-1, "int"), "smoothing": Param(1.0, "float")}))
+
+
+def _oom(ctx: TrainContext) -> TrainResult:
+    """Dies of CUDA out-of-memory when its batch is larger than `fits` (as torch does)."""
+    import torch
+
+    if ctx.params["batch_size"] > ctx.params["fits"]:
+        raise torch.cuda.OutOfMemoryError(
+            f"CUDA out of memory. Tried to allocate 2.00 GiB (batch_size={ctx.params['batch_size']})")
+    return prior_train(ctx)
+
+
+TRAINERS.append(Trainer("oom", "1", _oom, {"batch_size": Param(64, "int", minimum=1),
+                                           "fits": Param(32, "int", minimum=1),
+                                           "smoothing": Param(1.0, "float")}))

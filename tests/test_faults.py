@@ -192,7 +192,7 @@ def audit(fc: FaultCluster, name: str, folds: int = 2, state: str = "DONE") -> d
     if state == "DONE":
         assert group["counts"] == {"DONE": folds}
         for f in group["folds"]:
-            attempts = {k.decode(): int(v) for k, v in fc.client.hgetall(f"orch:attempts:{f['run_id']}").items()}
+            attempts = {k.decode(): int(v) for k, v in fc.client.hgetall(f"orch:attempts:{f['run_key']}").items()}
             assert attempts.get("committed") == 1, (f["name"], attempts)  # outputs written once
             meta = json.loads(Path(f["files"]["metadata.json"]).read_text())
             assert meta["attempt"] == f["attempt"], (meta["attempt"], f)  # by the attempt recorded
@@ -230,7 +230,7 @@ def the_run(fc: FaultCluster, name: str) -> tuple[str, dict[str, Any]]:
 def fold_of(fc: FaultCluster, name: str, run_id: str) -> int:
     for g in status(fc, name)["group_details"]:
         for f in g["folds"]:
-            if f["run_id"] == run_id:
+            if f["run_key"] == run_id:
                 return int(f["fold"])
     raise AssertionError(run_id)
 
@@ -346,7 +346,7 @@ def test_orchestrator_killed_mid_run_and_run_again(fc: FaultCluster, tmp_path: P
     group = st["group_details"][0]
     assert group["state"] == "DONE"
     for f in group["folds"]:  # every run trained and committed once, resubmission or not
-        committed = fc.client.hget(f"orch:attempts:{f['run_id']}", "committed")
+        committed = fc.client.hget(f"orch:attempts:{f['run_key']}", "committed")
         assert committed == b"1", f
     rows = (fc.root / "f_orch" / "final_results.csv").read_text().strip().splitlines()
     assert len(rows) == 4  # finalize is idempotent even if both submissions' chords ran it
@@ -402,4 +402,4 @@ def test_a_poison_run_is_given_up_after_capped_attempts(fc: FaultCluster, tmp_pa
     assert "died 3 times" in folds[1]["error"] and folds[1]["attempt"] == 4
     history = _fold_record(fc, "f_poison", 1)["history"]
     assert [h["outcome"] for h in history] == ["LOST", "LOST", "LOST", "FAILED"]
-    assert fc.client.hget(f"orch:attempts:{folds[1]['run_id']}", "committed") is None
+    assert fc.client.hget(f"orch:attempts:{folds[1]['run_key']}", "committed") is None

@@ -140,3 +140,31 @@ def test_fractional_runs_share_a_gpu_and_whole_ones_do_not(gpus: GpuCluster, wri
     assert run_cli("submit", str(whole), "--wait", env=gpus.env(), timeout=120).returncode == 0
     assert [f["state"] for f in folds(gpus, "whole")] == ["DONE", "DONE"]
     assert not overlap(intervals(gpus, "whole")), intervals(gpus, "whole")
+
+
+def test_cuda_out_of_memory_retries_with_cuda_oom_overrides_or_fails_saying_so(
+        gpus: GpuCluster, write_experiment: Any) -> None:
+    gpus.set_free([40000])
+    gpus.start("gpu0", "--gpu", "0")
+    gpus.start("control", "--control")
+    gpus.wait_ready()
+    saved = write_experiment("oom_saved", trainer="oom", datasets=["iris"], folds=2,
+                             params={"batch_size": 64}, cuda={"batch_size": 128},
+                             cuda_oom={"batch_size": 16}, resources={"gpus": 1, "gpu_memory_gb": 1})
+    proc = run_cli("submit", str(saved), "--wait", env=gpus.env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for path in sorted((gpus.root / "oom_saved").glob("**/status/fold_*.json")):
+        record = json.loads(path.read_text())
+        assert record["status"] == "DONE" and record["oom_overrides"] is True
+        assert [h["outcome"] for h in record["history"]] == ["RETRY", "DONE"]
+    meta = next((gpus.root / "oom_saved").glob("**/fold_0/metadata.json"))
+    assert json.loads(meta.read_text())["params_resolved"]["batch_size"] == 16
+
+    doomed = write_experiment("oom_doomed", trainer="oom", datasets=["iris"], folds=2, retries=3,
+                              params={"batch_size": 64}, resources={"gpus": 1, "gpu_memory_gb": 1})
+    proc = run_cli("submit", str(doomed), "--wait", env=gpus.env(), timeout=120)
+    assert proc.returncode == 1
+    states = folds(gpus, "oom_doomed")
+    assert [f["state"] for f in states] == ["FAILED", "FAILED"]
+    assert all("CUDA out of memory" in f["error"] and "no cuda_oom overrides" in f["error"]
+               and f["attempt"] == 1 for f in states), states  # not retried: it cannot help

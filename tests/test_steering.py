@@ -44,7 +44,7 @@ def committed_once(cluster: Cluster, name: str) -> None:
     group = status(cluster, name)["group_details"][0]
     assert group["state"] == "DONE", group
     for f in group["folds"]:
-        assert client.hget(f"orch:attempts:{f['run_id']}", "committed") == b"1", f
+        assert client.hget(f"orch:attempts:{f['run_key']}", "committed") == b"1", f
     assert client.get(f"orch:group:{group['group_id']}:finalized") == b"1"
     rows = (cluster.root / name / "final_results.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + len(group["folds"])
