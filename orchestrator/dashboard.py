@@ -561,7 +561,7 @@ def _failure_lines(snap: Snapshot, width: int, limit: int | None) -> list[Text]:
     title = f"RECENT FAILURES ({snap.failed_total} failed run{'s' if snap.failed_total != 1 else ''})"
     lines = [Text(title, style="bold red")]
     shown = snap.failures if limit is None else snap.failures[:max(0, limit)]
-    name_w = max(10, min(max(len(f.name) for f in shown) if shown else 10, width * 2 // 5))
+    name_w = max(10, min(max(len(f.name) for f in shown) if shown else 10, width // 3))
     for f in shown:
         at = time.strftime("%H:%M:%S", time.localtime(f.at)) if f.at else "--:--:--"
         error_w = max(0, width - 8 - name_w - 2)
