@@ -159,10 +159,10 @@ def redispatch(layout: Layout, live: LiveState) -> dict[str, int]:
     return total
 
 
-def unpark(experiment: str) -> int:
+def unpark(experiment: str) -> list[str]:
     """Move every parked message of an experiment back to the queue its run belongs on
-    (same body, headers and priority: same task id and chord). Returns how many."""
-    moved = 0
+    (same body, headers and priority: same task id and chord). Returns their task ids."""
+    moved: list[str] = []
     with app.connection_for_write() as conn:
         channel: Any = conn.default_channel
         producer = conn.Producer()
@@ -179,5 +179,5 @@ def unpark(experiment: str) -> int:
                              content_encoding=message.content_encoding,
                              priority=(message.properties or {}).get("priority"))
             message.ack()
-            moved += 1
+            moved.append(str((message.headers or {}).get("id", "")))
     return moved

@@ -84,10 +84,15 @@ def resume_experiment(layout: Layout, experiment: str, leases: Leases,
                       unpark: Any) -> dict[str, Any]:
     """Let the experiment's runs start again: parked runs go back to their queues."""
     load_manifest(layout, experiment)
+    # Move the parked runs while the experiment is still paused (the watchdog leaves a
+    # paused experiment's queue alone, so the count is this command's), then lift the
+    # pause, then catch a run parked in between.
+    moved = set(unpark(experiment))
     leases.resume(experiment)
     with contextlib.suppress(FileNotFoundError):
         layout.paused_marker(experiment).unlink()
-    return {"unparked": int(unpark(experiment))}
+    moved |= set(unpark(experiment))  # a run moved, taken and parked again counts once
+    return {"unparked": len(moved)}
 
 
 def paused_info(layout: Layout, experiment: str) -> dict[str, Any] | None:

@@ -83,8 +83,8 @@ def unpark_unpaused() -> list[str]:
                  for k in conn.default_channel.client.scan_iter("parked.*")}
     leases = Leases.from_url(app.conf.orch_state_url)
     for name in sorted(names):
-        if name and not leases.paused(name) and (n := unpark(name)):
-            done.append(f"{name}: {n} parked runs back on their queues (not paused)")
+        if name and not leases.paused(name) and (moved := unpark(name)):
+            done.append(f"{name}: {len(moved)} parked runs back on their queues (not paused)")
     return done
 
 
