@@ -1,0 +1,48 @@
+"""Trainer progress reaches Redis at a bounded rate, whatever the training loop does."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from orchestrator.livestate import LiveState
+from orchestrator.local import start_redis, stop_process
+from orchestrator.runner import WorkerInfo, _progress_sender
+from orchestrator.spec import DatasetRef, Resources, RunSpec
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[str]:
+    proc, url = start_redis(tmp_path / "redis")
+    yield url
+    stop_process(proc)
+
+
+def hset_calls(client: redis.Redis) -> int:
+    stats = client.info("commandstats")
+    return int(stats.get("cmdstat_hset", {}).get("calls", 0))
+
+
+def test_a_fast_loop_writes_progress_at_most_once_a_second(private_redis: str) -> None:
+    live = LiveState.from_url(private_redis)
+    spec = RunSpec(experiment="p", trainer="prior", trainer_version="1",
+                   dataset=DatasetRef(name="iris", source="sklearn"), params={}, seed=0, fold=0, k=2,
+                   validation=None, holdout=0.2, output="p/iris", point="base",
+                   resources=Resources(gpus=0))
+    send = _progress_sender(live, spec, WorkerInfo(name="cpu1@test", device="cpu", gpu=None))
+    before = hset_calls(live.client)
+    start = time.monotonic()
+    reports = 0
+    while time.monotonic() - start < 2.5:  # a loop reporting as fast as it can
+        send({"epoch": reports, "loss": 1.0 / (reports + 1)})
+        reports += 1
+    writes = hset_calls(live.client) - before
+    assert reports > 10_000, reports
+    assert 2 <= writes <= 4, writes  # at 0 s, 1 s, 2 s (a slow tick may cost one)
+    latest = live.progress()[spec.run_key]
+    assert latest["name"] == spec.name and latest["worker"] == "cpu1@test"
+    assert 0 < latest["epoch"] < reports and "loss" in latest
