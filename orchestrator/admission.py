@@ -6,7 +6,10 @@
   user's process, say), the run is handed back for another GPU and this worker stops
   taking runs until memory frees up (tasks/admission.py watches for that).
 - **Shares.** `resources.gpus: 0.25` lets up to four such runs share one GPU at once
-  (several workers per GPU: `workers up --per-gpu 4`); `gpus: 1` takes a GPU whole.
+  (several workers per GPU: `workers up --per-gpu 4`); `gpus: 1` takes a GPU whole;
+  `gpus: 2` and more take that many whole GPUs of one host (a multi-GPU worker,
+  `orchestrator worker --gpus 0,1,2,3`, picks free ones and shows only those to the run
+  through CUDA_VISIBLE_DEVICES).
   Shares are counted in Redis per host and GPU (`orch:gpushare:<host>:<index>`, run_id
   -> share). An entry whose run has no live lease any more (its worker died) does not
   count, so a crash never keeps a GPU blocked.
@@ -45,12 +48,19 @@ def default_memory_gb() -> float:
 class Need:
     share: float  # of each GPU, 0 < share <= 1
     memory_mb: int  # free memory needed on each GPU
+    count: int = 1  # GPUs of one host (`resources.gpus: 2` and more: whole GPUs)
 
     @classmethod
     def of(cls, spec: RunSpec) -> Need:
         gb = spec.resources.gpu_memory_gb
         memory = default_memory_gb() if gb is None else gb
-        return cls(share=min(1.0, spec.resources.gpus), memory_mb=int(memory * 1024))
+        gpus = spec.resources.gpus
+        return cls(share=min(1.0, gpus), memory_mb=int(memory * 1024),
+                   count=int(gpus) if gpus >= 1 else 1)
+
+
+def _fits(free_mb: int | None, need: Need) -> bool:
+    return free_mb is None or free_mb >= need.memory_mb  # unknown (no NVML): admit
 
 
 def share_key(host: str, index: int) -> str:
@@ -97,6 +107,32 @@ class Shares:
             pipe.hdel(share_key(host, i), run_id)
         pipe.execute()
 
+    def take(self, host: str, candidates: list[int], run_key: str, need: Need) -> tuple[list[int], str]:
+        """Take `need.count` of the candidate GPUs that have the memory and the share free
+        (in index order). Returns (the GPUs taken, "") or ([], why not)."""
+        free = free_memory_mb(candidates)
+        roomy = [i for i in candidates if _fits(free[i], need)]
+        if len(roomy) < need.count:
+            short = [f"GPU {i} has {free[i]} MiB free" for i in candidates if i not in roomy]
+            return [], (f"{'; '.join(short)}, the run needs {need.memory_mb} MiB on each of "
+                        f"{need.count} GPU{'s' if need.count > 1 else ''}")
+        taken: list[int] = []
+        for i in roomy:
+            if self.acquire(host, [i], run_key, need.share):
+                taken.append(i)
+                if len(taken) == need.count:
+                    return taken, ""
+        self.release(host, taken, run_key)
+        return [], (f"{len(taken)} of the {need.count} GPUs it needs have a free share"
+                    if need.count > 1 else "its GPU share is taken by other runs")
+
+    def room(self, host: str, candidates: list[int], need: Need) -> bool:
+        """Could `take` succeed now? (What a waiting worker checks, without taking.)"""
+        free = free_memory_mb(candidates)
+        fits = [i for i in candidates
+                if _fits(free[i], need) and self.used(host, i) + need.share <= 1.000001]
+        return len(fits) >= need.count
+
     def used(self, host: str, index: int) -> float:
         raw = cast(dict[bytes, bytes], self.client.hgetall(share_key(host, index)))
         live = [k for k in raw if self.client.exists(lease_key(k.decode()))]
@@ -105,8 +141,8 @@ class Shares:
     # --- a worker that handed a run back waits for its GPU -------------------------
     def start_waiting(self, worker: str, indices: list[int], need: Need, why: str) -> None:
         self.client.set(wait_key(worker), json.dumps({
-            "gpus": indices, "share": need.share, "memory_mb": need.memory_mb, "why": why,
-            "since": time.time()}), ex=24 * 3600)
+            "gpus": indices, "share": need.share, "memory_mb": need.memory_mb,
+            "count": need.count, "why": why, "since": time.time()}), ex=24 * 3600)
 
     def waiting(self, worker: str) -> dict[str, Any] | None:
         raw = self.client.get(wait_key(worker))
@@ -125,13 +161,6 @@ def free_memory_mb(indices: list[int]) -> dict[int, int | None]:
         gpu = usage(i)
         found[i] = None if gpu is None else gpu.memory_free_mb
     return found
-
-
-def memory_shortfall(indices: list[int], need: Need) -> str | None:
-    """Why the GPUs cannot take the run now, or None. Unknown memory (no NVML) admits."""
-    short = [f"GPU {i} has {free} MiB free, the run needs {need.memory_mb} MiB"
-             for i, free in free_memory_mb(indices).items() if free is not None and free < need.memory_mb]
-    return "; ".join(short) or None
 
 
 def worker_gpus() -> list[int]:

@@ -335,11 +335,9 @@ class _Validator:
                 self.bad(f"resources.{k}", f"unknown key{did_you_mean(str(k), ['gpus', 'gpu_memory_gb'])}; "
                                            "valid: gpus, gpu_memory_gb")
         gpus = value.get("gpus", 1)
-        if not _is_num(gpus) or gpus < 0 or gpus > 1:
-            # Runs spanning several GPUs are not supported yet: refuse rather than
-            # silently train on one.
-            self.bad("resources.gpus", f"must be 0 (CPU) or a number up to 1 (one GPU; "
-                                       f"multi-GPU runs are not supported yet), got {gpus!r}")
+        if not _is_num(gpus) or gpus < 0 or gpus > 64 or (gpus > 1 and gpus != int(gpus)):
+            self.bad("resources.gpus", "must be 0 (CPU), a share of one GPU up to 1 (0.25, 0.5, "
+                                       f"1), or a whole number of GPUs of one host (2, 4, 8), got {gpus!r}")
             gpus = 1
         mem = value.get("gpu_memory_gb")
         if mem is not None and (not _is_num(mem) or mem <= 0):

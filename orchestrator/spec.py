@@ -129,7 +129,10 @@ class RunSpec:
 
     @property
     def queue(self) -> str:
-        return "gpu" if self.resources.gpus > 0 else "cpu"
+        """`cpu`; `gpu` (one GPU or a share of one); `gpu.multi` for runs over several
+        GPUs of one host, which only multi-GPU workers (`worker --gpus 0,1,...`) take."""
+        gpus = self.resources.gpus
+        return "cpu" if gpus <= 0 else "gpu" if gpus <= 1 else "gpu.multi"
 
     def params_for(self, device: str, after_oom: bool = False) -> dict[str, Any]:
         """Stated params with this device's overrides applied on top (and, on a GPU after

@@ -40,7 +40,7 @@ def _shares() -> Any:
 
 
 def _watch(hostname: str, queues: list[str], stop: threading.Event) -> None:
-    from orchestrator.admission import Need, memory_shortfall
+    from orchestrator.admission import Need
 
     host = hostname.split("@", 1)[-1]
     shares = _shares()
@@ -49,10 +49,10 @@ def _watch(hostname: str, queues: list[str], stop: threading.Event) -> None:
             waiting = shares.waiting(hostname)
             if waiting is None:
                 continue
-            need = Need(share=float(waiting["share"]), memory_mb=int(waiting["memory_mb"]))
+            need = Need(share=float(waiting["share"]), memory_mb=int(waiting["memory_mb"]),
+                        count=int(waiting.get("count", 1)))
             gpus = [int(i) for i in waiting["gpus"]]
-            ready = (memory_shortfall(gpus, need) is None
-                     and all(shares.used(host, i) + need.share <= 1.000001 for i in gpus))
+            ready = shares.room(host, gpus, need)
             if ready or time.time() - float(waiting["since"]) > WAIT_MAX_SECONDS:
                 for queue in queues:
                     app.control.add_consumer(queue, destination=[hostname], reply=False)

@@ -7,6 +7,7 @@ parsed strictly (orchestrator.spec), trainers must be registered on this worker.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -17,7 +18,7 @@ from typing import Any
 from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
 from celery.signals import worker_init, worker_process_init
 
-from orchestrator.admission import Need, Shares, memory_shortfall, worker_gpus
+from orchestrator.admission import Need, Shares, worker_gpus
 from orchestrator.errors import InvalidSpecError, RunStopped, UnknownTrainerError
 from orchestrator.finalize import finalize_group, mark_group_failed
 from orchestrator.leases import Claim, LeaseGuard, Leases, attempts_key, parked_queue
@@ -176,14 +177,14 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
         return _outcome(run, record)
     if leases.paused(run.experiment):  # park it, same message and chord, until resumed
         raise self.retry(queue=parked_queue(run.experiment), countdown=0, max_retries=None)
-    gpus = _admit_memory(self, run, worker)
     claim = _claim(self, run, worker, guard_info)
     log_path = None
     if not isinstance(claim, Claim):
         return _outcome(run, _settled(run, submitted_at) or {})
-    if gpus and not _shares().acquire(worker.host, gpus, run.run_key, Need.of(run).share):
-        leases.release(run.run_key, claim.token)
-        _hand_back(self, run, worker, gpus, "its GPU share is taken by other runs")
+    gpus = _take_gpus(self, run, worker, claim)
+    if len(worker_gpus()) > 1 and gpus:  # a multi-GPU worker: the run sees only its GPUs
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+        worker = dataclasses.replace(worker, gpu=os.environ["CUDA_VISIBLE_DEVICES"])
     try:
         if (record := _settled(run, submitted_at)) is not None:
             return _outcome(run, record)
@@ -264,13 +265,21 @@ def _out_of_memory(task: Any, run: RunSpec, layout: Layout, worker: WorkerInfo, 
     raise failed from exc
 
 
-def _admit_memory(task: Any, run: RunSpec, worker: WorkerInfo) -> list[int]:
-    """On a GPU worker: this run's GPUs if they have the free memory it needs; else the
-    run is handed back (Reject) and this worker waits for memory (tasks/admission.py)."""
-    gpus = worker_gpus() if worker.device == "cuda" and run.resources.gpus > 0 else []
-    if gpus and (short := memory_shortfall(gpus, Need.of(run))):
-        _hand_back(task, run, worker, gpus, short)
-    return gpus
+def _take_gpus(task: Any, run: RunSpec, worker: WorkerInfo, claim: Claim) -> list[int]:
+    """On a GPU worker: the GPUs this run gets (free memory and share checked, shares
+    taken); else its lease is released, the run handed back (Reject) and this worker
+    waits until its GPUs have room (tasks/admission.py)."""
+    mine = worker_gpus() if worker.device == "cuda" and run.resources.gpus > 0 else []
+    if not mine:
+        return []
+    need = Need.of(run)
+    taken, why = _shares().take(worker.host, mine, run.run_key, need)
+    if not taken:
+        _leases().release(run.run_key, claim.token)
+        if need.count > len(mine):
+            why = f"it needs {need.count} GPUs of one host, this worker has {len(mine)}"
+        _hand_back(task, run, worker, mine, why)
+    return taken
 
 
 def _hand_back(task: Any, run: RunSpec, worker: WorkerInfo, gpus: list[int], why: str) -> None:

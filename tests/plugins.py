@@ -86,3 +86,13 @@ def _oom(ctx: TrainContext) -> TrainResult:
 TRAINERS.append(Trainer("oom", "1", _oom, {"batch_size": Param(64, "int", minimum=1),
                                            "fits": Param(32, "int", minimum=1),
                                            "smoothing": Param(1.0, "float")}))
+
+
+def _visible(ctx: TrainContext) -> TrainResult:
+    """Records which GPUs the run was shown (CUDA_VISIBLE_DEVICES)."""
+    result = prior_train(ctx)
+    return TrainResult(result.probabilities, result.params_count,
+                       {"visible": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid()})
+
+
+TRAINERS.append(Trainer("visible", "1", _visible, {"smoothing": Param(1.0, "float")}))

@@ -168,3 +168,28 @@ def test_cuda_out_of_memory_retries_with_cuda_oom_overrides_or_fails_saying_so(
     assert [f["state"] for f in states] == ["FAILED", "FAILED"]
     assert all("CUDA out of memory" in f["error"] and "no cuda_oom overrides" in f["error"]
                and f["attempt"] == 1 for f in states), states  # not retried: it cannot help
+
+
+def test_a_multi_gpu_run_gets_free_whole_gpus_of_one_host_and_sees_only_them(
+        gpus: GpuCluster, write_experiment: Any) -> None:
+    gpus.set_free([40000, 40000, 40000])
+    gpus.start("gpu0", "--gpu", "0")  # a per-GPU worker on GPU 0
+    gpus.start("multi", "--gpus", "0,1,2")  # the host's multi-GPU worker
+    gpus.start("control", "--control")
+    gpus.wait_ready()
+    busy = write_experiment("busy0", trainer="slow", datasets=["iris"], folds=2,
+                            params={"seconds": 6.0}, resources={"gpus": 1, "gpu_memory_gb": 1})
+    assert run_cli("submit", str(busy), env=gpus.env()).returncode == 0
+    wait_for(lambda: any(f["state"] == "IN_PROGRESS" for f in folds(gpus, "busy0")), timeout=60,
+             what="GPU 0 to be busy with a whole-GPU run")
+    pair = write_experiment("pair", trainer="visible", datasets=["iris"], folds=2,
+                            resources={"gpus": 2, "gpu_memory_gb": 1})
+    proc = run_cli("submit", str(pair), "--wait", env=gpus.env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    seen = []
+    for f in folds(gpus, "pair"):
+        assert f["state"] == "DONE" and f["worker"].startswith("multi@"), f
+        meta = json.loads(next((gpus.root / "pair").glob(f"**/fold_{f['fold']}/metadata.json")).read_text())
+        seen.append(meta["trainer_info"]["visible"])
+    assert seen == ["1,2", "1,2"], seen  # two whole GPUs, never GPU 0 while it was taken
+    assert run_cli("submit", str(busy), "--wait", env=gpus.env(), timeout=120).returncode == 0

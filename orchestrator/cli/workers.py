@@ -16,8 +16,11 @@ from .base import cli
 def celery_worker_command(gpu: int | None = None, cpu: bool = False, accept_gpu_runs: bool = False,
                           control: bool = False, name: str | None = None, concurrency: int | None = None,
                           loglevel: str = "INFO", exit_when_idle: float | None = None,
-                          environ: Mapping[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+                          environ: Mapping[str, str] | None = None,
+                          multi_gpus: list[int] | None = None) -> tuple[list[str], dict[str, str]]:
     """The `celery worker` command line and environment for one device and/or `control`."""
+    if multi_gpus:
+        return _multi_gpu_command(multi_gpus, name, loglevel, exit_when_idle, environ)
     if gpu is None and not cpu and not control:
         raise errors.OrchestratorError("say what to consume: --gpu N, --cpu and/or --control")
     if gpu is not None and cpu:
@@ -66,6 +69,38 @@ def celery_worker_command(gpu: int | None = None, cpu: bool = False, accept_gpu_
     return argv, env
 
 
+def _multi_gpu_command(gpus: list[int], name: str | None, loglevel: str, exit_when_idle: float | None,
+                       environ: Mapping[str, str] | None) -> tuple[list[str], dict[str, str]]:
+    """A worker for runs over several GPUs of this host (`resources.gpus: 2` and more):
+    queue `gpu.multi`; per run it takes free GPUs among `gpus` (shares in Redis, so no
+    GPU goes to two whole-GPU runs, also of per-GPU workers) and shows only those."""
+    if len(gpus) < 2 or len(set(gpus)) != len(gpus) or min(gpus) < 0:
+        raise errors.OrchestratorError(f"--gpus takes two or more distinct GPU indices like 0,1,2,3, got {gpus}")
+    env = dict(os.environ if environ is None else environ)
+    listed = ",".join(map(str, gpus))
+    env.update(CUDA_VISIBLE_DEVICES=listed, CUDA_DEVICE_ORDER="PCI_BUS_ID", ORCH_DEVICE="cuda",
+               ORCH_GPU=listed, ORCH_PRELOAD=env.get("ORCH_PRELOAD", "1"))
+    env.setdefault("REMAP_SIGTERM", "SIGQUIT")
+    if exit_when_idle is not None:
+        env["ORCH_EXIT_WHEN_IDLE"] = f"{exit_when_idle:g}"
+    else:
+        env.pop("ORCH_EXIT_WHEN_IDLE", None)
+    argv = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", "gpu.multi",
+            "-c", "1", "-P", "prefork", "-n", name or f"gpus{'-'.join(map(str, gpus))}@%h", "-E",
+            "--without-mingle", "--without-gossip", "--loglevel", loglevel,
+            "--max-tasks-per-child", "1"]
+    return argv, env
+
+
+def _gpu_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"give GPU indices like 0,1,2,3, got {value!r}") from None
+
+
 @cli.command()
 @click.option("--gpu", "gpu", type=int, default=None, metavar="N", help="Train on GPU N (sets CUDA_VISIBLE_DEVICES).")
 @click.option("--cpu", "cpu", is_flag=True, help="Train on the CPU (queue `cpu`).")
@@ -76,9 +111,12 @@ def celery_worker_command(gpu: int | None = None, cpu: bool = False, accept_gpu_
 @click.option("--exit-when-idle", "exit_when_idle", type=click.FloatRange(min=0, min_open=True), default=None,
               metavar="SECONDS", help="Shut down warmly once no task was held and the queues were empty "
               "for SECONDS (nodes borrowed from a batch scheduler).")
+@click.option("--gpus", "multi_gpus", default=None, metavar="I,J,...", callback=_gpu_list,
+              help="A worker for runs over several GPUs (resources.gpus >= 2) of these GPUs (queue gpu.multi).")
 @click.option("--loglevel", default="INFO", show_default=True)
 def worker(gpu: int | None, cpu: bool, accept_gpu_runs: bool, control: bool, name: str | None,
-           concurrency: int | None, exit_when_idle: float | None, loglevel: str) -> None:
+           concurrency: int | None, exit_when_idle: float | None, multi_gpus: list[int] | None,
+           loglevel: str) -> None:
     """Start one Celery worker bound to one GPU, the CPU, and/or the control queue.
 
     \b
@@ -86,9 +124,12 @@ def worker(gpu: int | None, cpu: bool, accept_gpu_runs: bool, control: bool, nam
       orchestrator worker --gpu 0            # queues gpu.<host>.0 and gpu
       orchestrator worker --cpu --control    # a laptop: CPU runs and callbacks
       orchestrator worker --gpu 0 --exit-when-idle 300   # a batch job: leave when done
+      orchestrator worker --gpus 0,1,2,3     # runs with resources.gpus: 2 or 4
     It runs `celery -A tasks worker` with this project's celeryconfig.py.
     """
+    if multi_gpus is not None and (gpu is not None or cpu or control):
+        raise errors.OrchestratorError("--gpus (a multi-GPU worker) excludes --gpu, --cpu and --control")
     argv, env = celery_worker_command(gpu, cpu, accept_gpu_runs, control, name, concurrency, loglevel,
-                                      exit_when_idle)
+                                      exit_when_idle, multi_gpus=multi_gpus)
     sys.stdout.flush()
     os.execve(sys.executable, argv, env)
