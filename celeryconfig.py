@@ -13,24 +13,11 @@ from __future__ import annotations
 
 import os
 
-from orchestrator.errors import SettingError
+from orchestrator.errors import env_seconds
 
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0 or value == float("inf"):
-        raise SettingError(f"{name}={raw!r} is not valid: give a positive number of seconds")
-    return value
 
 
 # --- where things are ------------------------------------------------------------
@@ -78,7 +65,7 @@ worker_cancel_long_running_tasks_on_connection_loss = True
 # (ORCH_VISIBILITY_TIMEOUT, seconds). The price: a run of a worker that died silently
 # is only restored after this timeout (plus kombu's sweep); reassigning faster needs
 # leases and a watchdog, not a shorter timeout.
-visibility_timeout = _env_float("ORCH_VISIBILITY_TIMEOUT", 12 * 3600)
+visibility_timeout = env_seconds("ORCH_VISIBILITY_TIMEOUT", 12 * 3600)
 broker_transport_options = {
     "visibility_timeout": visibility_timeout,
     # Ten priority levels, so `priority: 0..9` in the YAML is honoured (0 is served
@@ -100,7 +87,7 @@ broker_connection_max_retries = None  # keep retrying: a Redis restart must not 
 # A chord's part counter lives in the result backend with this TTL. If it expires
 # before the last fold finishes, the chord body silently never runs (celery PR #3573),
 # so it must be far longer than queue wait plus training: 7 days (ORCH_RESULT_EXPIRES).
-result_expires = _env_float("ORCH_RESULT_EXPIRES", 7 * 24 * 3600)
+result_expires = env_seconds("ORCH_RESULT_EXPIRES", 7 * 24 * 3600)
 result_chord_expires = result_expires
 result_extended = True  # task name, args and worker stored with each result
 # A lost write of a chord part's result leaves the chord hung forever (celery#3363).

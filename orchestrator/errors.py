@@ -43,6 +43,25 @@ class ConfigError(OrchestratorError):
         super().__init__(f"{len(problems)} {noun} in the configuration:\n{lines}")
 
 
+def env_seconds(name: str, default: float) -> float:
+    """A positive, finite number of seconds from the environment variable `name`, or
+    `default` when it is unset; SettingError (naming the variable) otherwise. Shared by
+    celeryconfig.py and the lease/watchdog settings."""
+    import math
+    import os
+
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or not math.isfinite(value):
+        raise SettingError(f"{name}={raw!r} is not valid: give a positive number of seconds")
+    return value
+
+
 class SettingError(OrchestratorError, ValueError):
     """An ORCH_* environment variable whose value is not valid for its setting."""
 

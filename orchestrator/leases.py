@@ -21,7 +21,6 @@ back) can never renew or commit: its work is discarded.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 import uuid
@@ -30,6 +29,9 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
+
+from .errors import env_seconds
+from .livestate import json_hash
 
 PREFIX = "orch"
 ACTIVE = f"{PREFIX}:active"
@@ -62,22 +64,7 @@ def parked_queue(experiment: str) -> str:
 def lease_seconds() -> float:
     """ORCH_LEASE_SECONDS (default 10): how long a lease lives without a heartbeat.
     Reassignment takes at most this plus one watchdog interval."""
-    return _positive("ORCH_LEASE_SECONDS", 10.0)
-
-
-def _positive(name: str, default: float) -> float:
-    from .errors import SettingError
-
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < 1e7:
-        raise SettingError(f"{name}={raw!r} is not valid: give a positive number of seconds")
-    return value
+    return env_seconds("ORCH_LEASE_SECONDS", 10.0)
 
 
 # KEYS: lease, active, attempts. ARGV: run_key, token, ttl_ms, info_json, attempts_ttl_s.
@@ -196,11 +183,6 @@ class Leases:
         return int(cast(int, self._renew(keys=[lease_key(run_key), ACTIVE],
                                          args=[run_key, token, self.ttl_ms, record])))
 
-    def holds(self, run_key: str, token: str) -> bool:
-        """Does this attempt still hold the run? (The fencing check before a commit.)"""
-        value = self.client.get(lease_key(run_key))
-        return value is not None and cast(bytes, value).decode() == token
-
     def release(self, run_key: str, token: str) -> bool:
         return bool(self._release(keys=[lease_key(run_key), ACTIVE], args=[run_key, token]))
 
@@ -214,14 +196,7 @@ class Leases:
         return bool(self._revoke(keys=[lease_key(run_key), ACTIVE], args=[run_key, token, marker]))
 
     def active(self) -> dict[str, dict[str, Any]]:
-        raw = cast(dict[bytes, bytes], self.client.hgetall(ACTIVE))
-        found: dict[str, dict[str, Any]] = {}
-        for key, value in raw.items():
-            try:
-                found[key.decode()] = json.loads(value)
-            except ValueError:
-                continue
-        return found
+        return json_hash(cast(dict[bytes, bytes], self.client.hgetall(ACTIVE)))
 
     def live(self, run_keys: list[str]) -> set[str]:
         """Which of these runs have a live lease."""
@@ -269,6 +244,15 @@ class Leases:
     def cancelled_at(self, experiment: str) -> float | None:
         value = self.client.get(cancel_key(experiment))
         return float(cast(bytes, value)) if value is not None else None
+
+    def gates(self, experiment: str) -> tuple[float | None, bool]:
+        """(cancelled_at, paused) of an experiment in one round trip: what a run checks
+        before it starts."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(cancel_key(experiment))
+        pipe.exists(pause_key(experiment))
+        cancelled, paused = pipe.execute()
+        return (float(cancelled) if cancelled is not None else None), bool(paused)
 
     def paused(self, experiment: str) -> bool:
         return bool(self.client.exists(pause_key(experiment)))

@@ -27,6 +27,17 @@ def groups_key(experiment: str) -> str:
 PROGRESS = f"{PREFIX}:progress"  # hash run_id -> JSON of the run's latest trainer report
 
 
+def json_hash(raw: dict[bytes, bytes]) -> dict[str, dict[str, Any]]:
+    """A Redis hash of JSON values, decoded; a value that is not JSON is skipped."""
+    found: dict[str, dict[str, Any]] = {}
+    for key, value in raw.items():
+        try:
+            found[key.decode()] = json.loads(value)
+        except ValueError:
+            continue
+    return found
+
+
 class LiveState:
     def __init__(self, client: redis.Redis):
         self.client = client
@@ -73,14 +84,7 @@ class LiveState:
     def progress(self) -> dict[str, dict[str, Any]]:
         """run_id -> {"t": unix time, "worker", "name", "experiment", and what the
         trainer reported last: epoch, step, metrics...} for every run training now."""
-        raw = cast(dict[bytes, bytes], self.client.hgetall(PROGRESS))
-        found = {}
-        for k, v in raw.items():
-            try:
-                found[k.decode()] = json.loads(v)
-            except ValueError:
-                continue
-        return found
+        return json_hash(cast(dict[bytes, bytes], self.client.hgetall(PROGRESS)))
 
     def count_finalize(self, group_id: str) -> int:
         """One more execution of a group's finalize (for audits: normally 1)."""
@@ -89,9 +93,6 @@ class LiveState:
         pipe.incr(key)
         pipe.expire(key, TTL_SECONDS)
         return int(pipe.execute()[0])
-
-    def finalize_count(self, group_id: str) -> int:
-        return int(cast(bytes, self.client.get(f"{PREFIX}:group:{group_id}:finalized")) or 0)
 
     def clear_groups(self, experiment: str, group_ids: list[str]) -> None:
         if group_ids:

@@ -16,6 +16,7 @@ from typing import Any, cast
 
 import redis
 
+from .errors import env_seconds
 from .leases import ACTIVE, EPOCH, PREFIX, Leases
 
 log = logging.getLogger(__name__)
@@ -28,9 +29,7 @@ ORPHAN_GRACE_LEASES = 3
 
 def watchdog_interval() -> float:
     """ORCH_WATCHDOG_INTERVAL (default 2 s): how often the watchdog looks."""
-    from .leases import _positive
-
-    return _positive("ORCH_WATCHDOG_INTERVAL", 2.0)
+    return env_seconds("ORCH_WATCHDOG_INTERVAL", 2.0)
 
 
 class Watchdog:

@@ -167,15 +167,13 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
     guard_info = {"worker": worker.name, "host": worker.host, "pid": os.getpid(),
                   "name": run.name, "experiment": run.experiment, "task_id": self.request.id,
                   "started": time.time(), "queue": (self.request.delivery_info or {}).get("routing_key")}
-    cancelled_at = leases.cancelled_at(run.experiment)
+    cancelled_at, paused = leases.gates(run.experiment)
     if cancelled_at is not None and (submitted_at is None or cancelled_at > submitted_at):
         why = "cancelled: its experiment was cancelled (orchestrator cancel) before it started"
         record_failure(run, layout, worker, 0, RunFailed(why), will_retry=False, live=live,
                        status=Status.CANCELLED)
         raise RunFailed(why)
-    if (record := _settled(run, submitted_at)) is not None:
-        return _outcome(run, record)
-    if leases.paused(run.experiment):  # park it, same message and chord, until resumed
+    if paused:  # park it, same message and chord, until resumed
         raise self.retry(queue=parked_queue(run.experiment), countdown=0, max_retries=None)
     claim = _claim(self, run, worker, guard_info)
     log_path = None

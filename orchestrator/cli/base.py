@@ -82,6 +82,17 @@ def _plans(exps: list[Experiment], layout: Layout) -> dict[str, list[GroupPlan]]
     return {e.name: make_plan(layout, expand(e)) for e in exps}
 
 
+def _cluster(broker: str | None, results_root: str | None, writable: bool = False) -> tuple[Path, str]:
+    """For commands that work on a running cluster: the results root and the state
+    Redis URL, after the broker URL was checked; a usage error without a broker."""
+    if not broker:
+        raise errors.OrchestratorError(
+            "no broker configured: pass --broker redis://HOST:6379/0 or set ORCH_BROKER_URL")
+    root = _results_root(results_root, writable=writable)
+    _use_broker(broker, root)
+    return root, os.environ["ORCH_STATE_URL"]
+
+
 results_root_option = click.option(
     "--results-root", envvar="ORCH_RESULTS_ROOT", default=None, metavar="DIR",
     help="Root folder of all results [env ORCH_RESULTS_ROOT; default ./results].")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,7 +10,7 @@ import click
 
 from .. import errors
 from ..paths import Layout
-from .base import _results_root, _use_broker, broker_option, cli, out, results_root_option
+from .base import _cluster, broker_option, cli, out, results_root_option
 
 
 @cli.command()
@@ -81,12 +80,7 @@ def resume(experiment: str, results_root: str | None, broker: str | None) -> Non
 def _connect(broker: str | None, results_root: str | None) -> tuple[Layout, Any, str]:
     from ..leases import Leases
 
-    if not broker:
-        raise errors.OrchestratorError(
-            "no broker configured: pass --broker redis://HOST:6379/0 or set ORCH_BROKER_URL")
-    root = _results_root(results_root)
-    _use_broker(broker, root)
-    url = os.environ["ORCH_STATE_URL"]
+    root, url = _cluster(broker, results_root)
     return Layout(root), Leases.from_url(url), url
 
 

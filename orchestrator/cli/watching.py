@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 import click
 
 from .. import errors
 from ..paths import Layout
-from .base import _results_root, _use_broker, broker_option, cli, err, out, results_root_option
+from .base import _cluster, broker_option, cli, err, out, results_root_option
 
 
 @cli.command()
@@ -34,12 +33,7 @@ def watch(experiment: str | None, broker: str | None, results_root: str | None, 
     from .. import dashboard
     from ..manifest import load_manifest
 
-    if not broker:
-        raise errors.OrchestratorError(
-            "no broker configured: pass --broker redis://HOST:6379/0 or set ORCH_BROKER_URL")
-    root = _results_root(results_root)
-    _use_broker(broker, root)
-    url = os.environ["ORCH_STATE_URL"]
+    root, url = _cluster(broker, results_root)
     layout = Layout(root)
     if experiment is not None:
         load_manifest(layout, experiment)  # ExperimentNotFound lists the ones there are
