@@ -5,16 +5,48 @@ installed another object with the same functions (`use_nvml`), or the environmen
 names a module with pynvml's API in ORCH_NVML_MODULE (how subprocess tests fake GPUs:
 `ORCH_NVML_MODULE=tests.fake_nvml`). Only NVML is loaded here, never CUDA (design
 invariant 5): a parent that forks training processes may call this.
+
+Fork safety: a GPU worker's main process queries NVML from a thread (its registry
+heartbeat) while it forks a fresh training process for every run, and that process
+queries NVML again (admission). A fork taken while the thread is inside NVML copies
+NVML's locks held (pynvml's own, the driver library's) into a child that then hangs
+at its first NVML call, as a real H100 worker did on its third run. So every NVML
+session here runs under one lock that `os.fork` also takes (`os.register_at_fork`):
+a fork waits for the NVML call in flight, and the child starts with a free lock.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 _installed: Any = None
+_sessions = threading.RLock()
+
+
+def _new_lock_in_child() -> None:
+    global _sessions
+    _sessions = threading.RLock()
+
+
+os.register_at_fork(before=lambda: _sessions.acquire(), after_in_parent=lambda: _sessions.release(),
+                    after_in_child=_new_lock_in_child)
+
+
+def _one_session_at_a_time(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run an NVML session (init ... shutdown) under the fork-safety lock."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with _sessions:
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def use_nvml(module: Any) -> None:
@@ -97,6 +129,7 @@ def _processes(lib: Any, handle: Any) -> tuple[GPUProcess, ...]:
     return tuple(sorted(seen.values(), key=lambda p: p.pid))
 
 
+@_one_session_at_a_time
 def inventory(processes: bool = True) -> Inventory:
     """Every GPU NVML sees, with memory, utilisation and (optionally) processes."""
     try:
@@ -131,6 +164,7 @@ def detect() -> list[GPU]:
     return inventory(processes=False).gpus
 
 
+@_one_session_at_a_time
 def usage(index: int) -> GPU | None:
     """Memory and utilisation of the GPU with NVML index `index` (no process list), or
     None when NVML cannot tell (no driver, no such GPU). What a GPU worker's registry
