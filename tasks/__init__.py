@@ -8,6 +8,6 @@ from celery import Celery
 app = Celery("tasks")
 app.config_from_object("celeryconfig")
 
-from . import admission, fleet, training, watchdog  # noqa: E402,F401  (register tasks and worker hooks)
+from . import admission, fleet, respawn, training, watchdog  # noqa: E402,F401  (register tasks and worker hooks)
 
 __all__ = ["app"]

@@ -11,12 +11,11 @@ import dataclasses
 import functools
 import logging
 import os
-import threading
 import time
 from typing import Any
 
 from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
-from celery.signals import worker_init, worker_process_init
+from celery.signals import worker_init
 
 from orchestrator.admission import Need, Shares, worker_gpus
 from orchestrator.errors import InvalidSpecError, RunStopped, UnknownTrainerError
@@ -75,30 +74,24 @@ def _specs(specs: Any) -> list[RunSpec]:
 
 @worker_init.connect
 def _preload_in_parent(**_: Any) -> None:
-    """In the worker's main process, before the pool forks: every pool child then starts
-    with scikit-learn's splitters loaded instead of paying ~1 s on its first run. (Not at
-    import time: `orchestrator submit` imports this module and needs none of it.)
-    scikit-learn never touches CUDA (design invariant 5)."""
+    """In the worker's main process, before the pool forks, so every pool child starts
+    with these modules loaded: scikit-learn's splitters (~1 s otherwise), and on
+    training workers (`orchestrator worker --gpu/--cpu` set ORCH_PRELOAD=1) each
+    trainer's imports. Training workers fork a fresh child per run on GPUs
+    (--max-tasks-per-child 1), and `import torch` took 3.5 s of every run's start on an
+    H100 host when it ran in the child. Trainer preloads import only: CUDA stays
+    uninitialised in this process (design invariant 5). (Not at import time:
+    `orchestrator submit` imports this module and needs none of it.)"""
     import sklearn.model_selection  # noqa: F401  (orchestrator.datasets.split)
 
-
-@worker_process_init.connect
-def _preload_trainers(**_: Any) -> None:
-    """Warm up trainers in each training pool child (`orchestrator worker --gpu/--cpu`
-    sets ORCH_PRELOAD=1), in a thread: a child must report alive to its parent within
-    worker_proc_alive_timeout (4 s), and `import torch` can take longer."""
     if os.environ.get("ORCH_PRELOAD") != "1":
         return
-
-    def run() -> None:
-        for trainer in registry().values():
-            if trainer.preload is not None:
-                try:
-                    trainer.preload()
-                except Exception:  # a failed warm-up only costs time later
-                    log.exception("preloading trainer %s failed", trainer.name)
-
-    threading.Thread(target=run, name="preload-trainers", daemon=True).start()
+    for trainer in registry().values():
+        if trainer.preload is not None:
+            try:
+                trainer.preload()
+            except Exception:  # a failed warm-up only costs time later
+                log.exception("preloading trainer %s failed", trainer.name)
 
 
 def backoff(retries: int) -> float:
