@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 from orchestrator.errors import env_seconds
+from orchestrator.transfer import results_transfer, return_max_bytes
 
 
 def _env(name: str, default: str) -> str:
@@ -28,6 +29,26 @@ result_backend = _env("ORCH_RESULT_BACKEND", broker_url)
 orch_results_root = os.path.abspath(_env("ORCH_RESULTS_ROOT", "results"))
 # Live state (run/group states for progress bars): Redis, by default the backend's.
 orch_state_url = _env("ORCH_STATE_URL", result_backend)
+
+# --- hosts without the shared results root (orchestrator.transfer, .returns) ----------
+# ORCH_RESULTS_TRANSFER: `shared` (default), a worker writes a run's files under the
+# results root itself; `return` (`orchestrator worker --return-results`), it trains into
+# a private scratch folder and hands the files back through Redis, and the control
+# worker (which must see the root) writes them there when it finalizes the group.
+orch_results_transfer = results_transfer()
+# ORCH_RETURN_MAX_MB (MiB, default 32): the largest compressed archive of one fold a
+# worker may return. Each one waits in Redis as one value until its group finalizes:
+# with `noeviction` (deploy/redis.conf) a full Redis refuses every write, chords and
+# leases included, so a few hundred waiting folds must fit next to everything else; and
+# Redis copies a value in its single thread, so tens of MB stall every client for
+# milliseconds. Predictions of tabular folds are KB to a few MB compressed; beyond 32 MiB
+# a shared filesystem is the right tool. An archive lives at most ORCH_RESULT_EXPIRES
+# (the chord's own lifetime) and is deleted as soon as its files are written. The
+# control worker refuses larger archives too, and anything that inflates past 8 times it.
+orch_return_max_bytes = return_max_bytes()
+# ORCH_SCRATCH_DIR: where a return-mode worker trains (a fresh folder per run, always
+# removed afterwards); default the system's temporary folder (TMPDIR).
+orch_scratch_dir = _env("ORCH_SCRATCH_DIR", "") or None
 
 # --- only JSON crosses the broker (design invariant 3) -----------------------------
 task_serializer = "json"

@@ -176,21 +176,24 @@ class WorkerCommand:
 
 def worker_commands(gpus: list[int], per_gpu: int = 1, cpu: int = 0, control: bool = False,
                     accept_gpu_runs: bool = False, loglevel: str = "INFO",
-                    exit_when_idle: float | None = None) -> list[WorkerCommand]:
-    """One `orchestrator worker` per GPU (per_gpu each), `cpu` CPU workers, a control one."""
+                    exit_when_idle: float | None = None,
+                    return_results: bool = False) -> list[WorkerCommand]:
+    """One `orchestrator worker` per GPU (per_gpu each), `cpu` CPU workers, a control one;
+    `return_results`: the training workers return their outputs through Redis."""
     base = [sys.executable, "-m", "orchestrator", "worker", "--loglevel", loglevel]
     if exit_when_idle is not None:
         base += ["--exit-when-idle", f"{exit_when_idle:g}"]
+    train = [*base, "--return-results"] if return_results else base
     commands = []
     for index in gpus:
         for k in range(per_gpu):
             label = f"gpu{index}" if per_gpu == 1 else f"gpu{index}-{k}"
             commands.append(WorkerCommand(label, f"{label}@%h", index,
-                                          [*base, "--gpu", str(index), "--name", f"{label}@%h"]))
+                                          [*train, "--gpu", str(index), "--name", f"{label}@%h"]))
     for i in range(1, cpu + 1):
         extra = ["--accept-gpu-runs"] if accept_gpu_runs else []
         commands.append(WorkerCommand(f"cpu{i}", f"cpu{i}@%h", None,
-                                      [*base, "--cpu", *extra, "--name", f"cpu{i}@%h"]))
+                                      [*train, "--cpu", *extra, "--name", f"cpu{i}@%h"]))
     if control:
         commands.append(WorkerCommand("control", "control@%h", None, [*base, "--control"]))
     return commands

@@ -115,7 +115,8 @@ class LocalCluster:
         self.processes["redis"] = redis_proc
         env = {**os.environ, "ORCH_BROKER_URL": self.broker_url,
                "ORCH_RESULT_BACKEND": self.broker_url, "ORCH_STATE_URL": self.broker_url,
-               "ORCH_RESULTS_ROOT": str(self.results_root)}
+               "ORCH_RESULTS_ROOT": str(self.results_root),
+               "ORCH_RESULTS_TRANSFER": "shared"}  # one host: every worker sees the root
         for name, argv in self.worker_commands().items():
             self.processes[name] = spawn(argv, env, self.workdir / f"{name}.log")
         return self.broker_url

@@ -4,36 +4,62 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from .manifest import load_manifest
 from .paths import Layout, read_json
 from .spec import RunSpec
 from .status import Status, fold_state, read_group_status
+from .transfer import RETURNED
+
+# run_key -> the fold's status record kept in Redis by a worker without the results root,
+# with "returned": whether its outputs wait there (orchestrator.returns.Returns.records).
+InFlight = Callable[[list[RunSpec]], dict[str, dict[str, Any]]]
 
 
 def group_state(layout: Layout, specs: list[RunSpec], fold_states: list[str]) -> str:
     record = read_group_status(layout, specs[0])
     if record and record.get("run_ids") == sorted(s.run_id for s in specs):
         return str(record["train_status"])
-    if Status.IN_PROGRESS.value in fold_states or Status.DONE.value in fold_states:
+    if {Status.IN_PROGRESS.value, Status.DONE.value, RETURNED} & set(fold_states):
         return Status.IN_PROGRESS.value
     if Status.CANCELLED.value in fold_states:
         return Status.CANCELLED.value
     return Status.PENDING.value
 
 
-def experiment_status(layout: Layout, experiment: str, with_files: bool = False) -> dict[str, Any]:
+def fold_view(layout: Layout, spec: RunSpec, in_flight: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """(state, record) of a fold: its status file, unless a worker without the results
+    root has a newer mark of it in Redis (IN_PROGRESS, FAILED...; RETURNED: its outputs
+    wait there for the control worker)."""
+    state, record = fold_state(layout, spec)
+    remote = in_flight.get(spec.run_key)
+    if remote is None or state == Status.DONE.value:
+        return state, record
+    if remote.get("returned"):
+        return RETURNED, remote
+    newer = float(remote.get("updated_at") or 0) > float(record.get("updated_at") or 0)
+    if remote.get("status") not in (None, Status.DONE.value) and newer:
+        return str(remote["status"]), remote
+    return state, record
+
+
+def experiment_status(layout: Layout, experiment: str, with_files: bool = False,
+                      in_flight: InFlight | None = None) -> dict[str, Any]:
+    """`in_flight` (a lookup in the cluster's Redis) adds what workers without the
+    results root report about folds not yet written there."""
     manifest = load_manifest(layout, experiment)
     now = time.time()
     groups_out = []
     run_counts: Counter[str] = Counter()
     group_counts: Counter[str] = Counter()
+    remote = in_flight([RunSpec.from_dict(r) for g in manifest["groups"] for r in g["runs"]]) if in_flight else {}
     for g in manifest["groups"]:
         specs = [RunSpec.from_dict(r) for r in g["runs"]]
         folds = []
         for spec in specs:
-            state, record = fold_state(layout, spec)
+            state, record = fold_view(layout, spec, remote)
             started, finished = record.get("started_at"), record.get("finished_at")
             elapsed = record.get("elapsed")
             if elapsed is None and started and state == Status.IN_PROGRESS.value:

@@ -5,6 +5,10 @@ folder of this attempt; one rename of that folder to `fold_<i>/` (only while the
 attempt still holds its lease: see orchestrator.leases); fold status DONE with the
 files' sizes. A fold counts as DONE only when its status says so *and* the files are
 as written, so a crash between writes is simply re-run.
+
+Those writes go through a Sink: SharedSink is the results root as above; a worker
+without it (orchestrator.returns.ReturnSink) keeps the marks in Redis, stages in a
+scratch folder, and commits by returning the files for the control worker to write.
 """
 
 from __future__ import annotations
@@ -55,10 +59,10 @@ class WorkerInfo:
         return cls(name=name, device=device, gpu=(visible or None) if device == "cuda" else None)
 
 
-def write_new(path: Path, text: str) -> None:
+def write_new(path: Path, text: str | bytes) -> None:
     """A new file in a staging folder (no rename needed: the folder is renamed)."""
     with open(path, "xb") as fh:
-        fh.write(text.encode())
+        fh.write(text.encode() if isinstance(text, str) else text)
         if FSYNC:
             fh.flush()
             os.fsync(fh.fileno())
@@ -69,6 +73,56 @@ def summary(layout: Layout, spec: RunSpec) -> dict[str, Any]:
     meta = read_json(layout.fold_files(spec)["metadata.json"]) or {}
     return {"run_id": spec.run_id, "name": spec.name, "status": Status.DONE.value,
             "metrics": meta.get("metrics", {}), "worker": meta.get("worker")}
+
+
+class Sink(Protocol):
+    """Where an attempt's status marks and outputs go: files under the shared results
+    root (SharedSink), or Redis, back to the control worker (orchestrator.returns)."""
+
+    def fold_state(self, spec: RunSpec, submitted_at: float | None = None) -> tuple[str, dict[str, Any]]: ...
+
+    def read_status(self, spec: RunSpec) -> dict[str, Any] | None: ...
+
+    def write_status(self, spec: RunSpec, status: Status, base: dict[str, Any] | None = None,
+                     **fields: Any) -> dict[str, Any]: ...
+
+    def staging_dir(self, spec: RunSpec, tag: str) -> Path: ...
+
+    def commit(self, spec: RunSpec, staging: Path, guard: Guard) -> dict[str, int]: ...  # file sizes
+
+    def summary(self, spec: RunSpec, record: dict[str, Any]) -> dict[str, Any]: ...
+
+    def run_log(self, spec: RunSpec, attempt: int) -> Path: ...
+
+
+class SharedSink:
+    """The worker sees the results root: it writes there itself."""
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+
+    def fold_state(self, spec: RunSpec, submitted_at: float | None = None) -> tuple[str, dict[str, Any]]:
+        return fold_state(self.layout, spec)
+
+    def read_status(self, spec: RunSpec) -> dict[str, Any] | None:
+        return read_fold_status(self.layout, spec)
+
+    def write_status(self, spec: RunSpec, status: Status, base: dict[str, Any] | None = None,
+                     **fields: Any) -> dict[str, Any]:
+        return write_fold_status(self.layout, spec, status, base=base, **fields)
+
+    def staging_dir(self, spec: RunSpec, tag: str) -> Path:
+        return self.layout.staging_dir(spec, tag)
+
+    def commit(self, spec: RunSpec, staging: Path, guard: Guard) -> dict[str, int]:
+        _commit(staging, self.layout.fold_dir(spec))
+        return file_sizes(self.layout.fold_files(spec))
+
+    def summary(self, spec: RunSpec, record: dict[str, Any]) -> dict[str, Any]:
+        return summary(self.layout, spec)
+
+    def run_log(self, spec: RunSpec, attempt: int) -> Path:
+        return self.layout.run_log(spec, attempt)
 
 
 class Guard(Protocol):
@@ -101,12 +155,14 @@ def is_cuda_oom(exc: BaseException) -> bool:
 
 def execute(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
             live: LiveState | None = None, guard: Guard | None = None,
-            lost: int = 0, after_oom: bool = False) -> dict[str, Any]:
-    """Train one run and commit its outputs; returns its summary. Raises on failure, and
-    RunStopped (after removing what it wrote) when the guard says it may not commit."""
-    state, current = fold_state(layout, spec)
+            lost: int = 0, after_oom: bool = False, sink: Sink | None = None) -> dict[str, Any]:
+    """Train one run and commit its outputs (to `sink`, by default the results root);
+    returns its summary. Raises on failure, and RunStopped (after removing what it
+    wrote) when the guard says it may not commit."""
+    sink = sink or SharedSink(layout)
+    state, current = sink.fold_state(spec)
     if state == Status.DONE.value:  # a redelivered or resubmitted run that already finished
-        return {**summary(layout, spec), "skipped": True}
+        return {**sink.summary(spec, current), "skipped": True}
     guard = guard or _NoGuard()
     trainer = get_trainer(spec.trainer)
     if trainer.version != spec.trainer_version:
@@ -120,7 +176,7 @@ def execute(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
     if problems:  # a message that bypassed validation: refuse before touching anything
         raise InvalidSpecError(f"invalid params for {spec.name}: {'; '.join(problems)}")
     started = time.time()
-    record = write_fold_status(layout, spec, Status.IN_PROGRESS, base=current, attempt=attempt,
+    record = sink.write_status(spec, Status.IN_PROGRESS, base=current, attempt=attempt,
                                worker=worker.name, host=worker.host, gpu=worker.gpu,
                                device=worker.device, started_at=started, finished_at=None,
                                error=None, lost_attempts=lost, oom_overrides=after_oom,
@@ -148,7 +204,7 @@ def execute(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
     metrics = scores(table.y[split.val], probs[:n_val])
     holdout_metrics = scores(table.y[split.holdout], probs[n_val:])
     guard.check()  # a zombie stops here, before writing anything
-    staging = layout.staging_dir(spec, guard.tag)
+    staging = sink.staging_dir(spec, guard.tag)
     try:
         _write_outputs(staging, table, eval_rows, n_val, probs, {
             "run_id": spec.run_id, "name": spec.name, "spec": spec.to_dict(),
@@ -160,14 +216,13 @@ def execute(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
             "trainer_info": dict(result.info),
         })
         guard.check()
-        _commit(staging, layout.fold_dir(spec))
+        files = sink.commit(spec, staging, guard)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     finished = time.time()
-    write_fold_status(layout, spec, Status.DONE, base=record, finished_at=finished,
-                      elapsed=round(elapsed, 4), error=None, metrics=metrics,
-                      files=file_sizes(layout.fold_files(spec)),
+    sink.write_status(spec, Status.DONE, base=record, finished_at=finished,
+                      elapsed=round(elapsed, 4), error=None, metrics=metrics, files=files,
                       history=end_attempt(record, "DONE", finished))
     if live:
         live.set_run(spec.experiment, spec.run_id, Status.DONE.value, worker=worker.name,
@@ -272,14 +327,15 @@ def _write_outputs(folder: Path, table: datasets.Table, rows: np.ndarray, n_val:
 
 def record_failure(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
                    exc: BaseException, will_retry: bool, live: LiveState | None = None,
-                   status: Status | None = None) -> str:
-    """Mark the fold FAILED (or PENDING when a retry follows, or `status`); return the
-    error text."""
+                   status: Status | None = None, sink: Sink | None = None) -> str:
+    """Mark the fold FAILED (or PENDING when a retry follows, or `status`) in `sink` (by
+    default the results root); return the error text."""
+    sink = sink or SharedSink(layout)
     error = f"{type(exc).__name__}: {exc}"
     status = status or (Status.PENDING if will_retry else Status.FAILED)
-    current = read_fold_status(layout, spec) or {}
+    current = sink.read_status(spec) or {}
     now = time.time()
-    write_fold_status(layout, spec, status, base=current, attempt=attempt, worker=worker.name,
+    sink.write_status(spec, status, base=current, attempt=attempt, worker=worker.name,
                       host=worker.host, finished_at=now, error=error,
                       traceback="".join(traceback.format_exception(exc))[-4000:],
                       history=end_attempt(current, "RETRY" if will_retry else status.value, now, error,

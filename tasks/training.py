@@ -23,11 +23,13 @@ from orchestrator.finalize import finalize_group, mark_group_failed
 from orchestrator.leases import Claim, LeaseGuard, Leases, attempts_key, parked_queue
 from orchestrator.livestate import LiveState
 from orchestrator.paths import Layout
+from orchestrator.returns import Returns, ReturnSink, collect
 from orchestrator.runlogs import capture, publish_tail
-from orchestrator.runner import WorkerInfo, execute, is_cuda_oom, record_failure, summary
+from orchestrator.runner import SharedSink, Sink, WorkerInfo, execute, is_cuda_oom, record_failure
 from orchestrator.spec import RunSpec
-from orchestrator.status import Status, fold_state
+from orchestrator.status import Status
 from orchestrator.trainers import registry
+from orchestrator.transfer import RETURN, PayloadTooLarge
 
 from . import app
 from .admission import stop_consuming
@@ -55,6 +57,24 @@ def _leases() -> Leases:
 @functools.cache
 def _shares() -> Shares:
     return Shares(_leases().client)
+
+
+@functools.cache
+def _returns() -> Returns:
+    return Returns(_leases().client, ttl=app.conf.result_expires)
+
+
+def _sink() -> SharedSink | ReturnSink:
+    """Where this worker's runs go (ORCH_RESULTS_TRANSFER): the shared results root, or
+    back through Redis to the control worker (a fresh scratch folder per task)."""
+    if app.conf.orch_results_transfer == RETURN:
+        return ReturnSink(_returns(), app.conf.orch_return_max_bytes, app.conf.orch_scratch_dir)
+    return SharedSink(_layout())
+
+
+def _collect(group: list[RunSpec]) -> None:
+    """Control side: what return-mode workers left in Redis, under the results root."""
+    collect(_layout(), group, _returns(), app.conf.orch_return_max_bytes)
 
 
 @functools.cache
@@ -111,7 +131,8 @@ def _pid_alive(pid: Any) -> bool:
     return True
 
 
-def _claim(task: Any, run: RunSpec, worker: WorkerInfo, info: dict[str, Any]) -> Claim | dict[str, Any]:
+def _claim(task: Any, run: RunSpec, worker: WorkerInfo, info: dict[str, Any], sink: Sink,
+           submitted_at: float | None) -> Claim | dict[str, Any]:
     """Claim the run's lease. If another attempt holds it: take over at once when that
     attempt was a pool process of this host that died (the retry after a SIGKILL); else
     wait until it ends (this delivery is a duplicate: a redelivery, or a re-dispatch after
@@ -128,7 +149,7 @@ def _claim(task: Any, run: RunSpec, worker: WorkerInfo, info: dict[str, Any]) ->
                 and not _pid_alive(holder["pid"])):
             leases.revoke(run.run_key, token, why="its process died")
             continue
-        state, _ = fold_state(_layout(), run)
+        state, _ = sink.fold_state(run, submitted_at)
         if state == Status.DONE.value:
             leases.wait_mark(task.request.id, done=True)
             return {"done": True}
@@ -136,10 +157,10 @@ def _claim(task: Any, run: RunSpec, worker: WorkerInfo, info: dict[str, Any]) ->
         time.sleep(1.0)
 
 
-def _settled(run: RunSpec, submitted_at: float | None) -> dict[str, Any] | None:
+def _settled(run: RunSpec, submitted_at: float | None, sink: Sink) -> dict[str, Any] | None:
     """The fold's record if it already ended after this message was submitted: this
     delivery is a duplicate of an attempt that finished (DONE, FAILED or CANCELLED)."""
-    state, record = fold_state(_layout(), run)
+    state, record = sink.fold_state(run, submitted_at)
     if state == Status.DONE.value:
         return record
     if (submitted_at is not None and state in (Status.FAILED.value, Status.CANCELLED.value)
@@ -156,7 +177,7 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
     if submitted_at is not None and not isinstance(submitted_at, (int, float)):
         raise InvalidSpecError("submitted_at must be a number (unix time)")
     worker = WorkerInfo.from_env(self.request.hostname or "unknown")
-    layout, live, leases = _layout(), _live(), _leases()
+    layout, live, leases, sink = _layout(), _live(), _leases(), _sink()
     guard_info = {"worker": worker.name, "host": worker.host, "pid": os.getpid(),
                   "name": run.name, "experiment": run.experiment, "task_id": self.request.id,
                   "started": time.time(), "queue": (self.request.delivery_info or {}).get("routing_key")}
@@ -164,42 +185,42 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
     if cancelled_at is not None and (submitted_at is None or cancelled_at > submitted_at):
         why = "cancelled: its experiment was cancelled (orchestrator cancel) before it started"
         record_failure(run, layout, worker, 0, RunFailed(why), will_retry=False, live=live,
-                       status=Status.CANCELLED)
+                       status=Status.CANCELLED, sink=sink)
         raise RunFailed(why)
     if paused:  # park it, same message and chord, until resumed
         raise self.retry(queue=parked_queue(run.experiment), countdown=0, max_retries=None)
-    claim = _claim(self, run, worker, guard_info)
+    claim = _claim(self, run, worker, guard_info, sink, submitted_at)
     log_path = None
     if not isinstance(claim, Claim):
-        return _outcome(run, _settled(run, submitted_at) or {})
+        return _outcome(run, _settled(run, submitted_at, sink) or {}, sink)
     gpus = _take_gpus(self, run, worker, claim)
     if len(worker_gpus()) > 1 and gpus:  # a multi-GPU worker: the run sees only its GPUs
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
         worker = dataclasses.replace(worker, gpu=os.environ["CUDA_VISIBLE_DEVICES"])
     try:
-        if (record := _settled(run, submitted_at)) is not None:
-            return _outcome(run, record)
+        if (record := _settled(run, submitted_at, sink)) is not None:
+            return _outcome(run, record, sink)
         lost_limit = max(run.retries, LOST_ATTEMPTS_MIN)
         if claim.lost > lost_limit:
             why = (f"its process died {claim.lost} times without finishing (segfault, OOM "
                    f"kill or lost host); gave up after {lost_limit} retries")
             record_failure(run, layout, worker, claim.attempt, RunFailed(why), will_retry=False,
-                           live=live)
+                           live=live, sink=sink)
             raise RunFailed(why)
-        log_path = layout.run_log(run, claim.attempt)
+        log_path = sink.run_log(run, claim.attempt)
         with LeaseGuard(leases, run.run_key, claim, guard_info, run.experiment, submitted_at) as guard:
             try:
                 after_oom = worker.device == "cuda" and bool(leases.attempts(run.run_key).get("oom"))
                 with capture(log_path):
                     result = execute(run, layout, worker, claim.attempt, live, guard,
-                                     lost=claim.lost, after_oom=after_oom)
+                                     lost=claim.lost, after_oom=after_oom, sink=sink)
                 if not result.get("skipped"):
                     leases.count_commit(run.run_key)
                 return result
             except RunStopped as stop:
                 if stop.cancelled:
                     record_failure(run, layout, worker, claim.attempt, RunFailed(str(stop)),
-                                   will_retry=False, live=live, status=Status.CANCELLED)
+                                   will_retry=False, live=live, status=Status.CANCELLED, sink=sink)
                     raise RunFailed(str(stop)) from None
                 # A zombie, or handed back by a warm stop: another attempt owns the run
                 # now. Write nothing, report nothing (the chord counts that attempt);
@@ -207,21 +228,23 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
                 # got here before Celery stopped the process), else it is a no-op.
                 log.warning("%s: attempt %d stops without writing: %s", run.name, claim.attempt, stop)
                 raise Reject(str(stop), requeue=True) from None
-    except (UnknownTrainerError, InvalidSpecError) as exc:  # retrying cannot help
-        record_failure(run, layout, worker, claim.attempt, exc, will_retry=False, live=live)
+    except (UnknownTrainerError, InvalidSpecError, PayloadTooLarge) as exc:  # retrying cannot help
+        record_failure(run, layout, worker, claim.attempt, exc, will_retry=False, live=live, sink=sink)
         raise
     except SoftTimeLimitExceeded:
         timeout = TimeoutError(f"run exceeded its timeout of {run.timeout:g} s")
-        record_failure(run, layout, worker, claim.attempt, timeout, will_retry=False, live=live)
+        record_failure(run, layout, worker, claim.attempt, timeout, will_retry=False, live=live,
+                       sink=sink)
         raise timeout from None
     except (Reject, RunFailed, Retry):
         raise
     except Exception as exc:
         if worker.device == "cuda" and is_cuda_oom(exc):
-            _out_of_memory(self, run, layout, worker, claim.attempt, exc, live)
+            _out_of_memory(self, run, layout, worker, claim.attempt, exc, live, sink)
         failures = leases.count_failure(run.run_key)
         will_retry = failures <= run.retries
-        record_failure(run, layout, worker, claim.attempt, exc, will_retry=will_retry, live=live)
+        record_failure(run, layout, worker, claim.attempt, exc, will_retry=will_retry, live=live,
+                       sink=sink)
         if will_retry:
             log.warning("%s: attempt %d failed (%s); retrying", run.name, claim.attempt, exc)
             raise self.retry(exc=exc, countdown=backoff(failures - 1), max_retries=None) from exc
@@ -234,10 +257,12 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
                 live.clear_progress(run.run_key)
             if log_path is not None:
                 publish_tail(leases.client, log_path, run.run_key, claim.attempt)
+        if isinstance(sink, ReturnSink):
+            sink.cleanup()  # its scratch folder (created only once the run started)
 
 
 def _out_of_memory(task: Any, run: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
-                   exc: BaseException, live: LiveState) -> None:
+                   exc: BaseException, live: LiveState, sink: Sink) -> None:
     """CUDA ran out of memory although admission saw enough free: retry once with the
     run's `cuda_oom` overrides (a smaller batch, say) if it has them and has not used
     them yet, else FAILED saying so. Always raises."""
@@ -245,14 +270,14 @@ def _out_of_memory(task: Any, run: RunSpec, layout: Layout, worker: WorkerInfo, 
     used = bool(leases.attempts(run.run_key).get("oom"))
     if run.overrides.get("cuda_oom") and not used:
         leases.client.hset(attempts_key(run.run_key), "oom", "1")
-        record_failure(run, layout, worker, attempt, exc, will_retry=True, live=live)
+        record_failure(run, layout, worker, attempt, exc, will_retry=True, live=live, sink=sink)
         log.warning("%s: CUDA out of memory; retrying with its cuda_oom overrides %s", run.name,
                     dict(run.overrides["cuda_oom"]))
         raise task.retry(exc=exc, countdown=1, max_retries=None) from exc
     hint = ("even with its cuda_oom overrides" if used else
             "and it has no cuda_oom overrides to retry with (add e.g. `cuda_oom: {batch_size: 32}`)")
     failed = RunFailed(f"CUDA out of memory on GPU {worker.gpu}, {hint}: {exc}")
-    record_failure(run, layout, worker, attempt, failed, will_retry=False, live=live)
+    record_failure(run, layout, worker, attempt, failed, will_retry=False, live=live, sink=sink)
     raise failed from exc
 
 
@@ -281,11 +306,11 @@ def _hand_back(task: Any, run: RunSpec, worker: WorkerInfo, gpus: list[int], why
     raise Reject(f"GPU not available: {why}", requeue=True)
 
 
-def _outcome(run: RunSpec, record: dict[str, Any]) -> dict[str, Any]:
+def _outcome(run: RunSpec, record: dict[str, Any], sink: Sink) -> dict[str, Any]:
     """What a duplicate delivery reports: the recorded outcome of the attempt that ran."""
     state = record.get("status")
     if state == Status.DONE.value:
-        return {**summary(_layout(), run), "skipped": True}
+        return {**sink.summary(run, record), "skipped": True}
     raise RunFailed(str(record.get("error") or f"{run.name} ended {state}"))
 
 
@@ -295,6 +320,7 @@ def finalize(self: Any, results: Any, specs: list[dict[str, Any]]) -> dict[str, 
     group = _specs(specs)
     _live().count_finalize(group[0].group_id)
     try:
+        _collect(group)
         record = finalize_group(_layout(), group, _live())
     except Exception as exc:
         # Recorded here, with its reason: the chord error callback only learns a task id.
@@ -306,6 +332,11 @@ def finalize(self: Any, results: Any, specs: list[dict[str, Any]]) -> dict[str, 
 @app.task(name="tasks.group_failed")
 def group_failed(task_id: str, specs: list[dict[str, Any]]) -> dict[str, Any]:
     """Chord error callback: status.json FAILED with which folds failed and why."""
-    record = mark_group_failed(_layout(), _specs(specs), live=_live())
+    group = _specs(specs)
+    try:
+        _collect(group)  # the folds that did finish count, and the errors of those that did not
+    except Exception:
+        log.exception("%s: collecting returned outputs failed", group[0].group_name)
+    record = mark_group_failed(_layout(), group, live=_live())
     return {"group_id": record["group_id"], "train_status": record["train_status"],
             "failed": record["failed"]}

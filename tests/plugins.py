@@ -96,3 +96,17 @@ def _visible(ctx: TrainContext) -> TrainResult:
 
 
 TRAINERS.append(Trainer("visible", "1", _visible, {"smoothing": Param(1.0, "float")}))
+
+
+def _bulky(ctx: TrainContext) -> TrainResult:
+    """On `bulk_fold`, adds `bulk_kb` KiB of incompressible text to its metadata (outputs
+    too large to return through Redis), unless the file `unless` exists."""
+    result = prior_train(ctx)
+    if ctx.fold != ctx.params["bulk_fold"] or (ctx.params["unless"] and os.path.exists(ctx.params["unless"])):
+        return result
+    return TrainResult(result.probabilities, result.params_count,
+                       {"bulk": os.urandom(ctx.params["bulk_kb"] * 512).hex()})
+
+
+TRAINERS.append(Trainer("bulky", "1", _bulky, {"bulk_fold": Param(-1, "int"), "bulk_kb": Param(256, "int", minimum=1),
+                                               "unless": Param("", "str"), "smoothing": Param(1.0, "float")}))

@@ -144,6 +144,31 @@ def test_worker_commands_one_per_selected_gpu_with_unique_names() -> None:
     assert [c.label for c in fleet.worker_commands([3])] == ["gpu3"]  # one per GPU: plain gpuN
 
 
+def test_return_results_reaches_training_workers_only() -> None:
+    _, env = celery_worker_command(cpu=True, return_results=True, environ={})
+    assert env["ORCH_RESULTS_TRANSFER"] == "return"
+    _, env = celery_worker_command(gpu=0, environ={"ORCH_RESULTS_TRANSFER": "return"})
+    assert env["ORCH_RESULTS_TRANSFER"] == "return"  # from the environment (systemd, batch job)
+    _, env = celery_worker_command(control=True, environ={})
+    assert "ORCH_RESULTS_TRANSFER" not in env
+    commands = fleet.worker_commands([0], cpu=1, control=True, return_results=True)
+    assert [("--return-results" in c.argv) for c in commands] == [True, True, False]
+
+
+@pytest.mark.parametrize(("args", "env", "message"), [
+    (["worker", "--cpu", "--control", "--return-results"], {}, "a control worker cannot return results"),
+    (["worker", "--control"], {"ORCH_RESULTS_TRANSFER": "return"}, "a control worker cannot return results"),
+    (["worker", "--cpu"], {"ORCH_RESULTS_TRANSFER": "nfs"}, "ORCH_RESULTS_TRANSFER='nfs' is not valid"),
+    (["worker", "--cpu", "--return-results"], {"ORCH_RETURN_MAX_MB": "0"}, "ORCH_RETURN_MAX_MB='0' is not valid"),
+    (["workers", "up", "--cpu", "1", "--control", "--return-results", "--broker", "redis://127.0.0.1:1/0"], {},
+     "--control and --return-results exclude each other"),
+])
+def test_return_results_misuse_is_a_clear_error(args: list[str], env: dict[str, str], message: str) -> None:
+    proc = run_cli(*args, env=cli_env(**env))
+    assert proc.returncode == 2, proc.stderr
+    assert message in " ".join(proc.stderr.split())
+
+
 def test_workers_up_refuses_bad_gpu_selections(fake_machine: Any, fleet_redis: str, tmp_path: Path) -> None:
     base = {"ORCH_BROKER_URL": fleet_redis, "ORCH_RESULTS_ROOT": str(tmp_path / "r")}
     state = ["--state-dir", str(tmp_path / "state")]

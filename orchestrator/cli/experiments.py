@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import Any
 
 import click
 from rich.table import Table
@@ -14,6 +15,8 @@ from ..errors import OrchestratorError
 from ..expand import expand
 from ..paths import Layout, read_json
 from ..plan import plan_rows, totals
+from ..report import InFlight
+from ..spec import RunSpec
 from .base import _plans, _results_root, _use_broker, cli, err, out, results_root_option
 
 
@@ -72,7 +75,10 @@ def plan(configs: tuple[str, ...], results_root: str | None, as_json: bool) -> N
 @click.argument("experiment", required=False)
 @results_root_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable, with every output file's path.")
-def status(experiment: str | None, results_root: str | None, as_json: bool) -> None:
+@click.option("--broker", envvar="ORCH_BROKER_URL", default=None, metavar="URL",
+              help="Also ask this cluster's Redis about runs on workers without the results root "
+              "(--return-results): running, failed, or RETURNED (outputs not yet written) [env ORCH_BROKER_URL].")
+def status(experiment: str | None, results_root: str | None, as_json: bool, broker: str | None) -> None:
     """Per experiment and group: counts by state; per fold: worker, attempt, elapsed.
 
     \b
@@ -85,7 +91,8 @@ def status(experiment: str | None, results_root: str | None, as_json: bool) -> N
 
     layout = Layout(_results_root(results_root))
     names = [experiment] if experiment else experiments(layout)
-    data = [experiment_status(layout, n, with_files=as_json) for n in names]
+    lookup = _in_flight(broker)
+    data = [experiment_status(layout, n, with_files=as_json, in_flight=lookup) for n in names]
     if as_json:
         out.print_json(json.dumps(data if experiment is None else data[0]))
         return
@@ -108,6 +115,35 @@ def status(experiment: str | None, results_root: str | None, as_json: bool) -> N
                               (f["error"] or "")[:60])
         out.print(table)
 
+
+
+def _in_flight(broker: str | None) -> InFlight | None:
+    """The lookup of return-mode folds in the cluster's Redis for `status`, or None
+    without a broker. Redis unreachable: said once on stderr, the files alone count."""
+    if not broker:
+        return None
+    import redis as redis_lib
+
+    from ..fleet import redact, state_url
+    from ..returns import Returns
+    from .base import _check_redis_url
+
+    url = _check_redis_url(state_url(broker), "broker URL (--broker / ORCH_BROKER_URL) or ORCH_STATE_URL")
+    returns = Returns(redis_lib.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=5))
+    unreachable: list[str] = []
+
+    def lookup(specs: list[RunSpec]) -> dict[str, dict[str, Any]]:
+        if unreachable:
+            return {}
+        try:
+            return returns.records(specs)
+        except redis_lib.RedisError as exc:
+            unreachable.append(str(exc))
+            err.print(f"note: cannot reach {redact(broker)} ({exc}); showing the status files only",
+                      markup=False)
+            return {}
+
+    return lookup
 
 
 @cli.command()

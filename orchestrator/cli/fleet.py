@@ -17,7 +17,7 @@ import redis
 from rich.markup import escape
 from rich.table import Table
 
-from .. import errors, fleet, gpu
+from .. import errors, fleet, gpu, transfer
 from ..errors import EnvironmentProblem
 from .base import _check_redis_url, _results_root, cli, err, out, results_root_option
 
@@ -192,6 +192,9 @@ def _wait_started(state: fleet.StateDir, proc: subprocess.Popen[bytes], n: int, 
 @click.option("--control", is_flag=True, help="Also start a control worker (chord callbacks).")
 @click.option("--exit-when-idle", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
               help="Each worker leaves once idle with empty queues for SECONDS; then the supervisor ends.")
+@click.option("--return-results", is_flag=True,
+              help="This host does not see the results root: the workers return each run's files "
+              "through Redis to the control worker (see `orchestrator worker --help`).")
 @cluster_broker_option
 @results_root_option
 @state_dir_option
@@ -200,8 +203,8 @@ def _wait_started(state: fleet.StateDir, proc: subprocess.Popen[bytes], n: int, 
               help="Wait this long for every worker to register (0: do not wait).")
 @click.option("--loglevel", default="INFO", show_default=True)
 def up(gpus_spec: str | None, per_gpu: int, cpu: int, accept_gpu_runs: bool, control: bool,
-       exit_when_idle: float | None, broker: str | None, results_root: str | None, state_dir: str | None,
-       foreground: bool, wait_s: float, loglevel: str) -> None:
+       exit_when_idle: float | None, return_results: bool, broker: str | None, results_root: str | None,
+       state_dir: str | None, foreground: bool, wait_s: float, loglevel: str) -> None:
     """Start one supervised worker per GPU of this host (restarted with backoff if it dies).
 
     \b
@@ -209,13 +212,22 @@ def up(gpus_spec: str | None, per_gpu: int, cpu: int, accept_gpu_runs: bool, con
       orchestrator workers up                      # every GPU, one worker each
       orchestrator workers up --gpus 0,2 --per-gpu 2
       orchestrator workers up --cpu 4              # a host without GPUs
+      orchestrator workers up --return-results     # a host without the shared results root
     Each GPU worker gets CUDA_VISIBLE_DEVICES=<i> and consumes gpu.<host>.<i> and gpu.
     """
     url = _require_broker(broker)
-    root = _results_root(results_root, writable=True)
+    if return_results and control:
+        raise errors.OrchestratorError(
+            "--control and --return-results exclude each other: the control worker writes what the "
+            "others return under the results root, so start it on a host where that root is mounted")
+    transfer.results_transfer()  # bad ORCH_* values: said here, not in each worker's log
+    transfer.return_max_bytes()
+    # A host that returns its results need not (and often cannot) reach the results root.
+    root = _results_root(results_root, writable=not return_results)
     inv = gpu.inventory(processes=False)
     selected = _select_gpus(gpus_spec, cpu, inv)
-    commands = fleet.worker_commands(selected, per_gpu, cpu, control, accept_gpu_runs, loglevel, exit_when_idle)
+    commands = fleet.worker_commands(selected, per_gpu, cpu, control, accept_gpu_runs, loglevel, exit_when_idle,
+                                     return_results)
     if not commands:
         raise errors.OrchestratorError("nothing to start: select GPUs with --gpus, or give --cpu N / --control")
     try:

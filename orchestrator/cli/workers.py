@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 import click
 
-from .. import errors
+from .. import errors, transfer
 from .base import cli
 
 
@@ -17,8 +17,10 @@ def celery_worker_command(gpu: int | None = None, cpu: bool = False, accept_gpu_
                           control: bool = False, name: str | None = None, concurrency: int | None = None,
                           loglevel: str = "INFO", exit_when_idle: float | None = None,
                           environ: Mapping[str, str] | None = None,
-                          multi_gpus: list[int] | None = None) -> tuple[list[str], dict[str, str]]:
+                          multi_gpus: list[int] | None = None,
+                          return_results: bool = False) -> tuple[list[str], dict[str, str]]:
     """The `celery worker` command line and environment for one device and/or `control`."""
+    environ = _transfer_env(dict(os.environ if environ is None else environ), return_results, control)
     if multi_gpus:
         return _multi_gpu_command(multi_gpus, name, loglevel, exit_when_idle, environ)
     if gpu is None and not cpu and not control:
@@ -69,6 +71,20 @@ def celery_worker_command(gpu: int | None = None, cpu: bool = False, accept_gpu_
     return argv, env
 
 
+def _transfer_env(env: dict[str, str], return_results: bool, control: bool) -> dict[str, str]:
+    """ORCH_RESULTS_TRANSFER for the worker (`return` with --return-results), checked: a
+    control worker writes what the others return, so it must see the results root."""
+    if return_results:
+        env["ORCH_RESULTS_TRANSFER"] = transfer.RETURN
+    if transfer.results_transfer(env) == transfer.RETURN and control:
+        raise errors.OrchestratorError(
+            "a control worker cannot return results (--return-results, ORCH_RESULTS_TRANSFER=return): "
+            "it writes what the other workers return under the results root, so start it where that "
+            "root is mounted, in the default shared mode")
+    transfer.return_max_bytes(env)  # a bad ORCH_RETURN_MAX_MB: say so now, not in the worker's log
+    return env
+
+
 def _multi_gpu_command(gpus: list[int], name: str | None, loglevel: str, exit_when_idle: float | None,
                        environ: Mapping[str, str] | None) -> tuple[list[str], dict[str, str]]:
     """A worker for runs over several GPUs of this host (`resources.gpus: 2` and more):
@@ -113,10 +129,13 @@ def _gpu_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
               "for SECONDS (nodes borrowed from a batch scheduler).")
 @click.option("--gpus", "multi_gpus", default=None, metavar="I,J,...", callback=_gpu_list,
               help="A worker for runs over several GPUs (resources.gpus >= 2) of these GPUs (queue gpu.multi).")
+@click.option("--return-results", is_flag=True,
+              help="This host does not see the results root: train in a scratch folder and return "
+              "each run's files through Redis to the control worker [env ORCH_RESULTS_TRANSFER=return].")
 @click.option("--loglevel", default="INFO", show_default=True)
 def worker(gpu: int | None, cpu: bool, accept_gpu_runs: bool, control: bool, name: str | None,
            concurrency: int | None, exit_when_idle: float | None, multi_gpus: list[int] | None,
-           loglevel: str) -> None:
+           return_results: bool, loglevel: str) -> None:
     """Start one Celery worker bound to one GPU, the CPU, and/or the control queue.
 
     \b
@@ -125,11 +144,13 @@ def worker(gpu: int | None, cpu: bool, accept_gpu_runs: bool, control: bool, nam
       orchestrator worker --cpu --control    # a laptop: CPU runs and callbacks
       orchestrator worker --gpu 0 --exit-when-idle 300   # a batch job: leave when done
       orchestrator worker --gpus 0,1,2,3     # runs with resources.gpus: 2 or 4
+      orchestrator worker --gpu 0 --return-results   # a host without the shared results root
     It runs `celery -A tasks worker` with this project's celeryconfig.py.
     """
     if multi_gpus is not None and (gpu is not None or cpu or control):
         raise errors.OrchestratorError("--gpus (a multi-GPU worker) excludes --gpu, --cpu and --control")
     argv, env = celery_worker_command(gpu, cpu, accept_gpu_runs, control, name, concurrency, loglevel,
-                                      exit_when_idle, multi_gpus=multi_gpus)
+                                      exit_when_idle, multi_gpus=multi_gpus,
+                                      return_results=return_results)
     sys.stdout.flush()
     os.execve(sys.executable, argv, env)
