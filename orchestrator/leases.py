@@ -5,7 +5,7 @@ Keys (all under `orch:`):
 (A run is keyed by RunSpec.run_key: its content and where its outputs go.)
 
     lease:<run_key>       the token of the attempt that holds the run; PX ttl, renewed by
-                          a heartbeat thread independent of the training loop
+                          a thread of the worker process, independent of the training loop
     active                hash run_key -> JSON of the attempt holding (or last holding) the
                           run: token, worker, host, pid, name, experiment, task id, the
                           message to re-send; removed when the attempt ends
@@ -21,6 +21,7 @@ back) can never renew or commit: its work is discarded.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import uuid
@@ -352,13 +353,61 @@ class Leases:
         return now
 
 
+class _Renewals:
+    """One daemon thread per process renews the lease of every running attempt (normally
+    one) every ttl/4, whatever the training loop does: no thread is started or joined
+    per attempt. A guard's first renewal comes ttl/4 after it was added; `discard`
+    returns only once no renewal of that guard is in flight or can follow, so an ended
+    attempt never takes its released lease back."""
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)  # the thread does not survive a fork
+
+    def _reset(self) -> None:
+        self._cond = threading.Condition()
+        self._due: dict[LeaseGuard, float] = {}
+        self._thread: threading.Thread | None = None
+
+    def add(self, guard: LeaseGuard) -> None:
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="orch-lease-renewals", daemon=True)
+                self._thread.start()
+            self._due[guard] = time.monotonic() + guard.interval
+            self._cond.notify()
+
+    def discard(self, guard: LeaseGuard) -> None:
+        with self._cond:  # held by the thread while it renews: wait for that renewal
+            self._due.pop(guard, None)
+
+    def _loop(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                for guard in [g for g, due in self._due.items() if due <= now]:
+                    try:
+                        alive = guard.beat()
+                    except Exception:  # never lose the thread: the commit checks again
+                        alive = True
+                    if alive:
+                        self._due[guard] = time.monotonic() + guard.interval
+                    else:  # fenced: nothing more to renew
+                        self._due.pop(guard, None)
+                wake = min(self._due.values(), default=None)
+                self._cond.wait(None if wake is None else max(0.0, wake - time.monotonic()))
+
+
+_RENEWALS = _Renewals()
+
+
 class LeaseGuard:
     """The fence of one attempt on a worker: lease renewals, cancel check, commit check.
 
     Use as a context manager around the attempt; `check()` before every write that
-    makes the run's result visible (runner.execute calls it). While it is entered a
-    heartbeat thread renews the lease every ttl/4 and reads the experiment's cancel
-    mark, in one round trip. `fenced` becomes set when the lease turns out to
+    makes the run's result visible (runner.execute calls it). While it is entered the
+    process's renewal thread renews the lease every ttl/4 and reads the experiment's
+    cancel mark, in one round trip. `fenced` becomes set when the lease turns out to
     belong to another attempt, or the experiment was cancelled: the run's work will be
     discarded, and a reporter that sees the flag stops the trainer early."""
 
@@ -371,20 +420,13 @@ class LeaseGuard:
         self.interval = max(0.05, leases.ttl / 4)
         self.fenced = threading.Event()
         self.reason = ""
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"lease-{run_key[:8]}", daemon=True)
 
     def __enter__(self) -> LeaseGuard:
-        self._thread.start()
+        _RENEWALS.add(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval) and self.beat():
-            pass
+        _RENEWALS.discard(self)
 
     def _probe(self) -> tuple[str, bool] | None:
         """One round trip: renew the lease, read the cancel mark. (why, cancelled) if
@@ -397,7 +439,7 @@ class LeaseGuard:
         return None
 
     def beat(self) -> bool:
-        """A renewal (from the heartbeat thread); False once the attempt is fenced."""
+        """A renewal (from the renewal thread); False once the attempt is fenced."""
         try:
             stop = self._probe()
         except redis.RedisError:
