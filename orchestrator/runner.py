@@ -29,7 +29,7 @@ from . import datasets
 from .errors import InvalidSpecError, RunStopped
 from .livestate import LiveState
 from .metrics import fmt, ranks, scores, table_csv
-from .paths import FSYNC, Layout, fsync_dir, read_json
+from .paths import FSYNC, Layout, fsync_dir, fsync_folder, read_json, start_writeback
 from .spec import RunSpec
 from .status import Status, file_sizes, fold_state, read_fold_status, write_fold_status
 from .trainers import Reporter, TrainContext, get_trainer
@@ -56,12 +56,13 @@ class WorkerInfo:
 
 
 def write_new(path: Path, text: str) -> None:
-    """A new file in a staging folder (no rename needed: the folder is renamed)."""
+    """A new file in a staging folder (no rename needed: the folder is renamed); its data
+    starts going to the disk at once, and fsync_folder waits for all of them."""
     with open(path, "xb") as fh:
         fh.write(text.encode())
         if FSYNC:
             fh.flush()
-            os.fsync(fh.fileno())
+            start_writeback(fh.fileno())
 
 
 def summary(layout: Layout, spec: RunSpec) -> dict[str, Any]:
@@ -267,7 +268,7 @@ def _write_outputs(folder: Path, table: datasets.Table, rows: np.ndarray, n_val:
         ["index", "split", *classes],
         [(int(r), s, *rk) for r, s, rk in zip(rows, split_of, ranks(probs), strict=True)]))
     write_new(folder / "metadata.json", json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-    fsync_dir(folder)
+    fsync_folder(folder)
 
 
 def record_failure(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
