@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Dispatch overhead of the orchestrator versus a raw Celery chord.
 
-    python benchmarks/dispatch.py [--runs 1000] [--folds 5] [--repeat 1]
+    python benchmarks/dispatch.py [--runs 1000] [--folds 5] [--repeat 1] [--tmp-dir DIR]
 
 A  `orchestrator run EXP --workers 2`, end to end (own redis-server, 2 CPU workers and a
    control worker, submit, wait, summary, shutdown).
@@ -17,6 +17,10 @@ The trainer is `prior` (near-zero cost), so B - C is the orchestrator's own over
 With --repeat N, B, C and C5 are measured N times, alternately; medians are printed.
 Every process started here runs in its own process group and is stopped at the end,
 also on errors and Ctrl-C; temporary folders are removed (unless --keep).
+B's cost depends on the filesystem of the temporary folder (the results root is in
+it): each run creates about ten files and folders and fsyncs its outputs. On an ext4
+without a journal, creating a file right after many were deleted nearby (other test
+runs in /tmp) costs up to a millisecond of kernel time; --tmp-dir puts it elsewhere.
 Exit status: 0 when everything ran and checked out, 1 when something broke, 130 on Ctrl-C.
 """
 
@@ -487,6 +491,9 @@ def main() -> int:
     p.add_argument("--loglevel", default="WARNING", help="Celery log level of the B/C workers")
     p.add_argument("--timeout", type=float, default=1800, help="seconds one measurement may take")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, results)")
+    p.add_argument("--tmp-dir", default=None, metavar="DIR",
+                   help="make the temporary folder (results root, Redis, logs) in DIR "
+                        "[default: the system's, usually /tmp]")
     args = p.parse_args()
     if args.folds < 2 or args.runs < args.folds or args.repeat < 1:
         p.error("need --folds >= 2, --runs >= --folds and --repeat >= 1")
@@ -494,7 +501,7 @@ def main() -> int:
     runs = points * args.folds
 
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    tmp = Path(tempfile.mkdtemp(prefix="dispatch-bench-"))
+    tmp = Path(tempfile.mkdtemp(prefix="dispatch-bench-", dir=args.tmp_dir))
     procs = Procs()
     status = 0
     try:
