@@ -155,7 +155,8 @@ _RELEASE = _RELEASE_FN + "return release()"
 
 # The end of an attempt: release; count the commit (KEYS[3] attempts, ARGV[3] '1',
 # ARGV[4] attempts_ttl_s); drop its progress (KEYS[4], field run_key) if it still held
-# the run; keep its log tail (KEYS[5], ARGV[5] '1', ARGV[6] data, ARGV[7] ttl_s).
+# the run; keep its log tail (KEYS[5], ARGV[5] '1', ARGV[6] data, ARGV[7] ttl_s); set a
+# hash field (KEYS[6], ARGV[8] '1', ARGV[9] field, ARGV[10] value, ARGV[11] ttl_s).
 _FINISH = _RELEASE_FN + """
 local released = release()
 if ARGV[3] == '1' then
@@ -164,6 +165,10 @@ if ARGV[3] == '1' then
 end
 if released == 1 then redis.call('HDEL', KEYS[4], ARGV[1]) end
 if ARGV[5] == '1' then redis.call('SET', KEYS[5], ARGV[6], 'EX', ARGV[7]) end
+if ARGV[8] == '1' then
+  redis.call('HSET', KEYS[6], ARGV[9], ARGV[10])
+  redis.call('EXPIRE', KEYS[6], ARGV[11])
+end
 return released
 """
 
@@ -278,17 +283,21 @@ class Leases:
         return bool(self._release(keys=[lease_key(run_key), ACTIVE], args=[run_key, token]))
 
     def finish(self, run_key: str, token: str, committed: bool, progress_hash: str,
-               log: tuple[str, bytes, int] | None) -> bool:
+               log: tuple[str, bytes, int] | None,
+               entry: tuple[str, str, str, int] | None = None) -> bool:
         """The end of an attempt, in one round trip: release the lease (True if this
         attempt still held it); count a commit of the run's outputs (for audits: it must
         stay at 1); drop the run's progress entry from `progress_hash` if it was still
-        this attempt's; keep its log tail `log` = (key, data, ttl_s) for other hosts."""
+        this attempt's; keep its log tail `log` = (key, data, ttl_s) for other hosts; set
+        `entry` = (hash key, field, value, ttl_s), the run's live state."""
         key, data, log_ttl = log if log is not None else ("", b"", 0)
+        hkey, field, value, ttl = entry if entry is not None else ("", "", "", 0)
         return bool(self._finish(
             keys=[lease_key(run_key), ACTIVE, attempts_key(run_key), progress_hash,
-                  key or f"{PREFIX}:log:none"],
+                  key or f"{PREFIX}:log:none", hkey or f"{PREFIX}:entry:none"],
             args=[run_key, token, "1" if committed else "0", ATTEMPTS_TTL,
-                  "1" if log is not None else "0", data, log_ttl]))
+                  "1" if log is not None else "0", data, log_ttl,
+                  "1" if entry is not None else "0", field, value, ttl]))
 
     def revoke(self, run_key: str, token: str, why: str) -> bool:
         """Take the run away from the attempt holding `token` (it may be dead or a zombie):

@@ -104,7 +104,9 @@ def execute(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
             live: LiveState | None = None, guard: Guard | None = None,
             lost: int = 0, after_oom: bool = False) -> dict[str, Any]:
     """Train one run and commit its outputs; returns its summary. Raises on failure, and
-    RunStopped (after removing what it wrote) when the guard says it may not commit."""
+    RunStopped (after removing what it wrote) when the guard says it may not commit.
+    `live` gets the IN_PROGRESS mark and the progress reports; the caller marks the run
+    DONE there (train_run: in the round trip that releases the lease)."""
     state, current = fold_state(layout, spec)
     if state == Status.DONE.value:  # a redelivered or resubmitted run that already finished
         return {**summary(layout, spec), "skipped": True}
@@ -170,9 +172,6 @@ def execute(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
                       elapsed=round(elapsed, 4), error=None, metrics=metrics,
                       files=file_sizes(layout.fold_files(spec)),
                       history=end_attempt(record, "DONE", finished))
-    if live:
-        live.set_run(spec.experiment, spec.run_id, Status.DONE.value, worker=worker.name,
-                     attempt=attempt)
     return {"run_id": spec.run_id, "name": spec.name, "status": Status.DONE.value,
             "metrics": metrics, "worker": worker.name}
 

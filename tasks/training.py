@@ -240,9 +240,12 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
             if gpus:
                 _shares().release(worker.host, gpus, run.run_key)
         tail = read_tail(log_path) if log_path is not None else None
+        done = (live.run_entry(run.experiment, run.run_id, Status.DONE.value, worker=worker.name,
+                               attempt=claim.attempt) if committed else None)
         with contextlib.suppress(Exception):  # a stale token releases nothing
             leases.finish(run.run_key, claim.token, committed, PROGRESS,
-                          None if tail is None else (log_key(run.run_key, claim.attempt), tail, LOG_TTL))
+                          None if tail is None else (log_key(run.run_key, claim.attempt), tail, LOG_TTL),
+                          done)
 
 
 def _out_of_memory(task: Any, run: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
