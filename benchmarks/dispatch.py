@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Dispatch overhead of the orchestrator versus a raw Celery chord.
 
-    python benchmarks/dispatch.py [--runs 1000] [--folds 5] [--repeat 1]
+    python benchmarks/dispatch.py [--runs 1000] [--folds 5] [--repeat 1] [--tmp-dir DIR]
 
 A  `orchestrator run EXP --workers 2`, end to end (own redis-server, 2 CPU workers and a
    control worker, submit, wait, summary, shutdown).
@@ -17,6 +17,10 @@ The trainer is `prior` (near-zero cost), so B - C is the orchestrator's own over
 With --repeat N, B, C and C5 are measured N times, alternately; medians are printed.
 Every process started here runs in its own process group and is stopped at the end,
 also on errors and Ctrl-C; temporary folders are removed (unless --keep).
+B's cost depends on the filesystem of the temporary folder (the results root is in
+it): each run creates about ten files and folders and fsyncs its outputs. On an ext4
+without a journal, creating a file right after many were deleted nearby (other test
+runs in /tmp) costs up to a millisecond of kernel time; --tmp-dir puts it elsewhere.
 Exit status: 0 when everything ran and checked out, 1 when something broke, 130 on Ctrl-C.
 """
 
@@ -92,9 +96,10 @@ class Procs:
     def add(self, name: str, proc: subprocess.Popen[bytes], logfile: Path) -> None:
         self.items[name] = (proc, logfile)
 
-    def cpu(self, names: list[str]) -> dict[str, float]:
-        """CPU seconds (user + system) used so far by each named process and its children."""
-        return {n: cpu_seconds(self.items[n][0].pid) for n in names}
+    def cpu(self, names: list[str], kernel: bool = False) -> dict[str, float]:
+        """CPU seconds (user + system, or system only) used so far by each named process
+        and its children."""
+        return {n: cpu_seconds(self.items[n][0].pid, kernel) for n in names}
 
     def check(self, names: list[str]) -> None:
         for n in names:
@@ -119,7 +124,7 @@ class Procs:
             self.items.pop(n, None)
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int, kernel: bool = False) -> float:
     import psutil
 
     try:
@@ -133,7 +138,7 @@ def cpu_seconds(pid: int) -> float:
             t = proc.cpu_times()
         except psutil.NoSuchProcess:
             continue
-        total += t.user + t.system + t.children_user + t.children_system
+        total += t.system + t.children_system + (0.0 if kernel else t.user + t.children_user)
     return total
 
 
@@ -390,29 +395,34 @@ def measure_b(args: argparse.Namespace, tmp: Path, url: str, root: Path, rep: in
     argv = [sys.executable, "-m", "orchestrator", "submit", str(work / "exp.yaml"), "--wait",
             "--broker", url, "--results-root", str(root)]
     names = ["b_cpu1", "b_cpu2", "b_control", "redis"]
-    cpu0, sub0 = procs.cpu(names), children_cpu()
+    cpu0, sub0, kernel0 = procs.cpu(names), children_cpu(), procs.cpu(names, kernel=True)
     t = Timed(argv, base_env(), work / "submit.out", args.timeout).run()
     cpu = {**cpu_delta(cpu0, procs.cpu(names)), "client": children_cpu() - sub0}
+    kernel = cpu_delta(kernel0, procs.cpu(names, kernel=True))
     procs.check(["b_cpu1", "b_cpu2", "b_control"])
     if t.returncode != 0:
         raise BenchmarkError(f"B: orchestrator submit exited {t.returncode}; output ends:\n{t.output()[-3000:]}")
     verify_results(root, exp, runs, points)
-    r = {"elapsed": t.elapsed, "cpu": cpu, "submitted": t.first("submitted "), "all_final": t.last("progress:"),
-         "summary_printed": t.last("results:"), **timeline(root, exp, t.wall_start)}
-    if not args.keep:
-        shutil.rmtree(root / exp, ignore_errors=True)
+    r = {"elapsed": t.elapsed, "cpu": cpu, "kernel": kernel, "submitted": t.first("submitted "),
+         "all_final": t.last("progress:"), "summary_printed": t.last("results:"),
+         **timeline(root, exp, t.wall_start)}
+    # The results stay until the temporary folder goes at the end. Deleting them here
+    # made the next repetition slower: an ext4 without a journal (this development VM)
+    # skips inodes freed in the last minutes when it allocates new ones, and a run
+    # creates about ten (files, folders, status marks, its log).
     return r
 
 
 def measure_c(runs: int, folds: int, timeout: float, shaped: bool, procs: Procs) -> dict[str, Any]:
     """C: chord(runs no-ops, no-op body). C5 (shaped): runs/folds chords of `folds`."""
     names = ["c_noop1", "c_noop2", "c_control", "redis"]
-    cpu0, self0 = procs.cpu(names), self_cpu()
+    cpu0, self0, kernel0 = procs.cpu(names), self_cpu(), procs.cpu(names, kernel=True)
     try:
         r = _measure_c(runs, folds, timeout, shaped)
     finally:
         gc.collect()  # AsyncResult.__del__ unsubscribes from Redis: do it while Redis runs
     r["cpu"] = {**cpu_delta(cpu0, procs.cpu(names)), "client": self_cpu() - self0}
+    r["kernel"] = cpu_delta(kernel0, procs.cpu(names, kernel=True))
     procs.check(["c_noop1", "c_noop2", "c_control"])
     return r
 
@@ -481,6 +491,9 @@ def main() -> int:
     p.add_argument("--loglevel", default="WARNING", help="Celery log level of the B/C workers")
     p.add_argument("--timeout", type=float, default=1800, help="seconds one measurement may take")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, results)")
+    p.add_argument("--tmp-dir", default=None, metavar="DIR",
+                   help="make the temporary folder (results root, Redis, logs) in DIR "
+                        "[default: the system's, usually /tmp]")
     args = p.parse_args()
     if args.folds < 2 or args.runs < args.folds or args.repeat < 1:
         p.error("need --folds >= 2, --runs >= --folds and --repeat >= 1")
@@ -488,7 +501,7 @@ def main() -> int:
     runs = points * args.folds
 
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    tmp = Path(tempfile.mkdtemp(prefix="dispatch-bench-"))
+    tmp = Path(tempfile.mkdtemp(prefix="dispatch-bench-", dir=args.tmp_dir))
     procs = Procs()
     status = 0
     try:
@@ -577,19 +590,25 @@ def main() -> int:
               f"{b['finalize_lag_median'] * 1000:.0f} ms, max {b['finalize_lag_max'] * 1000:.0f} ms")
         print(f"C5: all {points} chords published after {c5s[0]['published']:.2f} s")
         print()
-        print(f"CPU seconds used during each measurement (rep 1; {affinity} cores, so wall >= total/{affinity}):")
+        print(f"CPU seconds used during each measurement (median of {len(bs)} reps; {affinity} cores, so "
+              f"wall >= total/{affinity}; in brackets the kernel's part, e.g. creating files):")
         if a is not None:
             print(f"  A  total (orchestrator run + its redis and workers) {a['cpu_total']:6.1f} s "
                   f"= {a['cpu_total'] / runs * 1000:5.1f} ms/run")
-        for label, m, roles in (("B ", bs[0], (("cpu workers", ("b_cpu1", "b_cpu2")), ("control", ("b_control",)),
-                                                ("redis", ("redis",)), ("submit process", ("client",)))),
-                                ("C ", cs[0], (("noop workers", ("c_noop1", "c_noop2")), ("control", ("c_control",)),
-                                               ("redis", ("redis",)), ("client", ("client",)))),
-                                ("C5", c5s[0], (("noop workers", ("c_noop1", "c_noop2")), ("control", ("c_control",)),
-                                                ("redis", ("redis",)), ("client", ("client",))))):
-            cpu = m["cpu"]
-            parts = [f"{role} {sum(cpu[k] for k in keys):.1f}" for role, keys in roles]
-            total = sum(cpu.values())
+        for label, ms, roles in (("B ", bs, (("cpu workers", ("b_cpu1", "b_cpu2")), ("control", ("b_control",)),
+                                             ("redis", ("redis",)), ("submit process", ("client",)))),
+                                 ("C ", cs, (("noop workers", ("c_noop1", "c_noop2")), ("control", ("c_control",)),
+                                             ("redis", ("redis",)), ("client", ("client",)))),
+                                 ("C5", c5s, (("noop workers", ("c_noop1", "c_noop2")), ("control", ("c_control",)),
+                                              ("redis", ("redis",)), ("client", ("client",))))):
+            parts = []
+            for role, keys in roles:
+                used = statistics.median(sum(m["cpu"][k] for k in keys) for m in ms)
+                part = f"{role} {used:.1f}"
+                if all(k in ms[0]["kernel"] for k in keys):
+                    part += f" ({statistics.median(sum(m['kernel'][k] for k in keys) for m in ms):.1f})"
+                parts.append(part)
+            total = statistics.median(sum(m["cpu"].values()) for m in ms)
             print(f"  {label} " + ", ".join(parts) + f"; total {total:.1f} s = {total / runs * 1000:.1f} ms/run")
     except KeyboardInterrupt:
         log("interrupted: stopping everything")

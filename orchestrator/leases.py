@@ -5,7 +5,7 @@ Keys (all under `orch:`):
 (A run is keyed by RunSpec.run_key: its content and where its outputs go.)
 
     lease:<run_key>       the token of the attempt that holds the run; PX ttl, renewed by
-                          a heartbeat thread independent of the training loop
+                          a thread of the worker process, independent of the training loop
     active                hash run_key -> JSON of the attempt holding (or last holding) the
                           run: token, worker, host, pid, name, experiment, task id, the
                           message to re-send; removed when the attempt ends
@@ -21,10 +21,10 @@ back) can never renew or commit: its work is discarded.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -67,60 +67,109 @@ def lease_seconds() -> float:
     return env_seconds("ORCH_LEASE_SECONDS", 10.0)
 
 
-# KEYS: lease, active, attempts. ARGV: run_key, token, ttl_ms, info_json, attempts_ttl_s.
+# The scripts share Lua functions, so each step of an attempt is one round trip.
+# claim(): KEYS[1] lease, KEYS[2] active, KEYS[3] attempts; ARGV[1] run_key, ARGV[2] token,
+# ARGV[3] ttl_ms, ARGV[4] info_json, ARGV[5] attempts_ttl_s.
 # Returns {code, attempts, lost, holder}: code 1 claimed; 0 held by a live lease.
 # A previous attempt whose `active` entry is still there never ended: it was lost.
 # An entry "handed_back" (warm stop, watchdog reassignment) was not the run's fault.
-_CLAIM = """
-local holder = redis.call('GET', KEYS[1])
-if holder then
-  local a = redis.call('HGET', KEYS[2], ARGV[1])
-  return {0, 0, 0, a or ''}
-end
-local prev = redis.call('HGET', KEYS[2], ARGV[1])
-local lost = 0
-if prev then
-  local ok, p = pcall(cjson.decode, prev)
-  if not (ok and p['handed_back']) then lost = 1 end
-end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
-local n = redis.call('HINCRBY', KEYS[3], 'n', 1)
-local l = redis.call('HINCRBY', KEYS[3], 'lost', lost)
-redis.call('EXPIRE', KEYS[3], ARGV[5])
-return {1, n, l, ''}
-"""
-
-# KEYS: lease, active. ARGV: run_key, token, ttl_ms, info_json.
-# 1: renewed. 2: the lease had lapsed (or Redis lost it) but nobody took the run over:
-# taken back. 0: the token is stale (the run was handed to another attempt): fenced.
-_RENEW = """
-local cur = redis.call('GET', KEYS[1])
-if cur == ARGV[2] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
-  return 1
-end
-if cur then return 0 end
-local a = redis.call('HGET', KEYS[2], ARGV[1])
-if a then
-  local ok, p = pcall(cjson.decode, a)
-  if not (ok and p['token'] == ARGV[2]) then return 0 end
-else
+_CLAIM_FN = """
+local function claim()
+  local holder = redis.call('GET', KEYS[1])
+  if holder then
+    local a = redis.call('HGET', KEYS[2], ARGV[1])
+    return {0, 0, 0, a or ''}
+  end
+  local prev = redis.call('HGET', KEYS[2], ARGV[1])
+  local lost = 0
+  if prev then
+    local ok, p = pcall(cjson.decode, prev)
+    if not (ok and p['handed_back']) then lost = 1 end
+  end
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
+  local n = redis.call('HINCRBY', KEYS[3], 'n', 1)
+  local l = redis.call('HINCRBY', KEYS[3], 'lost', lost)
+  redis.call('EXPIRE', KEYS[3], ARGV[5])
+  return {1, n, l, ''}
 end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-return 2
+"""
+_CLAIM = _CLAIM_FN + "return claim()"
+
+# The start of an attempt: its experiment's gates, then the claim. KEYS[4] cancel,
+# KEYS[5] paused, KEYS[6] waiting; ARGV[6] the message's submitted_at ('' if unknown),
+# ARGV[7] task id (a claimed delivery no longer waits). Code 3: cancelled after the
+# message was submitted (the cancel time is returned as the holder); 2: paused.
+_BEGIN = _CLAIM_FN + """
+local c = redis.call('GET', KEYS[4])
+if c and (ARGV[6] == '' or (tonumber(c) or 0) > tonumber(ARGV[6])) then return {3, 0, 0, c} end
+if redis.call('EXISTS', KEYS[5]) == 1 then return {2, 0, 0, ''} end
+local r = claim()
+if r[1] == 1 then redis.call('HDEL', KEYS[6], ARGV[7]) end
+return r
 """
 
-# KEYS: lease, active. ARGV: run_key, token. Ends an attempt that holds the token.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[2] then redis.call('DEL', KEYS[1]) end
-local a = redis.call('HGET', KEYS[2], ARGV[1])
-if a then
-  local ok, p = pcall(cjson.decode, a)
-  if ok and p['token'] == ARGV[2] then redis.call('HDEL', KEYS[2], ARGV[1]) return 1 end
+# renew(): KEYS[1] lease, KEYS[2] active; ARGV[1] run_key, ARGV[2] token, ARGV[3] ttl_ms,
+# ARGV[4] info_json. 1: renewed. 2: the lease had lapsed (or Redis lost it) but nobody
+# took the run over: taken back. 0: the token is stale (the run was handed to another
+# attempt): fenced.
+_RENEW_FN = """
+local function renew()
+  local cur = redis.call('GET', KEYS[1])
+  if cur == ARGV[2] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[3])
+    return 1
+  end
+  if cur then return 0 end
+  local a = redis.call('HGET', KEYS[2], ARGV[1])
+  if a then
+    local ok, p = pcall(cjson.decode, a)
+    if not (ok and p['token'] == ARGV[2]) then return 0 end
+  else
+    redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
+  end
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 2
 end
-return 0
+"""
+# What a running attempt asks (heartbeat, and before it writes): renew, and the
+# experiment's cancel time (KEYS[3]). Returns {renew code, cancel time or ''}.
+_PROBE = _RENEW_FN + """
+return {renew(), redis.call('GET', KEYS[3]) or ''}
+"""
+
+# release(): KEYS[1] lease, KEYS[2] active; ARGV[1] run_key, ARGV[2] token. Ends an
+# attempt that holds the token (1), else changes nothing (0).
+_RELEASE_FN = """
+local function release()
+  if redis.call('GET', KEYS[1]) == ARGV[2] then redis.call('DEL', KEYS[1]) end
+  local a = redis.call('HGET', KEYS[2], ARGV[1])
+  if a then
+    local ok, p = pcall(cjson.decode, a)
+    if ok and p['token'] == ARGV[2] then redis.call('HDEL', KEYS[2], ARGV[1]) return 1 end
+  end
+  return 0
+end
+"""
+_RELEASE = _RELEASE_FN + "return release()"
+
+# The end of an attempt: release; count the commit (KEYS[3] attempts, ARGV[3] '1',
+# ARGV[4] attempts_ttl_s); drop its progress (KEYS[4], field run_key) if it still held
+# the run; keep its log tail (KEYS[5], ARGV[5] '1', ARGV[6] data, ARGV[7] ttl_s); set a
+# hash field (KEYS[6], ARGV[8] '1', ARGV[9] field, ARGV[10] value, ARGV[11] ttl_s).
+_FINISH = _RELEASE_FN + """
+local released = release()
+if ARGV[3] == '1' then
+  redis.call('HINCRBY', KEYS[3], 'committed', 1)
+  redis.call('EXPIRE', KEYS[3], ARGV[4])
+end
+if released == 1 then redis.call('HDEL', KEYS[4], ARGV[1]) end
+if ARGV[5] == '1' then redis.call('SET', KEYS[5], ARGV[6], 'EX', ARGV[7]) end
+if ARGV[8] == '1' then
+  redis.call('HSET', KEYS[6], ARGV[9], ARGV[10])
+  redis.call('EXPIRE', KEYS[6], ARGV[11])
+end
+return released
 """
 
 # KEYS: lease, active. ARGV: run_key, token (the one seen lapsed), handed_back_json.
@@ -143,6 +192,24 @@ class Claim:
     lost: int  # earlier attempts whose process died without ending
 
 
+@dataclass(frozen=True)
+class Start:
+    """What `Leases.begin` found: the run claimed, held by a live attempt (`holder`, its
+    `active` entry), or not to start at all (cancelled after it was submitted, paused)."""
+
+    claim: Claim | None = None
+    holder: dict[str, Any] | None = None
+    cancelled_at: float | None = None
+    paused: bool = False
+
+
+def _float(raw: Any) -> float | None:
+    try:
+        return float(raw) if raw not in (None, b"", "") else None
+    except (TypeError, ValueError):
+        return None
+
+
 class Leases:
     """The lease operations, on one Redis client (plain Python; the tasks call it)."""
 
@@ -150,8 +217,10 @@ class Leases:
         self.client = client
         self.ttl = ttl if ttl is not None else lease_seconds()
         self._claim = client.register_script(_CLAIM)
-        self._renew = client.register_script(_RENEW)
+        self._begin = client.register_script(_BEGIN)
+        self._probe = client.register_script(_PROBE)
         self._release = client.register_script(_RELEASE)
+        self._finish = client.register_script(_FINISH)
         self._revoke = client.register_script(_REVOKE)
 
     @classmethod
@@ -163,13 +232,8 @@ class Leases:
     def ttl_ms(self) -> int:
         return max(1, int(self.ttl * 1000))
 
-    def claim(self, run_key: str, info: dict[str, Any]) -> Claim | dict[str, Any]:
-        """Take the run: a Claim, or (when a live attempt holds it) that attempt's info."""
-        token = uuid.uuid4().hex
-        record = json.dumps({**info, "token": token, "claimed_at": time.time()})
-        code, n, lost, holder = cast(list[Any], self._claim(
-            keys=[lease_key(run_key), ACTIVE, attempts_key(run_key)],
-            args=[run_key, token, self.ttl_ms, record, ATTEMPTS_TTL]))
+    def _claimed(self, token: str, reply: Any) -> Claim | dict[str, Any]:
+        code, n, lost, holder = cast(list[Any], reply)
         if int(code) == 1:
             return Claim(token=token, attempt=int(n), lost=int(lost))
         try:
@@ -177,14 +241,63 @@ class Leases:
         except ValueError:
             return {}
 
-    def renew(self, run_key: str, token: str, info: dict[str, Any]) -> int:
-        """1 renewed, 2 taken back after a lapse nobody acted on, 0 fenced."""
+    def claim(self, run_key: str, info: dict[str, Any]) -> Claim | dict[str, Any]:
+        """Take the run: a Claim, or (when a live attempt holds it) that attempt's info."""
+        token = uuid.uuid4().hex
+        record = json.dumps({**info, "token": token, "claimed_at": time.time()})
+        return self._claimed(token, self._claim(
+            keys=[lease_key(run_key), ACTIVE, attempts_key(run_key)],
+            args=[run_key, token, self.ttl_ms, record, ATTEMPTS_TTL]))
+
+    def begin(self, run_key: str, info: dict[str, Any], experiment: str,
+              submitted_at: float | None, task_id: str) -> Start:
+        """What a delivery does first, in one round trip: drop it if its experiment was
+        cancelled after `submitted_at` (None: any cancel), park it if the experiment is
+        paused, else claim the run (as `claim`) and clear the delivery's waiting mark."""
+        token = uuid.uuid4().hex
+        record = json.dumps({**info, "token": token, "claimed_at": time.time()})
+        reply = cast(list[Any], self._begin(
+            keys=[lease_key(run_key), ACTIVE, attempts_key(run_key), cancel_key(experiment),
+                  pause_key(experiment), WAITING],
+            args=[run_key, token, self.ttl_ms, record, ATTEMPTS_TTL,
+                  "" if submitted_at is None else repr(float(submitted_at)), task_id]))
+        code = int(reply[0])
+        if code == 3:
+            return Start(cancelled_at=_float(reply[3]) or 0.0)
+        if code == 2:
+            return Start(paused=True)
+        got = self._claimed(token, reply)
+        return Start(claim=got) if isinstance(got, Claim) else Start(holder=got)
+
+    def probe(self, run_key: str, token: str, info: dict[str, Any],
+              experiment: str) -> tuple[int, float | None]:
+        """Renew the lease and read the experiment's cancel time, in one round trip:
+        (1 renewed, 2 taken back after a lapse nobody acted on, 0 fenced; cancel time)."""
         record = json.dumps({**info, "token": token})
-        return int(cast(int, self._renew(keys=[lease_key(run_key), ACTIVE],
-                                         args=[run_key, token, self.ttl_ms, record])))
+        code, cancelled = cast(list[Any], self._probe(
+            keys=[lease_key(run_key), ACTIVE, cancel_key(experiment)],
+            args=[run_key, token, self.ttl_ms, record]))
+        return int(code), _float(cancelled)
 
     def release(self, run_key: str, token: str) -> bool:
         return bool(self._release(keys=[lease_key(run_key), ACTIVE], args=[run_key, token]))
+
+    def finish(self, run_key: str, token: str, committed: bool, progress_hash: str,
+               log: tuple[str, bytes, int] | None,
+               entry: tuple[str, str, str, int] | None = None) -> bool:
+        """The end of an attempt, in one round trip: release the lease (True if this
+        attempt still held it); count a commit of the run's outputs (for audits: it must
+        stay at 1); drop the run's progress entry from `progress_hash` if it was still
+        this attempt's; keep its log tail `log` = (key, data, ttl_s) for other hosts; set
+        `entry` = (hash key, field, value, ttl_s), the run's live state."""
+        key, data, log_ttl = log if log is not None else ("", b"", 0)
+        hkey, field, value, ttl = entry if entry is not None else ("", "", "", 0)
+        return bool(self._finish(
+            keys=[lease_key(run_key), ACTIVE, attempts_key(run_key), progress_hash,
+                  key or f"{PREFIX}:log:none", hkey or f"{PREFIX}:entry:none"],
+            args=[run_key, token, "1" if committed else "0", ATTEMPTS_TTL,
+                  "1" if log is not None else "0", data, log_ttl,
+                  "1" if entry is not None else "0", field, value, ttl]))
 
     def revoke(self, run_key: str, token: str, why: str) -> bool:
         """Take the run away from the attempt holding `token` (it may be dead or a zombie):
@@ -223,13 +336,6 @@ class Leases:
             self.client.hdel(WAITING, *[k.decode() for k in stale])
         return {k.decode() for k in raw if k not in stale}
 
-    def count_commit(self, run_key: str) -> int:
-        """An attempt committed the run's outputs (for audits: it must stay at 1)."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hincrby(attempts_key(run_key), "committed", 1)
-        pipe.expire(attempts_key(run_key), ATTEMPTS_TTL)
-        return int(pipe.execute()[0])
-
     def count_failure(self, run_key: str) -> int:
         """One more attempt ended with an exception; returns how many have."""
         pipe = self.client.pipeline(transaction=False)
@@ -240,19 +346,6 @@ class Leases:
     def attempts(self, run_key: str) -> dict[str, int]:
         raw = cast(dict[bytes, bytes], self.client.hgetall(attempts_key(run_key)))
         return {k.decode(): int(v) for k, v in raw.items()}
-
-    def cancelled_at(self, experiment: str) -> float | None:
-        value = self.client.get(cancel_key(experiment))
-        return float(cast(bytes, value)) if value is not None else None
-
-    def gates(self, experiment: str) -> tuple[float | None, bool]:
-        """(cancelled_at, paused) of an experiment in one round trip: what a run checks
-        before it starts."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.get(cancel_key(experiment))
-        pipe.exists(pause_key(experiment))
-        cancelled, paused = pipe.execute()
-        return (float(cancelled) if cancelled is not None else None), bool(paused)
 
     def paused(self, experiment: str) -> bool:
         return bool(self.client.exists(pause_key(experiment)))
@@ -269,54 +362,63 @@ class Leases:
         return now
 
 
-class Heartbeat:
-    """Renews one lease from a daemon thread, every ttl/4, whatever the training loop does.
+class _Renewals:
+    """One daemon thread per process renews the lease of every running attempt (normally
+    one) every ttl/4, whatever the training loop does: no thread is started or joined
+    per attempt. A guard's first renewal comes ttl/4 after it was added; `discard`
+    returns only once no renewal of that guard is in flight or can follow, so an ended
+    attempt never takes its released lease back."""
 
-    `fenced` becomes set when the lease turns out to belong to another attempt (or the
-    run's experiment was cancelled, through `should_stop`): the run's work will be
-    discarded, and a reporter that sees the flag stops the trainer early.
-    """
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)  # the thread does not survive a fork
 
-    def __init__(self, leases: Leases, run_key: str, token: str, info: dict[str, Any],
-                 should_stop: Callable[[], str | None] | None = None):
-        self.leases, self.run_key, self.token, self.info = leases, run_key, token, info
-        self.should_stop = should_stop
-        self.fenced = threading.Event()
-        self.reason = ""
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"lease-{run_key[:8]}", daemon=True)
+    def _reset(self) -> None:
+        self._cond = threading.Condition()
+        self._due: dict[LeaseGuard, float] = {}
+        self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
+    def add(self, guard: LeaseGuard) -> None:
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="orch-lease-renewals", daemon=True)
+                self._thread.start()
+            self._due[guard] = time.monotonic() + guard.interval
+            self._cond.notify()
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+    def discard(self, guard: LeaseGuard) -> None:
+        with self._cond:  # held by the thread while it renews: wait for that renewal
+            self._due.pop(guard, None)
 
     def _loop(self) -> None:
-        interval = max(0.05, self.leases.ttl / 4)
-        while not self._stop.wait(interval):
-            try:
-                if self.leases.renew(self.run_key, self.token, self.info) == 0:
-                    self._fence("its lease was handed to another attempt")
-                    return
-                if self.should_stop and (why := self.should_stop()):
-                    self._fence(why)
-                    return
-            except redis.RedisError:
-                continue  # Redis unreachable: keep trying; the commit checks again
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                for guard in [g for g, due in self._due.items() if due <= now]:
+                    try:
+                        alive = guard.beat()
+                    except Exception:  # never lose the thread: the commit checks again
+                        alive = True
+                    if alive:
+                        self._due[guard] = time.monotonic() + guard.interval
+                    else:  # fenced: nothing more to renew
+                        self._due.pop(guard, None)
+                wake = min(self._due.values(), default=None)
+                self._cond.wait(None if wake is None else max(0.0, wake - time.monotonic()))
 
-    def _fence(self, why: str) -> None:
-        self.reason = why
-        self.fenced.set()
+
+_RENEWALS = _Renewals()
 
 
 class LeaseGuard:
-    """The fence of one attempt on a worker: heartbeat, cancel check, commit check.
+    """The fence of one attempt on a worker: lease renewals, cancel check, commit check.
 
     Use as a context manager around the attempt; `check()` before every write that
-    makes the run's result visible (runner.execute calls it)."""
+    makes the run's result visible (runner.execute calls it). While it is entered the
+    process's renewal thread renews the lease every ttl/4 and reads the experiment's
+    cancel mark, in one round trip. `fenced` becomes set when the lease turns out to
+    belong to another attempt, or the experiment was cancelled: the run's work will be
+    discarded, and a reporter that sees the flag stops the trainer early."""
 
     def __init__(self, leases: Leases, run_key: str, claim: Claim, info: dict[str, Any],
                  experiment: str, submitted_at: float | None):
@@ -324,23 +426,41 @@ class LeaseGuard:
         self.tag = claim.token
         self.info = {**info, "attempt": claim.attempt}
         self.experiment, self.submitted_at = experiment, submitted_at
-        self.heartbeat = Heartbeat(leases, run_key, claim.token, self.info, should_stop=self.cancelled)
+        self.interval = max(0.05, leases.ttl / 4)
+        self.fenced = threading.Event()
+        self.reason = ""
 
     def __enter__(self) -> LeaseGuard:
-        self.heartbeat.__enter__()
+        _RENEWALS.add(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.heartbeat.__exit__(*exc)
+        _RENEWALS.discard(self)
 
-    def cancelled(self) -> str | None:
-        at = self.leases.cancelled_at(self.experiment)
+    def _probe(self) -> tuple[str, bool] | None:
+        """One round trip: renew the lease, read the cancel mark. (why, cancelled) if
+        this attempt must stop, else None. Raises redis.RedisError."""
+        code, at = self.leases.probe(self.run_key, self.token, self.info, self.experiment)
+        if code == 0:
+            return "its lease was handed to another attempt", False
         if at is not None and (self.submitted_at is None or at > self.submitted_at):
-            return "cancelled: its experiment was cancelled (orchestrator cancel)"
+            return "cancelled: its experiment was cancelled (orchestrator cancel)", True
         return None
 
+    def beat(self) -> bool:
+        """A renewal (from the renewal thread); False once the attempt is fenced."""
+        try:
+            stop = self._probe()
+        except redis.RedisError:
+            return True  # Redis unreachable: keep trying; the commit checks again
+        if stop is not None:
+            self.reason = stop[0]
+            self.fenced.set()
+            return False
+        return True
+
     def stop_reason(self) -> str | None:
-        return self.heartbeat.reason if self.heartbeat.fenced.is_set() else None
+        return self.reason if self.fenced.is_set() else None
 
     def check(self) -> None:
         """Raise RunStopped unless this attempt still holds the run. Redis may be
@@ -353,12 +473,12 @@ class LeaseGuard:
         deadline = time.monotonic() + 60
         while True:
             try:
-                if self.leases.renew(self.run_key, self.token, self.info) == 0:
-                    raise RunStopped("its lease was handed to another attempt")
-                if (why := self.cancelled()) is not None:
-                    raise RunStopped(why, cancelled=True)
-                return
+                stop = self._probe()
             except redis.RedisError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(1)
+                continue
+            if stop is not None:
+                raise RunStopped(stop[0], cancelled=stop[1])
+            return

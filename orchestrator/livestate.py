@@ -47,11 +47,17 @@ class LiveState:
         return cls(redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5,
                                         health_check_interval=25, retry_on_timeout=True))
 
+    @staticmethod
+    def run_entry(experiment: str, run_id: str, status: str, **info: Any) -> tuple[str, str, str, int]:
+        """(hash key, field, value, ttl) of a run's state: what set_run writes, for a caller
+        that writes it in a round trip of its own."""
+        return runs_key(experiment), run_id, json.dumps({"status": status, "t": time.time(), **info}), TTL_SECONDS
+
     def set_run(self, experiment: str, run_id: str, status: str, **info: Any) -> None:
-        value = json.dumps({"status": status, "t": time.time(), **info})
+        key, field, value, ttl = self.run_entry(experiment, run_id, status, **info)
         pipe = self.client.pipeline(transaction=False)
-        pipe.hset(runs_key(experiment), run_id, value)
-        pipe.expire(runs_key(experiment), TTL_SECONDS)
+        pipe.hset(key, field, value)
+        pipe.expire(key, ttl)
         pipe.execute()
 
     def set_runs(self, experiment: str, statuses: dict[str, str]) -> None:

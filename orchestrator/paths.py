@@ -13,6 +13,7 @@ Nothing else in the project joins result path strings. Layout (README "Results")
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import itertools
 import json
@@ -79,6 +80,41 @@ def fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _sync_file_range() -> Any:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):  # not Linux
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE = _sync_file_range() if FSYNC else None
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int) -> None:
+    """Start writing a file's data to the disk now, without waiting for it (Linux's
+    sync_file_range; elsewhere nothing). Several files written this way and fsynced
+    afterwards (fsync_folder) reach the disk in one journal commit instead of one each."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+
+
+def fsync_folder(path: Path) -> None:
+    """Make a folder of freshly written files survive a host crash (when ORCH_FSYNC is
+    on): fsync each file in it, then the folder itself."""
+    if FSYNC:
+        for entry in os.scandir(path):
+            fd = os.open(entry.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(path)
 
 
 def read_json(path: Path) -> Any | None:

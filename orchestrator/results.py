@@ -8,6 +8,7 @@ control worker finalizing hundreds of groups does not re-parse a growing CSV eac
 
 from __future__ import annotations
 
+import bisect
 import csv
 import io
 import os
@@ -28,6 +29,10 @@ class _Table:
     rows: dict[str, dict[str, str]]  # run_id -> row
     lines: dict[str, str] = field(default_factory=dict)  # run_id -> CSV line for `header`
     header: list[str] = field(default_factory=list)
+    # Kept up to date as rows come in, so that a finalize costs no pass over every row
+    # of the experiment (which made finalizing N groups quadratic in N).
+    columns: set[str] = field(default_factory=set)  # every column any row has
+    order: list[tuple[tuple[str, str, int, int], str]] = field(default_factory=list)  # sorted (key, run_id)
 
 
 _cache: dict[Path, _Table] = {}
@@ -78,19 +83,25 @@ def update_final_results(layout: Layout, experiment: str, rows: list[dict[str, A
         if table is None or table.stamp != stamp:  # someone else wrote it: read it again
             existing = read_final_results(layout, experiment) if stamp else []
             table = _Table(stamp=stamp or (), rows={r["run_id"]: r for r in existing})
+            table.columns = {k for r in table.rows.values() for k in r}
+            table.order = sorted((_sort_key(r), run_id) for run_id, r in table.rows.items())
         for row in rows:
-            table.rows[row["run_id"]] = {k: _cell(v) for k, v in row.items()}
+            cells = {k: _cell(v) for k, v in row.items()}
+            old = table.rows.get(row["run_id"])
+            if old is not None:  # replaced: its place may differ
+                table.order.remove((_sort_key(old), row["run_id"]))
+            bisect.insort(table.order, (_sort_key(cells), row["run_id"]))
+            table.rows[row["run_id"]] = cells
+            table.columns.update(cells)
             table.lines.pop(row["run_id"], None)
-        params = sorted({k for r in table.rows.values() for k in r} - set(FIRST_COLUMNS))
-        header = FIRST_COLUMNS + params
+        header = FIRST_COLUMNS + sorted(table.columns - set(FIRST_COLUMNS))
         if header != table.header:
             table.header, table.lines = header, {}
-        ordered = sorted(table.rows.items(), key=lambda item: _sort_key(item[1]))
         body = []
-        for run_id, row in ordered:
+        for _, run_id in table.order:
             line = table.lines.get(run_id)
             if line is None:
-                line = table.lines[run_id] = _line(row, header)
+                line = table.lines[run_id] = _line(table.rows[run_id], header)
             body.append(line)
         atomic_write_text(path, _line({c: c for c in header}, header) + "".join(body))
         table.stamp = _stamp(path) or ()

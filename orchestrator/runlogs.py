@@ -67,15 +67,15 @@ def capture(path: Path) -> Iterator[Path]:
             text.close()
 
 
-def publish_tail(client: redis.Redis, path: Path, run_id: str, attempt: int) -> None:
-    """The last TAIL_BYTES of an attempt's log, in Redis for other hosts."""
+def read_tail(path: Path) -> bytes | None:
+    """The last TAIL_BYTES of an attempt's log (what goes to Redis for other hosts, under
+    `log_key`, for LOG_TTL seconds), or None if there is no log."""
     try:
         with open(path, "rb") as fh:
             fh.seek(max(0, os.fstat(fh.fileno()).st_size - TAIL_BYTES))
-            data = fh.read()
+            return fh.read()
     except OSError:
-        return
-    client.set(log_key(run_id, attempt), data, ex=LOG_TTL)
+        return None
 
 
 def find_run(layout: Layout, ident: str) -> RunSpec:

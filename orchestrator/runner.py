@@ -33,7 +33,7 @@ from . import datasets
 from .errors import InvalidSpecError, RunStopped
 from .livestate import LiveState
 from .metrics import fmt, ranks, scores, table_csv
-from .paths import FSYNC, Layout, fsync_dir, read_json
+from .paths import FSYNC, Layout, fsync_dir, fsync_folder, read_json, start_writeback
 from .spec import RunSpec
 from .status import Status, file_sizes, fold_state, read_fold_status, write_fold_status
 from .trainers import Reporter, TrainContext, get_trainer
@@ -60,12 +60,13 @@ class WorkerInfo:
 
 
 def write_new(path: Path, text: str | bytes) -> None:
-    """A new file in a staging folder (no rename needed: the folder is renamed)."""
+    """A new file in a staging folder (no rename needed: the folder is renamed); its data
+    starts going to the disk at once, and fsync_folder waits for all of them."""
     with open(path, "xb") as fh:
         fh.write(text.encode() if isinstance(text, str) else text)
         if FSYNC:
             fh.flush()
-            os.fsync(fh.fileno())
+            start_writeback(fh.fileno())
 
 
 def summary(layout: Layout, spec: RunSpec) -> dict[str, Any]:
@@ -158,7 +159,9 @@ def execute(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
             lost: int = 0, after_oom: bool = False, sink: Sink | None = None) -> dict[str, Any]:
     """Train one run and commit its outputs (to `sink`, by default the results root);
     returns its summary. Raises on failure, and RunStopped (after removing what it
-    wrote) when the guard says it may not commit."""
+    wrote) when the guard says it may not commit. `live` gets the IN_PROGRESS mark and
+    the progress reports; the caller marks the run DONE there (train_run: in the round
+    trip that releases the lease)."""
     sink = sink or SharedSink(layout)
     state, current = sink.fold_state(spec)
     if state == Status.DONE.value:  # a redelivered or resubmitted run that already finished
@@ -224,9 +227,6 @@ def execute(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
     sink.write_status(spec, Status.DONE, base=record, finished_at=finished,
                       elapsed=round(elapsed, 4), error=None, metrics=metrics, files=files,
                       history=end_attempt(record, "DONE", finished))
-    if live:
-        live.set_run(spec.experiment, spec.run_id, Status.DONE.value, worker=worker.name,
-                     attempt=attempt)
     return {"run_id": spec.run_id, "name": spec.name, "status": Status.DONE.value,
             "metrics": metrics, "worker": worker.name}
 
@@ -322,7 +322,7 @@ def _write_outputs(folder: Path, table: datasets.Table, rows: np.ndarray, n_val:
         ["index", "split", *classes],
         [(int(r), s, *rk) for r, s, rk in zip(rows, split_of, ranks(probs), strict=True)]))
     write_new(folder / "metadata.json", json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-    fsync_dir(folder)
+    fsync_folder(folder)
 
 
 def record_failure(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,

@@ -21,10 +21,10 @@ from orchestrator.admission import Need, Shares, worker_gpus
 from orchestrator.errors import InvalidSpecError, RunStopped, UnknownTrainerError
 from orchestrator.finalize import finalize_group, mark_group_failed
 from orchestrator.leases import Claim, LeaseGuard, Leases, attempts_key, parked_queue
-from orchestrator.livestate import LiveState
+from orchestrator.livestate import PROGRESS, LiveState
 from orchestrator.paths import Layout
 from orchestrator.returns import Returns, ReturnSink, collect
-from orchestrator.runlogs import capture, publish_tail
+from orchestrator.runlogs import LOG_TTL, capture, log_key, read_tail
 from orchestrator.runner import SharedSink, Sink, WorkerInfo, execute, is_cuda_oom, record_failure
 from orchestrator.spec import RunSpec
 from orchestrator.status import Status
@@ -132,22 +132,20 @@ def _pid_alive(pid: Any) -> bool:
 
 
 def _claim(task: Any, run: RunSpec, worker: WorkerInfo, info: dict[str, Any], sink: Sink,
-           submitted_at: float | None) -> Claim | dict[str, Any]:
-    """Claim the run's lease. If another attempt holds it: take over at once when that
-    attempt was a pool process of this host that died (the retry after a SIGKILL); else
-    wait until it ends (this delivery is a duplicate: a redelivery, or a re-dispatch after
-    Redis lost its state) and then report what it recorded, or take over if it lapses."""
+           submitted_at: float | None, got: Claim | dict[str, Any]) -> Claim | dict[str, Any]:
+    """`got` is what the first claim found. If another attempt holds the lease: take over
+    at once when that attempt was a pool process of this host that died (the retry after
+    a SIGKILL); else wait until it ends (this delivery is a duplicate: a redelivery, or a
+    re-dispatch after Redis lost its state) and then report what it recorded, or take
+    over if it lapses."""
     leases = _leases()
-    while True:
-        got = leases.claim(run.run_key, info)
-        if isinstance(got, Claim):
-            leases.wait_mark(task.request.id, done=True)
-            return got
+    while not isinstance(got, Claim):
         holder = got
         token = holder.get("token")
         if (token and holder.get("host") == worker.host and holder.get("pid")
                 and not _pid_alive(holder["pid"])):
             leases.revoke(run.run_key, token, why="its process died")
+            got = leases.claim(run.run_key, info)
             continue
         state, _ = sink.fold_state(run, submitted_at)
         if state == Status.DONE.value:
@@ -155,6 +153,9 @@ def _claim(task: Any, run: RunSpec, worker: WorkerInfo, info: dict[str, Any], si
             return {"done": True}
         leases.wait_mark(task.request.id)
         time.sleep(1.0)
+        got = leases.claim(run.run_key, info)
+    leases.wait_mark(task.request.id, done=True)
+    return got
 
 
 def _settled(run: RunSpec, submitted_at: float | None, sink: Sink) -> dict[str, Any] | None:
@@ -181,16 +182,17 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
     guard_info = {"worker": worker.name, "host": worker.host, "pid": os.getpid(),
                   "name": run.name, "experiment": run.experiment, "task_id": self.request.id,
                   "started": time.time(), "queue": (self.request.delivery_info or {}).get("routing_key")}
-    cancelled_at, paused = leases.gates(run.experiment)
-    if cancelled_at is not None and (submitted_at is None or cancelled_at > submitted_at):
+    start = leases.begin(run.run_key, guard_info, run.experiment, submitted_at, self.request.id)
+    if start.cancelled_at is not None:
         why = "cancelled: its experiment was cancelled (orchestrator cancel) before it started"
         record_failure(run, layout, worker, 0, RunFailed(why), will_retry=False, live=live,
                        status=Status.CANCELLED, sink=sink)
         raise RunFailed(why)
-    if paused:  # park it, same message and chord, until resumed
+    if start.paused:  # park it, same message and chord, until resumed
         raise self.retry(queue=parked_queue(run.experiment), countdown=0, max_retries=None)
-    claim = _claim(self, run, worker, guard_info, sink, submitted_at)
+    claim = start.claim or _claim(self, run, worker, guard_info, sink, submitted_at, start.holder or {})
     log_path = None
+    committed = False
     if not isinstance(claim, Claim):
         return _outcome(run, _settled(run, submitted_at, sink) or {}, sink)
     gpus = _take_gpus(self, run, worker, claim)
@@ -214,8 +216,7 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
                 with capture(log_path):
                     result = execute(run, layout, worker, claim.attempt, live, guard,
                                      lost=claim.lost, after_oom=after_oom, sink=sink)
-                if not result.get("skipped"):
-                    leases.count_commit(run.run_key)
+                committed = not result.get("skipped")
                 return result
             except RunStopped as stop:
                 if stop.cancelled:
@@ -250,13 +251,16 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
             raise self.retry(exc=exc, countdown=backoff(failures - 1), max_retries=None) from exc
         raise
     finally:
-        with contextlib.suppress(Exception):  # a stale token releases nothing
+        with contextlib.suppress(Exception):
             if gpus:
                 _shares().release(worker.host, gpus, run.run_key)
-            if leases.release(run.run_key, claim.token):
-                live.clear_progress(run.run_key)
-            if log_path is not None:
-                publish_tail(leases.client, log_path, run.run_key, claim.attempt)
+        tail = read_tail(log_path) if log_path is not None else None
+        done = (live.run_entry(run.experiment, run.run_id, Status.DONE.value, worker=worker.name,
+                               attempt=claim.attempt) if committed else None)
+        with contextlib.suppress(Exception):  # a stale token releases nothing
+            leases.finish(run.run_key, claim.token, committed, PROGRESS,
+                          None if tail is None else (log_key(run.run_key, claim.attempt), tail, LOG_TTL),
+                          done)
         if isinstance(sink, ReturnSink):
             sink.cleanup()  # its scratch folder (created only once the run started)
 

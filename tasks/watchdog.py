@@ -77,10 +77,14 @@ def unpark_unpaused() -> list[str]:
     from orchestrator.canvas import unpark
     from orchestrator.leases import Leases
 
-    done = []
+    done: list[str] = []
     with app.connection_for_write() as conn:
+        # The whole keyspace is walked every tick (results, logs, attempts: thousands of
+        # keys): in big steps, not SCAN's default 10 keys a round trip.
         names = {k.decode().split(":")[0][len("parked."):]
-                 for k in conn.default_channel.client.scan_iter("parked.*")}
+                 for k in conn.default_channel.client.scan_iter("parked.*", count=5000)}
+    if not names:
+        return done
     leases = Leases.from_url(app.conf.orch_state_url)
     for name in sorted(names):
         if name and not leases.paused(name) and (moved := unpark(name)):
