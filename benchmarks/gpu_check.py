@@ -56,15 +56,13 @@ from benchmarks.dispatch import (  # noqa: E402
 from orchestrator import gpu  # noqa: E402
 from orchestrator.local import start_redis  # noqa: E402
 
-MIB = 2**20
-
 
 # -- NVML readings -------------------------------------------------------------------
 def used_mb(index: int) -> int:
-    lib = gpu.nvml()
-    lib.nvmlInit()  # reference-counted in pynvml; inventory() may have shut it down
-    handle = lib.nvmlDeviceGetHandleByIndex(index)
-    return int(lib.nvmlDeviceGetMemoryInfo(handle).used) // MIB
+    found = gpu.usage(index)
+    if found is None:
+        raise BenchmarkError(f"NVML cannot read GPU {index} any more")
+    return found.memory_used_mb
 
 
 def gpu_processes(index: int) -> list[gpu.GPUProcess]:

@@ -33,7 +33,7 @@ from urllib.parse import quote
 from .manifest import load_manifest
 from .paths import Layout, atomic_write_bytes, atomic_write_text, read_json
 from .report import group_state
-from .results import read_final_results
+from .results import cell_text, read_final_results
 from .spec import RunSpec
 from .status import Status, fold_state, read_group_status
 
@@ -293,11 +293,7 @@ def _metric_vs_param(data: ReportData, metric: str, param: str) -> Figure | None
 
 
 def _display(value: Any) -> str:
-    if value is None:
-        return "(default)"
-    if isinstance(value, list):
-        return "[" + ", ".join(map(str, value)) + "]"
-    return str(value)
+    return "(default)" if value is None else cell_text(value)
 
 
 def _fold_scores(data: ReportData, metric: str) -> Figure | None:

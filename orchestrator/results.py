@@ -56,7 +56,7 @@ def read_final_results(layout: Layout, experiment: str) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def _cell(value: Any) -> str:
+def cell_text(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, list):
@@ -86,7 +86,7 @@ def update_final_results(layout: Layout, experiment: str, rows: list[dict[str, A
             table.columns = {k for r in table.rows.values() for k in r}
             table.order = sorted((_sort_key(r), run_id) for run_id, r in table.rows.items())
         for row in rows:
-            cells = {k: _cell(v) for k, v in row.items()}
+            cells = {k: cell_text(v) for k, v in row.items()}
             old = table.rows.get(row["run_id"])
             if old is not None:  # replaced: its place may differ
                 table.order.remove((_sort_key(old), row["run_id"]))
