@@ -462,14 +462,17 @@ class LeaseGuard:
     def stop_reason(self) -> str | None:
         return self.reason if self.fenced.is_set() else None
 
-    def check(self) -> None:
-        """Raise RunStopped unless this attempt still holds the run. Redis may be
+    def check(self, fresh: bool = True) -> None:
+        """Raise RunStopped unless this attempt still holds the run: as far as its
+        renewals know (fresh=False), or as Redis says now (one round trip). Redis may be
         restarting: keep asking for up to a minute before giving up (then the attempt
         fails and is retried; nothing was written)."""
         from .errors import RunStopped
 
         if (why := self.stop_reason()) is not None:
             raise RunStopped(why, cancelled=why.startswith("cancelled"))
+        if not fresh:
+            return
         deadline = time.monotonic() + 60
         while True:
             try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,4 +53,5 @@ def table_csv(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def fmt(value: float) -> str:
-    return f"{value:.6g}" if math.isfinite(value) else str(value)
+    """6 significant digits; nan, inf and -inf as Python writes them."""
+    return format(value, ".6g")

@@ -158,10 +158,12 @@ def _claim(task: Any, run: RunSpec, worker: WorkerInfo, info: dict[str, Any], si
     return got
 
 
-def _settled(run: RunSpec, submitted_at: float | None, sink: Sink) -> dict[str, Any] | None:
+def _settled(run: RunSpec, submitted_at: float | None, sink: Sink,
+             found: tuple[str, dict[str, Any]] | None = None) -> dict[str, Any] | None:
     """The fold's record if it already ended after this message was submitted: this
-    delivery is a duplicate of an attempt that finished (DONE, FAILED or CANCELLED)."""
-    state, record = sink.fold_state(run, submitted_at)
+    delivery is a duplicate of an attempt that finished (DONE, FAILED or CANCELLED).
+    `found`: the fold's state as the caller just read it."""
+    state, record = found or sink.fold_state(run, submitted_at)
     if state == Status.DONE.value:
         return record
     if (submitted_at is not None and state in (Status.FAILED.value, Status.CANCELLED.value)
@@ -200,7 +202,8 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
         worker = dataclasses.replace(worker, gpu=os.environ["CUDA_VISIBLE_DEVICES"])
     try:
-        if (record := _settled(run, submitted_at, sink)) is not None:
+        found = sink.fold_state(run, submitted_at)  # one read, for both checks
+        if (record := _settled(run, submitted_at, sink, found)) is not None:
             return _outcome(run, record, sink)
         lost_limit = max(run.retries, LOST_ATTEMPTS_MIN)
         if claim.lost > lost_limit:
@@ -215,7 +218,7 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
                 after_oom = worker.device == "cuda" and bool(leases.attempts(run.run_key).get("oom"))
                 with capture(log_path):
                     result = execute(run, layout, worker, claim.attempt, live, guard,
-                                     lost=claim.lost, after_oom=after_oom, sink=sink)
+                                     lost=claim.lost, after_oom=after_oom, sink=sink, found=found)
                 committed = not result.get("skipped")
                 return result
             except RunStopped as stop:
