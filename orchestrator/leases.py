@@ -100,12 +100,21 @@ _CLAIM = _CLAIM_FN + "return claim()"
 # KEYS[5] paused, KEYS[6] waiting; ARGV[6] the message's submitted_at ('' if unknown),
 # ARGV[7] task id (a claimed delivery no longer waits). Code 3: cancelled after the
 # message was submitted (the cancel time is returned as the holder); 2: paused.
+# Once claimed, optionally the run's live state (KEYS[7] hash, ARGV[8] '1', ARGV[9]
+# field, ARGV[10] the JSON value up to the attempt number, which the script appends
+# with the closing brace, ARGV[11] ttl_s).
 _BEGIN = _CLAIM_FN + """
 local c = redis.call('GET', KEYS[4])
 if c and (ARGV[6] == '' or (tonumber(c) or 0) > tonumber(ARGV[6])) then return {3, 0, 0, c} end
 if redis.call('EXISTS', KEYS[5]) == 1 then return {2, 0, 0, ''} end
 local r = claim()
-if r[1] == 1 then redis.call('HDEL', KEYS[6], ARGV[7]) end
+if r[1] == 1 then
+  redis.call('HDEL', KEYS[6], ARGV[7])
+  if ARGV[8] == '1' then
+    redis.call('HSET', KEYS[7], ARGV[9], ARGV[10] .. r[2] .. '}')
+    redis.call('EXPIRE', KEYS[7], ARGV[11])
+  end
+end
 return r
 """
 
@@ -250,17 +259,26 @@ class Leases:
             args=[run_key, token, self.ttl_ms, record, ATTEMPTS_TTL]))
 
     def begin(self, run_key: str, info: dict[str, Any], experiment: str,
-              submitted_at: float | None, task_id: str) -> Start:
+              submitted_at: float | None, task_id: str,
+              entry: tuple[str, str, str, int] | None = None) -> Start:
         """What a delivery does first, in one round trip: drop it if its experiment was
         cancelled after `submitted_at` (None: any cancel), park it if the experiment is
-        paused, else claim the run (as `claim`) and clear the delivery's waiting mark."""
+        paused, else claim the run (as `claim`), clear the delivery's waiting mark and,
+        given `entry` = (hash key, field, JSON object text, ttl_s), set that field to the
+        object with `"attempt": <this attempt>` added (the run's live IN_PROGRESS mark)."""
         token = uuid.uuid4().hex
         record = json.dumps({**info, "token": token, "claimed_at": time.time()})
+        hkey, field, value, ttl = entry if entry is not None else ("", "", "", 0)
+        if entry is not None:
+            if not value.endswith("}") or '"attempt"' in value:
+                raise ValueError(f"not a JSON object to add an attempt to: {value!r}")
+            value = value[:-1] + (', "attempt": ' if value != "{}" else '"attempt": ')
         reply = cast(list[Any], self._begin(
             keys=[lease_key(run_key), ACTIVE, attempts_key(run_key), cancel_key(experiment),
-                  pause_key(experiment), WAITING],
+                  pause_key(experiment), WAITING, hkey or f"{PREFIX}:entry:none"],
             args=[run_key, token, self.ttl_ms, record, ATTEMPTS_TTL,
-                  "" if submitted_at is None else repr(float(submitted_at)), task_id]))
+                  "" if submitted_at is None else repr(float(submitted_at)), task_id,
+                  "1" if entry is not None else "0", field, value, ttl]))
         code = int(reply[0])
         if code == 3:
             return Start(cancelled_at=_float(reply[3]) or 0.0)

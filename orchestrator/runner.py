@@ -158,13 +158,14 @@ def is_cuda_oom(exc: BaseException) -> bool:
 def execute(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
             live: LiveState | None = None, guard: Guard | None = None,
             lost: int = 0, after_oom: bool = False, sink: Sink | None = None,
-            found: tuple[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+            found: tuple[str, dict[str, Any]] | None = None, marked: bool = False) -> dict[str, Any]:
     """Train one run and commit its outputs (to `sink`, by default the results root);
     returns its summary. Raises on failure, and RunStopped (after removing what it
     wrote) when the guard says it may not commit. `live` gets the IN_PROGRESS mark and
-    the progress reports; the caller marks the run DONE there (train_run: in the round
-    trip that releases the lease). `found`: the fold's (state, record) if the caller
-    has just read it, under the lease."""
+    the progress reports (unless `marked`: the caller set IN_PROGRESS there already);
+    the caller marks the run DONE there (train_run: in the round trip that releases the
+    lease). `found`: the fold's (state, record) if the caller has just read it, under
+    the lease."""
     sink = sink or SharedSink(layout)
     state, current = found or sink.fold_state(spec)
     if state == Status.DONE.value:  # a redelivered or resubmitted run that already finished
@@ -187,7 +188,7 @@ def execute(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
                                device=worker.device, started_at=started, finished_at=None,
                                error=None, lost_attempts=lost, oom_overrides=after_oom,
                                history=start_attempt(current, attempt, worker, started))
-    if live:
+    if live and not marked:
         live.set_run(spec.experiment, spec.run_id, Status.IN_PROGRESS.value,
                      worker=worker.name, attempt=attempt)
 

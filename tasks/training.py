@@ -184,7 +184,13 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
     guard_info = {"worker": worker.name, "host": worker.host, "pid": os.getpid(),
                   "name": run.name, "experiment": run.experiment, "task_id": self.request.id,
                   "started": time.time(), "queue": (self.request.delivery_info or {}).get("routing_key")}
-    start = leases.begin(run.run_key, guard_info, run.experiment, submitted_at, self.request.id)
+    # The live IN_PROGRESS mark goes with the claim (one round trip), except where GPU
+    # admission may still hand the run back: there execute() sets it once admitted.
+    mark = not (worker.device == "cuda" and run.resources.gpus > 0)
+    entry = live.run_entry(run.experiment, run.run_id, Status.IN_PROGRESS.value,
+                           worker=worker.name) if mark else None
+    start = leases.begin(run.run_key, guard_info, run.experiment, submitted_at, self.request.id,
+                         entry)
     if start.cancelled_at is not None:
         why = "cancelled: its experiment was cancelled (orchestrator cancel) before it started"
         record_failure(run, layout, worker, 0, RunFailed(why), will_retry=False, live=live,
@@ -194,7 +200,7 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
         raise self.retry(queue=parked_queue(run.experiment), countdown=0, max_retries=None)
     claim = start.claim or _claim(self, run, worker, guard_info, sink, submitted_at, start.holder or {})
     log_path = None
-    committed = False
+    committed = done = False
     if not isinstance(claim, Claim):
         return _outcome(run, _settled(run, submitted_at, sink) or {}, sink)
     gpus = _take_gpus(self, run, worker, claim)
@@ -204,6 +210,11 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
     try:
         found = sink.fold_state(run, submitted_at)  # one read, for both checks
         if (record := _settled(run, submitted_at, sink, found)) is not None:
+            done = record.get("status") == Status.DONE.value
+            if mark and not done:  # the live state said IN_PROGRESS since begin
+                live.set_run(run.experiment, run.run_id, str(record.get("status")),
+                             worker=record.get("worker"), attempt=record.get("attempt"),
+                             error=record.get("error"))
             return _outcome(run, record, sink)
         lost_limit = max(run.retries, LOST_ATTEMPTS_MIN)
         if claim.lost > lost_limit:
@@ -218,8 +229,9 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
                 after_oom = worker.device == "cuda" and bool(leases.attempts(run.run_key).get("oom"))
                 with capture(log_path):
                     result = execute(run, layout, worker, claim.attempt, live, guard,
-                                     lost=claim.lost, after_oom=after_oom, sink=sink, found=found)
-                committed = not result.get("skipped")
+                                     lost=claim.lost, after_oom=after_oom, sink=sink, found=found,
+                                     marked=mark)
+                committed, done = not result.get("skipped"), True
                 return result
             except RunStopped as stop:
                 if stop.cancelled:
@@ -258,12 +270,12 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
             if gpus:
                 _shares().release(worker.host, gpus, run.run_key)
         tail = read_tail(log_path) if log_path is not None else None
-        done = (live.run_entry(run.experiment, run.run_id, Status.DONE.value, worker=worker.name,
-                               attempt=claim.attempt) if committed else None)
+        done_entry = (live.run_entry(run.experiment, run.run_id, Status.DONE.value,
+                                     worker=worker.name, attempt=claim.attempt) if done else None)
         with contextlib.suppress(Exception):  # a stale token releases nothing
             leases.finish(run.run_key, claim.token, committed, PROGRESS,
-                          None if tail is None else (log_key(run.run_key, claim.attempt), tail, LOG_TTL),
-                          done)
+                          (log_key(run.run_key, claim.attempt), tail, LOG_TTL) if tail else None,
+                          done_entry)
         if isinstance(sink, ReturnSink):
             sink.cleanup()  # its scratch folder (created only once the run started)
 
