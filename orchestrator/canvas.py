@@ -5,9 +5,12 @@ The only module of the orchestrator that imports `tasks`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from celery import chord
@@ -20,7 +23,7 @@ from .leases import parked_queue
 from .livestate import LiveState
 from .manifest import write_manifest
 from .paths import Layout
-from .plan import FINALIZE, RUN, SKIP, GroupPlan, make_plan
+from .plan import FINALIZE, RUN, SKIP, GroupPlan, has_status_dir, make_plan
 from .spec import RunSpec
 from .status import (
     Status,
@@ -50,6 +53,55 @@ def _stop_listening_for_results() -> None:
     backend = app.backend
     backend.on_task_call = lambda producer, task_id: None
     backend.add_pending_result = lambda result, weak=False, start_drainer=True: result
+
+
+@contextlib.contextmanager
+def _one_producer(producer: Any) -> Iterator[None]:
+    """While the block runs, every message this thread publishes through Celery goes
+    through `producer`, and kombu reuses one Redis client object for its commands.
+
+    Celery's chord ignores the producer it is given: each chord's header acquires a
+    producer from the app's pool (and revives it), and kombu's Redis channel builds a
+    new `redis.Redis` for every command sent without a client (`conn_or_acquire()`):
+    every task message (LPUSH) and every task-sent event (PUBLISH). Building one costs
+    about 0.2 ms of CPU (redis-py fills a table of ~200 response callbacks), as much as
+    sending the command. The clients share the channel's connection pool, so one client
+    sends exactly the same commands on the same connections. Both changes are
+    attributes of this app and this channel, removed at the end; other threads (a
+    worker's watchdog publishes too) still acquire their own producers.
+    """
+    thread = threading.get_ident()
+    acquire = app.producer_or_acquire
+
+    def producer_or_acquire(given: Any = None) -> Any:
+        if given is None and threading.get_ident() == thread:
+            return contextlib.nullcontext(producer)
+        return acquire(given)
+
+    channel = producer.channel
+    patch_channel = all(hasattr(channel, a) for a in ("conn_or_acquire", "_create_client", "pool"))
+    cached: dict[str, Any] = {}
+
+    @contextlib.contextmanager
+    def conn_or_acquire(client: Any = None) -> Iterator[Any]:
+        if client:
+            yield client
+            return
+        pool = channel.pool  # a new pool after a reconnection: a new client for it
+        if cached.get("pool") is not pool:
+            cached["client"] = channel._create_client()
+            cached["pool"] = pool
+        yield cached["client"]
+
+    app.producer_or_acquire = producer_or_acquire
+    if patch_channel:
+        channel.conn_or_acquire = conn_or_acquire
+    try:
+        yield
+    finally:
+        vars(app).pop("producer_or_acquire", None)
+        if patch_channel:
+            vars(channel).pop("conn_or_acquire", None)
 
 
 def message_priority(priority: int) -> int:
@@ -86,11 +138,14 @@ def submit(exp: Experiment, plans: list[GroupPlan], layout: Layout, live: LiveSt
     dicts = write_manifest(layout, exp, plans)
     states: dict[str, str] = {}
     for p in plans:
-        if p.action != SKIP:  # it will be finalized again: its old record is stale
-            reset_group_status(layout, p.first)
         todo = {s.run_id for s in p.todo}
         for s in p.specs:
             states[s.run_id] = Status.PENDING.value if s.run_id in todo else Status.DONE.value
+        if not has_status_dir(layout, p.first):  # no record to reset or to make PENDING
+            continue
+        if p.action != SKIP:  # it will be finalized again: its old record is stale
+            reset_group_status(layout, p.first)
+        for s in p.specs:
             if s.run_id in todo:
                 old = read_fold_status(layout, s)
                 # FAILED/CANCELLED become PENDING again; an IN_PROGRESS fold may be training
@@ -110,7 +165,7 @@ def publish(plans: list[GroupPlan], dicts: dict[str, dict[str, Any]]) -> dict[st
     published = {"runs": 0, "groups": 0, "finalize_only": 0}
     now = time.time()
     _stop_listening_for_results()
-    with app.producer_or_acquire() as producer:
+    with app.producer_or_acquire() as producer, _one_producer(producer):
         for p in plans:
             specs = [dicts[s.run_id] for s in p.specs]
             body = finalize.signature(args=(specs,), **_group_options(p)).on_error(

@@ -38,6 +38,29 @@ def json_hash(raw: dict[bytes, bytes]) -> dict[str, dict[str, Any]]:
     return found
 
 
+_STATUS_PREFIX = b'{"status": "'  # how json.dumps starts every run value written here
+
+
+def status_of(value: bytes) -> str | None:
+    """The "status" of a run's JSON value; None if it has none (or is not JSON).
+
+    Every writer (`run_entry`, `set_runs`) puts "status" first, so the status is read
+    from the start of the value; anything else (an escape in it, another writer's
+    layout) is decoded in full."""
+    if value.startswith(_STATUS_PREFIX):
+        end = value.find(b'"', len(_STATUS_PREFIX))
+        if end > 0:
+            status = value[len(_STATUS_PREFIX):end]
+            if b"\\" not in status:
+                return status.decode()
+    try:
+        data = json.loads(value)
+    except ValueError:
+        return None
+    found = data.get("status") if isinstance(data, dict) else None
+    return found if isinstance(found, str) else None
+
+
 class LiveState:
     def __init__(self, client: redis.Redis):
         self.client = client
@@ -112,6 +135,17 @@ class LiveState:
         runs, groups = cast(list[dict[bytes, bytes]], pipe.execute())
         return ({k.decode(): json.loads(v) for k, v in runs.items()},
                 {k.decode(): v.decode() for k, v in groups.items()})
+
+    def run_statuses(self, experiment: str) -> dict[str, str]:
+        """run_id -> status of an experiment's runs: what a progress count needs, without
+        decoding each run's whole JSON value (see `status_of`)."""
+        raw = cast(dict[bytes, bytes], self.client.hgetall(runs_key(experiment)))
+        found: dict[str, str] = {}
+        for key, value in raw.items():
+            status = status_of(value)
+            if status is not None:
+                found[key.decode()] = status
+        return found
 
     def runs(self, experiment: str) -> dict[str, dict[str, Any]]:
         raw = cast(dict[bytes, bytes], self.client.hgetall(runs_key(experiment)))

@@ -40,15 +40,50 @@ class Tracked:
 
 def counts(live: LiveState, tracked: list[Tracked]) -> tuple[Counter[str], int, int]:
     """(run states, groups finished, groups in all) over every tracked experiment."""
-    states: Counter[str] = Counter()
-    finished = total = 0
-    for t in tracked:
-        runs, groups = live.snapshot(t.experiment)
-        for rid in t.run_ids:
-            states[runs.get(rid, {}).get("status", Status.PENDING.value)] += 1
-        finished += sum(1 for g in t.group_ids if groups.get(g) in FINAL_GROUP)
-        total += len(t.group_ids)
-    return states, finished, total
+    poller = Poller(live, tracked)
+    return poller.poll()
+
+
+class Poller:
+    """Counts for a progress display, cheap enough to ask for five times a second.
+
+    Whether every group is final (what ends a wait) is read from the small groups hash
+    at every poll. The run states (what the bar shows) come from the runs hash, one value
+    per run: re-read at most every `runs_every` seconds, and whenever the groups hash
+    says every group is final, so that the last counts shown are exact.
+    """
+
+    def __init__(self, live: LiveState, tracked: list[Tracked], runs_every: float = 1.0):
+        self.live = live
+        self.tracked = tracked
+        self.runs_every = runs_every
+        self._states: Counter[str] | None = None
+        self._states_at = 0.0
+
+    def _run_states(self) -> Counter[str]:
+        states: Counter[str] = Counter()
+        for t in self.tracked:
+            runs = self.live.run_statuses(t.experiment)
+            pending = len(t.run_ids)
+            for rid, status in runs.items():
+                if rid in t.run_ids:
+                    states[status] += 1
+                    pending -= 1
+            states[Status.PENDING.value] += pending
+        return states
+
+    def poll(self) -> tuple[Counter[str], int, int]:
+        """(run states, groups finished, groups in all); raises redis.RedisError."""
+        finished = total = 0
+        for t in self.tracked:
+            groups = self.live.groups(t.experiment)
+            finished += sum(1 for g in t.group_ids if groups.get(g) in FINAL_GROUP)
+            total += len(t.group_ids)
+        now = time.monotonic()
+        if self._states is None or finished == total or now - self._states_at >= self.runs_every:
+            self._states = self._run_states()
+            self._states_at = now
+        return Counter(self._states), finished, total
 
 
 def wait(live: LiveState, tracked: list[Tracked], console: Console,
@@ -65,6 +100,7 @@ def wait(live: LiveState, tracked: list[Tracked], console: Console,
                TextColumn("[green]{task.fields[done]} done[/] [red]{task.fields[failed]} failed[/] "
                           "[yellow]{task.fields[running]} running[/]"),
                TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}")]
+    poller = Poller(live, tracked)
     with Progress(*columns, console=console, disable=not interactive, transient=False) as bar:
         task = bar.add_task("training", total=sum(len(t.run_ids) for t in tracked),
                             done=0, failed=0, running=0, eta="?")
@@ -72,7 +108,7 @@ def wait(live: LiveState, tracked: list[Tracked], console: Console,
             if check is not None:
                 check()
             try:
-                states, finished, total = counts(live, tracked)
+                states, finished, total = poller.poll()
                 lost_since = None
             except redis.RedisError as exc:  # Redis restarting? wait for it, with backoff
                 now = time.monotonic()

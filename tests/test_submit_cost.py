@@ -1,0 +1,142 @@
+"""What keeps `submit --wait` cheap: the plan of a new group reads no status file, a
+publish reuses one producer and one Redis client, a progress poll reads the runs hash
+at most once a second. Each keeps the result it had."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from orchestrator.livestate import LiveState, groups_key, runs_key, status_of
+from orchestrator.local import start_redis, stop_process
+from orchestrator.paths import Layout, atomic_write_json
+from orchestrator.plan import RUN, GroupPlan, make_plan
+from orchestrator.progress import Poller, Tracked
+from orchestrator.spec import DatasetRef, Resources, RunSpec
+from orchestrator.status import Status, write_fold_status
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[str]:
+    proc, url = start_redis(tmp_path / "redis")
+    yield url
+    stop_process(proc)
+
+
+def spec(point: str, fold: int, k: int = 2) -> RunSpec:
+    return RunSpec(experiment="c", trainer="prior", trainer_version="1",
+                   dataset=DatasetRef(name="iris", source="sklearn"), params={"p": point}, seed=0,
+                   fold=fold, k=k, validation=None, holdout=0.2, output="c/iris", point=point,
+                   resources=Resources(gpus=0))
+
+
+def calls(client: redis.Redis, command: str) -> int:
+    return int(client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+def test_status_of_reads_the_start_of_a_value_and_falls_back_to_json() -> None:
+    entry = LiveState.run_entry("c", "r", "IN_PROGRESS", worker="w")[2].encode()
+    assert status_of(entry) == "IN_PROGRESS"
+    assert status_of(json.dumps({"status": "DONE", "t": 1.0}).encode()) == "DONE"
+    assert status_of(b'{"t": 1, "status": "FAILED"}') == "FAILED"  # another key order
+    assert status_of(b'{"status": "A\\"B"}') == 'A"B'  # an escape: decoded in full
+    assert status_of(b'{"t": 1}') is None
+    assert status_of(b"not json") is None
+    assert status_of(b'{"status": 3}') is None
+
+
+def test_plan_of_a_new_group_and_of_a_group_with_records(tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
+    runs = [spec("a", 0), spec("a", 1), spec("b", 0), spec("b", 1)]
+    fresh = make_plan(layout, runs)
+    assert [(len(p.todo), p.action) for p in fresh] == [(2, RUN), (2, RUN)]
+    # group b has a status folder: its records are read as before (a FAILED fold runs
+    # again; a DONE record whose files are missing is not DONE)
+    write_fold_status(layout, runs[2], Status.FAILED, error="boom")
+    write_fold_status(layout, runs[3], Status.DONE, files={"predictions.csv": 1})
+    again = make_plan(layout, runs)
+    assert again == fresh
+    atomic_write_json(layout.group_status(runs[0]), {"group_id": "another"})  # folder, no fold record
+    assert make_plan(layout, runs) == fresh
+
+
+def test_a_poll_reads_the_runs_hash_at_most_once_a_second_and_when_all_groups_are_final(
+        private_redis: str) -> None:
+    live = LiveState.from_url(private_redis)
+    runs = [spec("a", 0), spec("a", 1), spec("b", 0), spec("b", 1)]
+    plans = [GroupPlan(specs=tuple(runs[:2]), todo=tuple(runs[:2]), action=RUN),
+             GroupPlan(specs=tuple(runs[2:]), todo=tuple(runs[2:]), action=RUN)]
+    live.set_runs("c", {runs[0].run_id: "PENDING", runs[1].run_id: "PENDING"})  # b: not yet there
+    live.client.hset(runs_key("c"), "someone-else", json.dumps({"status": "DONE"}))  # not tracked
+    poller = Poller(live, [Tracked("c", plans)], runs_every=3600)
+    before = calls(live.client, "hgetall")
+    states, finished, total = poller.poll()
+    assert states["PENDING"] == 4 and sum(states.values()) == 4 and (finished, total) == (0, 2)
+    live.set_run("c", runs[0].run_id, "IN_PROGRESS", worker="w")
+    live.set_run("c", runs[2].run_id, "FAILED")
+    live.set_group("c", runs[2].group_id, "FAILED")
+    for _ in range(5):
+        states, finished, _ = poller.poll()
+        assert states["IN_PROGRESS"] == 0 and finished == 1  # runs: the last read; groups: fresh
+    assert calls(live.client, "hgetall") - before == 1 + 6  # runs once, groups at every poll
+    for r in runs:
+        live.set_run("c", r.run_id, "DONE")
+    live.set_group("c", runs[0].group_id, "DONE")
+    states, finished, total = poller.poll()  # every group final: the runs hash again
+    assert states["DONE"] == 4 and sum(states.values()) == 4 and finished == total == 2
+    poller.runs_every = 0.0
+    live.client.hset(groups_key("c"), runs[0].group_id, "PENDING")
+    live.set_run("c", runs[1].run_id, "IN_PROGRESS")
+    states, finished, _ = poller.poll()
+    assert states["IN_PROGRESS"] == 1 and finished == 1
+
+
+PUBLISH = """
+import json, sys
+from kombu.transport import redis as kombu_redis
+from orchestrator import canvas
+from orchestrator.config import load_experiments
+from orchestrator.expand import expand
+from orchestrator.paths import Layout
+from orchestrator.plan import make_plan
+
+created = []
+create = kombu_redis.Channel._create_client
+def counting(self, *args, **kwargs):
+    created.append(id(self))
+    return create(self, *args, **kwargs)
+kombu_redis.Channel._create_client = counting
+layout = Layout(sys.argv[2])
+plans = make_plan(layout, expand(load_experiments([sys.argv[1]])[0]))
+published = canvas.publish(plans, {s.run_id: s.to_dict() for p in plans for s in p.specs})
+with canvas.app.producer_or_acquire() as producer:
+    left = "producer_or_acquire" in vars(canvas.app) or "conn_or_acquire" in vars(producer.channel)
+print(json.dumps({"published": published, "clients": len(created), "left": left}))
+"""
+
+
+def test_a_publish_uses_one_producer_and_one_client_and_sends_every_chord(
+        private_redis: str, tmp_path: Path, write_experiment) -> None:
+    config = write_experiment("c", trainer="prior", datasets=["iris"], folds=3, seeds=[0, 1, 2, 3])
+    env = {"PYTHONPATH": str(REPO), "ORCH_BROKER_URL": private_redis, "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-c", PUBLISH, str(config), str(tmp_path / "results")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert found["published"] == {"runs": 12, "groups": 4, "finalize_only": 0}
+    assert found["clients"] <= 2, found  # was two per run: one per LPUSH, one per task-sent PUBLISH
+    assert not found["left"]
+    client = redis.Redis.from_url(private_redis)
+    messages = [json.loads(m) for m in client.lrange("gpu:4", 0, -1)]
+    assert len(messages) == 12
+    groups = {m["headers"]["group"] for m in messages}
+    assert len(groups) == 4 and all(m["headers"]["task"] == "tasks.train_run" for m in messages)
+    assert [int(client.get(f"celery-taskset-meta-{g}.s") or 0) for g in groups] == [3, 3, 3, 3]
