@@ -86,7 +86,7 @@ def update_final_results(layout: Layout, experiment: str, rows: list[dict[str, A
             table.columns = {k for r in table.rows.values() for k in r}
             table.order = sorted((_sort_key(r), run_id) for run_id, r in table.rows.items())
             table.body = [""] * len(table.order)  # lines written below (header [] differs)
-        changed = []
+        changed: dict[str, tuple[tuple[str, str, int, int], str]] = {}  # run_id -> its place
         for row in rows:
             cells = {k: cell_text(v) for k, v in row.items()}
             old = table.rows.get(row["run_id"])
@@ -99,13 +99,13 @@ def update_final_results(layout: Layout, experiment: str, rows: list[dict[str, A
             table.body.insert(at, "")
             table.rows[row["run_id"]] = cells
             table.columns.update(cells)
-            changed.append(entry)
+            changed[row["run_id"]] = entry
         header = FIRST_COLUMNS + sorted(table.columns - set(FIRST_COLUMNS))
         if header != table.header:  # a new column: every line changes
             table.header = header
             table.body = [_line(table.rows[run_id], header) for _, run_id in table.order]
         else:
-            for entry in changed:
+            for entry in changed.values():
                 table.body[bisect.bisect_left(table.order, entry)] = _line(table.rows[entry[1]], header)
         atomic_write_text(path, _line({c: c for c in header}, header) + "".join(table.body))
         table.stamp = _stamp(path) or ()
