@@ -67,6 +67,13 @@ def _prob_cells(n: int) -> Any:
     return lambda row: template.format(*row).split(",") if n else []
 
 
+def _check_width(probs: np.ndarray, n_classes: int, spec: RunSpec) -> np.ndarray:
+    """Rows of one value per class (a ragged table already failed in np.array)."""
+    if probs.shape[1:] != (n_classes,):
+        raise ValueError(f"{spec.group_name}: probabilities.csv rows without one value per class")
+    return probs
+
+
 def finalize_group(layout: Layout, specs: list[RunSpec], live: LiveState | None = None,
                    states: FoldStates | None = None) -> dict[str, Any]:
     """Write the ensemble outputs, final_results.csv rows and status.json DONE.
@@ -117,13 +124,14 @@ def finalize_group(layout: Layout, specs: list[RunSpec], live: LiveState | None 
     cls_index = {c: i for i, c in enumerate(classes)}
     oof_rows.sort()
     oof_probs = np.array([p for _, _, p in oof_rows]) if oof_rows else np.zeros((0, n_classes))
+    _check_width(oof_probs, n_classes, first)
     oof_y = np.array([cls_index[truth[i]] for i, _, _ in oof_rows], dtype=np.int64)
     # The fold ensemble: each holdout row's sum over the folds, added in fold order
     # (np.add.at adds repeated indices one after another), divided by the fold count.
     hold_idx, where = np.unique(np.array(hold_index, dtype=np.int64), return_inverse=True)
     hold_probs = np.zeros((len(hold_idx), n_classes))
     if hold_rows:
-        np.add.at(hold_probs, where, np.array(hold_rows))
+        np.add.at(hold_probs, where, _check_width(np.array(hold_rows), n_classes, first))
         hold_probs /= len(specs)
     hold_keys = hold_idx.tolist()
     hold_y = np.array([cls_index[truth[i]] for i in hold_keys], dtype=np.int64)

@@ -189,3 +189,12 @@ def test_final_results_match_a_full_rewrite(tmp_path: Path) -> None:
             expected[r["run_id"]] = {k: "" if v is None else "[1, 2]" if isinstance(v, list) else str(v)
                                      for k, v in r.items()}
         assert path.read_text() == _reference_csv(expected), f"step {step}"
+
+
+def test_rows_without_one_value_per_class_are_refused(group: tuple[Layout, list[RunSpec]]) -> None:
+    layout, specs = group
+    for spec in specs:
+        _rewrite(layout, spec, ["x", "y"], [(spec.fold * 10 + i, "val" if i else "holdout", "x", [0.2, 0.3, 0.5])
+                                           for i in range(3)])
+    with pytest.raises(ValueError, match="without one value per class"):
+        finalize_group(layout, specs)
