@@ -14,16 +14,15 @@ from typing import Any
 import numpy as np
 
 from .livestate import LiveState
-from .metrics import fmt, scores, table_csv
+from .metrics import scores, table_csv
 from .paths import Layout, atomic_write_json, atomic_write_text, read_json
 from .results import update_final_results
 from .spec import RunSpec
 from .status import (
     Status,
     file_sizes,
-    fold_is_done,
+    fold_state,
     group_record_done,
-    read_fold_status,
     read_group_status,
     write_fold_status,
 )
@@ -33,16 +32,54 @@ class GroupNotReady(RuntimeError):
     """finalize was called while a fold of the group is not DONE."""
 
 
+FoldStates = list[tuple[str, dict[str, Any]]]
+
+
+def fold_states(layout: Layout, specs: list[RunSpec]) -> FoldStates:
+    """Each fold's (state, record) (status.fold_state), one read of its status file."""
+    return [fold_state(layout, s) for s in specs]
+
+
 def _read_probs(path: Any) -> tuple[list[str], list[tuple[int, str, list[float]]]]:
     with open(path, newline="") as fh:
         reader = csv.reader(fh)
         header = next(reader)
-        rows = [(int(r[0]), r[1], [float(x) for x in r[2:]]) for r in reader]
+        rows = [(int(r[0]), r[1], list(map(float, r[2:]))) for r in reader]
     return header[2:], rows
 
 
-def finalize_group(layout: Layout, specs: list[RunSpec], live: LiveState | None = None) -> dict[str, Any]:
-    """Write the ensemble outputs, final_results.csv rows and status.json DONE."""
+def _read_truth(path: Any, truth: dict[int, str]) -> None:
+    """index -> y_true of predictions.csv, found by column name (csv.DictReader's rules:
+    the last column of a name, blank lines skipped)."""
+    with open(path, newline="") as fh:
+        reader = csv.reader(fh)
+        columns = {name: i for i, name in enumerate(next(reader, []))}
+        index, y_true = columns["index"], columns["y_true"]
+        for r in reader:
+            if r:
+                truth[int(r[index])] = r[y_true]
+
+
+def _prob_cells(n: int) -> Any:
+    """A row of n probabilities -> their cells, as metrics.fmt writes each (the same
+    text for every float, inf and nan included) in one call per row."""
+    template = ",".join(["{:.6g}"] * n)
+    return lambda row: template.format(*row).split(",") if n else []
+
+
+def _check_width(probs: np.ndarray, n_classes: int, spec: RunSpec) -> np.ndarray:
+    """Rows of one value per class (a ragged table already failed in np.array)."""
+    if probs.shape[1:] != (n_classes,):
+        raise ValueError(f"{spec.group_name}: probabilities.csv rows without one value per class")
+    return probs
+
+
+def finalize_group(layout: Layout, specs: list[RunSpec], live: LiveState | None = None,
+                   states: FoldStates | None = None) -> dict[str, Any]:
+    """Write the ensemble outputs, final_results.csv rows and status.json DONE.
+
+    `states`: each fold's fold_state, in the order of `specs`, if the caller has just
+    read them (tasks.finalize, after collecting), else read here."""
     first = specs[0]
     run_ids = sorted(s.run_id for s in specs)
     existing = read_group_status(layout, first)
@@ -51,23 +88,24 @@ def finalize_group(layout: Layout, specs: list[RunSpec], live: LiveState | None 
         if live:
             live.set_group(first.experiment, first.group_id, Status.DONE.value)
         return existing
-    missing = [s.fold for s in specs if not fold_is_done(layout, s)]
+    if states is None:
+        states = fold_states(layout, specs)
+    missing = [s.fold for s, (state, _) in zip(specs, states, strict=True) if state != Status.DONE.value]
     if missing:
         raise GroupNotReady(f"{first.group_name}: folds {missing} are not DONE")
 
     classes: list[str] = []
     truth: dict[int, str] = {}
     oof_rows: list[tuple[int, int, list[float]]] = []
-    holdout_sum: dict[int, np.ndarray] = {}
+    hold_index: list[int] = []
+    hold_rows: list[list[float]] = []
     fold_metrics: list[dict[str, float]] = []
     metas: dict[int, dict[str, Any]] = {}
     for spec in sorted(specs, key=lambda s: s.fold):
         files = layout.fold_files(spec)
         meta = read_json(files["metadata.json"]) or {}
         classes, rows = _read_probs(files["probabilities.csv"])
-        with open(files["predictions.csv"], newline="") as fh:
-            for r in csv.DictReader(fh):
-                truth[int(r["index"])] = r["y_true"]
+        _read_truth(files["predictions.csv"], truth)
         n_val = sum(split == "val" for _, split, _ in rows)
         if (classes != meta.get("classes") or n_val != meta.get("n_val")
                 or len(rows) - n_val != meta.get("n_holdout")):
@@ -77,26 +115,39 @@ def finalize_group(layout: Layout, specs: list[RunSpec], live: LiveState | None 
             if split == "val":
                 oof_rows.append((index, spec.fold, probs))
             else:
-                holdout_sum[index] = holdout_sum.get(index, 0) + np.asarray(probs)
+                hold_index.append(index)
+                hold_rows.append(probs)
         metas[spec.fold] = meta
         fold_metrics.append(meta.get("metrics", {}))
 
+    n_classes = len(classes)
     cls_index = {c: i for i, c in enumerate(classes)}
     oof_rows.sort()
-    oof_probs = np.array([p for _, _, p in oof_rows]) if oof_rows else np.zeros((0, len(classes)))
+    oof_probs = np.array([p for _, _, p in oof_rows]) if oof_rows else np.zeros((0, n_classes))
+    _check_width(oof_probs, n_classes, first)
     oof_y = np.array([cls_index[truth[i]] for i, _, _ in oof_rows], dtype=np.int64)
-    hold_idx = sorted(holdout_sum)
-    hold_probs = (np.array([holdout_sum[i] / len(specs) for i in hold_idx])
-                  if hold_idx else np.zeros((0, len(classes))))
-    hold_y = np.array([cls_index[truth[i]] for i in hold_idx], dtype=np.int64)
+    # The fold ensemble: each holdout row's sum over the folds, added in fold order
+    # (np.add.at adds repeated indices one after another), divided by the fold count.
+    hold_idx, where = np.unique(np.array(hold_index, dtype=np.int64), return_inverse=True)
+    hold_probs = np.zeros((len(hold_idx), n_classes))
+    if hold_rows:
+        np.add.at(hold_probs, where, _check_width(np.array(hold_rows), n_classes, first))
+        hold_probs /= len(specs)
+    hold_keys = hold_idx.tolist()
+    hold_y = np.array([cls_index[truth[i]] for i in hold_keys], dtype=np.int64)
 
+    cells = _prob_cells(n_classes)
     files = layout.ensemble_files(first)
+    oof_pred = oof_probs.argmax(axis=1).tolist() if oof_rows else []
     atomic_write_text(files["oof_predictions.csv"], table_csv(
         ["index", "fold", "y_true", "y_pred", *classes],
-        [(i, f, truth[i], classes[int(np.argmax(p))], *map(fmt, p)) for i, f, p in oof_rows]))
+        [(i, f, truth[i], classes[k], *cells(p))
+         for (i, f, p), k in zip(oof_rows, oof_pred, strict=True)]))
+    hold_pred = hold_probs.argmax(axis=1).tolist() if hold_keys else []
     atomic_write_text(files["holdout_predictions.csv"], table_csv(
         ["index", "y_true", "y_pred", *classes],
-        [(i, truth[i], classes[int(np.argmax(p))], *map(fmt, p)) for i, p in zip(hold_idx, hold_probs, strict=True)]))
+        [(i, truth[i], classes[k], *cells(p))
+         for i, k, p in zip(hold_keys, hold_pred, hold_probs.tolist(), strict=True)]))
     names = sorted({k for m in fold_metrics for k in m})
     fold_summary = {
         k: {"mean": float(np.mean([m[k] for m in fold_metrics if k in m])),
@@ -142,20 +193,20 @@ LOST = ("did not finish: the process training it died or its message was lost "
 
 
 def mark_group_failed(layout: Layout, specs: list[RunSpec], reason: str | None = None,
-                      live: LiveState | None = None) -> dict[str, Any]:
+                      live: LiveState | None = None, states: FoldStates | None = None) -> dict[str, Any]:
     """status.json FAILED, naming which folds failed and why (the chord error callback).
 
     Called once every fold has reported, so a fold that is not DONE or FAILED now was
     lost (its process was killed): it is marked FAILED with that reason. `reason`
-    (a finalize that failed) is recorded under the key "finalize".
+    (a finalize that failed) is recorded under the key "finalize". `states`: as for
+    finalize_group.
     """
     first = specs[0]
     folds: dict[str, str] = {}
     failed: dict[str, str] = {}
-    for spec in specs:
-        record = read_fold_status(layout, spec) or {}
+    for spec, (state, record) in zip(specs, states or fold_states(layout, specs), strict=True):
         status = record.get("status", Status.PENDING.value)
-        if fold_is_done(layout, spec):
+        if state == Status.DONE.value:
             status = Status.DONE.value
         elif status not in (Status.FAILED.value, Status.CANCELLED.value):
             status = Status.FAILED.value

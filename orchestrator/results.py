@@ -27,12 +27,12 @@ FIRST_COLUMNS = ["experiment", "dataset", "point", "seed", "fold", "run_id", "gr
 class _Table:
     stamp: tuple[int, ...]  # (inode, device, mtime_ns, size) as last written or read
     rows: dict[str, dict[str, str]]  # run_id -> row
-    lines: dict[str, str] = field(default_factory=dict)  # run_id -> CSV line for `header`
     header: list[str] = field(default_factory=list)
-    # Kept up to date as rows come in, so that a finalize costs no pass over every row
-    # of the experiment (which made finalizing N groups quadratic in N).
+    # Kept up to date as rows come in, so that a finalize costs no Python-level pass
+    # over every row of the experiment (which made finalizing N groups quadratic in N).
     columns: set[str] = field(default_factory=set)  # every column any row has
     order: list[tuple[tuple[str, str, int, int], str]] = field(default_factory=list)  # sorted (key, run_id)
+    body: list[str] = field(default_factory=list)  # CSV line for `header` of each row of `order`
 
 
 _cache: dict[Path, _Table] = {}
@@ -79,30 +79,34 @@ def update_final_results(layout: Layout, experiment: str, rows: list[dict[str, A
     path = layout.final_results(experiment)
     with file_lock(layout.final_results_lock(experiment)):
         stamp = _stamp(path)
-        table = _cache.get(path)
+        table = _cache.pop(path, None)  # back only once the file is written as it says
         if table is None or table.stamp != stamp:  # someone else wrote it: read it again
             existing = read_final_results(layout, experiment) if stamp else []
             table = _Table(stamp=stamp or (), rows={r["run_id"]: r for r in existing})
             table.columns = {k for r in table.rows.values() for k in r}
             table.order = sorted((_sort_key(r), run_id) for run_id, r in table.rows.items())
+            table.body = [""] * len(table.order)  # lines written below (header [] differs)
+        changed: dict[str, tuple[tuple[str, str, int, int], str]] = {}  # run_id -> its place
         for row in rows:
             cells = {k: cell_text(v) for k, v in row.items()}
             old = table.rows.get(row["run_id"])
             if old is not None:  # replaced: its place may differ
-                table.order.remove((_sort_key(old), row["run_id"]))
-            bisect.insort(table.order, (_sort_key(cells), row["run_id"]))
+                at = bisect.bisect_left(table.order, (_sort_key(old), row["run_id"]))
+                del table.order[at], table.body[at]
+            entry = (_sort_key(cells), row["run_id"])
+            at = bisect.bisect_right(table.order, entry)
+            table.order.insert(at, entry)
+            table.body.insert(at, "")
             table.rows[row["run_id"]] = cells
             table.columns.update(cells)
-            table.lines.pop(row["run_id"], None)
+            changed[row["run_id"]] = entry
         header = FIRST_COLUMNS + sorted(table.columns - set(FIRST_COLUMNS))
-        if header != table.header:
-            table.header, table.lines = header, {}
-        body = []
-        for _, run_id in table.order:
-            line = table.lines.get(run_id)
-            if line is None:
-                line = table.lines[run_id] = _line(table.rows[run_id], header)
-            body.append(line)
-        atomic_write_text(path, _line({c: c for c in header}, header) + "".join(body))
+        if header != table.header:  # a new column: every line changes
+            table.header = header
+            table.body = [_line(table.rows[run_id], header) for _, run_id in table.order]
+        else:
+            for entry in changed.values():
+                table.body[bisect.bisect_left(table.order, entry)] = _line(table.rows[entry[1]], header)
+        atomic_write_text(path, _line({c: c for c in header}, header) + "".join(table.body))
         table.stamp = _stamp(path) or ()
         _cache[path] = table

@@ -185,12 +185,17 @@ class ReturnSink:
 
 # --- the control side -------------------------------------------------------------------
 
-def collect(layout: Layout, specs: list[RunSpec], returns: Returns, max_bytes: int) -> list[str]:
+def collect(layout: Layout, specs: list[RunSpec], returns: Returns, max_bytes: int,
+            states: list[tuple[str, dict[str, Any]]] | None = None) -> list[str]:
     """Bring under the results root what return-mode workers left in Redis for these
     folds (one group): archives become fold_<i>/ and a DONE fold_<i>.json; newer status
     marks of unfinished folds are copied. Idempotent. Nothing to do (the shared-root
-    case) costs no Redis call when every fold is DONE on disk. Returns what it did."""
-    if not specs or all(fold_state(layout, s)[0] == Status.DONE.value for s in specs):
+    case) costs no Redis call when every fold is DONE on disk. `states`: each fold's
+    status.fold_state (in the order of `specs`) if the caller has just read them. Returns
+    what it did: nothing written under the root when it returns no note."""
+    if states is None:
+        states = [fold_state(layout, s) for s in specs]
+    if not specs or all(state == Status.DONE.value for state, _ in states):
         return []
     if not returns.records(specs):
         return []

@@ -19,7 +19,7 @@ from celery.signals import worker_init
 
 from orchestrator.admission import Need, Shares, worker_gpus
 from orchestrator.errors import InvalidSpecError, RunStopped, UnknownTrainerError
-from orchestrator.finalize import finalize_group, mark_group_failed
+from orchestrator.finalize import FoldStates, finalize_group, fold_states, mark_group_failed
 from orchestrator.leases import Claim, LeaseGuard, Leases, attempts_key, parked_queue
 from orchestrator.livestate import PROGRESS, LiveState
 from orchestrator.paths import Layout
@@ -72,9 +72,15 @@ def _sink() -> SharedSink | ReturnSink:
     return SharedSink(_layout())
 
 
-def _collect(group: list[RunSpec]) -> None:
-    """Control side: what return-mode workers left in Redis, under the results root."""
-    collect(_layout(), group, _returns(), app.conf.orch_return_max_bytes)
+def _collect(group: list[RunSpec]) -> FoldStates:
+    """Control side: what return-mode workers left in Redis, under the results root.
+    Returns each fold's state and record as they are on disk now (one read of each
+    status file when there was nothing to collect: the shared-root case)."""
+    layout = _layout()
+    states = fold_states(layout, group)
+    if collect(layout, group, _returns(), app.conf.orch_return_max_bytes, states):
+        states = fold_states(layout, group)  # it wrote something: read them again
+    return states
 
 
 @functools.cache
@@ -339,8 +345,8 @@ def finalize(self: Any, results: Any, specs: list[dict[str, Any]]) -> dict[str, 
     group = _specs(specs)
     _live().count_finalize(group[0].group_id)
     try:
-        _collect(group)
-        record = finalize_group(_layout(), group, _live())
+        states = _collect(group)
+        record = finalize_group(_layout(), group, _live(), states)
     except Exception as exc:
         # Recorded here, with its reason: the chord error callback only learns a task id.
         mark_group_failed(_layout(), group, reason=f"{type(exc).__name__}: {exc}", live=_live())
@@ -352,10 +358,11 @@ def finalize(self: Any, results: Any, specs: list[dict[str, Any]]) -> dict[str, 
 def group_failed(task_id: str, specs: list[dict[str, Any]]) -> dict[str, Any]:
     """Chord error callback: status.json FAILED with which folds failed and why."""
     group = _specs(specs)
-    try:
-        _collect(group)  # the folds that did finish count, and the errors of those that did not
+    states = None
+    try:  # the folds that did finish count, and the errors of those that did not
+        states = _collect(group)
     except Exception:
         log.exception("%s: collecting returned outputs failed", group[0].group_name)
-    record = mark_group_failed(_layout(), group, live=_live())
+    record = mark_group_failed(_layout(), group, live=_live(), states=states)
     return {"group_id": record["group_id"], "train_status": record["train_status"],
             "failed": record["failed"]}

@@ -1,0 +1,200 @@
+"""finalize_group and final_results.csv against straightforward reference versions, byte
+for byte: real folds, and hand-made folds with awkward class names, non-finite
+probabilities and holdout rows that differ between folds. No Redis, no workers."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from orchestrator.config import load_experiments
+from orchestrator.expand import expand, groups
+from orchestrator.finalize import GroupNotReady, finalize_group, fold_states, mark_group_failed
+from orchestrator.metrics import scores
+from orchestrator.paths import Layout, read_json
+from orchestrator.results import FIRST_COLUMNS, _cache, update_final_results
+from orchestrator.runner import WorkerInfo, execute
+from orchestrator.spec import RunSpec
+from orchestrator.status import Status, file_sizes, write_fold_status
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.6g}" if math.isfinite(value) else str(value)
+
+
+def reference(layout: Layout, specs: list[RunSpec]) -> tuple[str, str, dict[str, Any]]:
+    """The ensemble as the first version of finalize computed it, row by row."""
+    classes: list[str] = []
+    truth: dict[int, str] = {}
+    oof: list[tuple[int, int, list[float]]] = []
+    hold: dict[int, Any] = {}
+    for spec in sorted(specs, key=lambda s: s.fold):
+        files = layout.fold_files(spec)
+        with open(files["probabilities.csv"], newline="") as fh:
+            reader = csv.reader(fh)
+            classes = next(reader)[2:]
+            rows = [(int(r[0]), r[1], [float(x) for x in r[2:]]) for r in reader]
+        with open(files["predictions.csv"], newline="") as fh:
+            for r in csv.DictReader(fh):
+                truth[int(r["index"])] = r["y_true"]
+        for index, split, probs in rows:
+            if split == "val":
+                oof.append((index, spec.fold, probs))
+            else:
+                hold[index] = hold.get(index, 0) + np.asarray(probs)
+    oof.sort()
+    hold_idx = sorted(hold)
+    hold_probs = [hold[i] / len(specs) for i in hold_idx]
+    oof_text = _table(["index", "fold", "y_true", "y_pred", *classes],
+                      [[i, f, truth[i], classes[int(np.argmax(p))], *map(_fmt, p)] for i, f, p in oof])
+    hold_text = _table(["index", "y_true", "y_pred", *classes],
+                       [[i, truth[i], classes[int(np.argmax(p))], *map(_fmt, p)]
+                        for i, p in zip(hold_idx, hold_probs, strict=True)])
+    pos = {c: i for i, c in enumerate(classes)}
+    n = len(classes)
+    metrics = {"oof": scores(np.array([pos[truth[i]] for i, _, _ in oof], dtype=np.int64),
+                             np.array([p for _, _, p in oof]) if oof else np.zeros((0, n))),
+               "ensemble_holdout": scores(np.array([pos[truth[i]] for i in hold_idx], dtype=np.int64),
+                                          np.array(hold_probs) if hold_probs else np.zeros((0, n)))}
+    return oof_text, hold_text, metrics
+
+
+@pytest.fixture
+def group(tmp_path: Path) -> tuple[Layout, list[RunSpec]]:
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text("experiment: fin\ntrainer: prior\ndatasets: [iris]\nfolds: 4\nholdout: 0.2\n"
+                   "seeds: [0]\nparams: {smoothing: 0.5}\n")
+    layout = Layout(tmp_path / "results")
+    (specs,) = groups(expand(load_experiments([str(cfg)])[0]))
+    for spec in specs:
+        execute(spec, layout, WorkerInfo(name="w@host", device="cpu", gpu=None), 1)
+    return layout, specs
+
+
+def check(layout: Layout, specs: list[RunSpec]) -> dict[str, Any]:
+    record = finalize_group(layout, specs)
+    oof_text, hold_text, metrics = reference(layout, specs)
+    files = layout.ensemble_files(specs[0])
+    assert files["oof_predictions.csv"].read_text() == oof_text
+    assert files["holdout_predictions.csv"].read_text() == hold_text
+    written = read_json(files["metrics.json"])
+    for part, values in metrics.items():  # (NaN: however the JSON writer spells it)
+        assert written[part].keys() == values.keys()
+        for name, value in values.items():
+            got = written[part][name]
+            assert got == value or (math.isnan(value) and (got is None or math.isnan(got))), (part, name)
+    return record
+
+
+def test_real_folds_match_the_reference(group: tuple[Layout, list[RunSpec]]) -> None:
+    layout, specs = group
+    record = check(layout, specs)
+    assert record["train_status"] == Status.DONE.value
+    # Fold states read by the caller give the same bytes.
+    ensemble = {n: p.read_bytes() for n, p in layout.ensemble_files(specs[0]).items()}
+    layout.group_status(specs[0]).unlink()
+    finalize_group(layout, specs, states=fold_states(layout, specs))
+    assert {n: p.read_bytes() for n, p in layout.ensemble_files(specs[0]).items()} == ensemble
+
+
+def _rewrite(layout: Layout, spec: RunSpec, classes: list[str], rows: list[tuple[int, str, str, list[float]]]) -> None:
+    """Replace a fold's outputs (index, split, y_true, probabilities), sizes recorded."""
+    files = layout.fold_files(spec)
+    files["probabilities.csv"].write_text(_table(["index", "split", *classes],
+                                                 [[i, s, *map(_fmt, p)] for i, s, _, p in rows]))
+    files["predictions.csv"].write_text(_table(["index", "split", "y_true", "y_pred"],
+                                               [[i, s, y, classes[0]] for i, s, y, _ in rows]))
+    meta = json.loads(files["metadata.json"].read_text())
+    n_val = sum(s == "val" for _, s, _, _ in rows)
+    meta.update(classes=classes, n_val=n_val, n_holdout=len(rows) - n_val)
+    files["metadata.json"].write_text(json.dumps(meta))
+    write_fold_status(layout, spec, Status.DONE, files=file_sizes(files))
+
+
+def test_awkward_folds_match_the_reference(group: tuple[Layout, list[RunSpec]]) -> None:
+    layout, specs = group
+    classes = ['a,b', 'say "hi"', " lead", "new\nline"]
+    rng = np.random.default_rng(0)
+    odd = [math.nan, math.inf, -math.inf, -0.0, 1e-300, 123456789.0, 0.1 + 0.2]
+    for spec in specs:
+        rows = []
+        for i in range(40):
+            index = (i * 7 + spec.fold * 3) % 50  # holdout rows differ between folds
+            split = "val" if (i + spec.fold) % 3 == 0 else "holdout"
+            probs = rng.random(len(classes)).tolist()
+            if i % 5 == 0:
+                probs[i % len(classes)] = odd[(i // 5 + spec.fold) % len(odd)]
+            rows.append((index, split, classes[index % len(classes)], probs))
+        rows.append(rows[-1])  # one holdout row twice in a fold: both count
+        _rewrite(layout, spec, classes, rows)
+    check(layout, specs)
+
+
+def test_no_holdout_and_a_fold_not_done(group: tuple[Layout, list[RunSpec]]) -> None:
+    layout, specs = group
+    for spec in specs:
+        _rewrite(layout, spec, ["x", "y"], [(spec.fold * 10 + i, "val", "xy"[i % 2], [0.25, 0.75]) for i in range(5)])
+    check(layout, specs)
+    layout.group_status(specs[0]).unlink()
+    layout.fold_files(specs[1])["ranks.csv"].write_text("cut")  # not as recorded: not DONE
+    with pytest.raises(GroupNotReady, match=r"folds \[1\] are not DONE"):
+        finalize_group(layout, specs)
+    record = mark_group_failed(layout, specs, reason="GroupNotReady: x")
+    assert record["folds"] == {"0": "DONE", "1": "FAILED", "2": "DONE", "3": "DONE"}
+    assert record["failed"]["finalize"] == "GroupNotReady: x" and record["train_status"] == "FAILED"
+
+
+def _reference_csv(rows: dict[str, dict[str, str]]) -> str:
+    columns = {k for r in rows.values() for k in r}
+    header = FIRST_COLUMNS + sorted(columns - set(FIRST_COLUMNS))
+    ordered = sorted(rows.values(), key=lambda r: (r["dataset"], r["point"], int(r["seed"]), int(r["fold"]), r["run_id"]))
+    return _table(header, [[r.get(c, "") for c in header] for r in ordered])
+
+
+def test_final_results_match_a_full_rewrite(tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
+    path = layout.final_results("exp")
+    expected: dict[str, dict[str, str]] = {}
+    rng = np.random.default_rng(1)
+
+    def row(run: int, **extra: Any) -> dict[str, Any]:
+        # (a run's point changes between updates: its row moves)
+        return {"experiment": "exp", "dataset": "iris", "point": f"p={rng.integers(0, 7)}", "seed": run % 3,
+                "fold": run % 5, "run_id": f"r{run}", "group_id": "g", "accuracy": rng.random(),
+                "worker": 'w,"1"', "attempt": None, **extra}
+
+    for step in range(30):
+        batch = [row(int(rng.integers(0, 40))) for _ in range(4)]
+        if step == 10:
+            batch.append(row(99, **{"param.lr": [1, 2]}))  # a new column: every line changes
+        if step == 20:  # as if another process wrote it: read again
+            _cache.clear()
+        update_final_results(layout, "exp", batch)
+        for r in batch:  # (a later row of the same run in the batch wins)
+            expected[r["run_id"]] = {k: "" if v is None else "[1, 2]" if isinstance(v, list) else str(v)
+                                     for k, v in r.items()}
+        assert path.read_text() == _reference_csv(expected), f"step {step}"
+
+
+def test_rows_without_one_value_per_class_are_refused(group: tuple[Layout, list[RunSpec]]) -> None:
+    layout, specs = group
+    for spec in specs:
+        _rewrite(layout, spec, ["x", "y"], [(spec.fold * 10 + i, "val" if i else "holdout", "x", [0.2, 0.3, 0.5])
+                                           for i in range(3)])
+    with pytest.raises(ValueError, match="without one value per class"):
+        finalize_group(layout, specs)
