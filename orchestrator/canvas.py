@@ -16,7 +16,6 @@ from typing import Any
 from celery import chord
 
 from tasks import app
-from tasks.training import finalize, group_failed, train_run
 
 from .config import Experiment
 from .leases import parked_queue
@@ -104,6 +103,10 @@ def _one_producer(producer: Any) -> Iterator[None]:
             vars(channel).pop("conn_or_acquire", None)
 
 
+# The tasks by name (tasks/training.py): publishing needs no import of the task modules.
+TRAIN_RUN, FINALIZE_TASK, GROUP_FAILED = "tasks.train_run", "tasks.finalize", "tasks.group_failed"
+
+
 def message_priority(priority: int) -> int:
     """YAML priority 9 is the most urgent; kombu's Redis transport serves 0 first."""
     return 9 - priority
@@ -118,7 +121,7 @@ def _train_signature(spec: RunSpec, data: dict[str, Any], submitted_at: float) -
         options["soft_time_limit"] = spec.timeout
         options["time_limit"] = spec.timeout + 30  # hard kill if the soft limit is ignored
     # submitted_at: a run cancelled after this moment is dropped when it is reached.
-    return train_run.signature(args=(data,), kwargs={"submitted_at": submitted_at}, **options)
+    return app.signature(TRAIN_RUN, args=(data,), kwargs={"submitted_at": submitted_at}, **options)
 
 
 def _group_options(plan: GroupPlan) -> dict[str, Any]:
@@ -168,8 +171,8 @@ def publish(plans: list[GroupPlan], dicts: dict[str, dict[str, Any]]) -> dict[st
     with app.producer_or_acquire() as producer, _one_producer(producer):
         for p in plans:
             specs = [dicts[s.run_id] for s in p.specs]
-            body = finalize.signature(args=(specs,), **_group_options(p)).on_error(
-                group_failed.signature(kwargs={"specs": specs}, queue="control"))
+            body = app.signature(FINALIZE_TASK, args=(specs,), **_group_options(p)).on_error(
+                app.signature(GROUP_FAILED, kwargs={"specs": specs}, queue="control"))
             if p.action == RUN:
                 header = [_train_signature(s, dicts[s.run_id], now) for s in p.todo]
                 chord(header, app=app)(body, producer=producer)

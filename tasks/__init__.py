@@ -5,9 +5,13 @@ Settings come only from `celeryconfig.py` (see its docstring for why).
 
 from celery import Celery
 
-app = Celery("tasks")
-app.config_from_object("celeryconfig")
+# The task modules (tasks, worker hooks and bootsteps) are imported by the worker at its
+# start, before its bootsteps are built (Celery's `include`), and by whoever imports them;
+# not here: `orchestrator submit` needs only the app and the tasks' names, and importing
+# them all (numpy, the trainers' registry, finalize...) took half a second of its start.
+MODULES = ["tasks.admission", "tasks.fleet", "tasks.respawn", "tasks.training", "tasks.watchdog"]
 
-from . import admission, fleet, respawn, training, watchdog  # noqa: E402,F401  (register tasks and worker hooks)
+app = Celery("tasks", include=MODULES)
+app.config_from_object("celeryconfig")
 
 __all__ = ["app"]
