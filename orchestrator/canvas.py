@@ -22,7 +22,7 @@ from .leases import parked_queue
 from .livestate import LiveState
 from .manifest import write_manifest
 from .paths import Layout
-from .plan import FINALIZE, RUN, SKIP, GroupPlan, has_status_dir, make_plan
+from .plan import FINALIZE, RUN, SKIP, GroupPlan, make_plan
 from .spec import RunSpec
 from .status import (
     Status,
@@ -144,7 +144,7 @@ def submit(exp: Experiment, plans: list[GroupPlan], layout: Layout, live: LiveSt
         todo = {s.run_id for s in p.todo}
         for s in p.specs:
             states[s.run_id] = Status.PENDING.value if s.run_id in todo else Status.DONE.value
-        if not has_status_dir(layout, p.first):  # no record to reset or to make PENDING
+        if p.fresh:  # no status folder: no record to reset or to make PENDING
             continue
         if p.action != SKIP:  # it will be finalized again: its old record is stale
             reset_group_status(layout, p.first)

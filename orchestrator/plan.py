@@ -7,7 +7,7 @@ fold DONE but no status.json DONE), or run its missing/failed folds and then fin
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .expand import groups
@@ -24,6 +24,9 @@ class GroupPlan:
     specs: tuple[RunSpec, ...]
     todo: tuple[RunSpec, ...]  # folds to train
     action: str  # SKIP, FINALIZE or RUN
+    # The group has no status folder: no record to reset or read (how the plan was
+    # found, not what it is: plans compare equal without it).
+    fresh: bool = field(default=False, compare=False)
 
     @property
     def first(self) -> RunSpec:
@@ -46,7 +49,7 @@ def make_plan(layout: Layout, runs: list[RunSpec]) -> list[GroupPlan]:
     listed: set[str] | None = None
     for specs in groups(runs):
         if not has_status_dir(layout, specs[0]):  # new group: no record of any fold
-            plans.append(GroupPlan(specs=tuple(specs), todo=tuple(specs), action=RUN))
+            plans.append(GroupPlan(specs=tuple(specs), todo=tuple(specs), action=RUN, fresh=True))
             continue
         todo = tuple(s for s in specs if not fold_is_done(layout, s))
         if todo:

@@ -22,6 +22,13 @@ def private_redis(tmp_path: Path) -> Iterator[str]:
     stop_process(proc)
 
 
+def _spec(fold: int) -> RunSpec:
+    return RunSpec(experiment="p", trainer="prior", trainer_version="1",
+                   dataset=DatasetRef(name="iris", source="sklearn"), params={}, seed=0, fold=fold, k=2,
+                   validation=None, holdout=0.2, output="p/iris", point="base",
+                   resources=Resources(gpus=0))
+
+
 def hset_calls(client: redis.Redis) -> int:
     stats = client.info("commandstats")
     return int(stats.get("cmdstat_hset", {}).get("calls", 0))
@@ -29,10 +36,7 @@ def hset_calls(client: redis.Redis) -> int:
 
 def test_a_fast_loop_writes_progress_at_most_once_a_second(private_redis: str) -> None:
     live = LiveState.from_url(private_redis)
-    spec = RunSpec(experiment="p", trainer="prior", trainer_version="1",
-                   dataset=DatasetRef(name="iris", source="sklearn"), params={}, seed=0, fold=0, k=2,
-                   validation=None, holdout=0.2, output="p/iris", point="base",
-                   resources=Resources(gpus=0))
+    spec = _spec(fold=0)
     send = _progress_sender(live, spec, WorkerInfo(name="cpu1@test", device="cpu", gpu=None))
     before = hset_calls(live.client)
     start = time.monotonic()
@@ -50,10 +54,7 @@ def test_a_fast_loop_writes_progress_at_most_once_a_second(private_redis: str) -
 
 def test_a_run_shorter_than_the_interval_sends_no_progress(private_redis: str) -> None:
     live = LiveState.from_url(private_redis)
-    spec = RunSpec(experiment="p", trainer="prior", trainer_version="1",
-                   dataset=DatasetRef(name="iris", source="sklearn"), params={}, seed=0, fold=1, k=2,
-                   validation=None, holdout=0.2, output="p/iris", point="base",
-                   resources=Resources(gpus=0))
+    spec = _spec(fold=1)
     send = _progress_sender(live, spec, WorkerInfo(name="cpu1@test", device="cpu", gpu=None))
     before = hset_calls(live.client)
     start = time.monotonic()
