@@ -15,14 +15,17 @@ import numpy as np
 
 from .livestate import LiveState
 from .metrics import scores, table_csv
-from .paths import Layout, atomic_write_json, atomic_write_text, read_json
+from .paths import Layout, atomic_write_json, atomic_write_text
 from .results import update_final_results
 from .spec import RunSpec
 from .status import (
+    FoldPaths,
     Status,
     file_sizes,
+    fold_paths,
     fold_state,
     group_record_done,
+    load_json,
     read_group_status,
     write_fold_status,
 )
@@ -35,9 +38,19 @@ class GroupNotReady(RuntimeError):
 FoldStates = list[tuple[str, dict[str, Any]]]
 
 
-def fold_states(layout: Layout, specs: list[RunSpec]) -> FoldStates:
-    """Each fold's (state, record) (status.fold_state), one read of its status file."""
-    return [fold_state(layout, s) for s in specs]
+def group_paths(layout: Layout, specs: list[RunSpec]) -> list[FoldPaths]:
+    """Each fold's status file and output files (status.fold_paths), in the order of
+    `specs`: built once per finalize and handed to what reads them (Path objects cost
+    more to build than the reads and stats that use them)."""
+    return [fold_paths(layout, s) for s in specs]
+
+
+def fold_states(layout: Layout, specs: list[RunSpec], paths: list[FoldPaths] | None = None) -> FoldStates:
+    """Each fold's (state, record) (status.fold_state), one read of its status file.
+    `paths`: group_paths(layout, specs), if the caller has them."""
+    if paths is None:
+        return [fold_state(layout, s) for s in specs]
+    return [fold_state(layout, s, p) for s, p in zip(specs, paths, strict=True)]
 
 
 def _read_probs(path: Any) -> tuple[list[str], list[tuple[int, str, list[float]]]]:
@@ -75,21 +88,26 @@ def _check_width(probs: np.ndarray, n_classes: int, spec: RunSpec) -> np.ndarray
 
 
 def finalize_group(layout: Layout, specs: list[RunSpec], live: LiveState | None = None,
-                   states: FoldStates | None = None) -> dict[str, Any]:
+                   states: FoldStates | None = None,
+                   paths: list[FoldPaths] | None = None) -> dict[str, Any]:
     """Write the ensemble outputs, final_results.csv rows and status.json DONE.
 
     `states`: each fold's fold_state, in the order of `specs`, if the caller has just
-    read them (tasks.finalize, after collecting), else read here."""
+    read them (tasks.finalize, after collecting), else read here. `paths`: as for
+    fold_states."""
     first = specs[0]
     run_ids = sorted(s.run_id for s in specs)
-    existing = read_group_status(layout, first)
+    status_path = layout.group_status(first)
+    existing = read_group_status(layout, first, status_path)
     if group_record_done(layout, first, existing, run_ids):
         assert existing is not None
         if live:
             live.set_group(first.experiment, first.group_id, Status.DONE.value)
         return existing
+    if paths is None:
+        paths = group_paths(layout, specs)
     if states is None:
-        states = fold_states(layout, specs)
+        states = fold_states(layout, specs, paths)
     missing = [s.fold for s, (state, _) in zip(specs, states, strict=True) if state != Status.DONE.value]
     if missing:
         raise GroupNotReady(f"{first.group_name}: folds {missing} are not DONE")
@@ -101,9 +119,8 @@ def finalize_group(layout: Layout, specs: list[RunSpec], live: LiveState | None 
     hold_rows: list[list[float]] = []
     fold_metrics: list[dict[str, float]] = []
     metas: dict[int, dict[str, Any]] = {}
-    for spec in sorted(specs, key=lambda s: s.fold):
-        files = layout.fold_files(spec)
-        meta = read_json(files["metadata.json"]) or {}
+    for spec, (_, files) in sorted(zip(specs, paths, strict=True), key=lambda sp: sp[0].fold):
+        meta = load_json(files["metadata.json"]) or {}
         classes, rows = _read_probs(files["probabilities.csv"])
         _read_truth(files["predictions.csv"], truth)
         n_val = sum(split == "val" for _, split, _ in rows)
@@ -166,7 +183,7 @@ def finalize_group(layout: Layout, specs: list[RunSpec], live: LiveState | None 
         "metrics": {"oof": metrics["oof"], "ensemble_holdout": metrics["ensemble_holdout"]},
         "files": file_sizes(files), "finished_at": time.time(),
     }
-    atomic_write_json(layout.group_status(first), record)
+    atomic_write_json(status_path, record)
     if live:
         live.set_group(first.experiment, first.group_id, Status.DONE.value)
     return record
