@@ -8,6 +8,7 @@ a file with the same content.
 from __future__ import annotations
 
 import csv
+import io
 import time
 from typing import Any
 
@@ -53,12 +54,24 @@ def fold_states(layout: Layout, specs: list[RunSpec], paths: list[FoldPaths] | N
     return [fold_state(layout, s, p) for s, p in zip(specs, paths, strict=True)]
 
 
-def _read_probs(path: Any) -> tuple[list[str], list[tuple[int, str, list[float]]]]:
+def _read_probs(path: Any, fold: int, oof_rows: list[tuple[int, int, list[float]]],
+                hold_index: list[int], hold_rows: list[list[float]]) -> tuple[list[str], int, int]:
+    """Appends the fold's validation rows to `oof_rows` and its holdout rows to
+    `hold_index`/`hold_rows`, in one pass; returns (classes, validation rows, holdout
+    rows). Each row parsed (and failing) as before: index, split, then probabilities."""
+    n_oof, n_hold = len(oof_rows), len(hold_rows)
+    add_oof, add_index, add_hold = oof_rows.append, hold_index.append, hold_rows.append
     with open(path, newline="") as fh:
         reader = csv.reader(fh)
         header = next(reader)
-        rows = [(int(r[0]), r[1], list(map(float, r[2:]))) for r in reader]
-    return header[2:], rows
+        for r in reader:
+            index, split, probs = int(r[0]), r[1], list(map(float, r[2:]))
+            if split == "val":
+                add_oof((index, fold, probs))
+            else:
+                add_index(index)
+                add_hold(probs)
+    return header[2:], len(oof_rows) - n_oof, len(hold_rows) - n_hold
 
 
 def _read_truth(path: Any, truth: dict[int, str]) -> None:
@@ -73,11 +86,26 @@ def _read_truth(path: Any, truth: dict[int, str]) -> None:
                 truth[int(r[index])] = r[y_true]
 
 
-def _prob_cells(n: int) -> Any:
-    """A row of n probabilities -> their cells, as metrics.fmt writes each (the same
-    text for every float, inf and nan included) in one call per row."""
-    template = ",".join(["{:.6g}"] * n)
-    return lambda row: template.format(*row).split(",") if n else []
+def _prob_text(n: int) -> Any:
+    """A row of n probabilities -> their CSV cells, as metrics.fmt writes each (the same
+    text for every float, inf and nan included), with the comma before them: one call
+    per row. (No such cell needs quoting: digits, '.', '-', '+', 'e', 'inf', 'nan'.)"""
+    template = "," + ",".join(["{:.6g}"] * n)
+    return template.format if n else lambda *_: ""
+
+
+def _csv_cells(names: list[str]) -> dict[str, str]:
+    """Each name as csv.writer writes it as one cell of a row of several (quoted when
+    it must be), for tables whose other cells never need quoting."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    found = {}
+    for name in names:
+        buf.seek(0)
+        buf.truncate()
+        writer.writerow([name, ""])
+        found[name] = buf.getvalue()[:-2]  # less its ",\n"
+    return found
 
 
 def _check_width(probs: np.ndarray, n_classes: int, spec: RunSpec) -> np.ndarray:
@@ -121,19 +149,13 @@ def finalize_group(layout: Layout, specs: list[RunSpec], live: LiveState | None 
     metas: dict[int, dict[str, Any]] = {}
     for spec, (_, files) in sorted(zip(specs, paths, strict=True), key=lambda sp: sp[0].fold):
         meta = load_json(files["metadata.json"]) or {}
-        classes, rows = _read_probs(files["probabilities.csv"])
+        classes, n_val, n_hold = _read_probs(files["probabilities.csv"], spec.fold, oof_rows,
+                                             hold_index, hold_rows)
         _read_truth(files["predictions.csv"], truth)
-        n_val = sum(split == "val" for _, split, _ in rows)
         if (classes != meta.get("classes") or n_val != meta.get("n_val")
-                or len(rows) - n_val != meta.get("n_holdout")):
+                or n_hold != meta.get("n_holdout")):
             raise ValueError(f"fold {spec.fold}: its outputs do not match its metadata.json "
                              f"(classes, validation or holdout rows): {files['probabilities.csv']}")
-        for index, split, probs in rows:
-            if split == "val":
-                oof_rows.append((index, spec.fold, probs))
-            else:
-                hold_index.append(index)
-                hold_rows.append(probs)
         metas[spec.fold] = meta
         fold_metrics.append(meta.get("metrics", {}))
 
@@ -153,18 +175,20 @@ def finalize_group(layout: Layout, specs: list[RunSpec], live: LiveState | None 
     hold_keys = hold_idx.tolist()
     hold_y = np.array([cls_index[truth[i]] for i in hold_keys], dtype=np.int64)
 
-    cells = _prob_cells(n_classes)
+    # The tables as metrics.table_csv writes them: class names quoted as csv.writer
+    # quotes them, the other cells (numbers) never need it.
+    text, cell = _prob_text(n_classes), _csv_cells(classes)
     files = layout.ensemble_files(first)
     oof_pred = oof_probs.argmax(axis=1).tolist() if oof_rows else []
     atomic_write_text(files["oof_predictions.csv"], table_csv(
-        ["index", "fold", "y_true", "y_pred", *classes],
-        [(i, f, truth[i], classes[k], *cells(p))
-         for (i, f, p), k in zip(oof_rows, oof_pred, strict=True)]))
+        ["index", "fold", "y_true", "y_pred", *classes], []) + "".join([
+            f"{i},{f},{cell[truth[i]]},{cell[classes[k]]}{text(*p)}\n"
+            for (i, f, p), k in zip(oof_rows, oof_pred, strict=True)]))
     hold_pred = hold_probs.argmax(axis=1).tolist() if hold_keys else []
     atomic_write_text(files["holdout_predictions.csv"], table_csv(
-        ["index", "y_true", "y_pred", *classes],
-        [(i, truth[i], classes[k], *cells(p))
-         for i, k, p in zip(hold_keys, hold_pred, hold_probs.tolist(), strict=True)]))
+        ["index", "y_true", "y_pred", *classes], []) + "".join([
+            f"{i},{cell[truth[i]]},{cell[classes[k]]}{text(*p)}\n"
+            for i, k, p in zip(hold_keys, hold_pred, hold_probs.tolist(), strict=True)]))
     names = sorted({k for m in fold_metrics for k in m})
     fold_summary = {
         k: {"mean": float(np.mean([m[k] for m in fold_metrics if k in m])),

@@ -122,7 +122,7 @@ def _rewrite(layout: Layout, spec: RunSpec, classes: list[str], rows: list[tuple
 
 def test_awkward_folds_match_the_reference(group: tuple[Layout, list[RunSpec]]) -> None:
     layout, specs = group
-    classes = ['a,b', 'say "hi"', " lead", "new\nline"]
+    classes = ['a,b', 'say "hi"', " lead", "new\nline", "", "'q'"]
     rng = np.random.default_rng(0)
     odd = [math.nan, math.inf, -math.inf, -0.0, 1e-300, 123456789.0, 0.1 + 0.2]
     for spec in specs:
@@ -250,3 +250,36 @@ def test_load_json_reads_as_read_json(tmp_path: Path, data: bytes) -> None:
     if isinstance(want, dict):
         assert list(got) == list(want)
     assert load_json(tmp_path / "missing.json") is None and load_json(tmp_path) is None
+
+
+def _old_read_probs(path: Path) -> tuple[list[str], list[tuple[int, str, list[float]]]]:
+    """finalize._read_probs before it split the rows as it read them."""
+    with open(path, newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader)
+        rows = [(int(r[0]), r[1], list(map(float, r[2:]))) for r in reader]
+    return header[2:], rows
+
+
+@pytest.mark.parametrize("body", [
+    "", "index,split,a,b\n", "index,split,a,b\n1,val,0.5,x\nz,val,0.5,0.5\n",
+    "index,split,a,b\nz,val,0.5,x\n", "index,split,a,b\n1,val,0.5,0.5\n\n2,val,1,0\n",
+    "index,split,a,b\n1\n", "index,split,a,b\n1,holdout,0.5,0.5\n2,val,nan,inf\n3,val\n",
+    "index,split,a,b\n1,val,0.5,0.5\n2,val,0.5,0.5,0.1\n",
+])
+def test_malformed_probabilities_fail_as_before(group: tuple[Layout, list[RunSpec]], body: str) -> None:
+    """A fold whose probabilities.csv cannot be read: the same error as the old code
+    (finalize records its text in status.json)."""
+    layout, specs = group
+    files = layout.fold_files(specs[0])
+    files["probabilities.csv"].write_text(body)
+    write_fold_status(layout, specs[0], Status.DONE, files=file_sizes(files))
+    try:
+        _old_read_probs(files["probabilities.csv"])  # then its metadata.json differs
+        expected = (f"ValueError: fold 0: its outputs do not match its metadata.json (classes, validation "
+                    f"or holdout rows): {files['probabilities.csv']}")
+    except Exception as exc:  # (StopIteration too: an empty file)
+        expected = f"{type(exc).__name__}: {exc}"
+    with pytest.raises(Exception) as got:
+        finalize_group(layout, specs)
+    assert f"{got.type.__name__}: {got.value}" == expected
