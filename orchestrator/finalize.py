@@ -8,6 +8,7 @@ a file with the same content.
 from __future__ import annotations
 
 import csv
+import io
 import time
 from typing import Any
 
@@ -15,14 +16,17 @@ import numpy as np
 
 from .livestate import LiveState
 from .metrics import scores, table_csv
-from .paths import Layout, atomic_write_json, atomic_write_text, read_json
+from .paths import Layout, atomic_write_json, atomic_write_text
 from .results import update_final_results
 from .spec import RunSpec
 from .status import (
+    FoldPaths,
     Status,
     file_sizes,
+    fold_paths,
     fold_state,
     group_record_done,
+    load_json,
     read_group_status,
     write_fold_status,
 )
@@ -35,17 +39,39 @@ class GroupNotReady(RuntimeError):
 FoldStates = list[tuple[str, dict[str, Any]]]
 
 
-def fold_states(layout: Layout, specs: list[RunSpec]) -> FoldStates:
-    """Each fold's (state, record) (status.fold_state), one read of its status file."""
-    return [fold_state(layout, s) for s in specs]
+def group_paths(layout: Layout, specs: list[RunSpec]) -> list[FoldPaths]:
+    """Each fold's status file and output files (status.fold_paths), in the order of
+    `specs`: built once per finalize and handed to what reads them (Path objects cost
+    more to build than the reads and stats that use them)."""
+    return [fold_paths(layout, s) for s in specs]
 
 
-def _read_probs(path: Any) -> tuple[list[str], list[tuple[int, str, list[float]]]]:
+def fold_states(layout: Layout, specs: list[RunSpec], paths: list[FoldPaths] | None = None) -> FoldStates:
+    """Each fold's (state, record) (status.fold_state), one read of its status file.
+    `paths`: group_paths(layout, specs), if the caller has them."""
+    if paths is None:
+        return [fold_state(layout, s) for s in specs]
+    return [fold_state(layout, s, p) for s, p in zip(specs, paths, strict=True)]
+
+
+def _read_probs(path: Any, fold: int, oof_rows: list[tuple[int, int, list[float]]],
+                hold_index: list[int], hold_rows: list[list[float]]) -> tuple[list[str], int, int]:
+    """Appends the fold's validation rows to `oof_rows` and its holdout rows to
+    `hold_index`/`hold_rows`, in one pass; returns (classes, validation rows, holdout
+    rows). Each row parsed (and failing) as before: index, split, then probabilities."""
+    n_oof, n_hold = len(oof_rows), len(hold_rows)
+    add_oof, add_index, add_hold = oof_rows.append, hold_index.append, hold_rows.append
     with open(path, newline="") as fh:
         reader = csv.reader(fh)
         header = next(reader)
-        rows = [(int(r[0]), r[1], list(map(float, r[2:]))) for r in reader]
-    return header[2:], rows
+        for r in reader:
+            index, split, probs = int(r[0]), r[1], list(map(float, r[2:]))
+            if split == "val":
+                add_oof((index, fold, probs))
+            else:
+                add_index(index)
+                add_hold(probs)
+    return header[2:], len(oof_rows) - n_oof, len(hold_rows) - n_hold
 
 
 def _read_truth(path: Any, truth: dict[int, str]) -> None:
@@ -60,11 +86,26 @@ def _read_truth(path: Any, truth: dict[int, str]) -> None:
                 truth[int(r[index])] = r[y_true]
 
 
-def _prob_cells(n: int) -> Any:
-    """A row of n probabilities -> their cells, as metrics.fmt writes each (the same
-    text for every float, inf and nan included) in one call per row."""
-    template = ",".join(["{:.6g}"] * n)
-    return lambda row: template.format(*row).split(",") if n else []
+def _prob_text(n: int) -> Any:
+    """A row of n probabilities -> their CSV cells, as metrics.fmt writes each (the same
+    text for every float, inf and nan included), with the comma before them: one call
+    per row. (No such cell needs quoting: digits, '.', '-', '+', 'e', 'inf', 'nan'.)"""
+    template = "," + ",".join(["{:.6g}"] * n)
+    return template.format if n else lambda *_: ""
+
+
+def _csv_cells(names: list[str]) -> dict[str, str]:
+    """Each name as csv.writer writes it as one cell of a row of several (quoted when
+    it must be), for tables whose other cells never need quoting."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    found = {}
+    for name in names:
+        buf.seek(0)
+        buf.truncate()
+        writer.writerow([name, ""])
+        found[name] = buf.getvalue()[:-2]  # less its ",\n"
+    return found
 
 
 def _check_width(probs: np.ndarray, n_classes: int, spec: RunSpec) -> np.ndarray:
@@ -75,21 +116,26 @@ def _check_width(probs: np.ndarray, n_classes: int, spec: RunSpec) -> np.ndarray
 
 
 def finalize_group(layout: Layout, specs: list[RunSpec], live: LiveState | None = None,
-                   states: FoldStates | None = None) -> dict[str, Any]:
+                   states: FoldStates | None = None,
+                   paths: list[FoldPaths] | None = None) -> dict[str, Any]:
     """Write the ensemble outputs, final_results.csv rows and status.json DONE.
 
     `states`: each fold's fold_state, in the order of `specs`, if the caller has just
-    read them (tasks.finalize, after collecting), else read here."""
+    read them (tasks.finalize, after collecting), else read here. `paths`: as for
+    fold_states."""
     first = specs[0]
     run_ids = sorted(s.run_id for s in specs)
-    existing = read_group_status(layout, first)
+    status_path = layout.group_status(first)
+    existing = read_group_status(layout, first, status_path)
     if group_record_done(layout, first, existing, run_ids):
         assert existing is not None
         if live:
             live.set_group(first.experiment, first.group_id, Status.DONE.value)
         return existing
+    if paths is None:
+        paths = group_paths(layout, specs)
     if states is None:
-        states = fold_states(layout, specs)
+        states = fold_states(layout, specs, paths)
     missing = [s.fold for s, (state, _) in zip(specs, states, strict=True) if state != Status.DONE.value]
     if missing:
         raise GroupNotReady(f"{first.group_name}: folds {missing} are not DONE")
@@ -101,22 +147,15 @@ def finalize_group(layout: Layout, specs: list[RunSpec], live: LiveState | None 
     hold_rows: list[list[float]] = []
     fold_metrics: list[dict[str, float]] = []
     metas: dict[int, dict[str, Any]] = {}
-    for spec in sorted(specs, key=lambda s: s.fold):
-        files = layout.fold_files(spec)
-        meta = read_json(files["metadata.json"]) or {}
-        classes, rows = _read_probs(files["probabilities.csv"])
+    for spec, (_, files) in sorted(zip(specs, paths, strict=True), key=lambda sp: sp[0].fold):
+        meta = load_json(files["metadata.json"]) or {}
+        classes, n_val, n_hold = _read_probs(files["probabilities.csv"], spec.fold, oof_rows,
+                                             hold_index, hold_rows)
         _read_truth(files["predictions.csv"], truth)
-        n_val = sum(split == "val" for _, split, _ in rows)
         if (classes != meta.get("classes") or n_val != meta.get("n_val")
-                or len(rows) - n_val != meta.get("n_holdout")):
+                or n_hold != meta.get("n_holdout")):
             raise ValueError(f"fold {spec.fold}: its outputs do not match its metadata.json "
                              f"(classes, validation or holdout rows): {files['probabilities.csv']}")
-        for index, split, probs in rows:
-            if split == "val":
-                oof_rows.append((index, spec.fold, probs))
-            else:
-                hold_index.append(index)
-                hold_rows.append(probs)
         metas[spec.fold] = meta
         fold_metrics.append(meta.get("metrics", {}))
 
@@ -136,18 +175,20 @@ def finalize_group(layout: Layout, specs: list[RunSpec], live: LiveState | None 
     hold_keys = hold_idx.tolist()
     hold_y = np.array([cls_index[truth[i]] for i in hold_keys], dtype=np.int64)
 
-    cells = _prob_cells(n_classes)
+    # The tables as metrics.table_csv writes them: class names quoted as csv.writer
+    # quotes them, the other cells (numbers) never need it.
+    text, cell = _prob_text(n_classes), _csv_cells(classes)
     files = layout.ensemble_files(first)
     oof_pred = oof_probs.argmax(axis=1).tolist() if oof_rows else []
     atomic_write_text(files["oof_predictions.csv"], table_csv(
-        ["index", "fold", "y_true", "y_pred", *classes],
-        [(i, f, truth[i], classes[k], *cells(p))
-         for (i, f, p), k in zip(oof_rows, oof_pred, strict=True)]))
+        ["index", "fold", "y_true", "y_pred", *classes], []) + "".join([
+            f"{i},{f},{cell[truth[i]]},{cell[classes[k]]}{text(*p)}\n"
+            for (i, f, p), k in zip(oof_rows, oof_pred, strict=True)]))
     hold_pred = hold_probs.argmax(axis=1).tolist() if hold_keys else []
     atomic_write_text(files["holdout_predictions.csv"], table_csv(
-        ["index", "y_true", "y_pred", *classes],
-        [(i, truth[i], classes[k], *cells(p))
-         for i, k, p in zip(hold_keys, hold_pred, hold_probs.tolist(), strict=True)]))
+        ["index", "y_true", "y_pred", *classes], []) + "".join([
+            f"{i},{cell[truth[i]]},{cell[classes[k]]}{text(*p)}\n"
+            for i, k, p in zip(hold_keys, hold_pred, hold_probs.tolist(), strict=True)]))
     names = sorted({k for m in fold_metrics for k in m})
     fold_summary = {
         k: {"mean": float(np.mean([m[k] for m in fold_metrics if k in m])),
@@ -166,7 +207,7 @@ def finalize_group(layout: Layout, specs: list[RunSpec], live: LiveState | None 
         "metrics": {"oof": metrics["oof"], "ensemble_holdout": metrics["ensemble_holdout"]},
         "files": file_sizes(files), "finished_at": time.time(),
     }
-    atomic_write_json(layout.group_status(first), record)
+    atomic_write_json(status_path, record)
     if live:
         live.set_group(first.experiment, first.group_id, Status.DONE.value)
     return record

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from orchestrator.config import load_experiments
+from orchestrator.errors import InvalidSpecError
 from orchestrator.expand import expand, groups
 from orchestrator.finalize import GroupNotReady, finalize_group, fold_states, mark_group_failed
 from orchestrator.metrics import scores, table_csv
@@ -21,7 +22,7 @@ from orchestrator.paths import Layout, read_json
 from orchestrator.results import FIRST_COLUMNS, _cache, update_final_results
 from orchestrator.runner import WorkerInfo, execute
 from orchestrator.spec import RunSpec
-from orchestrator.status import Status, file_sizes, write_fold_status
+from orchestrator.status import Status, file_sizes, load_json, write_fold_status
 
 _table = table_csv  # unchanged by this work; the reference keeps the old fmt below
 
@@ -121,7 +122,7 @@ def _rewrite(layout: Layout, spec: RunSpec, classes: list[str], rows: list[tuple
 
 def test_awkward_folds_match_the_reference(group: tuple[Layout, list[RunSpec]]) -> None:
     layout, specs = group
-    classes = ['a,b', 'say "hi"', " lead", "new\nline"]
+    classes = ['a,b', 'say "hi"', " lead", "new\nline", "", "'q'"]
     rng = np.random.default_rng(0)
     odd = [math.nan, math.inf, -math.inf, -0.0, 1e-300, 123456789.0, 0.1 + 0.2]
     for spec in specs:
@@ -191,3 +192,94 @@ def test_rows_without_one_value_per_class_are_refused(group: tuple[Layout, list[
                                            for i in range(3)])
     with pytest.raises(ValueError, match="without one value per class"):
         finalize_group(layout, specs)
+
+
+def _old_specs(specs: list[Any]) -> list[RunSpec]:
+    """tasks.training._specs before it reused the first fold's parse."""
+    parsed = [RunSpec.from_dict(s) for s in specs]
+    if len({s.group_id for s in parsed}) != 1:
+        raise InvalidSpecError("specs of one group must share their group_id")
+    return parsed
+
+
+def _outcome(fn: Any, specs: list[Any]) -> Any:
+    try:
+        return [repr(s) for s in fn(specs)]  # (repr: 1, 1.0, True and -0.0 differ)
+    except InvalidSpecError as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+@pytest.mark.parametrize("change", [
+    {}, {"fold": True}, {"fold": 1.0}, {"fold": -1}, {"fold": 4}, {"fold": "1"}, {"seed": True},
+    {"seed": 0.0}, {"priority": 5.0}, {"holdout": 0}, {"params": {"smoothing": math.nan}},
+    {"params": {"smoothing": 0.5, "x": 1}}, {"params": {"x": 1, "smoothing": 0.5}},
+    {"params": {"smoothing": (0.5,)}}, {"params": {"smoothing": [0.5]}},
+    {"resources": {"gpus": -0.0, "gpu_memory_gb": None}}, {"resources": {"gpu_memory_gb": None, "gpus": 1.0}},
+    {"extra": 1}, {"overrides": {"cpu": {"smoothing": 1}}}, {"dataset": None}, "not a dict",
+])
+def test_specs_parse_as_each_spec_alone(change: Any) -> None:
+    """_specs gives what parsing every spec gives, or the same error: one spec (fold 2
+    of 4) changed, and with the others changed alike (but for their fold)."""
+    from tasks.training import _specs
+
+    cfg = {"experiment": "fin", "trainer": "prior", "trainer_version": "1",
+           "dataset": {"name": "iris", "source": "sklearn", "path": None, "target": None, "sha256": None},
+           "params": {"smoothing": 0.5, "x": 1}, "point": "p", "seed": 0, "fold": 0, "k": 4,
+           "validation": None, "holdout": 0.2, "output": "fin/iris", "overrides": {},
+           "resources": {"gpus": 1.0, "gpu_memory_gb": None}, "retries": 0, "timeout": None,
+           "priority": 5}
+    base = [{**cfg, "fold": f} for f in range(4)]
+    one = [dict(s) for s in base]
+    one[2] = change if isinstance(change, str) else {**one[2], **change}
+    alike = [{**s, **change, "fold": s["fold"]} for s in base] if isinstance(change, dict) else one
+    for specs in (one, alike, alike[::-1]):
+        assert _outcome(_specs, specs) == _outcome(_old_specs, specs)
+
+
+@pytest.mark.parametrize("data", [
+    b'{"a": 1, "b": [1.5, -0.0, null, true]}', b'\xef\xbb\xbf{"a":1}', b'{"a":1,"a":2,"b":3}', b'-0',
+    b'1e400', b'[NaN, Infinity]', b'123456789012345678901234567890', b'-9223372036854775809',
+    b'18446744073709551615', b'"\\ud800"', b'"a\xffb"', b'"\xed\xa0\x80"', b'{"a":1} x', b'', b' [] \n',
+    b'{"t": "1234567890123456789012"}', b'4.9e-324', b'0.30000000000000004', b'"\\u0000\x7f"',
+])
+def test_load_json_reads_as_read_json(tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "x.json"
+    path.write_bytes(data)
+    got, want = load_json(path), read_json(path)
+    assert repr(got) == repr(want) and type(got) is type(want)
+    if isinstance(want, dict):
+        assert list(got) == list(want)
+    assert load_json(tmp_path / "missing.json") is None and load_json(tmp_path) is None
+
+
+def _old_read_probs(path: Path) -> tuple[list[str], list[tuple[int, str, list[float]]]]:
+    """finalize._read_probs before it split the rows as it read them."""
+    with open(path, newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader)
+        rows = [(int(r[0]), r[1], list(map(float, r[2:]))) for r in reader]
+    return header[2:], rows
+
+
+@pytest.mark.parametrize("body", [
+    "", "index,split,a,b\n", "index,split,a,b\n1,val,0.5,x\nz,val,0.5,0.5\n",
+    "index,split,a,b\nz,val,0.5,x\n", "index,split,a,b\n1,val,0.5,0.5\n\n2,val,1,0\n",
+    "index,split,a,b\n1\n", "index,split,a,b\n1,holdout,0.5,0.5\n2,val,nan,inf\n3,val\n",
+    "index,split,a,b\n1,val,0.5,0.5\n2,val,0.5,0.5,0.1\n",
+])
+def test_malformed_probabilities_fail_as_before(group: tuple[Layout, list[RunSpec]], body: str) -> None:
+    """A fold whose probabilities.csv cannot be read: the same error as the old code
+    (finalize records its text in status.json)."""
+    layout, specs = group
+    files = layout.fold_files(specs[0])
+    files["probabilities.csv"].write_text(body)
+    write_fold_status(layout, specs[0], Status.DONE, files=file_sizes(files))
+    try:
+        _old_read_probs(files["probabilities.csv"])  # then its metadata.json differs
+        expected = (f"ValueError: fold 0: its outputs do not match its metadata.json (classes, validation "
+                    f"or holdout rows): {files['probabilities.csv']}")
+    except Exception as exc:  # (StopIteration too: an empty file)
+        expected = f"{type(exc).__name__}: {exc}"
+    with pytest.raises(Exception) as got:
+        finalize_group(layout, specs)
+    assert f"{got.type.__name__}: {got.value}" == expected
