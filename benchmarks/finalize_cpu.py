@@ -102,17 +102,14 @@ def main() -> int:
         return 0
 
     sys.path.insert(0, str(REPO))
+    from benchmarks.trees import export_ref
     from orchestrator.local import start_redis, stop_process
 
     print("$", " ".join([os.path.basename(sys.executable), *sys.argv]))
     work = Path(tempfile.mkdtemp(prefix="finalize-cpu-"))
     redis_proc = None
     try:
-        base = work / "baseline"
-        base.mkdir()
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", args.baseline],
-                                 check=True, capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True)
+        base = export_ref(args.baseline, work / "baseline")
         redis_proc, url = start_redis(work / "redis")
         source = work / "source"
         groups = _train(source, args.groups, args.folds, work)
