@@ -114,12 +114,25 @@ def counting(self, *args, **kwargs):
     created.append(id(self))
     return create(self, *args, **kwargs)
 kombu_redis.Channel._create_client = counting
+import redis
+single, pipelined = [], []
+execute = redis.Redis.execute_command
+def one(self, *args, **kwargs):
+    single.append(str(args[0]).upper())
+    return execute(self, *args, **kwargs)
+redis.Redis.execute_command = one
+run_pipeline = redis.client.Pipeline.execute
+def many(self, *args, **kwargs):
+    pipelined.append([str(c[0][0]).upper() for c in self.command_stack])
+    return run_pipeline(self, *args, **kwargs)
+redis.client.Pipeline.execute = many
 layout = Layout(sys.argv[2])
 plans = make_plan(layout, expand(load_experiments([sys.argv[1]])[0]))
 published = canvas.publish(plans, {s.run_id: s.to_dict() for p in plans for s in p.specs})
 with canvas.app.producer_or_acquire() as producer:
     left = "producer_or_acquire" in vars(canvas.app) or "conn_or_acquire" in vars(producer.channel)
-print(json.dumps({"published": published, "clients": len(created), "left": left}))
+print(json.dumps({"published": published, "clients": len(created), "left": left,
+                  "single": single, "pipelined": pipelined}))
 """
 
 
@@ -132,11 +145,52 @@ def test_a_publish_uses_one_producer_and_one_client_and_sends_every_chord(
     assert proc.returncode == 0, proc.stderr
     found = json.loads(proc.stdout.strip().splitlines()[-1])
     assert found["published"] == {"runs": 12, "groups": 4, "finalize_only": 0}
-    assert found["clients"] <= 2, found  # was two per run: one per LPUSH, one per task-sent PUBLISH
+    # Was two per run: one per LPUSH, one per task-sent PUBLISH. Now one per channel (the
+    # publishing connection's, and the pool's that this script looks at afterwards) and
+    # one for the queue declaration.
+    assert found["clients"] <= 3, found
     assert not found["left"]
+    # Messages and task-sent events go in pipelines of canvas.PUBLISH_BATCH commands,
+    # never in a round trip each: 12 messages and 12 events in one pipeline here.
+    assert not {"LPUSH", "PUBLISH"} & set(found["single"]), found["single"]
+    sends = [p for p in found["pipelined"] if {"LPUSH", "PUBLISH"} & set(p)]
+    assert sorted(sends[0]) == ["LPUSH"] * 12 + ["PUBLISH"] * 12 and len(sends) == 1, sends
     client = redis.Redis.from_url(private_redis)
     messages = [json.loads(m) for m in client.lrange("gpu:4", 0, -1)]
     assert len(messages) == 12
     groups = {m["headers"]["group"] for m in messages}
     assert len(groups) == 4 and all(m["headers"]["task"] == "tasks.train_run" for m in messages)
     assert [int(client.get(f"celery-taskset-meta-{g}.s") or 0) for g in groups] == [3, 3, 3, 3]
+
+
+BROKEN_PUBLISH = """
+import sys
+from kombu.exceptions import BatchPublishError
+from kombu.transport import redis as kombu_redis
+from orchestrator.cli import main
+
+def flush(self):
+    if self._buffered:
+        try:
+            raise ConnectionError("Connection reset by peer")
+        except ConnectionError as exc:
+            raise BatchPublishError("Redis publish batch failed; delivery is uncertain") from exc
+kombu_redis.PublishBatch.flush = flush
+sys.argv = ["orchestrator", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_publish_that_breaks_off_says_to_submit_again(private_redis: str, tmp_path: Path,
+                                                        write_experiment) -> None:
+    config = write_experiment("c", trainer="prior", datasets=["iris"], folds=3, seeds=[0])
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "COLUMNS": "250"}
+    proc = subprocess.run([sys.executable, "-c", BROKEN_PUBLISH, "submit", str(config), "--broker",
+                           private_redis, "--results-root", str(tmp_path / "results")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr  # errors.EXIT_ENVIRONMENT
+    assert "Traceback" not in proc.stderr
+    message = " ".join(proc.stderr.split())
+    assert f"publishing to the broker at {private_redis} broke off part-way" in message, message
+    assert "Connection reset by peer" in message and "Submit the same configs again" in message
+    assert redis.Redis.from_url(private_redis).llen("gpu:4") == 0  # nothing was sent

@@ -31,7 +31,7 @@ from .base import (
 def _submit(exps: list[Experiment], plans: dict[str, list[GroupPlan]], layout: Layout) -> Any:
     """Publish every experiment's plan; returns the LiveState used."""
     from celery.exceptions import OperationalError
-    from kombu.exceptions import OperationalError as KombuOperationalError
+    from kombu.exceptions import BatchPublishError, KombuError
     from redis.exceptions import RedisError
 
     import celeryconfig  # noqa: F401  (Celery loads it lazily: report a bad ORCH_* value first)
@@ -46,7 +46,13 @@ def _submit(exps: list[Experiment], plans: dict[str, list[GroupPlan]], layout: L
             published = submit(exp, plans[exp.name], layout, live)
             err.print(f"submitted {exp.name}: {published['runs']} runs in {published['groups']} groups"
                       + (f", {published['finalize_only']} groups to finalize" if published["finalize_only"] else ""))
-    except (OperationalError, KombuOperationalError, RedisError) as exc:
+    except BatchPublishError as exc:  # orchestrator.canvas publishes in pipelines
+        raise EnvironmentProblem(
+            f"publishing to the broker at {os.environ['ORCH_BROKER_URL']} broke off part-way "
+            f"({exc.__cause__ or exc}): some runs may be queued, others not. Submit the same "
+            f"configs again once the broker answers: runs DONE are skipped, and a run queued "
+            f"twice still trains once.") from None
+    except (OperationalError, KombuError, RedisError) as exc:
         raise EnvironmentProblem(f"cannot reach the broker at {os.environ['ORCH_BROKER_URL']}: {exc}") from None
     return live
 
