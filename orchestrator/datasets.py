@@ -11,11 +11,13 @@ import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from .errors import DatasetError
 from .spec import DatasetRef, RunSpec
+
+if TYPE_CHECKING:  # numpy is imported where data is loaded: validating a config needs none
+    import numpy as np
 
 BUILTIN = ("iris", "wine", "breast_cancer", "digits")
 # Class sizes of the bundled datasets (fixed data), so that validating a config does not
@@ -53,6 +55,7 @@ def file_sha256(path: Path) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _builtin(name: str) -> Table:
+    import numpy as np
     from sklearn import datasets as skd
 
     loader = {
@@ -69,6 +72,8 @@ def _builtin(name: str) -> Table:
 
 @functools.lru_cache(maxsize=8)
 def _csv(path: str, target: str, mtime_ns: int, size: int) -> Table:
+    import numpy as np
+
     with open(path, newline="") as fh:
         reader = csv.reader(fh)
         try:
@@ -143,6 +148,7 @@ def _all_splits(table: Table, seed: int, k: int | None, validation: float | None
                 holdout_fraction: float) -> tuple[Split, ...]:
     """Every fold of one group at once: a worker computes the assignment once per group.
     (`table` is cached per dataset, so its identity is a valid cache key.)"""
+    import numpy as np
     from sklearn.model_selection import StratifiedKFold, train_test_split
 
     idx = np.arange(len(table.y))
@@ -164,6 +170,8 @@ def class_counts(ref: DatasetRef) -> dict[str, int]:
     """Samples per class; for built-in datasets without loading them."""
     if ref.source == "sklearn" and ref.name in BUILTIN_CLASS_COUNTS:
         return BUILTIN_CLASS_COUNTS[ref.name]
+    import numpy as np
+
     table = load(ref, verify=False)
     counts = np.bincount(table.y, minlength=len(table.classes))
     return {c: int(n) for c, n in zip(table.classes, counts, strict=True)}

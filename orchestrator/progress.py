@@ -86,10 +86,20 @@ class Poller:
         return Counter(self._states), finished, total
 
 
+def poll_interval(waited: float) -> float:
+    """Seconds between two polls of a wait that has lasted `waited` seconds: 50 ms at
+    first, so that the end of a short experiment is seen at once; 1% of the time waited
+    later, at most one second, so that a long wait on a big experiment does not read its
+    groups hash many times a second (about 0.1 ms of CPU per poll for 200 groups)."""
+    return min(1.0, max(0.05, waited / 100))
+
+
 def wait(live: LiveState, tracked: list[Tracked], console: Console,
-         check: Callable[[], None] | None = None, poll: float = 0.2) -> None:
+         check: Callable[[], None] | None = None,
+         poll: Callable[[float], float] = poll_interval) -> None:
     """Block until every tracked group is DONE, FAILED or CANCELLED. `check` may raise to
-    abort; Redis errors are retried for REDIS_PATIENCE_SECONDS."""
+    abort; Redis errors are retried for REDIS_PATIENCE_SECONDS. `poll`: the seconds to
+    sleep between polls, given the seconds waited so far."""
     start = time.monotonic()
     already = None
     lost_since: float | None = None
@@ -138,4 +148,4 @@ def wait(live: LiveState, tracked: list[Tracked], console: Console,
                 last_line = time.monotonic()
             if finished == total:
                 return
-            time.sleep(poll)
+            time.sleep(poll(time.monotonic() - start))

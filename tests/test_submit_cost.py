@@ -194,3 +194,21 @@ def test_a_publish_that_breaks_off_says_to_submit_again(private_redis: str, tmp_
     assert f"publishing to the broker at {private_redis} broke off part-way" in message, message
     assert "Connection reset by peer" in message and "Submit the same configs again" in message
     assert redis.Redis.from_url(private_redis).llen("gpu:4") == 0  # nothing was sent
+
+
+def test_submitting_imports_no_numpy_and_a_wait_polls_faster_at_first(write_experiment) -> None:
+    """`orchestrator submit` starts publishing sooner without numpy (about 0.1 s of
+    imports here): validating a config needs no data. A wait sees a short experiment's
+    end within 50 ms, and a long one polls at most once a second."""
+    from orchestrator.progress import poll_interval
+
+    config = write_experiment("c", trainer="mlp", datasets=["iris"], folds=3, seeds=[0])
+    probe = ("import sys\nfrom orchestrator.config import load_experiments\nfrom orchestrator.expand import expand\n"
+             "from orchestrator import canvas, cli\n"
+             f"runs = expand(load_experiments([{str(config)!r}])[0])\n"
+             "print(len(runs), sorted(m for m in ('numpy', 'sklearn', 'torch') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["3", "[]"]
+    assert [poll_interval(t) for t in (0.0, 3.0, 10.0, 60.0, 3600.0)] == [0.05, 0.05, 0.1, 0.6, 1.0]

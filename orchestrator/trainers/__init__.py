@@ -15,11 +15,12 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UnknownTrainerError
+
+if TYPE_CHECKING:  # numpy is loaded by the trainers: validating a config needs none
+    import numpy as np
 
 PARAM_KINDS = ("int", "float", "str", "bool", "int_list")
 
@@ -81,6 +82,8 @@ class Reporter:
     should_stop: Callable[[], str | None] | None = None
 
     def report(self, **values: Any) -> None:
+        import numpy as np
+
         self.last = {k: (float(v) if isinstance(v, np.floating) else v) for k, v in values.items()}
         if self.on_report is not None:
             self.on_report(self.last)

@@ -9,14 +9,13 @@ from __future__ import annotations
 import os
 import time
 
-import numpy as np
-
 from . import Param, TrainContext, Trainer, TrainResult
 
 ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid", "leaky_relu")
 
 
 def train(ctx: TrainContext) -> TrainResult:
+    import numpy as np
     import torch
     from torch import nn
 

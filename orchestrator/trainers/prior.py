@@ -6,12 +6,12 @@ measuring the orchestrator's own overhead (benchmarks/dispatch.py).
 
 from __future__ import annotations
 
-import numpy as np
-
 from . import Param, TrainContext, Trainer, TrainResult
 
 
 def train(ctx: TrainContext) -> TrainResult:
+    import numpy as np  # here: registering the trainer (config validation) needs none
+
     counts = np.bincount(ctx.y_train, minlength=ctx.n_classes).astype(np.float64)
     smoothing = float(ctx.params["smoothing"])
     probs = (counts + smoothing) / (counts.sum() + smoothing * ctx.n_classes)
