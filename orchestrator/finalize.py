@@ -8,14 +8,13 @@ a file with the same content.
 from __future__ import annotations
 
 import csv
-import io
 import time
 from typing import Any
 
 import numpy as np
 
 from .livestate import LiveState
-from .metrics import scores, table_csv
+from .metrics import csv_cells, prob_text, scores, table_csv
 from .paths import Layout, atomic_write_json, atomic_write_text
 from .results import update_final_results
 from .spec import RunSpec
@@ -84,28 +83,6 @@ def _read_truth(path: Any, truth: dict[int, str]) -> None:
         for r in reader:
             if r:
                 truth[int(r[index])] = r[y_true]
-
-
-def _prob_text(n: int) -> Any:
-    """A row of n probabilities -> their CSV cells, as metrics.fmt writes each (the same
-    text for every float, inf and nan included), with the comma before them: one call
-    per row. (No such cell needs quoting: digits, '.', '-', '+', 'e', 'inf', 'nan'.)"""
-    template = "," + ",".join(["{:.6g}"] * n)
-    return template.format if n else lambda *_: ""
-
-
-def _csv_cells(names: list[str]) -> dict[str, str]:
-    """Each name as csv.writer writes it as one cell of a row of several (quoted when
-    it must be), for tables whose other cells never need quoting."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    found = {}
-    for name in names:
-        buf.seek(0)
-        buf.truncate()
-        writer.writerow([name, ""])
-        found[name] = buf.getvalue()[:-2]  # less its ",\n"
-    return found
 
 
 def _check_width(probs: np.ndarray, n_classes: int, spec: RunSpec) -> np.ndarray:
@@ -177,7 +154,7 @@ def finalize_group(layout: Layout, specs: list[RunSpec], live: LiveState | None 
 
     # The tables as metrics.table_csv writes them: class names quoted as csv.writer
     # quotes them, the other cells (numbers) never need it.
-    text, cell = _prob_text(n_classes), _csv_cells(classes)
+    text, cell = prob_text(n_classes), csv_cells(classes)
     files = layout.ensemble_files(first)
     oof_pred = oof_probs.argmax(axis=1).tolist() if oof_rows else []
     atomic_write_text(files["oof_predictions.csv"], table_csv(

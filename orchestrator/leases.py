@@ -395,14 +395,18 @@ class _Renewals:
         self._cond = threading.Condition()
         self._due: dict[LeaseGuard, float] = {}
         self._thread: threading.Thread | None = None
+        self._wake: float | None = None  # when the waiting thread wakes by itself (None: never)
 
     def add(self, guard: LeaseGuard) -> None:
         with self._cond:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="orch-lease-renewals", daemon=True)
                 self._thread.start()
-            self._due[guard] = time.monotonic() + guard.interval
-            self._cond.notify()
+            due = self._due[guard] = time.monotonic() + guard.interval
+            # Wake the thread only if it would sleep past this renewal: runs shorter than
+            # a renewal interval, one after another, then cost no thread switch each.
+            if self._wake is None or due < self._wake:
+                self._cond.notify()
 
     def discard(self, guard: LeaseGuard) -> None:
         with self._cond:  # held by the thread while it renews: wait for that renewal
@@ -421,8 +425,9 @@ class _Renewals:
                         self._due[guard] = time.monotonic() + guard.interval
                     else:  # fenced: nothing more to renew
                         self._due.pop(guard, None)
-                wake = min(self._due.values(), default=None)
+                self._wake = wake = min(self._due.values(), default=None)
                 self._cond.wait(None if wake is None else max(0.0, wake - time.monotonic()))
+                self._wake = None  # awake (until the next wait): an add need not notify
 
 
 _RENEWALS = _Renewals()

@@ -52,6 +52,30 @@ def table_csv(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return buf.getvalue()
 
 
+def prob_text(n: int) -> Any:
+    """A row of n probabilities -> their CSV cells, as `fmt` writes each (the same
+    text for every float, inf and nan included), with the comma before them: one call
+    per row. (No such cell needs quoting: digits, '.', '-', '+', 'e', 'inf', 'nan'.)"""
+    template = "," + ",".join(["{:.6g}"] * n)
+    return template.format if n else lambda *_: ""
+
+
+def csv_cells(names: Sequence[str]) -> dict[str, str]:
+    """Each name as csv.writer writes it as one cell of a row of several (quoted when
+    it must be), for tables whose other cells never need quoting: such a table is
+    written line by line with f-strings, the same bytes as `table_csv` at a third of
+    its cost."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    found = {}
+    for name in names:
+        buf.seek(0)
+        buf.truncate()
+        writer.writerow([name, ""])
+        found[name] = buf.getvalue()[:-2]  # less its ",\n"
+    return found
+
+
 def fmt(value: float) -> str:
     """6 significant digits; nan, inf and -inf as Python writes them."""
     return format(value, ".6g")

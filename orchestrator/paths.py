@@ -161,6 +161,9 @@ class Layout:
     def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root).resolve()
         self._resolved: dict[str, Path] = {}
+        # (group folder, fold) -> (fold dir, status file, output files): a run asks for
+        # them several times (a Path join costs ~7 us); valid while _inside's entry is.
+        self._folds: dict[tuple[str, int], tuple[Path, Path, dict[str, Path]]] = {}
 
     def _inside(self, rel: str) -> Path:
         """root/rel, checked to stay inside the root (symlinks included); cached, since
@@ -173,6 +176,7 @@ class Layout:
                 raise UnsafeNameError(f"path {rel!r} leaves the results root")
             if len(self._resolved) > 10000:
                 self._resolved.clear()
+                self._folds.clear()
             self._resolved[rel] = path
         return path
 
@@ -211,8 +215,21 @@ class Layout:
         return self.group_dir(spec) / "ensemble"
 
     # fold level
+    def _fold(self, spec: RunSpec) -> tuple[Path, Path, dict[str, Path]]:
+        key = (spec.group_dir, spec.fold)
+        found = self._folds.get(key)
+        if found is None:
+            group = self.group_dir(spec)
+            base = group / f"fold_{spec.fold}"
+            found = (base, group / "status" / f"fold_{spec.fold}.json",
+                     {name: base / name for name in FOLD_FILES})
+            if len(self._folds) > 2000:
+                self._folds.clear()
+            self._folds[key] = found
+        return found
+
     def fold_dir(self, spec: RunSpec) -> Path:
-        return self.group_dir(spec) / f"fold_{spec.fold}"
+        return self._fold(spec)[0]
 
     def staging_dir(self, spec: RunSpec, tag: str) -> Path:
         """Where an attempt writes a fold's outputs before it commits them (one rename of
@@ -227,11 +244,10 @@ class Layout:
         return self.logs_dir(spec) / f"fold_{spec.fold}.attempt_{attempt}.log"
 
     def fold_status(self, spec: RunSpec) -> Path:
-        return self.status_dir(spec) / f"fold_{spec.fold}.json"
+        return self._fold(spec)[1]
 
     def fold_files(self, spec: RunSpec) -> dict[str, Path]:
-        base = self.fold_dir(spec)
-        return {name: base / name for name in FOLD_FILES}
+        return dict(self._fold(spec)[2])
 
     def ensemble_files(self, spec: RunSpec) -> dict[str, Path]:
         base = self.ensemble_dir(spec)

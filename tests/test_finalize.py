@@ -283,3 +283,45 @@ def test_malformed_probabilities_fail_as_before(group: tuple[Layout, list[RunSpe
     with pytest.raises(Exception) as got:
         finalize_group(layout, specs)
     assert f"{got.type.__name__}: {got.value}" == expected
+
+
+def _old_fold_outputs(table: Any, rows: np.ndarray, n_val: int, probs: np.ndarray) -> dict[str, str]:
+    """The fold's three tables as runner._write_outputs wrote them through csv.writer
+    (metrics.table_csv) before it wrote them line by line."""
+    from orchestrator.metrics import ranks
+
+    split_of = ["val"] * n_val + ["holdout"] * (len(rows) - n_val)
+    classes = list(table.classes)
+    index, truth = rows.tolist(), table.y[rows].tolist()
+    return {
+        "predictions.csv": _table(["index", "split", "y_true", "y_pred"], [
+            (r, s, classes[t], classes[p])
+            for r, s, t, p in zip(index, split_of, truth, probs.argmax(axis=1).tolist(), strict=True)]),
+        "probabilities.csv": _table(["index", "split", *classes], [
+            (r, s, *map(_fmt, pr)) for r, s, pr in zip(index, split_of, probs.tolist(), strict=True)]),
+        "ranks.csv": _table(["index", "split", *classes], [
+            (r, s, *rk) for r, s, rk in zip(index, split_of, ranks(probs).tolist(), strict=True)]),
+    }
+
+
+@pytest.mark.parametrize("classes", [
+    ["setosa", "versicolor", "virginica"],
+    ['a,b', 'say "hi"', " lead", "new\nline", "", "'q'", "1.5", "ünï"],
+    ["only"],
+])
+def test_fold_outputs_are_the_bytes_csv_writer_wrote(tmp_path: Path, classes: list[str]) -> None:
+    from orchestrator.datasets import Table
+    from orchestrator.runner import _write_outputs
+
+    rng = np.random.default_rng(len(classes))
+    n = 23
+    table = Table(X=np.zeros((n, 1), dtype=np.float32), y=rng.integers(0, len(classes), n),
+                  classes=tuple(classes), features=("x",))
+    rows = rng.permutation(n)[:17]
+    probs = rng.random((len(rows), len(classes)))
+    odd = [math.nan, math.inf, -math.inf, -0.0, 1e-300, 123456789.0, 0.1 + 0.2, 1.0]
+    for i, value in enumerate(odd):
+        probs[i % len(rows), i % len(classes)] = value
+    _write_outputs(tmp_path / "fold", table, rows, 9, probs, {"x": 1})
+    for name, text in _old_fold_outputs(table, rows, 9, probs).items():
+        assert (tmp_path / "fold" / name).read_bytes() == text.encode(), name
