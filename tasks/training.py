@@ -14,7 +14,6 @@ import os
 import time
 from typing import Any
 
-import orjson
 from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
 from celery.signals import worker_init
 
@@ -97,42 +96,23 @@ def _live() -> LiveState:
     return LiveState.from_url(app.conf.orch_state_url)
 
 
-_SPEC_BYTES = orjson.OPT_PASSTHROUGH_SUBCLASS  # a subclass of str, int, dict: TypeError
-
-
-def _fold_of(first: RunSpec, model: dict[str, Any], data: Any) -> RunSpec | None:
-    """`first` (parsed from `model`) with another fold, if `data` is `model` exactly but
-    for a valid fold number; None if it may be anything else. Exactly: equal as Python
-    values (a tuple is no list) and as orjson writes them (1, 1.0 and True differ, so do
-    0.0 and -0.0, and the order of keys); `model` holds no NaN (from_dict refused it)."""
-    fold = data.get("fold") if type(data) is dict else None
-    if type(fold) is not int or not 0 <= fold < first.n_folds:
-        return None
-    same = {**model, "fold": fold}
-    try:
-        if data != same or orjson.dumps(data, option=_SPEC_BYTES) != orjson.dumps(same, option=_SPEC_BYTES):
-            return None
-    except TypeError:  # orjson.JSONEncodeError: not plain JSON values
-        return None
-    return dataclasses.replace(first, fold=fold)
-
-
-def _specs(specs: Any) -> list[RunSpec]:
-    """The group's specs, parsed strictly (RunSpec.from_dict). The folds of a group
-    differ only in "fold": a spec that is exactly the first one's but for its fold is
-    that spec with its fold (`_fold_of`), its group_id the same by construction,
-    without parsing and hashing it again (a third of the cost)."""
+def _specs(specs: Any, folds: Any = None) -> list[RunSpec]:
+    """The group's specs, parsed strictly (RunSpec.from_dict). As the canvas sends them
+    (`folds` given): one spec, and the folds of the group, which differ from it in their
+    fold alone. Else (older messages, direct calls): every fold's spec."""
     if not isinstance(specs, list) or not specs:
         raise InvalidSpecError("specs must be a non-empty list of run specs")
-    first = RunSpec.from_dict(specs[0])
-    parsed, others = [first], []
-    for data in specs[1:]:
-        spec = _fold_of(first, specs[0], data)
-        if spec is None:
-            spec = RunSpec.from_dict(data)
-            others.append(spec)
-        parsed.append(spec)
-    if len({s.group_id for s in [first, *others]}) != 1:
+    if folds is not None:
+        if len(specs) != 1:
+            raise InvalidSpecError("with folds, specs must be a list of one run spec")
+        first = RunSpec.from_dict(specs[0])
+        if (not isinstance(folds, list) or not folds or len(set(folds)) != len(folds)
+                or not all(type(f) is int and 0 <= f < first.n_folds for f in folds)):
+            raise InvalidSpecError(f"folds must be a non-empty list of distinct fold numbers "
+                                   f"0..{first.n_folds - 1}, got {folds!r}")
+        return [dataclasses.replace(first, fold=f) for f in folds]
+    parsed = [RunSpec.from_dict(data) for data in specs]
+    if len({s.group_id for s in parsed}) != 1:
         raise InvalidSpecError("specs of one group must share their group_id")
     return parsed
 
@@ -379,9 +359,11 @@ def _outcome(run: RunSpec, record: dict[str, Any], sink: Sink) -> dict[str, Any]
 
 
 @app.task(name="tasks.finalize", bind=True)
-def finalize(self: Any, results: Any, specs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Chord body: ensemble outputs, final_results.csv rows, status.json DONE."""
-    group = _specs(specs)
+def finalize(self: Any, results: Any, specs: list[dict[str, Any]],
+             folds: list[int] | None = None) -> dict[str, Any]:
+    """Chord body: ensemble outputs, final_results.csv rows, status.json DONE. (`specs`
+    and `folds`: see _specs.)"""
+    group = _specs(specs, folds)
     _live().count_finalize(group[0].group_id)
     try:
         paths = group_paths(_layout(), group)  # built once, for collect and finalize
@@ -395,9 +377,9 @@ def finalize(self: Any, results: Any, specs: list[dict[str, Any]]) -> dict[str, 
 
 
 @app.task(name="tasks.group_failed")
-def group_failed(task_id: str, specs: list[dict[str, Any]]) -> dict[str, Any]:
+def group_failed(task_id: str, specs: list[dict[str, Any]], folds: list[int] | None = None) -> dict[str, Any]:
     """Chord error callback: status.json FAILED with which folds failed and why."""
-    group = _specs(specs)
+    group = _specs(specs, folds)
     states = None
     try:  # the folds that did finish count, and the errors of those that did not
         states = _collect(group)
