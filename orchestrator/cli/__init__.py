@@ -6,6 +6,7 @@ Errors a user can cause end in a one-paragraph message and a documented exit cod
 
 from __future__ import annotations
 
+import gc
 import sys
 
 import click
@@ -42,3 +43,9 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(errors.EXIT_INTERRUPTED)
+    finally:
+        # Done: at exit, Python's last cycle collection would walk every object that
+        # the imports made (Celery, kombu, rich...) to free memory the process gives
+        # back anyway, 50-100 ms of every command here. Frozen objects are skipped;
+        # atexit handlers and the modules' teardown still run.
+        gc.freeze()
