@@ -557,7 +557,9 @@ def main() -> int:
             print(f"rep {rep}: B {b['elapsed']:7.2f} s ({runs / b['elapsed']:6.1f} runs/s)   "
                   f"C {c['elapsed']:7.2f} s ({runs / c['elapsed']:6.1f} runs/s)   "
                   f"C5 {c5['elapsed']:7.2f} s ({runs / c5['elapsed']:6.1f} runs/s)   "
-                  f"B/C {b['elapsed'] / c['elapsed']:5.2f}   B/C5 {b['elapsed'] / c5['elapsed']:5.2f}")
+                  f"B/C {b['elapsed'] / c['elapsed']:5.2f}   B/C5 {b['elapsed'] / c5['elapsed']:5.2f}   "
+                  f"CPU B {sum(b['cpu'].values()):4.1f} s, C {sum(c['cpu'].values()):4.1f} s, "
+                  f"C5 {sum(c5['cpu'].values()):4.1f} s")
         mb = statistics.median(b["elapsed"] for b in bs)
         mc = statistics.median(c["elapsed"] for c in cs)
         mc5 = statistics.median(c["elapsed"] for c in c5s)

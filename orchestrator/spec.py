@@ -110,15 +110,15 @@ class RunSpec:
         folders are two pieces of work; the same run into the same folder is one."""
         return content_hash({"run_id": self.run_id, "group_dir": self.group_dir})
 
-    @property
+    @functools.cached_property
     def name(self) -> str:
         return f"{self.group_name}/fold={self.fold}"
 
-    @property
+    @functools.cached_property
     def group_name(self) -> str:
         return f"{self.experiment}/{self.dataset.name}/{self.point}/seed={self.seed}"
 
-    @property
+    @functools.cached_property
     def group_dir(self) -> str:
         """Group folder relative to the results root."""
         return f"{self.output}/{path_component(self.point)}/seed={self.seed}"
