@@ -36,11 +36,15 @@ def log_key(run_id: str, attempt: int) -> str:
 def capture(path: Path) -> Iterator[Path]:
     """Send this process's stdout/stderr to `path` (appended) until the block ends; an
     exception escaping the block is written there too, with its traceback."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except FileNotFoundError:  # the group's first log: make its folder
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, flags, 0o644)
     saved = [os.dup(1), os.dup(2)]
     old_streams = sys.stdout, sys.stderr
     text = io.TextIOWrapper(os.fdopen(os.dup(fd), "wb", buffering=0), write_through=True,
