@@ -106,8 +106,9 @@ def _specs(specs: Any, folds: Any = None) -> list[RunSpec]:
         if len(specs) != 1:
             raise InvalidSpecError("with folds, specs must be a list of one run spec")
         first = RunSpec.from_dict(specs[0])
-        if (not isinstance(folds, list) or not folds or len(set(folds)) != len(folds)
-                or not all(type(f) is int and 0 <= f < first.n_folds for f in folds)):
+        if (not isinstance(folds, list) or not folds
+                or not all(type(f) is int and 0 <= f < first.n_folds for f in folds)
+                or len(set(folds)) != len(folds)):
             raise InvalidSpecError(f"folds must be a non-empty list of distinct fold numbers "
                                    f"0..{first.n_folds - 1}, got {folds!r}")
         return [dataclasses.replace(first, fold=f) for f in folds]

@@ -216,7 +216,7 @@ def test_group_callbacks_take_one_spec_and_the_folds() -> None:
     split = {**_SPEC, "k": None, "validation": 0.25}
     assert [s.fold for s in _specs([split], [0])] == [0]
     for specs, folds in (([_SPEC], [0, 0]), ([_SPEC], [4]), ([_SPEC], [-1]), ([_SPEC], [True]),
-                         ([_SPEC], [1.0]), ([_SPEC], []), ([_SPEC], "0"), ([_SPEC, _SPEC], [0]),
+                         ([_SPEC], [1.0]), ([_SPEC], []), ([_SPEC], "0"), ([_SPEC], [[0]]), ([_SPEC], {0: 1}), ([_SPEC, _SPEC], [0]),
                          ([split], [1]), ([], [0]), ("x", [0]), ([{**_SPEC, "k": "4"}], [0])):
         with pytest.raises(InvalidSpecError):
             _specs(specs, folds)
