@@ -6,6 +6,7 @@ Errors a user can cause end in a one-paragraph message and a documented exit cod
 
 from __future__ import annotations
 
+import atexit
 import gc
 import sys
 
@@ -30,6 +31,13 @@ __all__ = ["cli", "main"]
 
 
 def main() -> None:
+    # At exit, Python's last cycle collection would walk every object that the imports
+    # made (Celery, kombu, rich...) to free memory the process gives back anyway: 50-100
+    # ms of every command here. Frozen objects are skipped; the modules' teardown still
+    # runs. (At exit, not when the command ends: a process calling main() in a loop,
+    # like the tests, keeps collecting until then.)
+    atexit.unregister(gc.freeze)
+    atexit.register(gc.freeze)
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
@@ -43,9 +51,4 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(errors.EXIT_INTERRUPTED)
-    finally:
-        # Done: at exit, Python's last cycle collection would walk every object that
-        # the imports made (Celery, kombu, rich...) to free memory the process gives
-        # back anyway, 50-100 ms of every command here. Frozen objects are skipped;
-        # atexit handlers and the modules' teardown still run.
-        gc.freeze()
+
