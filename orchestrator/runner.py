@@ -31,7 +31,7 @@ import numpy as np
 from . import datasets
 from .errors import InvalidSpecError, RunStopped
 from .livestate import LiveState
-from .metrics import csv_cells, prob_text, ranks, scores
+from .metrics import csv_cells, prob_text, ranks, scores, table_csv
 from .paths import FSYNC, Layout, fsync_dir, fsync_folder, json_bytes, read_json, start_writeback
 from .spec import RunSpec
 from .status import Status, file_sizes, fold_state, read_fold_status, write_fold_status
@@ -323,17 +323,18 @@ def _write_outputs(folder: Path, table: datasets.Table, rows: np.ndarray, n_val:
     truth = table.y[rows].tolist()
     # Line by line, the bytes table_csv (csv.writer) would write: class names quoted as
     # it quotes them, the other cells (numbers, "val", "holdout") never need it.
+    # (finalize writes the ensemble tables the same way).
     cell = csv_cells(classes)
     names = [cell[c] for c in classes]
-    header = "".join(f",{cell[c]}" for c in classes) + "\n"
+    header = table_csv(["index", "split", *classes], [])
     probs_text = prob_text(len(classes))
     ranks_text = ("," + ",".join(["{}"] * len(classes))).format
-    write_new(folder / "predictions.csv", "index,split,y_true,y_pred\n" + "".join([
+    write_new(folder / "predictions.csv", table_csv(["index", "split", "y_true", "y_pred"], []) + "".join([
         f"{r},{s},{names[t]},{names[p]}\n"
         for r, s, t, p in zip(index, split_of, truth, probs.argmax(axis=1).tolist(), strict=True)]))
-    write_new(folder / "probabilities.csv", "index,split" + header + "".join([
+    write_new(folder / "probabilities.csv", header + "".join([
         f"{r},{s}{probs_text(*pr)}\n" for r, s, pr in zip(index, split_of, probs.tolist(), strict=True)]))
-    write_new(folder / "ranks.csv", "index,split" + header + "".join([
+    write_new(folder / "ranks.csv", header + "".join([
         f"{r},{s}{ranks_text(*rk)}\n" for r, s, rk in zip(index, split_of, ranks(probs).tolist(), strict=True)]))
     write_new(folder / "metadata.json", json_bytes(metadata))
     fsync_folder(folder)

@@ -51,4 +51,3 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(errors.EXIT_INTERRUPTED)
-
