@@ -130,6 +130,11 @@ task_create_missing_queues = True
 task_track_started = True
 worker_send_task_events = True
 task_send_sent_event = True
+# A worker publishes its task events in batches at most this old (seconds,
+# ORCH_EVENT_FLUSH_INTERVAL; 0 = Celery's own cadence, a publish after nearly every
+# event, ~0.4 ms of worker CPU each, three a task). Flower shows a change that much later.
+# tasks/overhead.py has the figures.
+orch_event_flush_interval = env_seconds("ORCH_EVENT_FLUSH_INTERVAL", 0.05, zero_ok=True)
 
 # --- worker processes ---------------------------------------------------------------
 # CUDA is only ever initialised in the pool child that trains (design invariant 5).
