@@ -74,9 +74,9 @@ task_reject_on_worker_lost = False
 # task id and chord; train_run counts such lost attempts in Redis and gives up after
 # max(retries, 2) of them, so a run that always kills its process cannot loop.
 task_retry_on_worker_lost = True
-# A redelivered message whose task already succeeded is not executed again: known from the
-# stored result (finalize), or, for train_run, which stores no success, from the worker's
-# memory; a run delivered again elsewhere finds its DONE record and reports it untrained.
+# A redelivered message whose task already succeeded is not executed again, as its stored
+# result says (finalize). train_run stores no success: a run delivered again runs
+# train_run, which finds the run's DONE record and reports it without training.
 worker_deduplicate_successful_tasks = True
 # Redis connection lost mid-run: kombu requeues unacked messages on reconnect, so a
 # still-running run would get a parallel duplicate unless the running one is cancelled.

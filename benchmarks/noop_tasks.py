@@ -1,8 +1,12 @@
 """No-op Celery tasks for benchmarks/dispatch.py: the "raw Celery chord" baseline.
 
 Configured from the project's own `celeryconfig` (same serializers, late acks,
-prefetch, priority steps, result backend, events, ...), so the only difference from
-the orchestrator path is the work done inside the tasks and around the submission.
+prefetch, priority steps, result backend, events, ...). What differs from the
+orchestrator path: the work done inside the tasks and around the submission, and what
+the orchestrator's workers change in Celery's own work per task (tasks/overhead.py: one
+Redis client per kombu channel, task events in timed batches; train_run stores no
+success). These workers are plain Celery, the baseline the orchestrator is measured
+against.
 Start workers with the same flags the orchestrator uses, e.g.
 
     ORCH_BROKER_URL=redis://127.0.0.1:6379/1 celery -A benchmarks.noop_tasks worker \

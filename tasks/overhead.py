@@ -86,7 +86,9 @@ class EventBatches(bootsteps.StartStopStep):
     """Publish the consumer's buffered task events once per interval, not on every turn
     of the event loop (see the module docstring)."""
 
-    requires = ("celery.worker.consumer.events:Events",)
+    # After Heart, so stopped before it: a stopping worker sends its last task events
+    # before its worker-offline event (Flower counts a task event as a heartbeat).
+    requires = ("celery.worker.consumer.events:Events", "celery.worker.consumer.heart:Heart")
 
     def __init__(self, c: Any, **kwargs: Any) -> None:
         self.interval = float(c.app.conf.get("orch_event_flush_interval") or 0.0)

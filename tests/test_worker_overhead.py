@@ -55,11 +55,13 @@ def test_a_channel_sends_every_command_through_one_client_per_pool(
         given = redis.Redis.from_url(private_redis)
         with channel.conn_or_acquire(given) as passed:
             assert passed is given
-        with conn.Producer() as producer:  # a message and an event-style fanout publish
+        before = len(built)
+        with conn.Producer() as producer:  # five messages: no client built for any of them
             for i in range(5):
                 producer.publish({"i": i}, routing_key="q", declare=[])
-        assert len([c for c in built if c is first]) == 1
-        before = len(built)
+        assert len(built) == before
+        with channel.conn_or_acquire() as again:
+            assert again is first and again.llen("q") == 5
         channel._pool = None  # as after a reconnection: a new pool, so a new client
         with channel.conn_or_acquire() as third:
             assert third is not first and third.connection_pool is channel.pool
