@@ -134,8 +134,8 @@ task_create_missing_queues = True
 # `orchestrator status/watch`, progress bars), and Flower sees it from the task-started
 # event. The backend's STARTED record (a GET, a SET and a PUBLISH per run, the SET
 # holding the whole spec with result_extended) cost ~0.7 ms of worker CPU per run
-# (about 10% of dispatch.py's B) and no code here reads it; AsyncResult.state shows
-# PENDING until the run ends.
+# (about 6% of the CPU of dispatch.py's B) and no code here reads it. AsyncResult.state
+# of a run shows PENDING while it trains (and after: tasks.train_run stores no success).
 task_track_started = False
 worker_send_task_events = True
 task_send_sent_event = True
