@@ -84,14 +84,14 @@ class Procs:
     def __init__(self) -> None:
         self.items: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
 
-    def spawn(self, name: str, argv: list[str], env: dict[str, str], logfile: Path) -> None:
+    def spawn(self, name: str, argv: list[str], env: dict[str, str], logfile: Path, cwd: Path = REPO) -> None:
         # orchestrator.local.spawn: own session (process group) + SIGTERM if we die.
-        cwd = os.getcwd()
-        os.chdir(REPO)  # spawn() has no cwd argument; the children inherit ours
+        here = os.getcwd()
+        os.chdir(cwd)  # spawn() has no cwd argument; the children inherit ours
         try:
             self.items[name] = (spawn(argv, env, logfile), logfile)
         finally:
-            os.chdir(cwd)
+            os.chdir(here)
 
     def add(self, name: str, proc: subprocess.Popen[bytes], logfile: Path) -> None:
         self.items[name] = (proc, logfile)
@@ -357,15 +357,24 @@ def wait_ready(url: str, prefixes: list[str], procs: Procs, names: list[str], ti
         app.close()
 
 
-def start_orchestrator_workers(procs: Procs, url: str, root: Path, logs: Path, loglevel: str) -> float:
+B_WORKERS = ("b_cpu1", "b_cpu2", "b_control")  # process names (+ tag) of a B cluster
+
+
+def start_orchestrator_workers(procs: Procs, url: str, root: Path, logs: Path, loglevel: str,
+                               tree: Path = REPO, tag: str = "") -> float:
+    """B's cluster: 2 CPU workers and a control worker of source tree `tree`; `tag` tells
+    apart the process and node names of several clusters (benchmarks/warm_submit.py)."""
     env = cluster_env(url, root)
+    if tree != REPO:
+        env["PYTHONPATH"] = str(tree)
     base = [sys.executable, "-m", "orchestrator", "worker", "--loglevel", loglevel]
-    workers = {"b_cpu1": [*base, "--cpu", "--accept-gpu-runs", "--name", "cpu1@%h"],
-               "b_cpu2": [*base, "--cpu", "--accept-gpu-runs", "--name", "cpu2@%h"],
-               "b_control": [*base, "--control"]}
+    nodes = [f"cpu1{tag}@", f"cpu2{tag}@", f"control{tag}@"]
+    workers = {f"b_cpu1{tag}": [*base, "--cpu", "--accept-gpu-runs", "--name", f"{nodes[0]}%h"],
+               f"b_cpu2{tag}": [*base, "--cpu", "--accept-gpu-runs", "--name", f"{nodes[1]}%h"],
+               f"b_control{tag}": [*base, "--control", "--name", f"{nodes[2]}%h"]}
     for name, argv in workers.items():
-        procs.spawn(name, argv, env, logs / f"{name}.log")
-    return wait_ready(url, ["cpu1@", "cpu2@", "control@"], procs, list(workers))
+        procs.spawn(name, argv, env, logs / f"{name}.log", cwd=tree)
+    return wait_ready(url, nodes, procs, list(workers))
 
 
 def start_noop_workers(procs: Procs, url: str, root: Path, logs: Path, loglevel: str) -> float:

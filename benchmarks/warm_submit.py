@@ -20,7 +20,6 @@ Exit status: 0 when every submit finished with every run DONE, 1 otherwise.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -33,44 +32,24 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.dispatch import (  # noqa: E402
+    B_WORKERS,
     BenchmarkError,
     Procs,
     base_env,
     children_cpu,
-    cluster_env,
+    start_orchestrator_workers,
     verify_results,
-    wait_ready,
     write_experiment,
 )
 from benchmarks.trees import export_ref  # noqa: E402
 from orchestrator.local import start_redis  # noqa: E402
-
-ROLES = ("cpu1", "cpu2", "control")
-
-
-def start_cluster(procs: Procs, index: int, tree: Path, url: str, root: Path, logs: Path) -> None:
-    env = cluster_env(url, root)
-    env["PYTHONPATH"] = str(tree)
-    base = [sys.executable, "-m", "orchestrator", "worker", "--loglevel", "WARNING"]
-    argv = {"cpu1": [*base, "--cpu", "--accept-gpu-runs", "--name", f"cpu1t{index}@%h"],
-            "cpu2": [*base, "--cpu", "--accept-gpu-runs", "--name", f"cpu2t{index}@%h"],
-            "control": [*base, "--control", "--name", f"controlt{index}@%h"]}
-    cwd = os.getcwd()
-    os.chdir(tree)  # the workers import that tree's modules (and celeryconfig)
-    try:
-        for role in ROLES:
-            procs.spawn(f"{role}_{index}", argv[role], env, logs / f"{role}_{index}.log")
-    finally:
-        os.chdir(cwd)
-    wait_ready(url, [f"cpu1t{index}@", f"cpu2t{index}@", f"controlt{index}@"], procs,
-               [f"{role}_{index}" for role in ROLES])
 
 
 def submit(procs: Procs, index: int, tree: Path, url: str, root: Path, work: Path, experiment: str,
            points: int, folds: int) -> dict[str, float]:
     exp = work / f"{experiment}.yaml"
     write_experiment(exp, experiment, points, folds)
-    names = [f"{role}_{index}" for role in ROLES] + ["redis"]
+    names = [f"{role}t{index}" for role in B_WORKERS] + ["redis"]
     before, sub0 = procs.cpu(names), children_cpu()
     env = base_env()
     env["PYTHONPATH"] = str(tree)
@@ -82,7 +61,7 @@ def submit(procs: Procs, index: int, tree: Path, url: str, root: Path, work: Pat
     if proc.returncode != 0:
         raise BenchmarkError(f"{tree}: submit exited {proc.returncode}:\n{proc.stdout[-1500:]}{proc.stderr[-1500:]}")
     verify_results(root, experiment, points * folds, points)
-    cpu = {name.rsplit("_", 1)[0]: after[name] - before[name] for name in names}
+    cpu = {name.removeprefix("b_").removesuffix(f"t{index}"): after[name] - before[name] for name in names}
     cpu["submit"] = children_cpu() - sub0
     return {"wall": wall, "cpu": sum(cpu.values()), **cpu}
 
@@ -112,7 +91,8 @@ def main() -> int:
             (work / "logs").mkdir()
             urls = [url0.rsplit("/", 1)[0] + f"/{i}" for i in range(len(trees))]
             for i, tree in enumerate(trees):
-                start_cluster(procs, i, tree, urls[i], work / f"results{i}", work / "logs")
+                start_orchestrator_workers(procs, urls[i], work / f"results{i}", work / "logs", "WARNING",
+                                           tree=tree, tag=f"t{i}")
             results: list[list[dict[str, float]]] = [[] for _ in trees]
             for rep in range(args.repeat):
                 order = list(range(len(trees)))[:: 1 if rep % 2 == 0 else -1]
