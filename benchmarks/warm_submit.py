@@ -7,8 +7,9 @@
 One private redis-server. Per source tree (this repository, `git archive` of each
 --baseline ref, each --tree folder) a warm cluster of its own, on its own Redis
 database: 2 CPU workers and a control worker started from that tree, as dispatch.py
-starts them. Then `repeat` rounds; in each, every tree's `orchestrator submit --wait`
-of dispatch.py's experiment (`prior` trainer; a new experiment name per round), the
+starts them (each tree's bytecode compiled first, as scripts/install.sh compiles it).
+Then `repeat` rounds; in each, every tree's `orchestrator submit --wait` of dispatch.py's
+experiment (`prior` trainer; a new experiment name per round), the
 order reversed every other round. Prints each submit's wall time and the CPU seconds
 used meanwhile by each process of its cluster and by the submit, then medians per tree.
 
@@ -41,7 +42,7 @@ from benchmarks.dispatch import (  # noqa: E402
     verify_results,
     write_experiment,
 )
-from benchmarks.trees import export_ref  # noqa: E402
+from benchmarks.trees import compile_tree, export_ref  # noqa: E402
 from orchestrator.local import start_redis  # noqa: E402
 
 
@@ -80,8 +81,10 @@ def main() -> int:
     procs = Procs()
     with tempfile.TemporaryDirectory(prefix="warm-submit-", dir=args.tmp_dir) as tmp:
         work = Path(tmp)
-        trees = [REPO, *[export_ref(ref, work / f"ref{i}") for i, ref in enumerate(args.baseline)],
-                 *[t.resolve() for t in args.tree]]
+        # Each tree's bytecode compiled as scripts/install.sh compiles it (trees.py).
+        trees = [compile_tree(REPO),
+                 *[export_ref(ref, work / f"ref{i}", compiled=True) for i, ref in enumerate(args.baseline)],
+                 *[compile_tree(t.resolve()) for t in args.tree]]
         labels = ["this tree", *args.baseline, *map(str, args.tree)]
         if len(trees) > 15:
             raise SystemExit("at most 15 trees (one Redis database each)")

@@ -4,7 +4,11 @@ at most once a second. Each keeps the result it had."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -213,3 +217,39 @@ def test_submitting_imports_no_numpy_and_a_wait_polls_faster_at_first(write_expe
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["3", "[]"]
     assert [poll_interval(t) for t in (0.0, 3.0, 10.0, 60.0, 3600.0)] == [0.05, 0.05, 0.1, 0.6, 1.0]
+
+
+def test_install_compiles_every_module_of_the_project(tmp_path: Path) -> None:
+    """scripts/install.sh's compileall line, run on a clean copy of the tree, leaves a
+    checked-hash .pyc for every module of the project (so a process where
+    PYTHONDONTWRITEBYTECODE is set compiles nothing of ours), and names what the
+    benchmarks compile (benchmarks/trees.py). (It fails without that line: every module
+    then comes from its source.)"""
+    from benchmarks.trees import COMPILED
+
+    lines = [line for line in (REPO / "scripts" / "install.sh").read_text().splitlines()
+             if "-m compileall" in line and not line.lstrip().startswith("#")]
+    assert len(lines) == 1, lines
+    argv = shlex.split(lines[0].replace('"$PY"', sys.executable))
+    assert argv[argv.index("--invalidation-mode") + 1] == "checked-hash"
+    assert argv[-len(COMPILED):] == COMPILED
+    packages = {p.name for p in REPO.iterdir() if (p / "__init__.py").is_file()} - {"tests", "benchmarks"}
+    assert packages == {"orchestrator", "tasks"}, "a new package: add it to install.sh and trees.COMPILED"
+    for name in packages:
+        shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "celeryconfig.py", tmp_path)
+    subprocess.run(argv, cwd=tmp_path, check=True)
+    modules = [p for name in sorted(packages) for p in (tmp_path / name).rglob("*.py")]
+    modules.append(tmp_path / "celeryconfig.py")
+    for module in modules:
+        pyc = Path(importlib.util.cache_from_source(str(module)))
+        assert pyc.is_file(), f"{module.relative_to(tmp_path)} was not compiled"
+        flags = int.from_bytes(pyc.read_bytes()[4:8], "little")
+        assert flags == 0b11, f"{pyc.name}: flags {flags:#b}, not checked-hash"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "PYTHONDONTWRITEBYTECODE": "1", "PYTHONVERBOSE": "1"}
+    proc = subprocess.run([sys.executable, "-c", "import orchestrator.cli, tasks.training"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, check=True)
+    ours = [line for line in proc.stderr.splitlines()
+            if line.startswith("# code object from") and str(tmp_path) in line]
+    assert ours, "no module of the tree was imported"
+    assert all(".pyc" in line for line in ours), [line for line in ours if ".pyc" not in line][:5]
