@@ -143,6 +143,21 @@ def split(table: Table, spec: RunSpec) -> Split:
     return _all_splits(table, spec.seed, spec.k, spec.validation, spec.holdout)[spec.fold]
 
 
+def warm_up() -> None:
+    """scikit-learn's one-time work of a process, done now: a worker's main process calls
+    this before it forks its pool, so no pool process does it in its first run (on GPU
+    workers, every run is a pool process's first). That is importing the dataset loaders
+    (with scipy.io, ~60 ms), and what the first split's input checks do once: list every
+    installed package's entry points (narwhals plugins, ~25 ms)."""
+    import numpy as np
+    import sklearn.datasets  # noqa: F401  (_builtin)
+    from sklearn.model_selection import StratifiedKFold, train_test_split
+
+    y = np.array([0, 1] * 4)
+    train_test_split(np.arange(8), test_size=0.5, stratify=y, random_state=0)
+    next(StratifiedKFold(n_splits=2).split(np.zeros((8, 1)), y))
+
+
 @functools.lru_cache(maxsize=64)
 def _all_splits(table: Table, seed: int, k: int | None, validation: float | None,
                 holdout_fraction: float) -> tuple[Split, ...]:
