@@ -122,7 +122,7 @@ def _specs(specs: Any, folds: Any = None) -> list[RunSpec]:
 def _preload_in_parent(**_: Any) -> None:
     """In the worker's main process, before the pool forks, so every pool child starts
     with these modules loaded: scikit-learn's splitters (~1 s otherwise), its dataset
-    loaders and its first-use work (~85 ms of a pool process's first run), and on
+    loaders and its first-use work (~55 ms of a pool process's first run), and on
     training workers (`orchestrator worker --gpu/--cpu` set ORCH_PRELOAD=1) each
     trainer's imports. Training workers fork a fresh child per run on GPUs
     (--max-tasks-per-child 1), and `import torch` took 3.5 s of every run's start on an
