@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -34,6 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.dispatch import children_cpu  # noqa: E402
 from benchmarks.trees import export_ref  # noqa: E402
 
 COMMANDS = {
@@ -41,11 +41,6 @@ COMMANDS = {
     "submit": ["-c", "import orchestrator.cli, orchestrator.canvas, orchestrator.progress"],
     "worker": ["-c", "import tasks, tasks.training"],
 }
-
-
-def children_cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
 
 
 def main() -> int:

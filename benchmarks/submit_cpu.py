@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,15 +30,10 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.dispatch import NOOP_PRIORITY, NOOP_QUEUE, write_experiment  # noqa: E402
+from benchmarks.dispatch import NOOP_PRIORITY, NOOP_QUEUE, children_cpu, write_experiment  # noqa: E402
 from orchestrator.local import start_redis, stop_process  # noqa: E402
 
 QUEUE_KEY = f"{NOOP_QUEUE}:{NOOP_PRIORITY}"  # kombu's key for that priority (sep ":")
-
-
-def children_cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
 
 
 def submit_once(tree: Path, url: str, exp: Path, root: Path) -> dict[str, float]:
