@@ -8,6 +8,7 @@ a file with the same content.
 from __future__ import annotations
 
 import csv
+import shutil
 import time
 from typing import Any
 
@@ -185,9 +186,17 @@ def finalize_group(layout: Layout, specs: list[RunSpec], live: LiveState | None 
         "files": file_sizes(files), "finished_at": time.time(),
     }
     atomic_write_json(status_path, record)
+    clear_staging(layout, first)
     if live:
         live.set_group(first.experiment, first.group_id, Status.DONE.value)
     return record
+
+
+def clear_staging(layout: Layout, spec: RunSpec) -> None:
+    """At the group's end: what attempts killed while writing (or fenced) left in its
+    staging folder, and the folder itself, so no hidden partial file outlives the group.
+    Every fold has ended by now; a zombie still writing there cannot commit anyway."""
+    shutil.rmtree(layout.staging_root(spec), ignore_errors=True)
 
 
 def _row(spec: RunSpec, meta: dict[str, Any]) -> dict[str, Any]:
@@ -220,6 +229,12 @@ def mark_group_failed(layout: Layout, specs: list[RunSpec], reason: str | None =
     finalize_group.
     """
     first = specs[0]
+    existing = read_group_status(layout, first)
+    if group_record_done(layout, first, existing, sorted(s.run_id for s in specs)):
+        # A finished group stays finished: a late (or forged) error callback of it
+        # changes nothing.
+        assert existing is not None
+        return existing
     folds: dict[str, str] = {}
     failed: dict[str, str] = {}
     for spec, (state, record) in zip(specs, states or fold_states(layout, specs), strict=True):
@@ -251,6 +266,7 @@ def mark_group_failed(layout: Layout, specs: list[RunSpec], reason: str | None =
         "folds": folds, "failed": failed, "finished_at": time.time(),
     }
     atomic_write_json(layout.group_status(first), record)
+    clear_staging(layout, first)
     if live:
         live.set_group(first.experiment, first.group_id, state.value)
     return record

@@ -9,17 +9,35 @@ Keys (all under `orch:`):
     active                hash run_key -> JSON of the attempt holding (or last holding) the
                           run: token, worker, host, pid, name, experiment, task id, the
                           message to re-send; removed when the attempt ends
-    attempts:<run_key>    hash: n (attempts started), lost (attempts that never ended)
+    attempts:<run_key>    hash: n (the number of the latest attempt: the run's fencing
+                          counter), lost (attempts that never ended), failed, committed
+                          (commits of the run's outputs), oom
     cancel:<experiment>   unix time of the last `orchestrator cancel`
 
 A lease that lapses while its `active` entry remains means the worker is gone (host
 down, process killed, network cut, SIGSTOP): the watchdog hands the run to another
 worker and revokes the token in `active`, so the old attempt (a zombie, if it comes
 back) can never renew or commit: its work is discarded.
+
+The fencing invariant: once an attempt has been superseded (its token revoked, a later
+attempt claimed the run, or the run's outputs were committed), no renewal of it ever
+succeeds again, whatever key expired or was released in between. Why the scheme keeps
+it: every claim increments `attempts:<run_key>` field `n` and the attempt remembers its
+number; `n` only grows, and the hash has no expiry while any attempt is in flight (a
+claim PERSISTs it; it expires ATTEMPTS_TTL after an attempt ends). A renewal that finds
+the lease key gone may take the run back (a lapse nobody acted on, or Redis restarted
+without its data) only if `n` is still its own number (or the hash is gone with all of
+Redis's data), nothing was committed, and `active` holds its own token or nothing: a
+successor that claimed, failed or committed and released has moved `n` on, so the old
+attempt is fenced for good. The commit itself is checked in the same script right
+before the rename (LeaseGuard.check), and the rename cannot replace a committed
+`fold_<i>/` (runner.commit_folder): the disk is the last fence, also for a zombie that
+wakes after the counter expired.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -90,7 +108,8 @@ local function claim()
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
   local n = redis.call('HINCRBY', KEYS[3], 'n', 1)
   local l = redis.call('HINCRBY', KEYS[3], 'lost', lost)
-  redis.call('EXPIRE', KEYS[3], ARGV[5])
+  -- The fencing counter must outlive every attempt in flight (see the module's doc).
+  redis.call('PERSIST', KEYS[3])
   return {1, n, l, ''}
 end
 """
@@ -118,10 +137,11 @@ end
 return r
 """
 
-# renew(): KEYS[1] lease, KEYS[2] active; ARGV[1] run_key, ARGV[2] token, ARGV[3] ttl_ms,
-# ARGV[4] info_json. 1: renewed. 2: the lease had lapsed (or Redis lost it) but nobody
-# took the run over: taken back. 0: the token is stale (the run was handed to another
-# attempt): fenced.
+# renew(): KEYS[1] lease, KEYS[2] active, KEYS[3] attempts; ARGV[1] run_key, ARGV[2]
+# token, ARGV[3] ttl_ms, ARGV[4] info_json, ARGV[5] the attempt's number. 1: renewed.
+# 2: the lease had lapsed (or Redis lost it) but nothing happened since: taken back.
+# 0: fenced: the token was revoked, a later attempt claimed the run (n moved on), or the
+# run's outputs were committed. Never 2 after any of these (the module's invariant).
 _RENEW_FN = """
 local function renew()
   local cur = redis.call('GET', KEYS[1])
@@ -130,6 +150,9 @@ local function renew()
     return 1
   end
   if cur then return 0 end
+  local n = redis.call('HGET', KEYS[3], 'n')
+  if redis.call('HGET', KEYS[3], 'committed') then return 0 end
+  if n and n ~= ARGV[5] then return 0 end
   local a = redis.call('HGET', KEYS[2], ARGV[1])
   if a then
     local ok, p = pcall(cjson.decode, a)
@@ -137,14 +160,30 @@ local function renew()
   else
     redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
   end
+  if not n then
+    redis.call('HSET', KEYS[3], 'n', ARGV[5])
+    redis.call('PERSIST', KEYS[3])
+  end
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   return 2
 end
 """
 # What a running attempt asks (heartbeat, and before it writes): renew, and the
-# experiment's cancel time (KEYS[3]). Returns {renew code, cancel time or ''}.
+# experiment's cancel time (KEYS[4]). Returns {renew code, cancel time or ''}.
 _PROBE = _RENEW_FN + """
-return {renew(), redis.call('GET', KEYS[3]) or ''}
+return {renew(), redis.call('GET', KEYS[4]) or ''}
+"""
+
+# An attempt whose number is not above what the run's status file records (Redis lost
+# its counter, or local mode started a new Redis for a later `run`): renumber it past
+# the file's, so that attempt numbers keep counting and no log is overwritten.
+# KEYS[1] lease, KEYS[2] attempts; ARGV[1] token, ARGV[2] its number, ARGV[3] the new.
+_RENUMBER = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local n = redis.call('HGET', KEYS[2], 'n')
+if n and n ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[2], 'n', ARGV[3])
+return 1
 """
 
 # release(): KEYS[1] lease, KEYS[2] active; ARGV[1] run_key, ARGV[2] token. Ends an
@@ -168,10 +207,9 @@ _RELEASE = _RELEASE_FN + "return release()"
 # hash field (KEYS[6], ARGV[8] '1', ARGV[9] field, ARGV[10] value, ARGV[11] ttl_s).
 _FINISH = _RELEASE_FN + """
 local released = release()
-if ARGV[3] == '1' then
-  redis.call('HINCRBY', KEYS[3], 'committed', 1)
-  redis.call('EXPIRE', KEYS[3], ARGV[4])
-end
+if ARGV[3] == '1' then redis.call('HINCRBY', KEYS[3], 'committed', 1) end
+-- The fencing counter outlives the attempt (see the module's doc), then expires.
+if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('EXPIRE', KEYS[3], ARGV[4]) end
 if released == 1 then redis.call('HDEL', KEYS[4], ARGV[1]) end
 if ARGV[5] == '1' then redis.call('SET', KEYS[5], ARGV[6], 'EX', ARGV[7]) end
 if ARGV[8] == '1' then
@@ -231,6 +269,7 @@ class Leases:
         self._release = client.register_script(_RELEASE)
         self._finish = client.register_script(_FINISH)
         self._revoke = client.register_script(_REVOKE)
+        self._renumber = client.register_script(_RENUMBER)
 
     @classmethod
     def from_url(cls, url: str, ttl: float | None = None) -> Leases:
@@ -288,14 +327,25 @@ class Leases:
         return Start(claim=got) if isinstance(got, Claim) else Start(holder=got)
 
     def probe(self, run_key: str, token: str, info: dict[str, Any],
-              experiment: str) -> tuple[int, float | None]:
-        """Renew the lease and read the experiment's cancel time, in one round trip:
-        (1 renewed, 2 taken back after a lapse nobody acted on, 0 fenced; cancel time)."""
+              experiment: str, attempt: int) -> tuple[int, float | None]:
+        """Renew the lease of attempt number `attempt` and read the experiment's cancel
+        time, in one round trip: (1 renewed, 2 taken back after a lapse nobody acted
+        on, 0 fenced for good; cancel time)."""
         record = json.dumps({**info, "token": token})
         code, cancelled = cast(list[Any], self._probe(
-            keys=[lease_key(run_key), ACTIVE, cancel_key(experiment)],
-            args=[run_key, token, self.ttl_ms, record]))
+            keys=[lease_key(run_key), ACTIVE, attempts_key(run_key), cancel_key(experiment)],
+            args=[run_key, token, self.ttl_ms, record, attempt]))
         return int(code), _float(cancelled)
+
+    def renumber(self, run_key: str, claim: Claim, floor: int) -> Claim:
+        """`claim` numbered above `floor` (the highest attempt its status file records),
+        if it is not already: attempt numbers never repeat, across Redis restarts and
+        local mode's fresh Redis per command. The claim as it is if it lost its lease."""
+        if claim.attempt > floor:
+            return claim
+        moved = self._renumber(keys=[lease_key(run_key), attempts_key(run_key)],
+                               args=[claim.token, claim.attempt, floor + 1])
+        return dataclasses.replace(claim, attempt=floor + 1) if int(moved) else claim
 
     def release(self, run_key: str, token: str) -> bool:
         return bool(self._release(keys=[lease_key(run_key), ACTIVE], args=[run_key, token]))
@@ -356,10 +406,8 @@ class Leases:
 
     def count_failure(self, run_key: str) -> int:
         """One more attempt ended with an exception; returns how many have."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hincrby(attempts_key(run_key), "failed", 1)
-        pipe.expire(attempts_key(run_key), ATTEMPTS_TTL)
-        return int(pipe.execute()[0])
+        # No expiry here: the attempt is still in flight (finish() sets it).
+        return int(cast(int, self.client.hincrby(attempts_key(run_key), "failed", 1)))
 
     def attempts(self, run_key: str) -> dict[str, int]:
         raw = cast(dict[bytes, bytes], self.client.hgetall(attempts_key(run_key)))
@@ -446,6 +494,7 @@ class LeaseGuard:
     def __init__(self, leases: Leases, run_key: str, claim: Claim, info: dict[str, Any],
                  experiment: str, submitted_at: float | None):
         self.leases, self.run_key, self.token = leases, run_key, claim.token
+        self.attempt = claim.attempt  # the fencing number (leases' module doc)
         self.tag = claim.token
         self.info = {**info, "attempt": claim.attempt}
         self.experiment, self.submitted_at = experiment, submitted_at
@@ -463,7 +512,8 @@ class LeaseGuard:
     def _probe(self) -> tuple[str, bool] | None:
         """One round trip: renew the lease, read the cancel mark. (why, cancelled) if
         this attempt must stop, else None. Raises redis.RedisError."""
-        code, at = self.leases.probe(self.run_key, self.token, self.info, self.experiment)
+        code, at = self.leases.probe(self.run_key, self.token, self.info, self.experiment,
+                                     self.attempt)
         if code == 0:
             return "its lease was handed to another attempt", False
         if at is not None and (self.submitted_at is None or at > self.submitted_at):

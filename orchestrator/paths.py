@@ -231,10 +231,14 @@ class Layout:
     def fold_dir(self, spec: RunSpec) -> Path:
         return self._fold(spec)[0]
 
+    def staging_root(self, spec: RunSpec) -> Path:
+        """The group's hidden folder of attempts' staging folders (removed at its end)."""
+        return self.group_dir(spec) / ".staging"
+
     def staging_dir(self, spec: RunSpec, tag: str) -> Path:
         """Where an attempt writes a fold's outputs before it commits them (one rename of
         the folder): hidden, so no partial file is ever at an output's name."""
-        return self.group_dir(spec) / ".staging" / f"fold_{spec.fold}.{check_name(tag, 'attempt tag')}"
+        return self.staging_root(spec) / f"fold_{spec.fold}.{check_name(tag, 'attempt tag')}"
 
     def logs_dir(self, spec: RunSpec) -> Path:
         return self.group_dir(spec) / "logs"

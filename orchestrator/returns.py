@@ -36,7 +36,7 @@ from .errors import RunStopped
 from .leases import PREFIX, lease_key
 from .livestate import TTL_SECONDS
 from .paths import FOLD_FILES, Layout, atomic_write_json, file_lock, fsync_dir
-from .runner import Guard, _commit, end_attempt, write_new
+from .runner import Guard, commit_folder, end_attempt, move_aside, write_new
 from .spec import RunSpec
 from .status import Status, file_sizes, fold_state, write_fold_status
 
@@ -164,6 +164,9 @@ class ReturnSink:
     def staging_dir(self, spec: RunSpec, tag: str) -> Path:
         return self.scratch / f"fold_{spec.fold}.{tag}"
 
+    def prepare(self, spec: RunSpec, guard: Guard, record: dict[str, Any]) -> dict[str, Any] | None:
+        return None  # a fresh scratch folder per task: nothing left over to clear
+
     def commit(self, spec: RunSpec, staging: Path, guard: Guard) -> dict[str, int]:
         payload = transfer.pack(staging, FOLD_FILES, self.max_bytes, spec.name, run_id=spec.run_id)
         code = self.returns.put(spec, payload, getattr(guard, "token", None))
@@ -241,12 +244,15 @@ def _take(layout: Layout, spec: RunSpec, returns: Returns, record: dict[str, Any
                 + ("identical to the fold already written" if same else
                    "that differs from the fold already written (kept the first)"))
     staging = layout.staging_dir(spec, f"returned-{uuid.uuid4().hex}")
+    # Not DONE on disk, yet a folder of this run is there: a collect that died between
+    # its rename and its DONE mark, or damaged files. Under the collect lock: replaced.
+    move_aside(layout.fold_dir(spec), staging.with_name(staging.name + ".old"))
     try:
         staging.mkdir(parents=True)
         for name, data in files.items():
             write_new(staging / name, data)
         fsync_dir(staging)
-        _commit(staging, layout.fold_dir(spec))
+        commit_folder(staging, layout.fold_dir(spec), spec.run_id)
     except RunStopped:  # a shared-root worker committed this fold in the meantime
         shutil.rmtree(staging, ignore_errors=True)
         returns.drop(spec)

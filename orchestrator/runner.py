@@ -35,7 +35,7 @@ from .metrics import csv_cells, prob_text, ranks, scores, table_csv
 from .paths import FSYNC, Layout, fsync_dir, fsync_folder, json_bytes, read_json, start_writeback
 from .spec import RunSpec
 from .status import Status, file_sizes, fold_state, read_fold_status, write_fold_status
-from .trainers import Reporter, TrainContext, get_trainer
+from .trainers import Reporter, TrainContext, Trainer, get_trainer
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,11 @@ class Sink(Protocol):
 
     def staging_dir(self, spec: RunSpec, tag: str) -> Path: ...
 
+    # Before training, by the attempt holding the run: clear what dead or fenced
+    # attempts left; the fold's DONE record if its outputs were committed by an attempt
+    # that died before it could say so (then nothing is trained again).
+    def prepare(self, spec: RunSpec, guard: Guard, record: dict[str, Any]) -> dict[str, Any] | None: ...
+
     def commit(self, spec: RunSpec, staging: Path, guard: Guard) -> dict[str, int]: ...  # file sizes
 
     def summary(self, spec: RunSpec, record: dict[str, Any]) -> dict[str, Any]: ...
@@ -114,8 +119,27 @@ class SharedSink:
     def staging_dir(self, spec: RunSpec, tag: str) -> Path:
         return self.layout.staging_dir(spec, tag)
 
+    def prepare(self, spec: RunSpec, guard: Guard, record: dict[str, Any]) -> dict[str, Any] | None:
+        clear_staging(self.layout, spec, keep=guard.tag)
+        final = self.layout.fold_dir(spec)
+        if not os.path.lexists(final):
+            return None
+        meta = read_json(final / "metadata.json")
+        if isinstance(meta, dict) and meta.get("run_id") == spec.run_id and record.get("status") != Status.DONE.value:
+            # Committed (one rename, after its fence check) by an attempt that died before
+            # its DONE mark: those outputs are the run's; say so instead of training again.
+            paths = self.layout.fold_files(spec)
+            if all(p.is_file() for p in paths.values()):
+                guard.check()
+                return adopt(self.layout, spec, meta, record)
+        # Damaged (a DONE record whose files are not as written) or another run's
+        # outputs in this folder: removed, by the attempt holding the run (fresh check).
+        guard.check()
+        move_aside(final, self.layout.staging_dir(spec, guard.tag + ".old"))
+        return None
+
     def commit(self, spec: RunSpec, staging: Path, guard: Guard) -> dict[str, int]:
-        _commit(staging, self.layout.fold_dir(spec))
+        commit_folder(staging, self.layout.fold_dir(spec), spec.run_id)
         return file_sizes(self.layout.fold_files(spec))
 
     def summary(self, spec: RunSpec, record: dict[str, Any]) -> dict[str, Any]:
@@ -150,6 +174,24 @@ class _NoGuard:
         return None
 
 
+def runnable(spec: RunSpec, device: str, after_oom: bool = False) -> tuple[Trainer, dict[str, Any]]:
+    """The run's trainer and its resolved params on `device`, or the reason this worker
+    refuses the message: UnknownTrainerError (not registered here; nothing imported),
+    InvalidSpecError (another trainer version, or params the trainer refuses). Called
+    before the run is claimed, so a refused message never touches the run's records."""
+    trainer = get_trainer(spec.trainer)
+    if trainer.version != spec.trainer_version:
+        raise InvalidSpecError(f"trainer {spec.trainer!r} is version {trainer.version} on this worker, "
+                               f"the run was submitted for version {spec.trainer_version}")
+    params = trainer.resolve(spec.params_for(device, after_oom))
+    problems = [f"{name}: {problem}" for name, value in params.items()
+                if (problem := trainer.params[name].problem(value) if name in trainer.params
+                    else f"unknown parameter of trainer {trainer.name!r}")]
+    if problems:  # a message that bypassed validation: refuse before touching anything
+        raise InvalidSpecError(f"invalid params for {spec.name}: {'; '.join(problems)}")
+    return trainer, params
+
+
 def is_cuda_oom(exc: BaseException) -> bool:
     """torch.OutOfMemoryError (torch.cuda.OutOfMemoryError), or an error that says so."""
     return type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc)
@@ -171,17 +213,10 @@ def execute(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
     if state == Status.DONE.value:  # a redelivered or resubmitted run that already finished
         return {**sink.summary(spec, current), "skipped": True}
     guard = guard or _NoGuard()
-    trainer = get_trainer(spec.trainer)
-    if trainer.version != spec.trainer_version:
-        raise RuntimeError(f"trainer {spec.trainer!r} is version {trainer.version} on this worker, "
-                           f"the run was submitted for version {spec.trainer_version}")
     after_oom = after_oom and worker.device == "cuda" and bool(spec.overrides.get("cuda_oom"))
-    params = trainer.resolve(spec.params_for(worker.device, after_oom))
-    problems = [f"{name}: {problem}" for name, value in params.items()
-                if (problem := trainer.params[name].problem(value) if name in trainer.params
-                    else f"unknown parameter of trainer {trainer.name!r}")]
-    if problems:  # a message that bypassed validation: refuse before touching anything
-        raise InvalidSpecError(f"invalid params for {spec.name}: {'; '.join(problems)}")
+    trainer, params = runnable(spec, worker.device, after_oom)
+    if (adopted := sink.prepare(spec, guard, current)) is not None:
+        return {**sink.summary(spec, adopted), "skipped": True, "adopted": True}
     started = time.time()
     record = sink.write_status(spec, Status.IN_PROGRESS, base=current, attempt=attempt,
                                worker=worker.name, host=worker.host, gpu=worker.gpu,
@@ -266,11 +301,20 @@ def _progress_sender(live: LiveState, spec: RunSpec, worker: WorkerInfo) -> Call
     return send
 
 
+def last_attempt(record: dict[str, Any]) -> int:
+    """The highest attempt number a fold's record knows of (0: none)."""
+    numbers = [h.get("attempt") for h in record.get("history", []) if isinstance(h, dict)]
+    numbers.append(record.get("attempt"))
+    return max((n for n in numbers if type(n) is int), default=0)
+
+
 def start_attempt(record: dict[str, Any], attempt: int, worker: WorkerInfo,
                   started: float) -> list[dict[str, Any]]:
     """The fold's attempt history with this attempt added; an earlier attempt that never
     reported an outcome is marked lost (its process or host died)."""
-    history = [dict(h) for h in record.get("history", []) if isinstance(h, dict)][-20:]
+    # Every attempt is kept (bounded against a file that would grow without end: runs
+    # are capped at a few retries and lost attempts, so this bound is never reached).
+    history = [dict(h) for h in record.get("history", []) if isinstance(h, dict)][-1000:]
     for h in history:
         h.setdefault("outcome", "LOST")
     return [*history, {"attempt": attempt, "worker": worker.name, "host": worker.host,
@@ -292,14 +336,18 @@ def end_attempt(record: dict[str, Any], outcome: str, finished: float, error: st
     return history
 
 
-def _commit(staging: Path, final: Path) -> None:
-    """Move the staged folder to its place in one rename. Whatever an earlier, unfinished
-    attempt left there is moved aside first (it was never DONE); if another attempt
-    commits in between, the rename fails and this attempt's work is discarded."""
-    aside = None
-    if final.exists():
-        aside = staging.with_name(staging.name + ".old")
-        os.rename(final, aside)
+def commit_folder(staging: Path, final: Path, run_id: str) -> None:
+    """Move the staged folder to its place in one rename. A committed fold of this run is
+    never replaced: the rename fails when `final` is a non-empty folder, so of two
+    attempts that both passed their fence check (one paused in between), the first
+    rename wins and the other's work is discarded. What another run (same folder,
+    other content) left there is moved aside first; an attempt of this run that finds
+    a damaged fold removes it before it trains (SharedSink.prepare)."""
+    if os.path.lexists(final):
+        meta = read_json(final / "metadata.json")
+        if isinstance(meta, dict) and meta.get("run_id") == run_id:
+            raise RunStopped("another attempt committed this run's outputs first")
+        move_aside(final, staging.with_name(staging.name + ".old"))
     try:
         os.rename(staging, final)
     except OSError as exc:
@@ -307,8 +355,48 @@ def _commit(staging: Path, final: Path) -> None:
             raise RunStopped("another attempt committed this run's outputs first") from None
         raise
     fsync_dir(final.parent)
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
+
+
+def move_aside(folder: Path, aside: Path) -> None:
+    """Remove `folder`: renamed out of sight first (one step), then deleted."""
+    try:
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(folder, aside)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def clear_staging(layout: Layout, spec: RunSpec, keep: str | None = None) -> None:
+    """Remove what earlier attempts of this fold left in the group's staging folder (a
+    process killed while writing; a fenced zombie). Only the attempt holding the run
+    calls this, so no live attempt's folder goes: a zombie that still writes into its
+    own finds it gone and cannot commit anyway. `keep`: this attempt's tag."""
+    stage = layout.staging_root(spec)
+    try:
+        names = os.listdir(stage)
+    except FileNotFoundError:
+        return
+    prefix = f"fold_{spec.fold}."
+    for name in names:
+        if name.startswith(prefix) and (keep is None or name != prefix + keep):
+            shutil.rmtree(stage / name, ignore_errors=True)
+
+
+def adopt(layout: Layout, spec: RunSpec, meta: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    """The DONE record of outputs committed by an attempt that died before writing it
+    (metadata.json says which attempt, on which worker)."""
+    finished = time.time()
+    attempt = meta.get("attempt") if type(meta.get("attempt")) is int else record.get("attempt")
+    history = [dict(h) for h in record.get("history", []) if isinstance(h, dict)]
+    for h in history:
+        if "outcome" not in h:
+            h.update(outcome="DONE", finished_at=finished, adopted=True) if h.get("attempt") == attempt \
+                else h.update(outcome="LOST")
+    return write_fold_status(layout, spec, Status.DONE, base=record, attempt=attempt,
+                             worker=meta.get("worker"), host=meta.get("host"), finished_at=finished,
+                             error=None, metrics=meta.get("metrics", {}),
+                             files=file_sizes(layout.fold_files(spec)), history=history, adopted=True)
 
 
 def _write_outputs(folder: Path, table: datasets.Table, rows: np.ndarray, n_val: int,
@@ -340,13 +428,30 @@ def _write_outputs(folder: Path, table: datasets.Table, rows: np.ndarray, n_val:
     fsync_folder(folder)
 
 
+def holds(guard: Guard) -> bool:
+    """Whether the attempt may still write the run's records: it holds the run (a
+    cancel does not take that away), as Redis says now; False when Redis cannot say."""
+    try:
+        guard.check()
+    except RunStopped as stop:
+        return stop.cancelled
+    except Exception:
+        return False
+    return True
+
+
 def record_failure(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
                    exc: BaseException, will_retry: bool, live: LiveState | None = None,
-                   status: Status | None = None, sink: Sink | None = None) -> str:
+                   status: Status | None = None, sink: Sink | None = None,
+                   guard: Guard | None = None) -> str:
     """Mark the fold FAILED (or PENDING when a retry follows, or `status`) in `sink` (by
-    default the results root); return the error text."""
+    default the results root); return the error text. Given the attempt's `guard`,
+    only while that attempt still holds the run (asked fresh): a fenced attempt (a
+    zombie whose writes failed under it, say) records nothing over its successor's."""
     sink = sink or SharedSink(layout)
     error = f"{type(exc).__name__}: {exc}"
+    if guard is not None and not holds(guard):
+        return error
     status = status or (Status.PENDING if will_retry else Status.FAILED)
     current = sink.read_status(spec) or {}
     now = time.time()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import os
 import time
@@ -31,8 +32,29 @@ from orchestrator.livestate import PROGRESS, LiveState
 from orchestrator.paths import Layout
 from orchestrator.returns import Returns, ReturnSink, collect
 from orchestrator.runlogs import LOG_TTL, capture, log_key, read_tail
-from orchestrator.runner import SharedSink, Sink, WorkerInfo, execute, is_cuda_oom, record_failure
+from orchestrator.runner import (
+    SharedSink,
+    Sink,
+    WorkerInfo,
+    execute,
+    holds,
+    is_cuda_oom,
+    last_attempt,
+    record_failure,
+    runnable,
+)
 from orchestrator.spec import RunSpec
+
+try:  # TEMP until the helpers land
+    from orchestrator.spec import check_submitted_at
+except ImportError:
+    def check_submitted_at(value: Any) -> Any:
+        return value
+try:
+    from orchestrator.deadletters import DeadLetters
+except ImportError:
+    DeadLetters = None
+
 from orchestrator.status import FoldPaths, Status
 from orchestrator.trainers import registry
 from orchestrator.transfer import RETURN, PayloadTooLarge
@@ -211,11 +233,20 @@ def _settled(run: RunSpec, submitted_at: float | None, sink: Sink,
           ignore_result=True, store_errors_even_if_ignored=True)
 def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None) -> dict[str, Any]:
     """Train one run (one fold of one parameter point) on this worker's device, holding
-    its lease (orchestrator.leases) from start to end."""
-    run = RunSpec.from_dict(spec)  # raises InvalidSpecError: FAILURE, nothing touched
-    if submitted_at is not None and not isinstance(submitted_at, (int, float)):
-        raise InvalidSpecError("submitted_at must be a number (unix time)")
+    its lease (orchestrator.leases) from start to end.
+
+    The message is validated whole before the run is claimed: a refused one (its spec,
+    its trainer, its params) is recorded in the dead letters and ends FAILURE, and
+    changes nothing that belongs to the run. Only an attempt that claimed the run's
+    lease writes its records, and only while it still holds it."""
     worker = WorkerInfo.from_env(self.request.hostname or "unknown")
+    try:
+        run = RunSpec.from_dict(spec)
+        submitted_at = check_submitted_at(submitted_at)
+        runnable(run, worker.device)
+    except (UnknownTrainerError, InvalidSpecError) as exc:
+        _refuse(self, exc, spec)
+        raise
     layout, live, leases, sink = _layout(), _live(), _leases(), _sink()
     guard_info = {"worker": worker.name, "host": worker.host, "pid": os.getpid(),
                   "name": run.name, "experiment": run.experiment, "task_id": self.request.id,
@@ -228,10 +259,7 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
     start = leases.begin(run.run_key, guard_info, run.experiment, submitted_at, self.request.id,
                          entry)
     if start.cancelled_at is not None:
-        why = "cancelled: its experiment was cancelled (orchestrator cancel) before it started"
-        record_failure(run, layout, worker, 0, RunFailed(why), will_retry=False, live=live,
-                       status=Status.CANCELLED, sink=sink)
-        raise RunFailed(why)
+        _cancelled_before_start(run, worker, guard_info, submitted_at, sink)
     if start.paused:  # park it, same message and chord, until resumed
         raise self.retry(queue=parked_queue(run.experiment), countdown=0, max_retries=None)
     claim = start.claim or _claim(self, run, worker, guard_info, sink, submitted_at, start.holder or {})
@@ -243,6 +271,7 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
     if len(worker_gpus()) > 1 and gpus:  # a multi-GPU worker: the run sees only its GPUs
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
         worker = dataclasses.replace(worker, gpu=os.environ["CUDA_VISIBLE_DEVICES"])
+    guard = LeaseGuard(leases, run.run_key, claim, guard_info, run.experiment, submitted_at)
     try:
         found = sink.fold_state(run, submitted_at)  # one read, for both checks
         if (record := _settled(run, submitted_at, sink, found)) is not None:
@@ -252,27 +281,32 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
                              worker=record.get("worker"), attempt=record.get("attempt"),
                              error=record.get("error"))
             return _outcome(run, record, sink)
+        # Attempt numbers keep counting past what the run's records say (local mode
+        # starts a new Redis for each command): no log or history entry is reused.
+        claim = leases.renumber(run.run_key, claim, last_attempt(found[1]))
+        guard = LeaseGuard(leases, run.run_key, claim, guard_info, run.experiment, submitted_at)
         lost_limit = max(run.retries, LOST_ATTEMPTS_MIN)
         if claim.lost > lost_limit:
             why = (f"its process died {claim.lost} times without finishing (segfault, OOM "
                    f"kill or lost host); gave up after {lost_limit} retries")
             record_failure(run, layout, worker, claim.attempt, RunFailed(why), will_retry=False,
-                           live=live, sink=sink)
+                           live=live, sink=sink, guard=guard)
             raise RunFailed(why)
         log_path = sink.run_log(run, claim.attempt)
-        with LeaseGuard(leases, run.run_key, claim, guard_info, run.experiment, submitted_at) as guard:
+        with guard:
             try:
                 after_oom = worker.device == "cuda" and bool(leases.attempts(run.run_key).get("oom"))
                 with capture(log_path):
                     result = execute(run, layout, worker, claim.attempt, live, guard,
                                      lost=claim.lost, after_oom=after_oom, sink=sink, found=found,
                                      marked=mark)
-                committed, done = not result.get("skipped"), True
+                committed, done = not result.get("skipped") or bool(result.get("adopted")), True
                 return result
             except RunStopped as stop:
                 if stop.cancelled:
                     record_failure(run, layout, worker, claim.attempt, RunFailed(str(stop)),
-                                   will_retry=False, live=live, status=Status.CANCELLED, sink=sink)
+                                   will_retry=False, live=live, status=Status.CANCELLED, sink=sink,
+                                   guard=guard)
                     raise RunFailed(str(stop)) from None
                 # A zombie, or handed back by a warm stop: another attempt owns the run
                 # now. Write nothing, report nothing (the chord counts that attempt);
@@ -281,22 +315,26 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
                 log.warning("%s: attempt %d stops without writing: %s", run.name, claim.attempt, stop)
                 raise Reject(str(stop), requeue=True) from None
     except (UnknownTrainerError, InvalidSpecError, PayloadTooLarge) as exc:  # retrying cannot help
-        record_failure(run, layout, worker, claim.attempt, exc, will_retry=False, live=live, sink=sink)
+        record_failure(run, layout, worker, claim.attempt, exc, will_retry=False, live=live, sink=sink,
+                       guard=guard)
         raise
     except SoftTimeLimitExceeded:
         timeout = TimeoutError(f"run exceeded its timeout of {run.timeout:g} s")
         record_failure(run, layout, worker, claim.attempt, timeout, will_retry=False, live=live,
-                       sink=sink)
+                       sink=sink, guard=guard)
         raise timeout from None
     except (Reject, RunFailed, Retry):
         raise
     except Exception as exc:
+        if not holds(guard):  # fenced: its failure is not the run's (a zombie's writes failed)
+            log.warning("%s: attempt %d stops without writing: %s", run.name, claim.attempt, exc)
+            raise Reject(f"fenced attempt failed: {exc}", requeue=True) from None
         if worker.device == "cuda" and is_cuda_oom(exc):
-            _out_of_memory(self, run, layout, worker, claim.attempt, exc, live, sink)
+            _out_of_memory(self, run, layout, worker, claim.attempt, exc, live, sink, guard)
         failures = leases.count_failure(run.run_key)
         will_retry = failures <= run.retries
         record_failure(run, layout, worker, claim.attempt, exc, will_retry=will_retry, live=live,
-                       sink=sink)
+                       sink=sink, guard=guard)
         if will_retry:
             log.warning("%s: attempt %d failed (%s); retrying", run.name, claim.attempt, exc)
             raise self.retry(exc=exc, countdown=backoff(failures - 1), max_retries=None) from exc
@@ -316,8 +354,38 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
             sink.cleanup()  # its scratch folder (created only once the run started)
 
 
+def _refuse(task: Any, exc: BaseException, raw: Any) -> None:
+    """A refused message: its reason in the dead letters (`orchestrator deadletters`),
+    never in the run's records. The task then ends FAILURE (acknowledged, not retried)."""
+    request = task.request
+    with contextlib.suppress(Exception):
+        DeadLetters(_leases().client).add(
+            f"{type(exc).__name__}: {exc}", task_id=request.id, task=task.name,
+            queue=(request.delivery_info or {}).get("routing_key"),
+            raw=json.dumps(raw, default=repr)[:4096])
+    log.warning("refused %s %s: %s", task.name, request.id, exc)
+
+
+def _cancelled_before_start(run: RunSpec, worker: WorkerInfo, info: dict[str, Any],
+                            submitted_at: float | None, sink: Sink) -> None:
+    """Its experiment was cancelled after this message was sent: CANCELLED, recorded
+    only by a delivery that can claim the run (no other attempt holds it) and only over
+    a record that has not ended (a duplicate of a finished run changes nothing)."""
+    why = "cancelled: its experiment was cancelled (orchestrator cancel) before it started"
+    leases = _leases()
+    got = leases.claim(run.run_key, info)
+    if isinstance(got, Claim):
+        try:
+            if _settled(run, submitted_at, sink) is None:
+                record_failure(run, _layout(), worker, got.attempt, RunFailed(why), will_retry=False,
+                               live=_live(), status=Status.CANCELLED, sink=sink)
+        finally:
+            leases.finish(run.run_key, got.token, False, PROGRESS, None)
+    raise RunFailed(why)
+
+
 def _out_of_memory(task: Any, run: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
-                   exc: BaseException, live: LiveState, sink: Sink) -> None:
+                   exc: BaseException, live: LiveState, sink: Sink, guard: LeaseGuard) -> None:
     """CUDA ran out of memory although admission saw enough free: retry once with the
     run's `cuda_oom` overrides (a smaller batch, say) if it has them and has not used
     them yet, else FAILED saying so. Always raises."""
@@ -325,14 +393,16 @@ def _out_of_memory(task: Any, run: RunSpec, layout: Layout, worker: WorkerInfo, 
     used = bool(leases.attempts(run.run_key).get("oom"))
     if run.overrides.get("cuda_oom") and not used:
         leases.client.hset(attempts_key(run.run_key), "oom", "1")
-        record_failure(run, layout, worker, attempt, exc, will_retry=True, live=live, sink=sink)
+        record_failure(run, layout, worker, attempt, exc, will_retry=True, live=live, sink=sink,
+                       guard=guard)
         log.warning("%s: CUDA out of memory; retrying with its cuda_oom overrides %s", run.name,
                     dict(run.overrides["cuda_oom"]))
         raise task.retry(exc=exc, countdown=1, max_retries=None) from exc
     hint = ("even with its cuda_oom overrides" if used else
             "and it has no cuda_oom overrides to retry with (add e.g. `cuda_oom: {batch_size: 32}`)")
     failed = RunFailed(f"CUDA out of memory on GPU {worker.gpu}, {hint}: {exc}")
-    record_failure(run, layout, worker, attempt, failed, will_retry=False, live=live, sink=sink)
+    record_failure(run, layout, worker, attempt, failed, will_retry=False, live=live, sink=sink,
+                   guard=guard)
     raise failed from exc
 
 

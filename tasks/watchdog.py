@@ -26,7 +26,9 @@ _stop = threading.Event()
 def restore_message(task_id: str) -> bool:
     """Put the unacknowledged message of `task_id` back at the head of its queue, as
     kombu does when a visibility timeout expires (same message, same task id, so the
-    chord counts it once). False if no such message is unacknowledged."""
+    chord counts it once): the end consumers take next (kombu publishes with LPUSH and
+    consumes with BRPOP, so RPUSH: leftmost=False), so the run starts on the next free
+    slot, before every run queued after it. False if no such message is unacknowledged."""
     with app.connection_for_write() as conn:
         channel: Any = conn.default_channel
         client = channel.client
@@ -38,7 +40,7 @@ def restore_message(task_id: str) -> bool:
                 continue
             if found:
                 channel.qos.restore_by_tag(tag.decode() if isinstance(tag, bytes) else tag,
-                                           leftmost=True)
+                                           leftmost=False)
                 return True
     return False
 
@@ -66,7 +68,8 @@ def restore_orphans(known_task_ids: set[str], older_than: float) -> list[str]:
                 continue
             if now - float(delivered.get(tag, now)) < older_than:
                 continue
-            channel.qos.restore_by_tag(tag.decode() if isinstance(tag, bytes) else tag, leftmost=True)
+            # At the head, as restore_message does: it was taken before what is queued now.
+            channel.qos.restore_by_tag(tag.decode() if isinstance(tag, bytes) else tag, leftmost=False)
             restored.append(str(headers.get("argsrepr") or task_id))
     return restored
 

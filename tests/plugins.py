@@ -110,3 +110,31 @@ def _bulky(ctx: TrainContext) -> TrainResult:
 
 TRAINERS.append(Trainer("bulky", "1", _bulky, {"bulk_fold": Param(-1, "int"), "bulk_kb": Param(256, "int", minimum=1),
                                                "unless": Param("", "str"), "smoothing": Param(1.0, "float")}))
+
+
+class _DieWhenWritten:
+    """Kills its process when the runner serialises the run's metadata: the last of the
+    four output files, so the attempt dies with three files in its staging folder."""
+
+    def __str__(self) -> str:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+        return ""
+
+
+def _midwrite(ctx: TrainContext) -> TrainResult:
+    """On `kill_fold`, unless the file `unless` exists (it is created then): the process
+    is SIGKILLed while the fold's outputs are being written (see _DieWhenWritten)."""
+    result = prior_train(ctx)
+    marker = ctx.params["unless"]
+    if ctx.fold != ctx.params["kill_fold"] or (marker and os.path.exists(marker)):
+        return result
+    if marker:
+        with open(marker, "w"):
+            pass
+    return TrainResult(result.probabilities, result.params_count, {"die": _DieWhenWritten()})
+
+
+TRAINERS.append(Trainer("midwrite", "1", _midwrite, {"kill_fold": Param(-1, "int"), "unless": Param("", "str"),
+                                                     "smoothing": Param(1.0, "float")}))

@@ -61,3 +61,80 @@ def test_begin_without_an_entry_or_when_paused_sets_no_mark(leases: Leases) -> N
 def test_begin_refuses_an_entry_it_cannot_extend(leases: Leases) -> None:
     with pytest.raises(ValueError, match="JSON object"):
         leases.begin("r", {}, "e", None, "t", ("k", "f", "[1]", 10))
+
+
+def _expire_lease(leases: Leases, run_id: str) -> None:
+    """What a lapse looks like: the lease key gone, nothing else changed."""
+    leases.client.delete(f"orch:lease:{run_id}")
+
+
+def test_a_superseded_attempt_can_never_take_its_lease_back(leases: Leases) -> None:
+    """The fencing invariant (orchestrator.leases): once another attempt claimed the run,
+    or the run was committed, the old attempt's renewals fail for good, whatever key
+    expired or was released in between."""
+    exp, run_id = f"exp-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    a = leases.begin(run_id, {"worker": "a"}, exp, None, "t1").claim
+    assert a is not None and a.attempt == 1
+    # A's lease lapses, the watchdog revokes it, B claims, commits and releases.
+    _expire_lease(leases, run_id)
+    assert leases.revoke(run_id, a.token, why="lease lapsed")
+    b = leases.claim(run_id, {"worker": "b"})
+    assert not isinstance(b, dict) and b.attempt == 2 and b.lost == 1
+    leases.finish(run_id, b.token, True, PROGRESS, None)
+    assert not leases.client.exists(f"orch:lease:{run_id}") and leases.active().get(run_id) is None
+    # A wakes: lease and active entry are both gone. It stays fenced.
+    assert leases.probe(run_id, a.token, {"worker": "a"}, exp, a.attempt)[0] == 0
+    assert not leases.client.exists(f"orch:lease:{run_id}")
+
+    # Same without the watchdog's revoke (B claimed after a lapse, then failed and released).
+    run2 = uuid.uuid4().hex
+    a = leases.claim(run2, {"worker": "a"})
+    _expire_lease(leases, run2)
+    leases.client.hdel("orch:active", run2)
+    b = leases.claim(run2, {"worker": "b"})
+    assert not isinstance(a, dict) and not isinstance(b, dict)
+    leases.finish(run2, b.token, False, PROGRESS, None)
+    assert leases.probe(run2, a.token, {}, exp, a.attempt)[0] == 0
+
+    # Committed, even by this very attempt number after the counter moved: fenced.
+    run3 = uuid.uuid4().hex
+    a = leases.claim(run3, {})
+    assert not isinstance(a, dict)
+    leases.client.hset(f"orch:attempts:{run3}", "committed", 1)
+    _expire_lease(leases, run3)
+    assert leases.probe(run3, a.token, {}, exp, a.attempt)[0] == 0
+
+
+def test_a_lapse_nobody_acted_on_is_taken_back_also_after_redis_lost_its_data(leases: Leases) -> None:
+    exp, run_id = f"exp-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    a = leases.claim(run_id, {"worker": "a"})
+    assert not isinstance(a, dict)
+    assert leases.client.ttl(f"orch:attempts:{run_id}") == -1  # no expiry while in flight
+    _expire_lease(leases, run_id)
+    assert leases.probe(run_id, a.token, {"worker": "a"}, exp, a.attempt)[0] == 2
+    assert leases.client.get(f"orch:lease:{run_id}") == a.token.encode()
+    # Redis restarted without its data: every key gone. Taken back, counter restored.
+    leases.client.delete(f"orch:lease:{run_id}", f"orch:attempts:{run_id}")
+    leases.client.hdel("orch:active", run_id)
+    assert leases.probe(run_id, a.token, {"worker": "a"}, exp, a.attempt)[0] == 2
+    assert leases.attempts(run_id)["n"] == a.attempt
+    # A duplicate delivery now waits on the live lease, and a later claim counts on.
+    assert isinstance(leases.claim(run_id, {"worker": "b"}), dict)
+    leases.finish(run_id, a.token, True, PROGRESS, None)
+    assert 0 < leases.client.ttl(f"orch:attempts:{run_id}") <= 7 * 24 * 3600  # expires once ended
+
+
+def test_renumber_moves_an_attempt_past_what_the_status_file_records(leases: Leases) -> None:
+    exp, run_id = f"exp-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    a = leases.claim(run_id, {})
+    assert not isinstance(a, dict) and a.attempt == 1
+    moved = leases.renumber(run_id, a, floor=3)
+    assert moved.attempt == 4 and leases.attempts(run_id)["n"] == 4
+    assert leases.renumber(run_id, moved, floor=1) == moved  # already above: unchanged
+    assert leases.probe(run_id, moved.token, {}, exp, moved.attempt)[0] == 1
+    leases.finish(run_id, moved.token, False, PROGRESS, None)
+    b = leases.claim(run_id, {})
+    assert not isinstance(b, dict) and b.attempt == 5
+    # A claim that lost its lease is not renumbered.
+    leases.client.delete(f"orch:lease:{run_id}")
+    assert leases.renumber(run_id, b, floor=9).attempt == 5
