@@ -7,7 +7,9 @@ a file with the same content.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import os
 import shutil
 import time
 from typing import Any
@@ -194,9 +196,16 @@ def finalize_group(layout: Layout, specs: list[RunSpec], live: LiveState | None 
 
 def clear_staging(layout: Layout, spec: RunSpec) -> None:
     """At the group's end: what attempts killed while writing (or fenced) left in its
-    staging folder, and the folder itself, so no hidden partial file outlives the group.
-    Every fold has ended by now; a zombie still writing there cannot commit anyway."""
+    staging folder, and the folder itself, and the temporary files of status writes cut
+    short by a kill (paths.atomic_write_bytes), so no hidden partial file outlives the
+    group. Every fold has ended by now; a zombie still writing cannot commit anyway."""
     shutil.rmtree(layout.staging_root(spec), ignore_errors=True)
+    for folder in (layout.status_dir(spec), layout.ensemble_dir(spec)):
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(folder):
+                if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
 
 
 def _row(spec: RunSpec, meta: dict[str, Any]) -> dict[str, Any]:

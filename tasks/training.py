@@ -56,7 +56,7 @@ except ImportError:
     DeadLetters = None
 
 from orchestrator.status import FoldPaths, Status
-from orchestrator.trainers import registry
+from orchestrator.trainers import get_trainer, registry
 from orchestrator.transfer import RETURN, PayloadTooLarge
 
 from . import app
@@ -138,6 +138,19 @@ def _specs(specs: Any, folds: Any = None) -> list[RunSpec]:
     if len({s.group_id for s in parsed}) != 1:
         raise InvalidSpecError("specs of one group must share their group_id")
     return parsed
+
+
+def _group(task: Any, specs: Any, folds: Any) -> list[RunSpec]:
+    """A group callback's specs, refused (dead letters, FAILURE, nothing written) unless
+    they parse strictly and name a trainer registered here: the control worker runs the
+    same installation as the training workers."""
+    try:
+        group = _specs(specs, folds)
+        get_trainer(group[0].trainer)
+    except (UnknownTrainerError, InvalidSpecError) as exc:
+        _refuse(task, exc, {"specs": specs, "folds": folds})
+        raise
+    return group
 
 
 @worker_init.connect
@@ -444,7 +457,7 @@ def finalize(self: Any, results: Any, specs: list[dict[str, Any]],
              folds: list[int] | None = None) -> dict[str, Any]:
     """Chord body: ensemble outputs, final_results.csv rows, status.json DONE. (`specs`
     and `folds`: see _specs.)"""
-    group = _specs(specs, folds)
+    group = _group(self, specs, folds)
     _live().count_finalize(group[0].group_id)
     try:
         paths = group_paths(_layout(), group)  # built once, for collect and finalize
@@ -457,10 +470,11 @@ def finalize(self: Any, results: Any, specs: list[dict[str, Any]],
     return {"group_id": record["group_id"], "train_status": record["train_status"]}
 
 
-@app.task(name="tasks.group_failed")
-def group_failed(task_id: str, specs: list[dict[str, Any]], folds: list[int] | None = None) -> dict[str, Any]:
+@app.task(name="tasks.group_failed", bind=True)
+def group_failed(self: Any, task_id: str, specs: list[dict[str, Any]],
+                 folds: list[int] | None = None) -> dict[str, Any]:
     """Chord error callback: status.json FAILED with which folds failed and why."""
-    group = _specs(specs, folds)
+    group = _group(self, specs, folds)
     states = None
     try:  # the folds that did finish count, and the errors of those that did not
         states = _collect(group)
