@@ -209,7 +209,7 @@ def publish(plans: list[GroupPlan], dicts: dict[str, dict[str, Any]]) -> dict[st
     _stop_listening_for_results()
     with _batch_producer() as (producer, batch), _one_producer(producer):
         for p in plans:
-            # The group's callbacks get one spec and the folds (tasks.training._specs):
+            # The group's callbacks get one spec and the folds (orchestrator.groupend.group_specs):
             # every run's message carries them (the chord body and its error callback),
             # so 2 specs each instead of 2 per fold (a 7.5 KB message of 5 folds: 2.5 KB).
             folds = {"folds": [s.fold for s in p.specs]}

@@ -205,7 +205,7 @@ _SPEC = {"experiment": "fin", "trainer": "prior", "trainer_version": "1",
 def test_group_callbacks_take_one_spec_and_the_folds() -> None:
     """What the canvas sends (one spec, the folds) gives the same runs as every fold's
     spec; anything else is refused with InvalidSpecError (the message is untrusted)."""
-    from tasks.training import _specs
+    from orchestrator.groupend import group_specs as _specs
 
     every = [{**_SPEC, "fold": f} for f in range(4)]
     want = [RunSpec.from_dict(s) for s in every]
