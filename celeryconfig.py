@@ -1,7 +1,9 @@
-"""The one place every setting lives: `orchestrator`, `celery -A tasks worker` and
-`celery -A tasks flower` all read this module (design invariant 6).
+"""Celery's configuration: `orchestrator`, `celery -A tasks worker` and `celery -A tasks
+flower` all read this module (design invariant 6, docs/reliability.md).
 
-Every value can be overridden by an ORCH_* environment variable, named next to it.
+Every value that can be overridden by an ORCH_* environment variable is declared, with
+its rule, in orchestrator/settings.py, and read from there; a bad value ends even a
+plain `celery` command before it starts (exit 2, the variable and what is valid).
 Why this matters: kombu's Redis transport keeps one global `unacked` hash, and ANY
 consumer of the broker (a worker, Flower, `celery inspect`) restores "expired"
 messages using ITS OWN visibility timeout. A tool started with a shorter timeout would
@@ -13,22 +15,20 @@ from __future__ import annotations
 
 import os
 
-from orchestrator.errors import env_seconds
+from orchestrator import settings
 from orchestrator.transfer import results_transfer, return_max_bytes
 
-
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name, default)
-
+settings.refuse_and_exit()  # a plain `celery -A tasks ...` checks them here, before anything
+_env = settings.value
 
 # --- where things are ------------------------------------------------------------
-broker_url = _env("ORCH_BROKER_URL", "redis://127.0.0.1:6379/0")
+broker_url = _env("ORCH_BROKER_URL")
 # Chords need a backend that counts parts atomically: Redis, here the same server.
-result_backend = _env("ORCH_RESULT_BACKEND", broker_url)
+result_backend = _env("ORCH_RESULT_BACKEND") or broker_url
 # Results root: every run's files go below it (a shared filesystem across hosts).
-orch_results_root = os.path.abspath(_env("ORCH_RESULTS_ROOT", "results"))
+orch_results_root = os.path.abspath(_env("ORCH_RESULTS_ROOT"))
 # Live state (run/group states for progress bars): Redis, by default the backend's.
-orch_state_url = _env("ORCH_STATE_URL", result_backend)
+orch_state_url = _env("ORCH_STATE_URL") or result_backend
 
 # --- hosts without the shared results root (orchestrator.transfer, .returns) ----------
 # ORCH_RESULTS_TRANSFER: `shared` (default), a worker writes a run's files under the
@@ -48,7 +48,7 @@ orch_results_transfer = results_transfer()
 orch_return_max_bytes = return_max_bytes()
 # ORCH_SCRATCH_DIR: where a return-mode worker trains (a fresh folder per run, always
 # removed afterwards); default the system's temporary folder (TMPDIR).
-orch_scratch_dir = _env("ORCH_SCRATCH_DIR", "") or None
+orch_scratch_dir = _env("ORCH_SCRATCH_DIR")
 
 # --- only JSON crosses the broker (design invariant 3) -----------------------------
 task_serializer = "json"
@@ -88,7 +88,7 @@ worker_cancel_long_running_tasks_on_connection_loss = True
 # (ORCH_VISIBILITY_TIMEOUT, seconds). The price: a run of a worker that died silently
 # is only restored after this timeout (plus kombu's sweep); reassigning faster needs
 # leases and a watchdog, not a shorter timeout.
-visibility_timeout = env_seconds("ORCH_VISIBILITY_TIMEOUT", 12 * 3600)
+visibility_timeout = _env("ORCH_VISIBILITY_TIMEOUT")
 broker_transport_options = {
     "visibility_timeout": visibility_timeout,
     # Ten priority levels, so `priority: 0..9` in the YAML is honoured (0 is served
@@ -110,7 +110,7 @@ broker_connection_max_retries = None  # keep retrying: a Redis restart must not 
 # A chord's part counter lives in the result backend with this TTL. If it expires
 # before the last fold finishes, the chord body silently never runs (celery PR #3573),
 # so it must be far longer than queue wait plus training: 7 days (ORCH_RESULT_EXPIRES).
-result_expires = env_seconds("ORCH_RESULT_EXPIRES", 7 * 24 * 3600)
+result_expires = _env("ORCH_RESULT_EXPIRES")
 result_chord_expires = result_expires
 result_extended = True  # task name, args and worker stored with each result
 # A lost write of a chord part's result leaves the chord hung forever (celery#3363).
@@ -143,9 +143,9 @@ task_send_sent_event = True
 # ORCH_EVENT_FLUSH_INTERVAL; 0 = Celery's own cadence, a publish after nearly every
 # event, ~0.4 ms of worker CPU each, three a task). Flower shows a change that much later.
 # tasks/overhead.py has the figures.
-orch_event_flush_interval = env_seconds("ORCH_EVENT_FLUSH_INTERVAL", 0.05, zero_ok=True)
+orch_event_flush_interval = _env("ORCH_EVENT_FLUSH_INTERVAL")
 
 # --- worker processes ---------------------------------------------------------------
 # CUDA is only ever initialised in the pool child that trains (design invariant 5).
-worker_pool_start_method = _env("ORCH_POOL_START_METHOD", "fork")
+worker_pool_start_method = _env("ORCH_POOL_START_METHOD")
 worker_hijack_root_logger = False

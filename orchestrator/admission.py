@@ -18,13 +18,13 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
 
+from . import settings
 from .leases import PREFIX, lease_key
 from .spec import RunSpec
 
@@ -32,16 +32,7 @@ EPSILON = 1e-6
 
 
 def default_memory_gb() -> float:
-    raw = os.environ.get("ORCH_DEFAULT_GPU_MEMORY_GB", "4")
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        from .errors import SettingError
-
-        raise SettingError(f"ORCH_DEFAULT_GPU_MEMORY_GB={raw!r} is not valid: give GiB (>= 0)")
-    return value
+    return float(settings.value("ORCH_DEFAULT_GPU_MEMORY_GB"))
 
 
 @dataclass(frozen=True)
@@ -165,8 +156,4 @@ def free_memory_mb(indices: list[int]) -> dict[int, int | None]:
 
 def worker_gpus() -> list[int]:
     """NVML indices of this worker's GPUs (ORCH_GPU, set by `orchestrator worker --gpu`)."""
-    raw = os.environ.get("ORCH_GPU", "").strip()
-    try:
-        return [int(x) for x in raw.split(",") if x.strip()]
-    except ValueError:
-        return []
+    return list(settings.value("ORCH_GPU") or [])

@@ -33,7 +33,7 @@ from typing import Any, cast
 
 import redis
 
-from .errors import SettingError
+from . import settings
 from .local import spawn
 
 PREFIX = "orch:worker:"
@@ -46,16 +46,7 @@ TTL_HEARTBEATS = 3  # a record outlives two missed heartbeats, not three
 
 def heartbeat_seconds() -> float:
     """Seconds between registry writes (ORCH_WORKER_HEARTBEAT, default 5)."""
-    raw = os.environ.get("ORCH_WORKER_HEARTBEAT")
-    if raw is None:
-        return DEFAULT_HEARTBEAT_SECONDS
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= 3600:
-        raise SettingError(f"ORCH_WORKER_HEARTBEAT={raw!r} is not valid: give seconds between 0 and 3600")
-    return value
+    return float(settings.value("ORCH_WORKER_HEARTBEAT"))
 
 
 def record_ttl(interval: float) -> int:
@@ -200,8 +191,8 @@ def worker_commands(gpus: list[int], per_gpu: int = 1, cpu: int = 0, control: bo
 
 
 def default_state_dir() -> Path:
-    if os.environ.get("ORCH_STATE_DIR"):
-        return Path(os.environ["ORCH_STATE_DIR"])
+    if (folder := settings.value("ORCH_STATE_DIR")) is not None:
+        return Path(folder)
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return Path(base) / "orchestrator"
 

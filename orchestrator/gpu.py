@@ -25,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from . import settings
+
 _installed: Any = None
 _sessions = threading.RLock()
 
@@ -59,7 +61,7 @@ def nvml() -> Any:
     """The NVML binding in use: an installed fake, ORCH_NVML_MODULE, or pynvml."""
     if _installed is not None:
         return _installed
-    return importlib.import_module(os.environ.get("ORCH_NVML_MODULE") or "pynvml")
+    return importlib.import_module(settings.value("ORCH_NVML_MODULE") or "pynvml")
 
 
 @dataclass(frozen=True)

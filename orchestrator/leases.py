@@ -48,7 +48,7 @@ from typing import Any, cast
 
 import redis
 
-from .errors import env_seconds
+from . import settings
 from .livestate import json_hash
 
 PREFIX = "orch"
@@ -82,7 +82,7 @@ def parked_queue(experiment: str) -> str:
 def lease_seconds() -> float:
     """ORCH_LEASE_SECONDS (default 10): how long a lease lives without a heartbeat.
     Reassignment takes at most this plus one watchdog interval."""
-    return env_seconds("ORCH_LEASE_SECONDS", 10.0)
+    return float(settings.value("ORCH_LEASE_SECONDS"))
 
 
 # The scripts share Lua functions, so each step of an attempt is one round trip.

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import redis
 
+from . import settings
 from .errors import EnvironmentProblem
 
 INSTALL_HINT = ("redis-server was not found on PATH. Install it (Debian/Ubuntu: "
@@ -153,5 +154,5 @@ class LocalCluster:
             stop_process(proc, signal.SIGTERM, grace=15)
         if "redis" in self.processes:
             stop_process(self.processes["redis"], signal.SIGTERM, grace=5)
-        if self.workdir is not None and os.environ.get("ORCH_KEEP_LOCAL_LOGS") != "1":
+        if self.workdir is not None and not settings.value("ORCH_KEEP_LOCAL_LOGS"):
             shutil.rmtree(self.workdir, ignore_errors=True)

@@ -24,7 +24,8 @@ from typing import Any
 
 import orjson
 
-from .errors import UnsafeNameError
+from . import settings
+from .errors import SettingError, UnsafeNameError
 from .names import check_name, check_relative_path
 from .spec import RunSpec
 
@@ -33,7 +34,14 @@ ENSEMBLE_FILES = ("oof_predictions.csv", "holdout_predictions.csv", "metrics.jso
 
 # Durability: rename is atomic against a crashed process; fsync also survives a crashed
 # host (a GPU driver panic) at the price of a disk flush per file.
-FSYNC = os.environ.get("ORCH_FSYNC", "1") not in ("0", "false", "no")
+def _fsync() -> bool:
+    try:
+        return bool(settings.value("ORCH_FSYNC"))
+    except SettingError:  # every entry point refuses it first (settings.check_all)
+        return True
+
+
+FSYNC = _fsync()
 
 
 _counter = itertools.count()

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from . import datasets
+from . import datasets, settings
 from .errors import InvalidSpecError, RunStopped
 from .livestate import LiveState
 from .metrics import csv_cells, prob_text, ranks, scores, table_csv
@@ -52,9 +52,7 @@ class WorkerInfo:
         """ORCH_DEVICE (set by `orchestrator worker`) decides; a plain `celery worker`
         started with a non-empty CUDA_VISIBLE_DEVICES is a GPU worker too."""
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
-        device = os.environ.get("ORCH_DEVICE") or ("cuda" if visible and visible != "-1" else "cpu")
-        if device not in ("cuda", "cpu"):
-            raise RuntimeError(f"ORCH_DEVICE={device!r} on worker {name}: must be cuda or cpu")
+        device = settings.value("ORCH_DEVICE") or ("cuda" if visible and visible != "-1" else "cpu")
         return cls(name=name, device=device, gpu=(visible or None) if device == "cuda" else None)
 
 
@@ -273,11 +271,7 @@ def execute(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
 def progress_interval() -> float:
     """ORCH_PROGRESS_INTERVAL (default 1 s): at most one progress write per run this often,
     however fast the trainer's loop reports."""
-    raw = os.environ.get("ORCH_PROGRESS_INTERVAL", "1")
-    try:
-        return max(0.05, float(raw))
-    except ValueError:
-        return 1.0
+    return float(settings.value("ORCH_PROGRESS_INTERVAL"))
 
 
 def _progress_sender(live: LiveState, spec: RunSpec, worker: WorkerInfo) -> Callable[[dict[str, Any]], None]:

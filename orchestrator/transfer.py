@@ -15,7 +15,6 @@ import base64
 import binascii
 import hashlib
 import json
-import math
 import os
 import time
 import zlib
@@ -23,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import SettingError
+from . import settings
 
 SHARED, RETURN = "shared", "return"
 # What `orchestrator status` shows for a fold that a return-mode worker finished and
@@ -52,29 +51,13 @@ class BadPayload(TransferError):
 def results_transfer(env: Mapping[str, str] | None = None) -> str:
     """ORCH_RESULTS_TRANSFER: `shared` (default; the worker writes under the results
     root) or `return` (it hands its outputs back through Redis)."""
-    raw = (env if env is not None else os.environ).get("ORCH_RESULTS_TRANSFER", SHARED)
-    value = raw.strip().lower()
-    if value not in (SHARED, RETURN):
-        raise SettingError(f"ORCH_RESULTS_TRANSFER={raw!r} is not valid: give {SHARED} (the worker "
-                           f"writes under the shared results root) or {RETURN} (it returns its "
-                           "outputs through Redis to the control worker)")
-    return value
+    return str(settings.value("ORCH_RESULTS_TRANSFER", env))
 
 
 def return_max_bytes(env: Mapping[str, str] | None = None) -> int:
     """ORCH_RETURN_MAX_MB (MiB, fractions allowed; default 32) in bytes: the largest
     compressed archive of one fold that may be returned."""
-    raw = (env if env is not None else os.environ).get("ORCH_RETURN_MAX_MB")
-    if raw is None:
-        return int(DEFAULT_MAX_MB * MIB)
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= 512 or not math.isfinite(value):
-        raise SettingError(f"ORCH_RETURN_MAX_MB={raw!r} is not valid: give a size in MiB above 0 "
-                           "and at most 512 (Redis's largest value), e.g. 32")
-    return max(1024, int(value * MIB))
+    return max(1024, int(float(settings.value("ORCH_RETURN_MAX_MB", env)) * MIB))
 
 
 def mib(size: int) -> str:

@@ -16,7 +16,7 @@ from typing import Any, cast
 
 import redis
 
-from .errors import env_seconds
+from . import settings
 from .leases import ACTIVE, EPOCH, PREFIX, Leases
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ ORPHAN_GRACE_LEASES = 3
 
 def watchdog_interval() -> float:
     """ORCH_WATCHDOG_INTERVAL (default 2 s): how often the watchdog looks."""
-    return env_seconds("ORCH_WATCHDOG_INTERVAL", 2.0)
+    return float(settings.value("ORCH_WATCHDOG_INTERVAL"))
 
 
 class Watchdog:

@@ -11,12 +11,13 @@ next run is then checked again).
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from typing import Any
 
 from celery.signals import worker_ready
+
+from orchestrator import settings
 
 from . import app
 
@@ -65,7 +66,7 @@ def _watch(hostname: str, queues: list[str], stop: threading.Event) -> None:
 
 @worker_ready.connect
 def _start(sender: Any = None, **_: Any) -> None:
-    if os.environ.get("ORCH_DEVICE") != "cuda" or not os.environ.get("ORCH_GPU"):
+    if settings.value("ORCH_DEVICE") != "cuda" or not settings.value("ORCH_GPU"):
         return
     hostname = getattr(sender, "hostname", "")
     queues = sorted(app.amqp.queues.consume_from or {})

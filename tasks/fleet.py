@@ -24,7 +24,7 @@ from typing import Any
 import redis
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
-from orchestrator import fleet, gpu
+from orchestrator import fleet, gpu, settings
 
 log = logging.getLogger(__name__)
 
@@ -48,28 +48,19 @@ def _busy() -> int:
 def _device(queues: list[str]) -> str:
     if queues == ["control"]:
         return "control"
-    if os.environ.get("ORCH_DEVICE") in ("cuda", "cpu"):
-        return os.environ["ORCH_DEVICE"]
+    if (device := settings.value("ORCH_DEVICE")) is not None:
+        return str(device)
     return "cuda" if os.environ.get("CUDA_VISIBLE_DEVICES") else "cpu"
 
 
 def _gpu() -> int | None:
-    raw = os.environ.get("ORCH_GPU", "")
-    return int(raw) if raw.isdigit() else None
+    gpus = settings.value("ORCH_GPU") or []
+    return gpus[0] if len(gpus) == 1 else None
 
 
 def _exit_when_idle() -> float | None:
-    raw = os.environ.get("ORCH_EXIT_WHEN_IDLE")
-    if not raw:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        log.error("ORCH_EXIT_WHEN_IDLE=%r is not a positive number of seconds: ignored", raw)
-        return None
-    return value
+    found = settings.value("ORCH_EXIT_WHEN_IDLE")
+    return None if found is None else float(found)
 
 
 def _beat() -> None:

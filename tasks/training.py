@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Any
 
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 from celery.signals import worker_init
 
+from orchestrator import settings
 from orchestrator.admission import Shares
 from orchestrator.attempt import (
     Delivery,
@@ -87,7 +87,7 @@ def _preload_in_parent(**_: Any) -> None:
 
     warm_up()  # scikit-learn's imports and first-use work (orchestrator.datasets)
 
-    if os.environ.get("ORCH_PRELOAD") != "1":
+    if not settings.value("ORCH_PRELOAD"):
         return
     for trainer in registry().values():
         if trainer.preload is not None:

@@ -13,7 +13,7 @@ import sys
 import click
 from rich.markup import escape
 
-from .. import errors
+from .. import errors, settings
 from ..errors import OrchestratorError
 from . import (  # noqa: F401  (each registers its commands)
     control,
@@ -39,6 +39,7 @@ def main() -> None:
     atexit.unregister(gc.freeze)
     atexit.register(gc.freeze)
     try:
+        settings.check_all()  # before anything starts or is enqueued
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
         err.print("aborted")

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
+from .. import settings
 from ..errors import UnknownTrainerError
 
 if TYPE_CHECKING:  # numpy is loaded by the trainers: validating a config needs none
@@ -152,7 +152,7 @@ def registry() -> dict[str, Trainer]:
         for ep in entry_points(group="orchestrator.trainers"):
             if ep.name not in reg:
                 _add(reg, ep.load(), f"entry point {ep.name}")
-        for module in filter(None, os.environ.get("ORCH_TRAINER_MODULES", "").split(",")):
+        for module in settings.value("ORCH_TRAINER_MODULES"):
             mod = importlib.import_module(module.strip())
             _add(reg, getattr(mod, "TRAINERS", getattr(mod, "TRAINER", None)), module)
         _REGISTRY = reg

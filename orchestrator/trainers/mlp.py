@@ -6,9 +6,9 @@ worker's parent process) never imports torch or touches CUDA (design invariant 5
 
 from __future__ import annotations
 
-import os
 import time
 
+from .. import settings
 from . import Param, TrainContext, Trainer, TrainResult
 
 ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid", "leaky_relu")
@@ -19,7 +19,7 @@ def train(ctx: TrainContext) -> TrainResult:
     import torch
     from torch import nn
 
-    torch.set_num_threads(int(os.environ.get("ORCH_TORCH_THREADS", "1")))
+    torch.set_num_threads(int(settings.value("ORCH_TORCH_THREADS")))
     if ctx.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("this worker was started for a GPU but CUDA is not available")
     device = torch.device(ctx.device)
