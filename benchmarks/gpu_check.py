@@ -234,7 +234,7 @@ class Check:
     def admission(self, worker: str) -> None:
         import redis
 
-        from orchestrator.admission import wait_key
+        from orchestrator import keys
 
         index, need_gb = self.args.gpu, 4
         print(f"4. admission: a run needing {need_gb} GiB while another process holds the GPU")
@@ -257,7 +257,7 @@ class Check:
             thread = threading.Thread(target=submit, daemon=True)
             thread.start()
             raw = wait_for("the worker handing the run back and waiting",
-                           lambda: next((client.get(k) for k in client.scan_iter(wait_key("*"))), None), 120)
+                           lambda: next((client.get(k) for k in client.scan_iter(keys.gpu_wait("*"))), None), 120)
             why = json.loads(raw).get("why", "")
             statuses = list((self.root / "gpucheck_admission").glob("**/status/fold_*.json"))
             started = [p for p in statuses if json.loads(p.read_text()).get("history")]

@@ -24,8 +24,7 @@ from typing import Any, cast
 
 import redis
 
-from . import settings
-from .leases import PREFIX, lease_key
+from . import keys, settings
 from .spec import RunSpec
 
 EPSILON = 1e-6
@@ -54,12 +53,6 @@ def _fits(free_mb: int | None, need: Need) -> bool:
     return free_mb is None or free_mb >= need.memory_mb  # unknown (no NVML): admit
 
 
-def share_key(host: str, index: int) -> str:
-    return f"{PREFIX}:gpushare:{host}:{index}"
-
-
-def wait_key(worker: str) -> str:
-    return f"{PREFIX}:gpuwait:{worker}"
 
 
 # KEYS: the share hashes of the GPUs. ARGV: run_id, share, lease prefix.
@@ -88,14 +81,13 @@ class Shares:
         self._acquire = client.register_script(_ACQUIRE)
 
     def acquire(self, host: str, indices: list[int], run_id: str, share: float) -> bool:
-        keys = [share_key(host, i) for i in indices]
-        prefix = lease_key("")
-        return bool(self._acquire(keys=keys, args=[run_id, repr(share), prefix]))
+        shares = [keys.gpu_share(host, i) for i in indices]
+        return bool(self._acquire(keys=shares, args=[run_id, repr(share), keys.lease("")]))
 
     def release(self, host: str, indices: list[int], run_id: str) -> None:
         pipe = self.client.pipeline(transaction=False)
         for i in indices:
-            pipe.hdel(share_key(host, i), run_id)
+            pipe.hdel(keys.gpu_share(host, i), run_id)
         pipe.execute()
 
     def take(self, host: str, candidates: list[int], run_key: str, need: Need) -> tuple[list[int], str]:
@@ -125,22 +117,22 @@ class Shares:
         return len(fits) >= need.count
 
     def used(self, host: str, index: int) -> float:
-        raw = cast(dict[bytes, bytes], self.client.hgetall(share_key(host, index)))
-        live = [k for k in raw if self.client.exists(lease_key(k.decode()))]
+        raw = cast(dict[bytes, bytes], self.client.hgetall(keys.gpu_share(host, index)))
+        live = [k for k in raw if self.client.exists(keys.lease(k.decode()))]
         return sum(float(raw[k]) for k in live)
 
     # --- a worker that handed a run back waits for its GPU -------------------------
     def start_waiting(self, worker: str, indices: list[int], need: Need, why: str) -> None:
-        self.client.set(wait_key(worker), json.dumps({
+        self.client.set(keys.gpu_wait(worker), json.dumps({
             "gpus": indices, "share": need.share, "memory_mb": need.memory_mb,
             "count": need.count, "why": why, "since": time.time()}), ex=24 * 3600)
 
     def waiting(self, worker: str) -> dict[str, Any] | None:
-        raw = self.client.get(wait_key(worker))
+        raw = self.client.get(keys.gpu_wait(worker))
         return json.loads(cast(bytes, raw)) if raw else None
 
     def stop_waiting(self, worker: str) -> None:
-        self.client.delete(wait_key(worker))
+        self.client.delete(keys.gpu_wait(worker))
 
 
 def free_memory_mb(indices: list[int]) -> dict[int, int | None]:

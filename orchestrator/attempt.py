@@ -33,13 +33,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from . import keys
 from .admission import Need, Shares, worker_gpus
 from .errors import InvalidSpecError, RunStopped, UnknownTrainerError
-from .leases import Claim, LeaseGuard, Leases, attempts_key, parked_queue
-from .livestate import PROGRESS, LiveState
+from .keys import PROGRESS
+from .leases import Claim, LeaseGuard, Leases
+from .livestate import LiveState
 from .paths import Layout
 from .returns import ReturnSink
-from .runlogs import LOG_TTL, capture, log_key, read_tail
+from .runlogs import LOG_TTL, capture, read_tail
 from .runner import (
     Sink,
     WorkerInfo,
@@ -205,7 +207,7 @@ class _Attempt:
         if begun.cancelled_at is not None:
             return self.cancelled_before_start()
         if begun.paused:  # park it, same message and chord, until resumed
-            return Park(parked_queue(run.experiment))
+            return Park(keys.parked_queue(run.experiment))
         claim = begun.claim or self.wait_for_holder(begun.holder or {})
         if not isinstance(claim, Claim):
             return self.reported(self.settled() or {})
@@ -282,7 +284,7 @@ class _Attempt:
                                              worker=worker.name, attempt=claim.attempt) if done else None)
             with contextlib.suppress(Exception):  # a stale token releases nothing
                 svc.leases.finish(run.run_key, claim.token, committed, PROGRESS,
-                                  (log_key(run.run_key, claim.attempt), tail, LOG_TTL) if tail else None,
+                                  (keys.log(run.run_key, claim.attempt), tail, LOG_TTL) if tail else None,
                                   done_entry)
 
     def after_exception(self, claim: Claim, guard: LeaseGuard | None, exc: Exception) -> Outcome:
@@ -309,7 +311,7 @@ class _Attempt:
         run, leases = self.run, self.svc.leases
         used = bool(leases.attempts(run.run_key).get("oom"))
         if run.overrides.get("cuda_oom") and not used:
-            leases.client.hset(attempts_key(run.run_key), "oom", "1")
+            leases.client.hset(keys.attempts(run.run_key), "oom", "1")
             self.failed(claim, exc, guard, will_retry=True)
             log.warning("%s: CUDA out of memory; retrying with its cuda_oom overrides %s", run.name,
                         dict(run.overrides["cuda_oom"]))

@@ -17,8 +17,8 @@ from celery import chord
 
 from tasks import app
 
+from . import keys
 from .config import Experiment
-from .leases import parked_queue
 from .livestate import LiveState
 from .manifest import write_manifest
 from .paths import Layout
@@ -270,7 +270,7 @@ def unpark(experiment: str) -> list[str]:
     with app.connection_for_write() as conn:
         channel: Any = conn.default_channel
         producer = conn.Producer()
-        while (message := channel.basic_get(parked_queue(experiment), no_ack=False)) is not None:
+        while (message := channel.basic_get(keys.parked_queue(experiment), no_ack=False)) is not None:
             try:
                 args = json.loads(message.body)[0]
                 queue = RunSpec.from_dict(args[0]).queue

@@ -27,14 +27,14 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any, cast
+from typing import Any
 
 import redis
 from rich.console import Console, Group, RenderableType
 from rich.text import Text
 
-from . import fleet
-from .livestate import PROGRESS, groups_key, runs_key
+from . import fleet, keys
+from .keys import PROGRESS
 from .manifest import experiments as list_experiments
 from .paths import Layout, read_json
 from .status import Status
@@ -220,9 +220,9 @@ class Collector:
         manifests = {n: m for n in names if (m := self._manifest(n)) is not None}
         pipe = self.client.pipeline(transaction=False)
         for n in manifests:
-            pipe.hgetall(runs_key(n))
-            pipe.hgetall(groups_key(n))
-        pipe.hgetall(fleet.ACTIVE_KEY)
+            pipe.hgetall(keys.exp_runs(n))
+            pipe.hgetall(keys.exp_groups(n))
+        pipe.hgetall(keys.ACTIVE)
         pipe.hgetall(PROGRESS)
         replies = pipe.execute()
         records = fleet.list_workers(self.client)
@@ -752,5 +752,4 @@ def once(collector: Collector, console: Console) -> Snapshot:
 
 def redis_client(url: str) -> redis.Redis:
     """Short timeouts: a watch that cannot reach Redis says so within seconds."""
-    return cast(redis.Redis, redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=3,
-                                                  health_check_interval=25))
+    return keys.client(url, "command")

@@ -33,13 +33,12 @@ from typing import Any, cast
 
 import redis
 
-from . import settings
+from . import keys, settings
 from .local import spawn
 
-PREFIX = "orch:worker:"
-# Written by the worker that trains a run (run leases), read here for "current run":
-# field = run_id, value = JSON with at least "worker", "name", "experiment", "started".
-ACTIVE_KEY = "orch:active"
+# orch:active is written by the worker that trains a run (run leases), read here for
+# "current run": field = run_key, value = JSON with at least "worker", "name",
+# "experiment", "started".
 DEFAULT_HEARTBEAT_SECONDS = 5.0
 TTL_HEARTBEATS = 3  # a record outlives two missed heartbeats, not three
 
@@ -90,17 +89,14 @@ class WorkerRecord:
         return cls(**known)
 
 
-def worker_key(name: str) -> str:
-    return f"{PREFIX}{name}"
-
 
 def register(client: redis.Redis, record: WorkerRecord, ttl: int) -> None:
-    client.set(worker_key(record.name), record.to_json(), ex=ttl)
+    client.set(keys.worker(record.name), record.to_json(), ex=ttl)
 
 
 def unregister(client: redis.Redis, name: str, pid: int) -> bool:
     """Delete `name`'s record if it is still this process's (not a restarted successor's)."""
-    key = worker_key(name)
+    key = keys.worker(name)
     with client.pipeline() as pipe:
         try:
             pipe.watch(key)
@@ -117,11 +113,11 @@ def unregister(client: redis.Redis, name: str, pid: int) -> bool:
 
 def list_workers(client: redis.Redis) -> list[WorkerRecord]:
     """Every worker whose record has not expired, sorted by host and name."""
-    keys = sorted(client.scan_iter(match=f"{PREFIX}*", count=1000))
-    if not keys:
+    names = sorted(client.scan_iter(match=f"{keys.WORKER_PREFIX}*", count=1000))
+    if not names:
         return []
     records = []
-    for raw in cast(list[bytes | None], client.mget(keys)):
+    for raw in cast(list[bytes | None], client.mget(names)):
         if raw is None:  # expired between SCAN and MGET
             continue
         with contextlib.suppress(ValueError, TypeError):
@@ -132,7 +128,7 @@ def list_workers(client: redis.Redis) -> list[WorkerRecord]:
 def current_runs(client: redis.Redis) -> dict[str, list[dict[str, Any]]]:
     """Worker node name -> the runs it holds now, from the run leases' `orch:active`."""
     by_worker: dict[str, list[dict[str, Any]]] = {}
-    raw = cast(dict[bytes, bytes], client.hgetall(ACTIVE_KEY))
+    raw = cast(dict[bytes, bytes], client.hgetall(keys.ACTIVE))
     for run_id, value in raw.items():
         try:
             info = json.loads(value)
@@ -448,7 +444,7 @@ def state_url(broker: str) -> str:
 
 
 def client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10)
+    return keys.client(url, "command")
 
 
 def redact(url: str) -> str:

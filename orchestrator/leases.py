@@ -48,35 +48,11 @@ from typing import Any, cast
 
 import redis
 
-from . import settings
+from . import keys, settings
+from .keys import ACTIVE, WAITING
 from .livestate import json_hash
 
-PREFIX = "orch"
-ACTIVE = f"{PREFIX}:active"
-WAITING = f"{PREFIX}:waiting"  # hash task_id -> time: duplicates waiting on a live lease
-EPOCH = f"{PREFIX}:epoch"
 ATTEMPTS_TTL = 7 * 24 * 3600
-
-
-def lease_key(run_key: str) -> str:
-    return f"{PREFIX}:lease:{run_key}"
-
-
-def attempts_key(run_key: str) -> str:
-    return f"{PREFIX}:attempts:{run_key}"
-
-
-def cancel_key(experiment: str) -> str:
-    return f"{PREFIX}:cancel:{experiment}"
-
-
-def pause_key(experiment: str) -> str:
-    return f"{PREFIX}:paused:{experiment}"
-
-
-def parked_queue(experiment: str) -> str:
-    """Where the runs of a paused experiment wait: a queue no worker consumes."""
-    return f"parked.{experiment}"
 
 
 def lease_seconds() -> float:
@@ -273,8 +249,7 @@ class Leases:
 
     @classmethod
     def from_url(cls, url: str, ttl: float | None = None) -> Leases:
-        return cls(redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5,
-                                        health_check_interval=25, retry_on_timeout=True), ttl)
+        return cls(keys.client(url), ttl)
 
     @property
     def ttl_ms(self) -> int:
@@ -294,7 +269,7 @@ class Leases:
         token = uuid.uuid4().hex
         record = json.dumps({**info, "token": token, "claimed_at": time.time()})
         return self._claimed(token, self._claim(
-            keys=[lease_key(run_key), ACTIVE, attempts_key(run_key)],
+            keys=[keys.lease(run_key), ACTIVE, keys.attempts(run_key)],
             args=[run_key, token, self.ttl_ms, record, ATTEMPTS_TTL]))
 
     def begin(self, run_key: str, info: dict[str, Any], experiment: str,
@@ -313,8 +288,8 @@ class Leases:
                 raise ValueError(f"not a JSON object to add an attempt to: {value!r}")
             value = value[:-1] + (', "attempt": ' if value != "{}" else '"attempt": ')
         reply = cast(list[Any], self._begin(
-            keys=[lease_key(run_key), ACTIVE, attempts_key(run_key), cancel_key(experiment),
-                  pause_key(experiment), WAITING, hkey or f"{PREFIX}:entry:none"],
+            keys=[keys.lease(run_key), ACTIVE, keys.attempts(run_key), keys.cancel(experiment),
+                  keys.paused(experiment), WAITING, hkey or keys.UNUSED],
             args=[run_key, token, self.ttl_ms, record, ATTEMPTS_TTL,
                   "" if submitted_at is None else repr(float(submitted_at)), task_id,
                   "1" if entry is not None else "0", field, value, ttl]))
@@ -333,7 +308,7 @@ class Leases:
         on, 0 fenced for good; cancel time)."""
         record = json.dumps({**info, "token": token})
         code, cancelled = cast(list[Any], self._probe(
-            keys=[lease_key(run_key), ACTIVE, attempts_key(run_key), cancel_key(experiment)],
+            keys=[keys.lease(run_key), ACTIVE, keys.attempts(run_key), keys.cancel(experiment)],
             args=[run_key, token, self.ttl_ms, record, attempt]))
         return int(code), _float(cancelled)
 
@@ -343,12 +318,12 @@ class Leases:
         local mode's fresh Redis per command. The claim as it is if it lost its lease."""
         if claim.attempt > floor:
             return claim
-        moved = self._renumber(keys=[lease_key(run_key), attempts_key(run_key)],
+        moved = self._renumber(keys=[keys.lease(run_key), keys.attempts(run_key)],
                                args=[claim.token, claim.attempt, floor + 1])
         return dataclasses.replace(claim, attempt=floor + 1) if int(moved) else claim
 
     def release(self, run_key: str, token: str) -> bool:
-        return bool(self._release(keys=[lease_key(run_key), ACTIVE], args=[run_key, token]))
+        return bool(self._release(keys=[keys.lease(run_key), ACTIVE], args=[run_key, token]))
 
     def finish(self, run_key: str, token: str, committed: bool, progress_hash: str,
                log: tuple[str, bytes, int] | None,
@@ -361,8 +336,8 @@ class Leases:
         key, data, log_ttl = log if log is not None else ("", b"", 0)
         hkey, field, value, ttl = entry if entry is not None else ("", "", "", 0)
         return bool(self._finish(
-            keys=[lease_key(run_key), ACTIVE, attempts_key(run_key), progress_hash,
-                  key or f"{PREFIX}:log:none", hkey or f"{PREFIX}:entry:none"],
+            keys=[keys.lease(run_key), ACTIVE, keys.attempts(run_key), progress_hash,
+                  key or keys.UNUSED, hkey or keys.UNUSED],
             args=[run_key, token, "1" if committed else "0", ATTEMPTS_TTL,
                   "1" if log is not None else "0", data, log_ttl,
                   "1" if entry is not None else "0", field, value, ttl]))
@@ -374,7 +349,7 @@ class Leases:
         entry = self.active().get(run_key, {})
         marker = json.dumps({**entry, "token": None, "revoked_token": token, "why": why,
                              "handed_back": why == "handed back", "revoked_at": time.time()})
-        return bool(self._revoke(keys=[lease_key(run_key), ACTIVE], args=[run_key, token, marker]))
+        return bool(self._revoke(keys=[keys.lease(run_key), ACTIVE], args=[run_key, token, marker]))
 
     def active(self) -> dict[str, dict[str, Any]]:
         return json_hash(cast(dict[bytes, bytes], self.client.hgetall(ACTIVE)))
@@ -385,7 +360,7 @@ class Leases:
             return set()
         pipe = self.client.pipeline(transaction=False)
         for rid in run_keys:
-            pipe.exists(lease_key(rid))
+            pipe.exists(keys.lease(rid))
         return {rid for rid, alive in zip(run_keys, pipe.execute(), strict=True) if alive}
 
     def wait_mark(self, task_id: str, done: bool = False) -> None:
@@ -407,24 +382,24 @@ class Leases:
     def count_failure(self, run_key: str) -> int:
         """One more attempt ended with an exception; returns how many have."""
         # No expiry here: the attempt is still in flight (finish() sets it).
-        return int(cast(int, self.client.hincrby(attempts_key(run_key), "failed", 1)))
+        return int(cast(int, self.client.hincrby(keys.attempts(run_key), "failed", 1)))
 
     def attempts(self, run_key: str) -> dict[str, int]:
-        raw = cast(dict[bytes, bytes], self.client.hgetall(attempts_key(run_key)))
+        raw = cast(dict[bytes, bytes], self.client.hgetall(keys.attempts(run_key)))
         return {k.decode(): int(v) for k, v in raw.items()}
 
     def paused(self, experiment: str) -> bool:
-        return bool(self.client.exists(pause_key(experiment)))
+        return bool(self.client.exists(keys.paused(experiment)))
 
     def pause(self, experiment: str, now: bool) -> None:
-        self.client.set(pause_key(experiment), json.dumps({"at": time.time(), "now": now}))
+        self.client.set(keys.paused(experiment), json.dumps({"at": time.time(), "now": now}))
 
     def resume(self, experiment: str) -> bool:
-        return bool(self.client.delete(pause_key(experiment)))
+        return bool(self.client.delete(keys.paused(experiment)))
 
     def cancel(self, experiment: str) -> float:
         now = time.time()
-        self.client.set(cancel_key(experiment), repr(now), ex=ATTEMPTS_TTL)
+        self.client.set(keys.cancel(experiment), repr(now), ex=ATTEMPTS_TTL)
         return now
 
 

@@ -12,19 +12,14 @@ from typing import Any, cast
 
 import redis
 
-PREFIX = "orch"
+from . import keys
+from .keys import PROGRESS
+
 TTL_SECONDS = 7 * 24 * 3600
 
 
-def runs_key(experiment: str) -> str:
-    return f"{PREFIX}:exp:{experiment}:runs"
 
 
-def groups_key(experiment: str) -> str:
-    return f"{PREFIX}:exp:{experiment}:groups"
-
-
-PROGRESS = f"{PREFIX}:progress"  # hash run_id -> JSON of the run's latest trainer report
 
 
 def json_hash(raw: dict[bytes, bytes]) -> dict[str, dict[str, Any]]:
@@ -67,14 +62,13 @@ class LiveState:
 
     @classmethod
     def from_url(cls, url: str) -> LiveState:
-        return cls(redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5,
-                                        health_check_interval=25, retry_on_timeout=True))
+        return cls(keys.client(url))
 
     @staticmethod
     def run_entry(experiment: str, run_id: str, status: str, **info: Any) -> tuple[str, str, str, int]:
         """(hash key, field, value, ttl) of a run's state: what set_run writes, for a caller
         that writes it in a round trip of its own."""
-        return runs_key(experiment), run_id, json.dumps({"status": status, "t": time.time(), **info}), TTL_SECONDS
+        return keys.exp_runs(experiment), run_id, json.dumps({"status": status, "t": time.time(), **info}), TTL_SECONDS
 
     def set_run(self, experiment: str, run_id: str, status: str, **info: Any) -> None:
         key, field, value, ttl = self.run_entry(experiment, run_id, status, **info)
@@ -89,8 +83,8 @@ class LiveState:
         now = time.time()
         mapping = {rid: json.dumps({"status": st, "t": now}) for rid, st in statuses.items()}
         pipe = self.client.pipeline(transaction=False)
-        pipe.hset(runs_key(experiment), mapping=mapping)
-        pipe.expire(runs_key(experiment), TTL_SECONDS)
+        pipe.hset(keys.exp_runs(experiment), mapping=mapping)
+        pipe.expire(keys.exp_runs(experiment), TTL_SECONDS)
         pipe.execute()
 
     def set_group(self, experiment: str, group_id: str, status: str) -> None:
@@ -100,8 +94,8 @@ class LiveState:
         if not statuses:
             return
         pipe = self.client.pipeline(transaction=False)
-        pipe.hset(groups_key(experiment), mapping=statuses)
-        pipe.expire(groups_key(experiment), TTL_SECONDS)
+        pipe.hset(keys.exp_groups(experiment), mapping=statuses)
+        pipe.expire(keys.exp_groups(experiment), TTL_SECONDS)
         pipe.execute()
 
     def set_progress(self, run_id: str, report: dict[str, Any]) -> None:
@@ -117,7 +111,7 @@ class LiveState:
 
     def count_finalize(self, group_id: str) -> int:
         """One more execution of a group's finalize (for audits: normally 1)."""
-        key = f"{PREFIX}:group:{group_id}:finalized"
+        key = keys.group_finalized(group_id)
         pipe = self.client.pipeline(transaction=False)
         pipe.incr(key)
         pipe.expire(key, TTL_SECONDS)
@@ -125,13 +119,13 @@ class LiveState:
 
     def clear_groups(self, experiment: str, group_ids: list[str]) -> None:
         if group_ids:
-            self.client.hdel(groups_key(experiment), *group_ids)
+            self.client.hdel(keys.exp_groups(experiment), *group_ids)
 
     def snapshot(self, experiment: str) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
         """(runs, groups) of an experiment in one round trip: what a progress poll reads."""
         pipe = self.client.pipeline(transaction=False)
-        pipe.hgetall(runs_key(experiment))
-        pipe.hgetall(groups_key(experiment))
+        pipe.hgetall(keys.exp_runs(experiment))
+        pipe.hgetall(keys.exp_groups(experiment))
         runs, groups = cast(list[dict[bytes, bytes]], pipe.execute())
         return ({k.decode(): json.loads(v) for k, v in runs.items()},
                 {k.decode(): v.decode() for k, v in groups.items()})
@@ -139,7 +133,7 @@ class LiveState:
     def run_statuses(self, experiment: str) -> dict[str, str]:
         """run_id -> status of an experiment's runs: what a progress count needs, without
         decoding each run's whole JSON value (see `status_of`)."""
-        raw = cast(dict[bytes, bytes], self.client.hgetall(runs_key(experiment)))
+        raw = cast(dict[bytes, bytes], self.client.hgetall(keys.exp_runs(experiment)))
         found: dict[str, str] = {}
         for key, value in raw.items():
             status = status_of(value)
@@ -148,9 +142,9 @@ class LiveState:
         return found
 
     def runs(self, experiment: str) -> dict[str, dict[str, Any]]:
-        raw = cast(dict[bytes, bytes], self.client.hgetall(runs_key(experiment)))
+        raw = cast(dict[bytes, bytes], self.client.hgetall(keys.exp_runs(experiment)))
         return {k.decode(): json.loads(v) for k, v in raw.items()}
 
     def groups(self, experiment: str) -> dict[str, str]:
-        raw = cast(dict[bytes, bytes], self.client.hgetall(groups_key(experiment)))
+        raw = cast(dict[bytes, bytes], self.client.hgetall(keys.exp_groups(experiment)))
         return {k.decode(): v.decode() for k, v in raw.items()}

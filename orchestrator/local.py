@@ -22,7 +22,7 @@ from pathlib import Path
 
 import redis
 
-from . import settings
+from . import keys, settings
 from .errors import EnvironmentProblem
 
 INSTALL_HINT = ("redis-server was not found on PATH. Install it (Debian/Ubuntu: "
@@ -78,7 +78,7 @@ def start_redis(workdir: Path, port: int | None = None) -> tuple[subprocess.Pope
             "--maxmemory-policy", "noeviction", "--logfile", str(workdir / "redis.log")]
     proc = spawn(argv, dict(os.environ), workdir / "redis.out")
     url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url, socket_connect_timeout=1)
+    client = keys.client(url, "command")
     deadline = time.monotonic() + 15
     while True:
         try:

@@ -31,9 +31,8 @@ from typing import Any, cast
 
 import redis
 
-from . import transfer
+from . import keys, transfer
 from .errors import RunStopped
-from .leases import PREFIX, lease_key
 from .livestate import TTL_SECONDS
 from .paths import FOLD_FILES, Layout, atomic_write_json, file_lock, fsync_dir
 from .runner import Guard, commit_folder, end_attempt, move_aside, write_new
@@ -43,12 +42,6 @@ from .status import Status, file_sizes, fold_state, write_fold_status
 log = logging.getLogger(__name__)
 
 
-def record_key(run_key: str) -> str:
-    return f"{PREFIX}:fold:{run_key}"
-
-
-def payload_key(run_key: str) -> str:
-    return f"{PREFIX}:return:{run_key}"
 
 
 # KEYS: lease, payload. ARGV: token ('' = no lease to check), payload, ttl.
@@ -77,10 +70,10 @@ class Returns:
         self._put = client.register_script(_PUT)
 
     def record(self, spec: RunSpec) -> dict[str, Any] | None:
-        return _decode(self.client.get(record_key(spec.run_key)), spec)
+        return _decode(self.client.get(keys.fold_record(spec.run_key)), spec)
 
     def write_record(self, spec: RunSpec, record: dict[str, Any]) -> None:
-        self.client.set(record_key(spec.run_key), json.dumps(record, default=str), ex=self.ttl)
+        self.client.set(keys.fold_record(spec.run_key), json.dumps(record, default=str), ex=self.ttl)
 
     def records(self, specs: list[RunSpec]) -> dict[str, dict[str, Any]]:
         """run_key -> record, with whether an archive waits (`"returned": True`), in one
@@ -89,8 +82,8 @@ class Returns:
             return {}
         pipe = self.client.pipeline(transaction=False)
         for spec in specs:
-            pipe.get(record_key(spec.run_key))
-            pipe.exists(payload_key(spec.run_key))
+            pipe.get(keys.fold_record(spec.run_key))
+            pipe.exists(keys.return_payload(spec.run_key))
         replies = pipe.execute()
         found = {}
         for i, spec in enumerate(specs):
@@ -102,14 +95,14 @@ class Returns:
     def put(self, spec: RunSpec, payload: dict[str, Any], token: str | None) -> int:
         """Store the archive (1) if `token` still holds the lease (else 0) and no other
         archive waits (else 2)."""
-        return int(cast(int, self._put(keys=[lease_key(spec.run_key), payload_key(spec.run_key)],
+        return int(cast(int, self._put(keys=[keys.lease(spec.run_key), keys.return_payload(spec.run_key)],
                                        args=[token or "", json.dumps(payload), self.ttl])))
 
     def payload(self, spec: RunSpec) -> bytes | None:
-        return cast(bytes | None, self.client.get(payload_key(spec.run_key)))
+        return cast(bytes | None, self.client.get(keys.return_payload(spec.run_key)))
 
     def drop(self, spec: RunSpec) -> None:
-        self.client.delete(payload_key(spec.run_key))
+        self.client.delete(keys.return_payload(spec.run_key))
 
 
 class ReturnSink:

@@ -20,6 +20,7 @@ from typing import Any, cast
 
 import redis
 
+from . import keys
 from .errors import OrchestratorError
 from .paths import Layout
 from .spec import RunSpec
@@ -27,9 +28,6 @@ from .spec import RunSpec
 TAIL_BYTES = 64 * 1024
 LOG_TTL = 7 * 24 * 3600
 
-
-def log_key(run_id: str, attempt: int) -> str:
-    return f"orch:log:{run_id}:{attempt}"
 
 
 @contextlib.contextmanager
@@ -119,7 +117,7 @@ def attempt_logs(layout: Layout, spec: RunSpec, client: redis.Redis | None) -> d
             continue
     if client is not None:
         with contextlib.suppress(redis.RedisError):
-            for key in client.scan_iter(f"orch:log:{spec.run_key}:*"):
+            for key in client.scan_iter(keys.logs_of(spec.run_key)):
                 attempt = int(key.decode().rsplit(":", 1)[1])
                 if attempt not in found:
                     data = cast(Any, client.get(key))

@@ -115,6 +115,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
        "largest compressed archive of one fold's files a return-mode worker may send, in MiB; the "
        "control worker refuses larger ones and ones that inflate past 8 times it (why 32: "
        "`celeryconfig.py`)", minimum=0.0, above=True, maximum=512.0),
+    _s("ORCH_DATASET_MAX_MB", "number", 1024.0, "`1024`",
+       "largest CSV dataset a worker or `submit` reads, in MiB; a larger file, and a path that is "
+       "not a regular file (a FIFO, a device, a socket), is refused at once (docs/security.md)",
+       minimum=0.0, above=True, maximum=1048576.0),
     _s("ORCH_SCRATCH_DIR", "path", None, "the system's temporary folder",
        "where a return-mode worker trains (a folder per run, always removed)"),
     _s("ORCH_VISIBILITY_TIMEOUT", "seconds", 12 * 3600.0, "`43200` (12 h)",
@@ -170,10 +174,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
 
 def value(name: str, env: Mapping[str, str] | None = None) -> Any:
     """The setting's value from `env` (default os.environ) by its one rule: its default
-    when unset (or, for those without one, None); SettingError when not valid."""
+    when unset or empty (or, for those without one, None); SettingError when not valid."""
     s = SETTINGS[name]
     raw = (os.environ if env is None else env).get(name)
-    if raw is None:
+    if raw is None or not raw.strip():  # empty is unset (VAR= in a unit file or a shell)
         return s.default
     try:
         return _parse(s, raw)

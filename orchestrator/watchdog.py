@@ -17,10 +17,10 @@ from typing import Any, cast
 import redis
 
 from . import settings
-from .leases import ACTIVE, EPOCH, PREFIX, Leases
+from .keys import ACTIVE, EPOCH, WATCHDOG_LOCK
+from .leases import Leases
 
 log = logging.getLogger(__name__)
-LOCK = f"{PREFIX}:watchdog:lock"
 REVOKED_KEEP_SECONDS = 24 * 3600  # revoked entries count as lost attempts until then
 # A delivered training message nobody holds a lease for, this many lease periods after
 # its delivery, was lost by its worker before it started.
@@ -51,10 +51,10 @@ class Watchdog:
     def _hold_lock(self) -> bool:
         """One watchdog acts at a time, however many control workers run."""
         ttl = int(self.interval * 5 * 1000)
-        if self.client.set(LOCK, self.name, nx=True, px=ttl):
+        if self.client.set(WATCHDOG_LOCK, self.name, nx=True, px=ttl):
             return True
-        if self.client.get(LOCK) == self.name.encode():
-            self.client.pexpire(LOCK, ttl)
+        if self.client.get(WATCHDOG_LOCK) == self.name.encode():
+            self.client.pexpire(WATCHDOG_LOCK, ttl)
             return True
         return False
 

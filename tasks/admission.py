@@ -33,11 +33,10 @@ def stop_consuming(hostname: str) -> None:
 
 
 def _shares() -> Any:
-    import redis
-
+    from orchestrator import keys
     from orchestrator.admission import Shares
 
-    return Shares(redis.Redis.from_url(app.conf.orch_state_url, socket_timeout=10))
+    return Shares(keys.client(app.conf.orch_state_url))
 
 
 def _watch(hostname: str, queues: list[str], stop: threading.Event) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import redis
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
-from orchestrator import fleet, gpu, settings
+from orchestrator import fleet, gpu, keys, settings
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +157,7 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     interval = fleet.heartbeat_seconds()
     exit_idle = _exit_when_idle()
     now = time.time()
-    _client = redis.Redis.from_url(app.conf.orch_state_url, socket_timeout=10, socket_connect_timeout=5,
-                                   retry_on_timeout=True)
+    _client = keys.client(app.conf.orch_state_url)
     _record = fleet.WorkerRecord(
         name=sender.hostname, host=sender.hostname.split("@", 1)[-1], pid=os.getpid(), gpu=_gpu(),
         device=_device(queues), queues=queues, state=fleet.WorkerState.IDLE.value, started=now,

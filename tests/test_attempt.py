@@ -18,7 +18,7 @@ import redis
 import yaml
 
 from orchestrator import attempt as attempt_mod
-from orchestrator import trainers
+from orchestrator import keys, trainers
 from orchestrator.admission import Shares
 from orchestrator.attempt import (
     Delivery,
@@ -33,7 +33,7 @@ from orchestrator.attempt import (
 )
 from orchestrator.config import load_experiments
 from orchestrator.expand import expand
-from orchestrator.leases import Leases, attempts_key, cancel_key, pause_key
+from orchestrator.leases import Leases
 from orchestrator.livestate import LiveState
 from orchestrator.paths import Layout
 from orchestrator.runner import SharedSink
@@ -139,13 +139,13 @@ def test_cancel_and_pause(svc: Services, tmp_path: Path) -> None:
     specs = specs_of(tmp_path)
     run = RunSpec.from_dict(specs[0])
     sent = time.time()
-    svc.leases.client.set(pause_key(run.experiment), "1")
+    svc.leases.client.set(keys.paused(run.experiment), "1")
     parked = attempt(svc, specs[0], sent, delivery())
     assert isinstance(parked, Park) and parked.queue == f"parked.{run.experiment}"
     assert not svc.layout.fold_status(run).exists()  # parking writes nothing
-    svc.leases.client.delete(pause_key(run.experiment))
+    svc.leases.client.delete(keys.paused(run.experiment))
 
-    svc.leases.client.set(cancel_key(run.experiment), repr(sent + 1))
+    svc.leases.client.set(keys.cancel(run.experiment), repr(sent + 1))
     cancelled = attempt(svc, specs[0], sent, delivery())
     assert isinstance(cancelled, GiveUp) and "cancelled" in str(cancelled.error)
     assert record(svc, specs[0])["status"] == "CANCELLED"
@@ -213,5 +213,5 @@ def test_a_zombie_attempt_hands_back_and_writes_nothing(svc: Services, tmp_path:
     assert isinstance(outcomes[0], HandBack)
     assert not svc.layout.fold_dir(run).exists()
     assert record(svc, spec)["status"] == "IN_PROGRESS"  # its start mark, nothing after
-    assert svc.leases.client.hget(attempts_key(run.run_key), "committed") is None
+    assert svc.leases.client.hget(keys.attempts(run.run_key), "committed") is None
     assert not os.listdir(svc.layout.staging_root(run)) if svc.layout.staging_root(run).exists() else True

@@ -21,7 +21,7 @@ import psutil
 import pytest
 import redis
 
-from orchestrator import fleet, gpu
+from orchestrator import fleet, gpu, keys
 from orchestrator.cli.workers import celery_worker_command
 from orchestrator.local import spawn, start_redis, stop_process
 
@@ -225,7 +225,7 @@ def test_registry_records_expire_and_only_their_owner_removes_them(fleet_redis: 
     wait_for(lambda: [r.name for r in fleet.list_workers(client)] == ["gpu0@h1"], timeout=10,
              what="the 1-second record to expire")
     assert fleet.unregister(client, "gpu0@h1", pid=111) is True and fleet.list_workers(client) == []
-    client.hset(fleet.ACTIVE_KEY, mapping={"r1": json.dumps({"worker": "gpu0@h1", "name": "e/iris/base/seed=0/fold=1"}),
+    client.hset(keys.ACTIVE, mapping={"r1": json.dumps({"worker": "gpu0@h1", "name": "e/iris/base/seed=0/fold=1"}),
                                            "r2": "not json",
                                            "r3": json.dumps({"worker": "gpu0@h1", "token": None,
                                                              "revoked_token": "t", "name": "old"})})
@@ -294,12 +294,12 @@ def test_workers_up_list_restart_down(fleet_redis: str, fake_machine: Any, tmp_p
 
         # "current run" comes from the run leases' hash (written by training workers;
         # simulated here in this module's private Redis).
-        redis.Redis.from_url(fleet_redis).hset(fleet.ACTIVE_KEY, "run-1", json.dumps(
+        redis.Redis.from_url(fleet_redis).hset(keys.ACTIVE, "run-1", json.dumps(
             {"worker": f"cpu1@{HOST}", "name": "exp/iris/base/seed=0/fold=2", "experiment": "exp",
              "started": time.time()}))
         listing = run_cli("workers", "list", env=cli_env(COLUMNS="250", ORCH_BROKER_URL=fleet_redis))
         assert "exp/iris/base/seed=0/fold=2" in listing.stdout and f"gpu1@{HOST}" in listing.stdout
-        redis.Redis.from_url(fleet_redis).delete(fleet.ACTIVE_KEY)
+        redis.Redis.from_url(fleet_redis).delete(keys.ACTIVE)
 
         # A worker that dies (its whole process group, like a crash) is started again.
         os.killpg(c["pid"], signal.SIGKILL)

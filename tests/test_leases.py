@@ -9,8 +9,10 @@ import uuid
 import pytest
 import redis
 
-from orchestrator.leases import Leases, pause_key
-from orchestrator.livestate import PROGRESS, LiveState, runs_key
+from orchestrator import keys
+from orchestrator.keys import PROGRESS
+from orchestrator.leases import Leases
+from orchestrator.livestate import LiveState
 
 
 @pytest.fixture
@@ -19,7 +21,7 @@ def leases(redis_url: str) -> Leases:
 
 
 def _mark(client: redis.Redis, exp: str, run_id: str) -> dict | None:
-    raw = client.hget(runs_key(exp), run_id)
+    raw = client.hget(keys.exp_runs(exp), run_id)
     return None if raw is None else json.loads(raw)
 
 
@@ -31,7 +33,7 @@ def test_begin_sets_the_live_mark_with_the_attempt_number_only_when_it_claims(le
     mark = _mark(leases.client, exp, run_id)
     assert mark is not None
     assert (mark["status"], mark["worker"], mark["attempt"]) == ("IN_PROGRESS", "cpu1@h", 1)
-    assert 0 < leases.client.ttl(runs_key(exp)) <= entry[3]
+    assert 0 < leases.client.ttl(keys.exp_runs(exp)) <= entry[3]
 
     # A duplicate delivery while the lease is held: no claim, the mark is left alone.
     other = LiveState.run_entry(exp, run_id, "IN_PROGRESS", worker="cpu2@h")
@@ -52,7 +54,7 @@ def test_begin_without_an_entry_or_when_paused_sets_no_mark(leases: Leases) -> N
     assert _mark(leases.client, exp, run_id) is None
     leases.finish(run_id, start.claim.token, False, PROGRESS, None)
 
-    leases.client.set(pause_key(exp), "1")
+    leases.client.set(keys.paused(exp), "1")
     paused = leases.begin(run_id, {}, exp, None, "t2", LiveState.run_entry(exp, run_id, "IN_PROGRESS"))
     assert paused.paused and paused.claim is None
     assert _mark(leases.client, exp, run_id) is None

@@ -269,11 +269,11 @@ def test_a_tampered_archive_fails_its_fold_and_writes_nothing(
 
 def test_only_the_lease_holder_returns_and_the_first_archive_wins(
         tmp_path: Path, write_experiment: Any, returns: Returns) -> None:
+    from orchestrator import keys
     from orchestrator.errors import RunStopped
-    from orchestrator.leases import lease_key
 
     spec = _runs(write_experiment, "ret_fence")[0]
-    returns.client.set(lease_key(spec.run_key), "holder", ex=60)
+    returns.client.set(keys.lease(spec.run_key), "holder", ex=60)
     archive = {"format": transfer.FORMAT}
     assert returns.put(spec, archive, "zombie") == 0 and _waiting(returns, [spec]) == []
     assert returns.put(spec, archive, "holder") == 1

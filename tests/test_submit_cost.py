@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from orchestrator.livestate import LiveState, groups_key, runs_key, status_of
+from orchestrator import keys
+from orchestrator.livestate import LiveState, status_of
 from orchestrator.local import start_redis, stop_process
 from orchestrator.paths import Layout, atomic_write_json
 from orchestrator.plan import RUN, GroupPlan, make_plan
@@ -79,7 +80,7 @@ def test_a_poll_reads_the_runs_hash_at_most_once_a_second_and_when_all_groups_ar
     plans = [GroupPlan(specs=tuple(runs[:2]), todo=tuple(runs[:2]), action=RUN),
              GroupPlan(specs=tuple(runs[2:]), todo=tuple(runs[2:]), action=RUN)]
     live.set_runs("c", {runs[0].run_id: "PENDING", runs[1].run_id: "PENDING"})  # b: not yet there
-    live.client.hset(runs_key("c"), "someone-else", json.dumps({"status": "DONE"}))  # not tracked
+    live.client.hset(keys.exp_runs("c"), "someone-else", json.dumps({"status": "DONE"}))  # not tracked
     poller = Poller(live, [Tracked("c", plans)], runs_every=3600)
     before = calls(live.client, "hgetall")
     states, finished, total = poller.poll()
@@ -97,7 +98,7 @@ def test_a_poll_reads_the_runs_hash_at_most_once_a_second_and_when_all_groups_ar
     states, finished, total = poller.poll()  # every group final: the runs hash again
     assert states["DONE"] == 4 and sum(states.values()) == 4 and finished == total == 2
     poller.runs_every = 0.0
-    live.client.hset(groups_key("c"), runs[0].group_id, "PENDING")
+    live.client.hset(keys.exp_groups("c"), runs[0].group_id, "PENDING")
     live.set_run("c", runs[1].run_id, "IN_PROGRESS")
     states, finished, _ = poller.poll()
     assert states["IN_PROGRESS"] == 1 and finished == 1

@@ -10,6 +10,7 @@ from typing import Any
 import click
 from rich.table import Table
 
+from .. import keys
 from ..config import load_experiments
 from ..errors import OrchestratorError
 from ..expand import expand
@@ -129,7 +130,7 @@ def _in_flight(broker: str | None) -> InFlight | None:
     from .base import _check_redis_url
 
     url = _check_redis_url(state_url(broker), "broker URL (--broker / ORCH_BROKER_URL) or ORCH_STATE_URL")
-    returns = Returns(redis_lib.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=5))
+    returns = Returns(keys.client(url, "command"))
     unreachable: list[str] = []
 
     def lookup(specs: list[RunSpec]) -> dict[str, dict[str, Any]]:
@@ -162,7 +163,6 @@ def logs(run: str, attempt: int | None, results_root: str | None, broker: str | 
     Example:
       orchestrator logs iris_kfold/iris/hidden=64,lr=0.01/seed=0/fold=2
     """
-    import redis as redis_lib
 
     from ..runlogs import attempt_logs, find_run
 
@@ -171,8 +171,7 @@ def logs(run: str, attempt: int | None, results_root: str | None, broker: str | 
     client = None
     if broker:
         _use_broker(broker, layout.root)
-        client = redis_lib.Redis.from_url(os.environ["ORCH_STATE_URL"], socket_connect_timeout=3,
-                                          socket_timeout=5)
+        client = keys.client(os.environ["ORCH_STATE_URL"], "command")
     found = attempt_logs(layout, spec, client)
     if attempt is not None:
         found = {k: v for k, v in found.items() if k == attempt}

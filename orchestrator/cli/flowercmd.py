@@ -37,8 +37,10 @@ def _check_broker(url: str) -> None:
     """Fail now, with a message, rather than have Flower retry a dead broker forever."""
     import redis
 
+    from .. import keys
+
     try:
-        redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5).ping()
+        keys.client(url, "command").ping()
     except redis.RedisError as exc:
         raise EnvironmentProblem(f"cannot reach the broker at {_safe_url(url)}: {exc}") from None
 
