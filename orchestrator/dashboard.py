@@ -33,7 +33,7 @@ import redis
 from rich.console import Console, Group, RenderableType
 from rich.text import Text
 
-from . import fleet, keys
+from . import keys, registry
 from .keys import PROGRESS
 from .manifest import experiments as list_experiments
 from .paths import Layout, read_json
@@ -176,8 +176,8 @@ class Collector:
 
     def __init__(self, layout: Layout, client: redis.Redis, url: str, experiment: str | None = None,
                  heartbeat: float | None = None, window: float = ETA_WINDOW_SECONDS):
-        self.layout, self.client, self.url, self.focus = layout, client, fleet.redact(url), experiment
-        self.heartbeat = heartbeat if heartbeat is not None else fleet.heartbeat_seconds()
+        self.layout, self.client, self.url, self.focus = layout, client, registry.redact(url), experiment
+        self.heartbeat = heartbeat if heartbeat is not None else registry.heartbeat_seconds()
         self.rates = RateWindow(window)
         self._manifests: dict[str, _Manifest] = {}
         self._from_files: dict[str, tuple[float, ExperimentRow, list[FailureRow]]] = {}
@@ -225,7 +225,7 @@ class Collector:
         pipe.hgetall(keys.ACTIVE)
         pipe.hgetall(PROGRESS)
         replies = pipe.execute()
-        records = fleet.list_workers(self.client)
+        records = registry.list_workers(self.client)
         active_raw, progress_raw = replies[-2], replies[-1]
 
         rows: list[ExperimentRow] = []
@@ -298,7 +298,7 @@ class Collector:
     def _paused(self, name: str) -> bool:
         return isinstance(read_json(self.layout.paused_marker(name)), dict)
 
-    def _workers(self, records: list[fleet.WorkerRecord], active: dict[str, dict[str, Any]],
+    def _workers(self, records: list[registry.WorkerRecord], active: dict[str, dict[str, Any]],
                  progress: dict[str, Any], now: float) -> list[WorkerRow]:
         by_worker: dict[str, list[tuple[str, dict[str, Any]]]] = {}
         for rid, info in sorted(active.items(), key=lambda kv: kv[1].get("started") or 0.0):
@@ -320,7 +320,7 @@ class Collector:
     @staticmethod
     def _worker_row(name: str, device: str, gpu: int | None, state: str, age: float | None,
                     held: list[tuple[str, dict[str, Any]]], progress: dict[str, Any],
-                    rec: fleet.WorkerRecord | None) -> WorkerRow:
+                    rec: registry.WorkerRecord | None) -> WorkerRow:
         row = WorkerRow(name, device, gpu, state, age,
                         memory_used_mb=rec.gpu_memory_used_mb if rec else None,
                         memory_total_mb=rec.gpu_memory_total_mb if rec else None,

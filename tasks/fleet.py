@@ -24,13 +24,13 @@ from typing import Any
 import redis
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
-from orchestrator import fleet, gpu, keys, settings
+from orchestrator import gpu, keys, registry, settings
 
 log = logging.getLogger(__name__)
 
 _stop = threading.Event()
 _lock = threading.Lock()
-_record: fleet.WorkerRecord | None = None
+_record: registry.WorkerRecord | None = None
 _client: redis.Redis | None = None
 
 
@@ -69,14 +69,14 @@ def _beat() -> None:
         if _record is None or _client is None or _stop.is_set():
             return
         busy = _busy()
-        if _record.state != fleet.WorkerState.STOPPING.value:
-            _record.state = (fleet.WorkerState.BUSY if busy else fleet.WorkerState.IDLE).value
+        if _record.state != registry.WorkerState.STOPPING.value:
+            _record.state = (registry.WorkerState.BUSY if busy else registry.WorkerState.IDLE).value
         _record.active, _record.heartbeat = busy, time.time()
         _gpu_usage(_record)
-        fleet.register(_client, _record, fleet.record_ttl(fleet.heartbeat_seconds()))
+        registry.register(_client, _record, registry.record_ttl(registry.heartbeat_seconds()))
 
 
-def _gpu_usage(record: fleet.WorkerRecord) -> None:
+def _gpu_usage(record: registry.WorkerRecord) -> None:
     """A GPU worker's record gets its GPU's memory in use and utilisation, through NVML
     (never CUDA: this is the main process, which forks the training processes)."""
     if record.gpu is None:
@@ -142,7 +142,7 @@ def _request_warm_shutdown() -> None:
     from celery.worker import state
 
     if _record is not None:
-        _record.state = fleet.WorkerState.STOPPING.value
+        _record.state = registry.WorkerState.STOPPING.value
     state.should_stop = 0
 
 
@@ -154,13 +154,13 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
         return
     app = sender.app
     queues = sorted(app.amqp.queues.consume_from.keys())
-    interval = fleet.heartbeat_seconds()
+    interval = registry.heartbeat_seconds()
     exit_idle = _exit_when_idle()
     now = time.time()
     _client = keys.client(app.conf.orch_state_url)
-    _record = fleet.WorkerRecord(
+    _record = registry.WorkerRecord(
         name=sender.hostname, host=sender.hostname.split("@", 1)[-1], pid=os.getpid(), gpu=_gpu(),
-        device=_device(queues), queues=queues, state=fleet.WorkerState.IDLE.value, started=now,
+        device=_device(queues), queues=queues, state=registry.WorkerState.IDLE.value, started=now,
         heartbeat=now, exit_when_idle=exit_idle)
     try:
         _beat()
@@ -177,7 +177,7 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
 def _on_shutting_down(**_: Any) -> None:
     """Runs inside the signal handler: only flag the state; the next beat writes it."""
     if _record is not None:
-        _record.state = fleet.WorkerState.STOPPING.value
+        _record.state = registry.WorkerState.STOPPING.value
 
 
 @worker_shutdown.connect
@@ -193,6 +193,6 @@ def _unregister() -> None:
         if _record is None or _client is None or os.getpid() != _record.pid:
             return  # not started, or a forked pool child
         try:
-            fleet.unregister(_client, _record.name, _record.pid)
+            registry.unregister(_client, _record.name, _record.pid)
         except Exception as exc:  # the record expires on its own
             log.warning("worker registry: could not remove %s: %s", _record.name, exc)

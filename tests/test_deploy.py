@@ -20,7 +20,7 @@ import psutil
 import pytest
 import redis
 
-from orchestrator import fleet
+from orchestrator import registry
 from orchestrator.local import free_port
 
 from .conftest import REPO, cli_env, run_cli
@@ -87,7 +87,7 @@ def test_launcher_head_then_workers_then_stop(tmp_path: Path) -> None:
         workers = launch("workers", "2", env=env)
         assert workers.returncode == 0, workers.stdout + workers.stderr
         assert "no GPU" in workers.stdout and "2 workers registered" in workers.stdout
-        records = {r.name: r for r in fleet.list_workers(client)}
+        records = {r.name: r for r in registry.list_workers(client)}
         assert set(records) == {f"control@{HOST}", f"cpu1@{HOST}", f"cpu2@{HOST}"}
         assert records[f"control@{HOST}"].queues == ["control"]
 

@@ -21,7 +21,7 @@ import psutil
 import pytest
 import redis
 
-from orchestrator import fleet, gpu, keys
+from orchestrator import gpu, keys, registry, supervisor
 from orchestrator.cli.workers import celery_worker_command
 from orchestrator.local import spawn, start_redis, stop_process
 
@@ -61,8 +61,8 @@ def fake_machine(tmp_path: Path) -> Iterator[Any]:
     yield write
 
 
-def _records(url: str) -> dict[str, fleet.WorkerRecord]:
-    return {r.name: r for r in fleet.list_workers(fleet.client(url))}
+def _records(url: str) -> dict[str, registry.WorkerRecord]:
+    return {r.name: r for r in registry.list_workers(registry.client(url))}
 
 
 # --- GPU detection -----------------------------------------------------------------
@@ -134,14 +134,14 @@ def test_worker_command_binds_one_gpu_and_passes_exit_when_idle() -> None:
 
 
 def test_worker_commands_one_per_selected_gpu_with_unique_names() -> None:
-    commands = fleet.worker_commands([0, 2], per_gpu=2, cpu=1, control=True, exit_when_idle=5)
+    commands = supervisor.worker_commands([0, 2], per_gpu=2, cpu=1, control=True, exit_when_idle=5)
     assert [(c.label, c.node, c.gpu) for c in commands] == [
         ("gpu0-0", "gpu0-0@%h", 0), ("gpu0-1", "gpu0-1@%h", 0), ("gpu2-0", "gpu2-0@%h", 2),
         ("gpu2-1", "gpu2-1@%h", 2), ("cpu1", "cpu1@%h", None), ("control", "control@%h", None)]
     gpu21 = commands[3].argv
     assert gpu21[gpu21.index("--gpu") + 1] == "2" and gpu21[gpu21.index("--name") + 1] == "gpu2-1@%h"
     assert all(c.argv[c.argv.index("--exit-when-idle") + 1] == "5" for c in commands)
-    assert [c.label for c in fleet.worker_commands([3])] == ["gpu3"]  # one per GPU: plain gpuN
+    assert [c.label for c in supervisor.worker_commands([3])] == ["gpu3"]  # one per GPU: plain gpuN
 
 
 def test_return_results_reaches_training_workers_only() -> None:
@@ -151,7 +151,7 @@ def test_return_results_reaches_training_workers_only() -> None:
     assert env["ORCH_RESULTS_TRANSFER"] == "return"  # from the environment (systemd, batch job)
     _, env = celery_worker_command(control=True, environ={})
     assert "ORCH_RESULTS_TRANSFER" not in env
-    commands = fleet.worker_commands([0], cpu=1, control=True, return_results=True)
+    commands = supervisor.worker_commands([0], cpu=1, control=True, return_results=True)
     assert [("--return-results" in c.argv) for c in commands] == [True, True, False]
 
 
@@ -189,8 +189,8 @@ def test_workers_up_refuses_bad_gpu_selections(fake_machine: Any, fleet_redis: s
 # --- the supervisor alone (plain processes, no Celery) -------------------------------
 
 def test_supervisor_restarts_with_backoff_then_gives_up(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    crash = fleet.WorkerCommand("crash", "crash@%h", None, [sys.executable, "-c", "raise SystemExit(3)"])
-    sup = fleet.Supervisor([crash], fleet.StateDir(tmp_path), dict(os.environ), max_failures=2,
+    crash = supervisor.WorkerCommand("crash", "crash@%h", None, [sys.executable, "-c", "raise SystemExit(3)"])
+    sup = supervisor.Supervisor([crash], supervisor.StateDir(tmp_path), dict(os.environ), max_failures=2,
                            backoff_base=0.3, stable_seconds=30)
     started = time.monotonic()
     assert sup.run() == 1
@@ -203,8 +203,8 @@ def test_supervisor_restarts_with_backoff_then_gives_up(tmp_path: Path, capsys: 
 
 
 def test_supervisor_with_exit_when_idle_lets_a_clean_exit_be(tmp_path: Path) -> None:
-    done = fleet.WorkerCommand("w", "w@%h", None, [sys.executable, "-c", "pass"])
-    sup = fleet.Supervisor([done], fleet.StateDir(tmp_path), dict(os.environ), exit_when_idle=True)
+    done = supervisor.WorkerCommand("w", "w@%h", None, [sys.executable, "-c", "pass"])
+    sup = supervisor.Supervisor([done], supervisor.StateDir(tmp_path), dict(os.environ), exit_when_idle=True)
     assert sup.run() == 0
     status = json.loads((tmp_path / "supervisor.json").read_text())["workers"]["w"]
     assert (status["state"], status["restarts"], status["exit_codes"]) == ("done", 0, [0])
@@ -213,23 +213,23 @@ def test_supervisor_with_exit_when_idle_lets_a_clean_exit_be(tmp_path: Path) -> 
 # --- the registry -------------------------------------------------------------------
 
 def test_registry_records_expire_and_only_their_owner_removes_them(fleet_redis: str) -> None:
-    client = fleet.client(fleet_redis.rsplit("/", 1)[0] + "/1")  # db 1: away from the workers' db
+    client = registry.client(fleet_redis.rsplit("/", 1)[0] + "/1")  # db 1: away from the workers' db
     now = time.time()
-    rec = fleet.WorkerRecord(name="gpu0@h1", host="h1", pid=111, gpu=0, device="cuda", queues=["gpu"],
+    rec = registry.WorkerRecord(name="gpu0@h1", host="h1", pid=111, gpu=0, device="cuda", queues=["gpu"],
                              state="idle", started=now, heartbeat=now)
-    fleet.register(client, rec, ttl=30)
-    fleet.register(client, fleet.WorkerRecord(**{**rec.__dict__, "name": "cpu1@h1", "gpu": None}), ttl=1)
-    assert [r.name for r in fleet.list_workers(client)] == ["cpu1@h1", "gpu0@h1"]
-    assert fleet.list_workers(client)[1] == rec
-    assert fleet.unregister(client, "gpu0@h1", pid=222) is False  # a successor's record stays
-    wait_for(lambda: [r.name for r in fleet.list_workers(client)] == ["gpu0@h1"], timeout=10,
+    registry.register(client, rec, ttl=30)
+    registry.register(client, registry.WorkerRecord(**{**rec.__dict__, "name": "cpu1@h1", "gpu": None}), ttl=1)
+    assert [r.name for r in registry.list_workers(client)] == ["cpu1@h1", "gpu0@h1"]
+    assert registry.list_workers(client)[1] == rec
+    assert registry.unregister(client, "gpu0@h1", pid=222) is False  # a successor's record stays
+    wait_for(lambda: [r.name for r in registry.list_workers(client)] == ["gpu0@h1"], timeout=10,
              what="the 1-second record to expire")
-    assert fleet.unregister(client, "gpu0@h1", pid=111) is True and fleet.list_workers(client) == []
+    assert registry.unregister(client, "gpu0@h1", pid=111) is True and registry.list_workers(client) == []
     client.hset(keys.ACTIVE, mapping={"r1": json.dumps({"worker": "gpu0@h1", "name": "e/iris/base/seed=0/fold=1"}),
                                            "r2": "not json",
                                            "r3": json.dumps({"worker": "gpu0@h1", "token": None,
                                                              "revoked_token": "t", "name": "old"})})
-    assert fleet.current_runs(client) == {"gpu0@h1": [{"run_id": "r1", "worker": "gpu0@h1",
+    assert registry.current_runs(client) == {"gpu0@h1": [{"run_id": "r1", "worker": "gpu0@h1",
                                                         "name": "e/iris/base/seed=0/fold=1"}]}
     client.flushdb()
 
@@ -252,7 +252,7 @@ def test_idle_check_counts_messages_of_every_priority(fleet_redis: str) -> None:
 def _kill_leftovers(state: Path) -> None:
     """If a test failed half way: stop the supervisor and its workers, whatever happens."""
     run_cli("workers", "down", "--state-dir", str(state), "--timeout", "30", env=cli_env())
-    status = fleet.StateDir(state).read_status() or {}
+    status = supervisor.StateDir(state).read_status() or {}
     for pid in [status.get("pid")] + [w.get("pid") for w in status.get("workers", {}).values()]:
         if pid:
             try:

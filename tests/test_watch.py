@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator import dashboard, fleet, gpu
+from orchestrator import dashboard, gpu, registry
 from orchestrator.dashboard import ExperimentRow, FailureRow, Snapshot, WorkerRow, frame_text
 from orchestrator.local import spawn, stop_process
 
@@ -169,7 +169,7 @@ def test_durations_run_names_and_progress_are_shortened_to_fit() -> None:
 def test_a_gpu_workers_heartbeat_reports_its_memory_and_old_records_stay_readable() -> None:
     from tasks import fleet as worker_fleet
 
-    record = fleet.WorkerRecord("gpu0@h", "h", 1, 0, "cuda", ["gpu"], "idle", 0.0, 0.0)
+    record = registry.WorkerRecord("gpu0@h", "h", 1, 0, "cuda", ["gpu"], "idle", 0.0, 0.0)
     gpu.use_nvml(FakeNVML(H100))
     try:
         worker_fleet._gpu_usage(record)
@@ -180,7 +180,7 @@ def test_a_gpu_workers_heartbeat_reports_its_memory_and_old_records_stay_readabl
     finally:
         gpu.use_nvml(None)
     old = {k: v for k, v in json.loads(record.to_json()).items() if not k.startswith("gpu_")}
-    assert fleet.WorkerRecord.from_json(json.dumps(old)).gpu_memory_total_mb is None
+    assert registry.WorkerRecord.from_json(json.dumps(old)).gpu_memory_total_mb is None
 
 
 def test_the_collector_reads_redis_and_the_results_root_and_keeps_the_last_read_when_redis_goes(
@@ -211,8 +211,8 @@ def test_the_collector_reads_redis_and_the_results_root_and_keeps_the_last_read_
         live.set_run("coll", run[1].run_id, "FAILED", error="ValueError: boom\nTraceback (most recent call last):")
         live.set_run("coll", run[2].run_id, "IN_PROGRESS", worker="cpu1@h")
         now = time.time()
-        fleet.register(client, fleet.WorkerRecord("cpu1@h", "h", 1, None, "cpu", ["cpu"], "busy", now, now), 30)
-        fleet.register(client, fleet.WorkerRecord("cpu2@h", "h", 2, None, "cpu", ["cpu"], "idle", now, now - 60), 30)
+        registry.register(client, registry.WorkerRecord("cpu1@h", "h", 1, None, "cpu", ["cpu"], "busy", now, now), 30)
+        registry.register(client, registry.WorkerRecord("cpu2@h", "h", 2, None, "cpu", ["cpu"], "idle", now, now - 60), 30)
         client.hset(ACTIVE, run[2].run_id, json.dumps({"token": "t1", "worker": "cpu1@h", "name": run[2].name,
                                                        "experiment": "coll", "started": now - 5, "attempt": 1}))
         client.hset(ACTIVE, run[3].run_id, json.dumps({"token": None, "worker": "cpu1@h", "name": run[3].name,
@@ -276,9 +276,9 @@ def gpu_cluster(running_cluster: Cluster, tmp_path_factory: pytest.TempPathFacto
     env = running_cluster.env(ORCH_PRELOAD="0", ORCH_NVML_MODULE="tests.fake_nvml", ORCH_FAKE_NVML=str(machine))
     proc = spawn([sys.executable, "-m", "orchestrator", "worker", "--gpu", "0", "--name", "gpu0@%h"],
                  env, folder / "gpu0.log")
-    client = fleet.client(running_cluster.url)
+    client = registry.client(running_cluster.url)
     try:
-        wait_for(lambda: any(r.name.startswith("gpu0@") for r in fleet.list_workers(client)),
+        wait_for(lambda: any(r.name.startswith("gpu0@") for r in registry.list_workers(client)),
                  timeout=60, what="the fake GPU worker to register")
         yield running_cluster
     finally:

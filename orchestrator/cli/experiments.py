@@ -125,7 +125,7 @@ def _in_flight(broker: str | None) -> InFlight | None:
         return None
     import redis as redis_lib
 
-    from ..fleet import redact, state_url
+    from ..registry import redact, state_url
     from ..returns import Returns
     from .base import _check_redis_url
 

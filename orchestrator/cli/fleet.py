@@ -17,7 +17,7 @@ import redis
 from rich.markup import escape
 from rich.table import Table
 
-from .. import errors, fleet, gpu, transfer
+from .. import errors, gpu, registry, supervisor, transfer
 from ..errors import EnvironmentProblem
 from .base import _check_redis_url, _results_root, cli, err, out, results_root_option
 
@@ -37,14 +37,14 @@ def _require_broker(broker: str | None) -> str:
 
 
 def _registry(broker: str) -> redis.Redis:
-    url = fleet.state_url(broker)
+    url = registry.state_url(broker)
     if url != broker:
         _check_redis_url(url, "ORCH_STATE_URL / ORCH_RESULT_BACKEND")
-    return fleet.client(url)
+    return registry.client(url)
 
 
 def _unreachable(broker: str, exc: Exception) -> EnvironmentProblem:
-    return EnvironmentProblem(f"cannot reach the broker at {fleet.redact(broker)}: {exc}")
+    return EnvironmentProblem(f"cannot reach the broker at {registry.redact(broker)}: {exc}")
 
 
 def _n(count: int, noun: str) -> str:
@@ -70,38 +70,38 @@ def gpus(broker: str | None, as_json: bool) -> None:
     Owners are read from the cluster's worker registry when a broker is given.
     """
     inv = gpu.inventory()
-    records: list[fleet.WorkerRecord] = []
+    records: list[registry.WorkerRecord] = []
     note = ""
     if broker:
         _check_redis_url(broker, "broker URL (--broker / ORCH_BROKER_URL)")
         try:
-            records = fleet.list_workers(_registry(broker))
+            records = registry.list_workers(_registry(broker))
         except redis.RedisError as exc:
-            note = f"owners unknown: cannot reach the broker at {fleet.redact(broker)} ({exc})"
+            note = f"owners unknown: cannot reach the broker at {registry.redact(broker)} ({exc})"
     else:
         note = "owners unknown: give --broker or ORCH_BROKER_URL to see which worker owns each GPU"
     rows = []
     for g in inv.gpus:
         row = g.to_dict()
-        row["workers"] = fleet.gpu_owners(g.index, records)
+        row["workers"] = registry.gpu_owners(g.index, records)
         for p in row["processes"]:
-            p["worker"] = fleet.process_owner(p["pid"], records) if records else None
+            p["worker"] = registry.process_owner(p["pid"], records) if records else None
         rows.append(row)
     if as_json:
-        out.print_json(json.dumps({"host": fleet.this_host(), "driver": inv.driver,
+        out.print_json(json.dumps({"host": registry.this_host(), "driver": inv.driver,
                                    "driver_version": inv.driver_version, "error": inv.error,
                                    "owners_known": bool(broker) and not note, "gpus": rows}))
         return
     if not inv.driver:
-        out.print(f"no NVIDIA driver on {fleet.this_host()}: NVML could not be loaded ({inv.error}). "
+        out.print(f"no NVIDIA driver on {registry.this_host()}: NVML could not be loaded ({inv.error}). "
                   "No GPU can be used here; workers can still train on CPU slots: "
                   "`orchestrator workers up --cpu N`.", markup=False)
         return
     if not inv.gpus:
         out.print(f"NVIDIA driver {inv.driver_version} answered, but it sees no GPU on "
-                  f"{fleet.this_host()}.", markup=False)
+                  f"{registry.this_host()}.", markup=False)
         return
-    table = Table(title=f"{fleet.this_host()}: {len(inv.gpus)} GPUs, driver {inv.driver_version}",
+    table = Table(title=f"{registry.this_host()}: {len(inv.gpus)} GPUs, driver {inv.driver_version}",
                   title_justify="left")
     for col in ("gpu", "name", "memory used / total", "free", "util", "processes", "worker"):
         table.add_column(col, overflow="fold")
@@ -141,7 +141,7 @@ def _select_gpus(spec: str | None, cpu: int, inv: gpu.Inventory) -> list[int]:
             return []
         if not inv.driver:
             raise errors.OrchestratorError(
-                f"no NVIDIA driver on {fleet.this_host()} (NVML: {inv.error}): no GPU worker can start. "
+                f"no NVIDIA driver on {registry.this_host()} (NVML: {inv.error}): no GPU worker can start. "
                 "Start CPU workers instead with --cpu N.")
         if not valid:
             raise errors.OrchestratorError("the NVIDIA driver sees no GPU on this host; start CPU workers with --cpu N")
@@ -168,7 +168,7 @@ def _select_gpus(spec: str | None, cpu: int, inv: gpu.Inventory) -> list[int]:
     return chosen
 
 
-def _wait_started(state: fleet.StateDir, proc: subprocess.Popen[bytes], n: int, timeout: float = 60) -> dict[str, Any]:
+def _wait_started(state: supervisor.StateDir, proc: subprocess.Popen[bytes], n: int, timeout: float = 60) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = state.read_status()
@@ -226,28 +226,28 @@ def up(gpus_spec: str | None, per_gpu: int, cpu: int, accept_gpu_runs: bool, con
     root = _results_root(results_root, writable=not return_results)
     inv = gpu.inventory(processes=False)
     selected = _select_gpus(gpus_spec, cpu, inv)
-    commands = fleet.worker_commands(selected, per_gpu, cpu, control, accept_gpu_runs, loglevel, exit_when_idle,
+    commands = supervisor.worker_commands(selected, per_gpu, cpu, control, accept_gpu_runs, loglevel, exit_when_idle,
                                      return_results)
     if not commands:
         raise errors.OrchestratorError("nothing to start: select GPUs with --gpus, or give --cpu N / --control")
     try:
-        fleet.client(url).ping()
+        registry.client(url).ping()
     except redis.RedisError as exc:
         raise _unreachable(url, exc) from None
-    state = fleet.StateDir(Path(state_dir).resolve() if state_dir else fleet.default_state_dir())
+    state = supervisor.StateDir(Path(state_dir).resolve() if state_dir else supervisor.default_state_dir())
     running = state.running_pid()
     if running is not None:
         raise errors.OrchestratorError(
             f"a supervisor (pid {running}) already runs workers from {state.path}: stop it with "
             f"`orchestrator workers down --state-dir {state.path}`, or use another --state-dir")
-    fleet.write_plan(state, commands, exit_when_idle is not None)
+    supervisor.write_plan(state, commands, exit_when_idle is not None)
     env = {**os.environ, "ORCH_BROKER_URL": url, "ORCH_RESULTS_ROOT": str(root)}
     names = {g.index: g.name for g in inv.gpus}
     for c in commands:
         what = f"GPU {c.gpu} ({names[c.gpu]})" if c.gpu is not None else c.label.rstrip("0123456789")
-        out.print(f"  {fleet.node_name(c.node):<28} {what}", markup=False)
+        out.print(f"  {registry.node_name(c.node):<28} {what}", markup=False)
     if foreground:
-        code = fleet.Supervisor(commands, state, env, exit_when_idle=exit_when_idle is not None).run()
+        code = supervisor.Supervisor(commands, state, env, exit_when_idle=exit_when_idle is not None).run()
         sys.exit(code)
     state.path.mkdir(parents=True, exist_ok=True)
     with open(state.log, "ab") as log:
@@ -255,17 +255,17 @@ def up(gpus_spec: str | None, per_gpu: int, cpu: int, accept_gpu_runs: bool, con
                                  "--state-dir", str(state.path)], env=env, stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     _wait_started(state, proc, len(commands))
-    out.print(f"supervisor pid {proc.pid} started {_n(len(commands), 'worker')} on {fleet.redact(url)}; "
+    out.print(f"supervisor pid {proc.pid} started {_n(len(commands), 'worker')} on {registry.redact(url)}; "
               f"logs in {state.logs}", markup=False)
     if wait_s <= 0:
         return
-    expected = {fleet.node_name(c.node) for c in commands}
+    expected = {registry.node_name(c.node) for c in commands}
     deadline, started = time.monotonic() + wait_s, time.monotonic()
-    registry = _registry(url)
+    client = _registry(url)
     missing = expected
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            missing = expected - {r.name for r in fleet.list_workers(registry)}
+            missing = expected - {r.name for r in registry.list_workers(client)}
         except redis.RedisError:
             pass
         if not missing:
@@ -282,12 +282,12 @@ def up(gpus_spec: str | None, per_gpu: int, cpu: int, accept_gpu_runs: bool, con
 @state_dir_option
 def supervise(state_dir: str | None) -> None:
     """Run the supervisor of a plan written by `workers up` (started detached by it)."""
-    state = fleet.StateDir(Path(state_dir).resolve() if state_dir else fleet.default_state_dir())
-    commands, exit_when_idle = fleet.read_plan(state)
-    sys.exit(fleet.Supervisor(commands, state, dict(os.environ), exit_when_idle=exit_when_idle).run())
+    state = supervisor.StateDir(Path(state_dir).resolve() if state_dir else supervisor.default_state_dir())
+    commands, exit_when_idle = supervisor.read_plan(state)
+    sys.exit(supervisor.Supervisor(commands, state, dict(os.environ), exit_when_idle=exit_when_idle).run())
 
 
-def _wait_gone(state: fleet.StateDir, timeout: float) -> bool:
+def _wait_gone(state: supervisor.StateDir, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if state.running_pid() is None:
@@ -315,7 +315,7 @@ def down(state_dir: str | None, drain: bool, timeout: float | None) -> None:
       orchestrator workers down
       orchestrator workers down --drain --timeout 3600
     """
-    state = fleet.StateDir(Path(state_dir).resolve() if state_dir else fleet.default_state_dir())
+    state = supervisor.StateDir(Path(state_dir).resolve() if state_dir else supervisor.default_state_dir())
     pid = state.running_pid()
     if pid == -1:  # locked a moment ago, pid file not written yet
         time.sleep(1)
@@ -350,7 +350,7 @@ def down(state_dir: str | None, drain: bool, timeout: float | None) -> None:
     raise EnvironmentProblem(f"supervisor {pid} did not stop in time; killed it and its workers")
 
 
-def _report_stopped(state: fleet.StateDir) -> None:
+def _report_stopped(state: supervisor.StateDir) -> None:
     final = state.read_status() or {}
     states = {label: w.get("state") for label, w in final.get("workers", {}).items()}
     out.print("stopped: " + (", ".join(f"{k} ({v})" for k, v in sorted(states.items())) or "no workers"),
@@ -370,9 +370,9 @@ def list_(broker: str | None, as_json: bool) -> None:
     """
     url = _require_broker(broker)
     try:
-        registry = _registry(url)
-        records = fleet.list_workers(registry)
-        runs = fleet.current_runs(registry)
+        client = _registry(url)
+        records = registry.list_workers(client)
+        runs = registry.current_runs(client)
     except redis.RedisError as exc:
         raise _unreachable(url, exc) from None
     rows = []
@@ -384,9 +384,9 @@ def list_(broker: str | None, as_json: bool) -> None:
         out.print_json(json.dumps(rows))
         return
     if not rows:
-        out.print(f"no live workers registered on {fleet.redact(url)}", markup=False)
+        out.print(f"no live workers registered on {registry.redact(url)}", markup=False)
         return
-    table = Table(title=f"{len(rows)} workers on {fleet.redact(url)}", title_justify="left")
+    table = Table(title=f"{len(rows)} workers on {registry.redact(url)}", title_justify="left")
     table.add_column("worker", no_wrap=True)
     for col in ("host", "gpu", "state", "current run", "last heartbeat", "queues", "pid"):
         table.add_column(col, overflow="fold")

@@ -45,7 +45,7 @@ def watch(experiment: str | None, broker: str | None, results_root: str | None, 
     try:
         client.ping()
     except (redis.RedisError, OSError) as exc:
-        from ..fleet import redact
+        from ..registry import redact
 
         raise errors.EnvironmentProblem(f"cannot reach Redis at {redact(url)}: {exc}") from None
     if once or not (sys.stdin.isatty() and sys.stdout.isatty()):
