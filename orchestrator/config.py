@@ -6,7 +6,6 @@ and raises one ConfigError with all of them; nothing downstream re-checks.
 
 from __future__ import annotations
 
-import difflib
 import math
 import string
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ import yaml
 
 from . import datasets
 from .errors import ConfigError, DatasetError, Problem, UnknownTrainerError, UnsafeNameError
-from .names import NAME_RE, NAME_RULE, check_relative_path
+from .names import NAME_RE, NAME_RULE, check_relative_path, did_you_mean
 from .spec import DEVICES, DatasetRef, Resources
 from .sweep import SweepError, axis_keys, expand_points
 from .trainers import Trainer, get_trainer, registry
@@ -153,11 +152,6 @@ def _load_file(path: Path, problems: list[Problem]) -> Experiment | None:
     before = len(problems)
     exp = _Validator(file, path.parent, doc, problems).experiment()
     return exp if len(problems) == before else None
-
-
-def did_you_mean(word: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _is_int(v: Any) -> bool:

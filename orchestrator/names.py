@@ -41,3 +41,11 @@ def path_component(text: str) -> str:
         digest = hashlib.sha256(text.encode()).hexdigest()[:8]
         safe = f"{safe[:70]}-{digest}"
     return safe
+
+
+def did_you_mean(word: str, options: list[str]) -> str:
+    """' (did you mean 'x'?)' for the closest of `options`, or ''."""
+    import difflib
+
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -12,6 +12,8 @@ import math
 import random
 from typing import Any
 
+from .names import did_you_mean
+
 SWEEP_KEYS = ("grid", "zip", "random")
 RANDOM_KEYS = ("samples", "seed", "space")
 DISTRIBUTIONS = {
@@ -49,7 +51,6 @@ def _num(v: Any) -> bool:
 
 def expand_points(sweep: Any, fixed: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """[(point name, stated params)], in a stable order; raises SweepError."""
-    from .config import did_you_mean  # local import: config imports this module
 
     problems: list[tuple[str, str]] = []
     if sweep is None:

@@ -19,7 +19,7 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def _results_root(value: str | None, writable: bool = False) -> Path:
+def results_root_path(value: str | None, writable: bool = False) -> Path:
     """The results root; for commands that write, checked to be a writable folder."""
     root = Path(value or os.environ.get("ORCH_RESULTS_ROOT", "results")).resolve()
     if writable:
@@ -34,7 +34,7 @@ def _results_root(value: str | None, writable: bool = False) -> Path:
     return root
 
 
-def _check_redis_url(url: str, what: str) -> str:
+def check_redis_url(url: str, what: str) -> str:
     """A Redis URL redis-py can use, or a usage error naming where it came from."""
     from redis.connection import parse_url
 
@@ -58,7 +58,7 @@ def _check_redis_url(url: str, what: str) -> str:
     return url
 
 
-def _use_broker(url: str, results_root: Path, private: bool = False) -> None:
+def use_broker(url: str, results_root: Path, private: bool = False) -> None:
     """Point this process (and `tasks`, imported later) at a broker and results root.
 
     A private (local-mode) Redis is also the result backend and the live state, whatever
@@ -66,10 +66,10 @@ def _use_broker(url: str, results_root: Path, private: bool = False) -> None:
     would wait forever.
     """
     if not private:
-        _check_redis_url(url, "broker URL (--broker / ORCH_BROKER_URL)")
+        check_redis_url(url, "broker URL (--broker / ORCH_BROKER_URL)")
         for name in ("ORCH_RESULT_BACKEND", "ORCH_STATE_URL"):
             if os.environ.get(name):
-                _check_redis_url(os.environ[name], name)
+                check_redis_url(os.environ[name], name)
     os.environ["ORCH_BROKER_URL"] = url
     if private:
         os.environ["ORCH_RESULT_BACKEND"] = os.environ["ORCH_STATE_URL"] = url
@@ -78,18 +78,18 @@ def _use_broker(url: str, results_root: Path, private: bool = False) -> None:
     os.environ["ORCH_RESULTS_ROOT"] = str(results_root)
 
 
-def _plans(exps: list[Experiment], layout: Layout) -> dict[str, list[GroupPlan]]:
+def plans_of(exps: list[Experiment], layout: Layout) -> dict[str, list[GroupPlan]]:
     return {e.name: make_plan(layout, expand(e)) for e in exps}
 
 
-def _cluster(broker: str | None, results_root: str | None, writable: bool = False) -> tuple[Path, str]:
+def cluster_paths(broker: str | None, results_root: str | None, writable: bool = False) -> tuple[Path, str]:
     """For commands that work on a running cluster: the results root and the state
     Redis URL, after the broker URL was checked; a usage error without a broker."""
     if not broker:
         raise errors.OrchestratorError(
             "no broker configured: pass --broker redis://HOST:6379/0 or set ORCH_BROKER_URL")
-    root = _results_root(results_root, writable=writable)
-    _use_broker(broker, root)
+    root = results_root_path(results_root, writable=writable)
+    use_broker(broker, root)
     return root, os.environ["ORCH_STATE_URL"]
 
 

@@ -10,7 +10,7 @@ import click
 
 from .. import errors
 from ..paths import Layout
-from .base import _cluster, broker_option, cli, out, results_root_option
+from .base import broker_option, cli, cluster_paths, out, results_root_option
 
 
 @cli.command()
@@ -80,7 +80,7 @@ def resume(experiment: str, results_root: str | None, broker: str | None) -> Non
 def _connect(broker: str | None, results_root: str | None) -> tuple[Layout, Any, str]:
     from ..leases import Leases
 
-    root, url = _cluster(broker, results_root)
+    root, url = cluster_paths(broker, results_root)
     return Layout(root), Leases.from_url(url), url
 
 

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .. import errors
-from .base import _cluster, cli, out
+from .base import cli, cluster_paths, out
 
 
 @cli.command()
@@ -41,7 +41,7 @@ def deadletters(as_json: bool, limit: int, purge: bool, broker: str | None) -> N
 
     from ..deadletters import DeadLetters
 
-    _, url = _cluster(broker, None)
+    _, url = cluster_paths(broker, None)
     letters = DeadLetters.from_url(url)
     try:
         if purge:

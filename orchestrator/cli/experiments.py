@@ -18,7 +18,7 @@ from ..paths import Layout, read_json
 from ..plan import plan_rows, totals
 from ..report import InFlight
 from ..spec import RunSpec
-from .base import _plans, _results_root, _use_broker, cli, err, out, results_root_option
+from .base import cli, err, out, plans_of, results_root_option, results_root_path, use_broker
 
 
 @cli.command()
@@ -48,9 +48,9 @@ def plan(configs: tuple[str, ...], results_root: str | None, as_json: bool) -> N
     Example:
       orchestrator plan configs/iris_sweep.yaml --json | jq '.[0].totals'
     """
-    layout = Layout(_results_root(results_root))
+    layout = Layout(results_root_path(results_root))
     exps = load_experiments(list(configs))
-    plans = _plans(exps, layout)
+    plans = plans_of(exps, layout)
     if as_json:
         data = [{"experiment": name, "totals": totals(p), "runs": plan_rows(layout, p),
                  "paused": read_json(layout.paused_marker(name))} for name, p in plans.items()]
@@ -90,7 +90,7 @@ def status(experiment: str | None, results_root: str | None, as_json: bool, brok
     from ..manifest import experiments
     from ..report import experiment_status
 
-    layout = Layout(_results_root(results_root))
+    layout = Layout(results_root_path(results_root))
     names = [experiment] if experiment else experiments(layout)
     lookup = _in_flight(broker)
     data = [experiment_status(layout, n, with_files=as_json, in_flight=lookup) for n in names]
@@ -127,9 +127,9 @@ def _in_flight(broker: str | None) -> InFlight | None:
 
     from ..registry import redact, state_url
     from ..returns import Returns
-    from .base import _check_redis_url
+    from .base import check_redis_url
 
-    url = _check_redis_url(state_url(broker), "broker URL (--broker / ORCH_BROKER_URL) or ORCH_STATE_URL")
+    url = check_redis_url(state_url(broker), "broker URL (--broker / ORCH_BROKER_URL) or ORCH_STATE_URL")
     returns = Returns(keys.client(url, "command"))
     unreachable: list[str] = []
 
@@ -166,11 +166,11 @@ def logs(run: str, attempt: int | None, results_root: str | None, broker: str | 
 
     from ..runlogs import attempt_logs, find_run
 
-    layout = Layout(_results_root(results_root))
+    layout = Layout(results_root_path(results_root))
     spec = find_run(layout, run)
     client = None
     if broker:
-        _use_broker(broker, layout.root)
+        use_broker(broker, layout.root)
         client = keys.client(os.environ["ORCH_STATE_URL"], "command")
     found = attempt_logs(layout, spec, client)
     if attempt is not None:

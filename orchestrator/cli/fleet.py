@@ -19,7 +19,7 @@ from rich.table import Table
 
 from .. import errors, gpu, registry, supervisor, transfer
 from ..errors import EnvironmentProblem
-from .base import _check_redis_url, _results_root, cli, err, out, results_root_option
+from .base import check_redis_url, cli, err, out, results_root_option, results_root_path
 
 cluster_broker_option = click.option(
     "--broker", envvar="ORCH_BROKER_URL", default=None, metavar="URL",
@@ -33,13 +33,13 @@ def _require_broker(broker: str | None) -> str:
     if not broker:
         raise errors.OrchestratorError(
             "no broker configured: pass --broker redis://[:PASSWORD@]HOST:6379/0 or set ORCH_BROKER_URL")
-    return _check_redis_url(broker, "broker URL (--broker / ORCH_BROKER_URL)")
+    return check_redis_url(broker, "broker URL (--broker / ORCH_BROKER_URL)")
 
 
 def _registry(broker: str) -> redis.Redis:
     url = registry.state_url(broker)
     if url != broker:
-        _check_redis_url(url, "ORCH_STATE_URL / ORCH_RESULT_BACKEND")
+        check_redis_url(url, "ORCH_STATE_URL / ORCH_RESULT_BACKEND")
     return registry.client(url)
 
 
@@ -73,7 +73,7 @@ def gpus(broker: str | None, as_json: bool) -> None:
     records: list[registry.WorkerRecord] = []
     note = ""
     if broker:
-        _check_redis_url(broker, "broker URL (--broker / ORCH_BROKER_URL)")
+        check_redis_url(broker, "broker URL (--broker / ORCH_BROKER_URL)")
         try:
             records = registry.list_workers(_registry(broker))
         except redis.RedisError as exc:
@@ -223,7 +223,7 @@ def up(gpus_spec: str | None, per_gpu: int, cpu: int, accept_gpu_runs: bool, con
     transfer.results_transfer()  # bad ORCH_* values: said here, not in each worker's log
     transfer.return_max_bytes()
     # A host that returns its results need not (and often cannot) reach the results root.
-    root = _results_root(results_root, writable=not return_results)
+    root = results_root_path(results_root, writable=not return_results)
     inv = gpu.inventory(processes=False)
     selected = _select_gpus(gpus_spec, cpu, inv)
     commands = supervisor.worker_commands(selected, per_gpu, cpu, control, accept_gpu_runs, loglevel, exit_when_idle,

@@ -24,7 +24,7 @@ from ..flowerconf import (
     default_state_dir,
     flower_command,
 )
-from .base import _check_redis_url, cli, err
+from .base import check_redis_url, cli, err
 
 
 def _safe_url(url: str) -> str:
@@ -111,7 +111,7 @@ def flower(broker: str | None, address: str, port: int, state_dir: Path | None, 
       orchestrator flower --address 0.0.0.0 --port 5555
     """
     url = broker or os.environ.get("ORCH_BROKER_URL") or "redis://127.0.0.1:6379/0"
-    _check_redis_url(url, "broker URL (--broker / ORCH_BROKER_URL)")
+    check_redis_url(url, "broker URL (--broker / ORCH_BROKER_URL)")
     opts = FlowerOptions(state_dir=(state_dir or default_state_dir(os.environ)).resolve(),
                          address=address, port=port, max_tasks=max_tasks,
                          save_interval=save_interval, purge_offline_workers=purge_offline_workers,

@@ -9,7 +9,7 @@ import click
 
 from ..errors import EnvironmentProblem
 from ..paths import Layout
-from .base import _results_root, cli, out, results_root_option
+from .base import cli, out, results_root_option, results_root_path
 
 METRIC_CHOICES = ("accuracy", "macro_f1", "log_loss")  # orchestrator.htmlreport.METRICS
 
@@ -46,7 +46,7 @@ def report(experiment: str, results_root: str | None, output: Path | None, metri
     """
     from ..htmlreport import write_report
 
-    layout = Layout(_results_root(results_root))
+    layout = Layout(results_root_path(results_root))
     try:
         result = write_report(layout, experiment, output, metric=metric, top=top)
     except OSError as exc:

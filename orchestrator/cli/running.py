@@ -17,14 +17,14 @@ from ..errors import EnvironmentProblem
 from ..paths import Layout
 from ..plan import GroupPlan, totals
 from .base import (
-    _plans,
-    _results_root,
-    _use_broker,
     broker_option,
     cli,
     err,
     out,
+    plans_of,
     results_root_option,
+    results_root_path,
+    use_broker,
 )
 
 
@@ -121,9 +121,9 @@ def run(configs: tuple[str, ...], results_root: str | None, broker: str | None, 
     from ..progress import Tracked, wait
 
     exps = load_experiments(list(configs))
-    root = _results_root(results_root, writable=True)
+    root = results_root_path(results_root, writable=True)
     layout = Layout(root)
-    plans = _plans(exps, layout)
+    plans = plans_of(exps, layout)
     if all(t["groups_to_finalize"] == 0 for t in map(totals, plans.values())):
         from ..manifest import write_manifest
 
@@ -136,7 +136,7 @@ def run(configs: tuple[str, ...], results_root: str | None, broker: str | None, 
     cluster = None
     try:
         if broker:
-            _use_broker(broker, root)
+            use_broker(broker, root)
         else:
             from ..gpu import detect
 
@@ -145,7 +145,7 @@ def run(configs: tuple[str, ...], results_root: str | None, broker: str | None, 
             cluster = LocalCluster(results_root=root, cpu_workers=n_workers, gpus=gpus,
                                    cpu_runs=cpu_runs, loglevel=loglevel)
             url = cluster.start()
-            _use_broker(url, root, private=True)
+            use_broker(url, root, private=True)
             kinds = [f"{len(gpus)} GPU workers"] if gpus else []
             if not gpus or cpu_runs:
                 kinds.append(f"{n_workers} CPU workers")
@@ -210,10 +210,10 @@ def submit(configs: tuple[str, ...], results_root: str | None, broker: str | Non
             "no broker configured: pass --broker redis://HOST:6379/0 or set ORCH_BROKER_URL "
             "(or use `orchestrator run` to start a local cluster)")
     exps = load_experiments(list(configs))
-    root = _results_root(results_root, writable=True)
-    _use_broker(broker, root)
+    root = results_root_path(results_root, writable=True)
+    use_broker(broker, root)
     layout = Layout(root)
-    plans = _plans(exps, layout)
+    plans = plans_of(exps, layout)
     live = _submit(exps, plans, layout)
     for exp in exps:
         out.print(exp.name)

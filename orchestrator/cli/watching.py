@@ -8,7 +8,7 @@ import click
 
 from .. import errors
 from ..paths import Layout
-from .base import _cluster, broker_option, cli, err, out, results_root_option
+from .base import broker_option, cli, cluster_paths, err, out, results_root_option
 
 
 @cli.command()
@@ -33,7 +33,7 @@ def watch(experiment: str | None, broker: str | None, results_root: str | None, 
     from .. import dashboard
     from ..manifest import load_manifest
 
-    root, url = _cluster(broker, results_root)
+    root, url = cluster_paths(broker, results_root)
     layout = Layout(root)
     if experiment is not None:
         load_manifest(layout, experiment)  # ExperimentNotFound lists the ones there are

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 from .. import settings
-from . import Param, TrainContext, Trainer, TrainResult
+from .base import Param, TrainContext, Trainer, TrainResult
 
 ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid", "leaky_relu")
 

@@ -6,7 +6,7 @@ measuring the orchestrator's own overhead (benchmarks/dispatch.py).
 
 from __future__ import annotations
 
-from . import Param, TrainContext, Trainer, TrainResult
+from .base import Param, TrainContext, Trainer, TrainResult
 
 
 def train(ctx: TrainContext) -> TrainResult:
