@@ -10,7 +10,7 @@ One Redis list, `orch:deadletters`, newest first, bounded to the last MAX_ENTRIE
 flood of hostile messages cannot fill Redis (it runs with `noeviction`, where a full
 Redis refuses every write, leases and chords included). Each entry is a JSON object:
 `time` (unix seconds), `reason`, `task_id`, `task`, `queue`, `host` (who refused it),
-`size` (bytes of the raw message) and `raw` (its first RAW_PREFIX bytes, as text).
+`size` (bytes of the raw message) and `raw` (its start, at most RAW_PREFIX characters).
 
 What is recorded is hostile by assumption: `add` takes anything (any type, any size,
 bytes that are not UTF-8, lone surrogates) and never raises for its content; only an
@@ -31,7 +31,7 @@ from .keys import DEADLETTERS as KEY
 from .keys import client as redis_client
 
 MAX_ENTRIES = 10_000  # the newest are kept; older ones are dropped at each add
-RAW_PREFIX = 4096  # bytes of the raw message kept
+RAW_PREFIX = 4096  # characters of the raw message kept (its first bytes)
 TEXT_MAX = 1000  # characters of the reason; ids and names get FIELD_MAX
 FIELD_MAX = 200
 
@@ -51,17 +51,17 @@ def _text(value: Any, limit: int) -> str | None:
 
 
 def _raw(raw: Any) -> tuple[str | None, int | None]:
-    """The first RAW_PREFIX bytes of a raw message as text, and its full size."""
+    """The start of a raw message as text (at most RAW_PREFIX characters; bytes that are
+    not UTF-8 as \\xNN escapes), and its full size (bytes, or characters of a text)."""
     if raw is None:
         return None, None
     if isinstance(raw, bytes | bytearray | memoryview):
-        data = bytes(raw[:RAW_PREFIX])
-        size = len(raw)
+        size, text = len(raw), bytes(raw[:RAW_PREFIX]).decode("utf-8", "backslashreplace")
     else:
         text = raw if isinstance(raw, str) else _text(raw, RAW_PREFIX) or ""
-        data = text[:RAW_PREFIX].encode("utf-8", "backslashreplace")[:RAW_PREFIX]
-        size = len(text)
-    return data.decode("utf-8", "backslashreplace"), size
+        size, text = len(text), text[:RAW_PREFIX]
+    # Lone surrogates (from a JSON "\ud800") cannot be encoded for Redis: escape them.
+    return text[:RAW_PREFIX].encode("utf-8", "backslashreplace").decode("utf-8"), size
 
 
 class DeadLetters:

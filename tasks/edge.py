@@ -19,9 +19,10 @@ never restored, never delivered again) and recorded once in the dead letters
 refused message reaches Celery.
 
 What `admit` requires (each refusal names what was wrong and what is valid):
-- at most MAX_MESSAGE_BYTES, UTF-8 JSON nested at most MAX_ENVELOPE_DEPTH (envelope and
-  headers) and MAX_BODY_DEPTH (the body) deep, measured on the raw bytes without
-  recursion before anything parses them;
+- at most MAX_MESSAGE_BYTES of UTF-8 JSON nested at most MAX_ENVELOPE_DEPTH (envelope
+  and headers) and MAX_BODY_DEPTH (the body) levels: decoded by a parser that cannot
+  crash on depth (`_json`) and measured level by level, without recursion, before
+  anything recursive (Celery, pickle) sees it;
 - the envelope kombu writes: `body` (base64 text), `content-type` application/json,
   `content-encoding` utf-8, `headers` and `properties` objects; a delivery tag; a
   `delivery_info` whose routing key is the queue the message came from;
@@ -33,13 +34,18 @@ What `admit` requires (each refusal names what was wrong and what is valid):
   other task only from `control`;
 - a body `[args, kwargs, embed]` whose arguments fit the task's signature.
 
-A message that passes and still makes Celery refuse it (an invalid ETA, say) is recorded
-too, from Celery's `task_rejected` and `task_unknown` signals. Pidbox reply queues
+A message that passes and still makes Celery refuse it (a case these checks do not
+foresee) is recorded too, from Celery's `task_rejected` and `task_unknown` signals; one
+that makes Celery raise is taken out of the unacknowledged messages and recorded
+(`_deliver`), so that it cannot end the worker and, restored, the next one. Pidbox reply queues
 (`<id>.reply.celery.pidbox`: answers to `celery inspect`/`control`) are not task queues
 and pass as kombu handles them.
 
-Cost: measured by benchmarks-style timing in the report of this module's commit; a
-genuine `train_run` message (3.4 KB) takes ~25 us here, beside kombu's own decoding.
+Cost, on every message: 30-35 us for a genuine 3.4 KB `train_run` message, of which 9 us
+is the envelope's decoding that kombu would do anyway (it gets the decoded envelope);
+a worker spends ~3 ms of CPU per task beside the run (tasks/overhead.py). Hence the exact
+type checks, orjson where it is safe, and no depth walk where the brackets are too few
+to reach the limit.
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ from . import app
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # a finalize of 100 folds carries 100 run summaries
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # genuine: 3-4 KB a run, ~100 KB a finalize of 100 folds
 MAX_ENVELOPE_DEPTH = 8  # genuine: 3 (properties.delivery_info, headers.timelimit)
 # Genuine: 10 (a run's chord body with its error callback and spec). Deep enough for any
 # parameter, far from what breaks Celery (a RecursionError while pickling at ~600).
@@ -121,8 +127,8 @@ def nesting(value: Any, limit: int) -> int | None:
     return depth
 
 
-_TYPE_NAMES = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
-               float: "a number", _NONE: "null"}
+_TYPE_NAMES = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+               float: "a float", _NONE: "null"}
 
 
 def _type_name(value: Any) -> str:
@@ -161,13 +167,22 @@ def _json(raw: bytes, limit: int, what: str) -> Any:
     except ValueError as exc:  # UnicodeDecodeError is a ValueError
         raise Refused(f"{what} is not UTF-8 JSON ({type(exc).__name__}: {str(exc)[:120]})") from None
     if brackets > limit and nesting(value, limit) is None:
-        raise Refused(f"{what} is nested deeper than {limit} levels")
+        raise Refused(f"{what} is nested deeper than {limit} levels", *_named(value))
     return value
+
+
+def _named(envelope: Any) -> tuple[str | None, str | None]:
+    """The task id and name an envelope gives, where they are strings (for the record)."""
+    headers = envelope.get("headers") if isinstance(envelope, dict) else None
+    if not isinstance(headers, dict):
+        return None, None
+    task_id, task = headers.get("id"), headers.get("task")
+    return (task_id if isinstance(task_id, str) else None, task if isinstance(task, str) else None)
 
 
 def _check_headers(headers: dict[str, Any]) -> tuple[str, str]:
     task_id, task = headers.get("id"), headers.get("task")
-    named = (task_id if isinstance(task_id, str) else None, task if isinstance(task, str) else None)
+    named = _named({"headers": headers})
     if not isinstance(task_id, str) or not isinstance(task, str):
         raise Refused("headers need `id` and `task` as strings (Celery's task protocol 2), got "
                       f"id {_type_name(task_id)} and task {_type_name(task)}", *named)
@@ -188,7 +203,7 @@ def _check_headers(headers: dict[str, Any]) -> tuple[str, str]:
     for key in ("retries", "group_index", "replaced_task_nesting"):
         if (headers.get(key) or 0) < 0:
             raise Refused(f"header {key!r} is negative", *named)
-    limits = headers.get("timelimit")
+    limits = headers.get("timelimit")  # [hard, soft], each seconds or null
     if limits is not None and (len(limits) != 2 or not all(
             x is None or (_is(x, (int, float)) and math.isfinite(x) and x >= 0) for x in limits)):
         raise Refused("header 'timelimit' must be [hard, soft]: seconds >= 0 or null", *named)
@@ -204,14 +219,13 @@ def _check_headers(headers: dict[str, Any]) -> tuple[str, str]:
 def _check_time(value: str, key: str, named: tuple[str | None, str | None]) -> None:
     try:
         when = datetime.fromisoformat(value)
-    except ValueError:
+        # Naive times are UTC to Celery here (enable_utc); year 1 at +14:00 has no timestamp.
+        ahead = (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp() - time.time()
+    except (ValueError, OverflowError):
         raise Refused(f"header {key!r} {value[:40]!r} is not an ISO 8601 time", *named) from None
-    if key == "eta":
-        aware = when if when.tzinfo else when.replace(tzinfo=UTC)
-        ahead = aware.timestamp() - time.time()
-        if ahead > MAX_ETA_AHEAD:
-            raise Refused(f"header 'eta' is {ahead / 3600:.0f} h ahead: at most {MAX_ETA_AHEAD / 3600:.0f} h "
-                          "(a retry waits at most minutes)", *named)
+    if key == "eta" and ahead > MAX_ETA_AHEAD:
+        raise Refused(f"header 'eta' is {ahead / 3600:.0f} h ahead: at most {MAX_ETA_AHEAD / 3600:.0f} h "
+                      "(a retry waits at most minutes)", *named)
 
 
 def policy(task: str, queue: str, registered: Mapping[str, Any]) -> str | None:
@@ -413,8 +427,7 @@ def guard_consumers() -> None:
     channel = kombu_redis.Channel
     if channel._brpop_read is _brpop_read:
         return
-    missing = [a for a in ("_brpop_read", "_flush_brpop_reauth", "connection_errors", "sep")
-               if not hasattr(channel, a)]
+    missing = [a for a in ("_brpop_read", "_flush_brpop_reauth", "sep") if not hasattr(channel, a)]
     if missing:
         raise RuntimeError(f"kombu's Redis channel lacks {', '.join(missing)}: the broker edge "
                            "(tasks/edge.py) was written for kombu 5.7.0; the worker cannot start without it")
@@ -423,7 +436,12 @@ def guard_consumers() -> None:
 
 @worker_init.connect
 def _in_worker(**_: Any) -> None:
-    guard_consumers()
+    try:
+        guard_consumers()
+    except RuntimeError as exc:
+        # Celery's signals swallow a receiver's exceptions: stop the start itself.
+        log.critical("%s", exc)
+        raise SystemExit(f"worker not started: {exc}") from None
 
 
 def _origin(message: Any) -> tuple[str | None, str | None, str | None]:

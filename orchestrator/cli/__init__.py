@@ -17,6 +17,7 @@ from .. import errors, settings
 from ..errors import OrchestratorError
 from . import (  # noqa: F401  (each registers its commands)
     control,
+    deadletters,
     experiments,
     fleet,
     flowercmd,
