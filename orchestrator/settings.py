@@ -142,7 +142,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     _s("ORCH_EVENT_FLUSH_INTERVAL", "seconds", 0.05, "`0.05`",
        "a worker publishes its task events (for Flower, `celery events`) in one message at most this "
        "many seconds after the first of them; `0` is Celery's own cadence, about one publish per event "
-       "(`tasks/overhead.py`)", minimum=0.0, maximum=60.0),
+       "(`tasks/overhead.py`)", minimum=0.0),
     _s("ORCH_PROGRESS_INTERVAL", "seconds", 1.0, "`1`",
        "at most one progress write to Redis per run this often, however fast a trainer reports; the "
        "first once the run has trained this long (shorter runs send none)", minimum=0.05, maximum=3600.0),
