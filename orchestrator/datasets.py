@@ -2,24 +2,35 @@
 
 Every split is seeded by the run's seed, so all folds of a group see the same holdout
 and the same fold assignment, on any worker.
+
+A CSV path comes from a broker message, which is untrusted: the file is opened without
+blocking and checked on the opened descriptor (a regular file, not a FIFO, a device or a
+socket; at most ORCH_DATASET_MAX_MB), read once, and parsed only if those very bytes have
+the hash the experiment was submitted with.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import functools
 import hashlib
+import io
+import os
+import stat
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
+from . import settings
 from .errors import DatasetError
-from .spec import DatasetRef, RunSpec
+from .spec import BUILTIN_DATASETS, DatasetRef, RunSpec
 
 if TYPE_CHECKING:  # numpy is imported where data is loaded: validating a config needs none
     import numpy as np
 
-BUILTIN = ("iris", "wine", "breast_cancer", "digits")
+BUILTIN = BUILTIN_DATASETS
 # Class sizes of the bundled datasets (fixed data), so that validating a config does not
 # import scikit-learn just to count them. tests/test_spec_and_sweep.py checks them.
 BUILTIN_CLASS_COUNTS: dict[str, dict[str, int]] = {
@@ -45,10 +56,76 @@ class Split:
     holdout: np.ndarray
 
 
+def max_bytes() -> int:
+    """The largest CSV dataset a process reads (ORCH_DATASET_MAX_MB, in MiB)."""
+    return int(float(settings.value("ORCH_DATASET_MAX_MB")) * 2**20)
+
+
+_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+
+
+def _size(n: int | float) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{int(n)} bytes"
+
+
+def _kind(mode: int) -> str:
+    return next((what for test, what in _KINDS if test(mode)), "not a regular file")
+
+
+def open_regular(path: str | os.PathLike[str], limit: int | None = None) -> tuple[BinaryIO, os.stat_result]:
+    """Open `path` for reading if it is a regular file of at most `limit` bytes (default
+    `max_bytes()`): DatasetError otherwise, at once. The check is on the opened
+    descriptor, so a name swapped between a check and the open cannot slip through, and
+    O_NONBLOCK makes opening a FIFO that has no writer return instead of waiting for one."""
+    limit = max_bytes() if limit is None else limit
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # what open() says of a socket
+            raise DatasetError(f"{path} is a socket, not a regular file; a dataset must be a "
+                               "regular CSV file") from None
+        raise DatasetError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise DatasetError(f"{path} is {_kind(info.st_mode)}, not a regular file; a dataset "
+                               "must be a regular CSV file")
+        if info.st_size > limit:
+            raise DatasetError(f"{path} is {_size(info.st_size)}, over the limit of {_size(limit)} for a "
+                               "dataset (ORCH_DATASET_MAX_MB)")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb"), info
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: str | os.PathLike[str], limit: int | None = None) -> tuple[bytes, os.stat_result]:
+    """The bytes of a regular file of at most `limit` bytes (`open_regular`); a file that
+    grows past the limit while it is read is refused too."""
+    limit = max_bytes() if limit is None else limit
+    fh, info = open_regular(path, limit)
+    with fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise DatasetError(f"{path} grew past the limit of {_size(limit)} for a dataset "
+                           "(ORCH_DATASET_MAX_MB) while it was read")
+    return data, info
+
+
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    """The content hash of a regular file (`open_regular`), read in blocks."""
+    limit = max_bytes()
+    digest, size = hashlib.sha256(), 0
+    fh, _ = open_regular(path, limit)
+    with fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
+            size += len(block)
+            if size > limit:
+                raise DatasetError(f"{path} grew past the limit of {_size(limit)} for a "
+                                   "dataset (ORCH_DATASET_MAX_MB) while it was read")
             digest.update(block)
     return digest.hexdigest()
 
@@ -70,21 +147,27 @@ def _builtin(name: str) -> Table:
     )
 
 
-@functools.lru_cache(maxsize=8)
-def _csv(path: str, target: str, mtime_ns: int, size: int) -> Table:
+def _parse_csv(data: bytes, path: str, target: str) -> Table:
     import numpy as np
 
-    with open(path, newline="") as fh:
-        reader = csv.reader(fh)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise DatasetError(f"{path}: the CSV file is empty") from None
-        if target not in header:
-            raise DatasetError(f"{path}: no column {target!r} (columns: {', '.join(header)})")
-        t = header.index(target)
-        features = [h for i, h in enumerate(header) if i != t]
-        rows, labels = [], []
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise DatasetError(f"{path}: the CSV file is empty") from None
+    except csv.Error as exc:
+        raise DatasetError(f"{path}:1: {exc}") from None
+    if target not in header:
+        raise DatasetError(f"{path}: no column {target!r} (columns: {', '.join(header)[:2000]})")
+    t = header.index(target)
+    features = [h for i, h in enumerate(header) if i != t]
+    rows, labels = [], []
+    line_no = 1
+    try:
         for line_no, row in enumerate(reader, start=2):
             if not row:
                 continue
@@ -99,9 +182,11 @@ def _csv(path: str, target: str, mtime_ns: int, size: int) -> Table:
                     values.append(float(cell))
                 except ValueError:
                     raise DatasetError(
-                        f"{path}:{line_no}: column {header[i]!r} has non-numeric value {cell!r}"
+                        f"{path}:{line_no}: column {header[i]!r} has non-numeric value {cell[:100]!r}"
                     ) from None
             rows.append(values)
+    except csv.Error as exc:  # e.g. a field over csv's size limit, a NUL byte
+        raise DatasetError(f"{path}:{line_no + 1}: {exc}") from None
     if len(rows) < 2:
         raise DatasetError(f"{path}: needs at least 2 data rows, has {len(rows)}")
     classes = sorted(set(labels))
@@ -113,6 +198,13 @@ def _csv(path: str, target: str, mtime_ns: int, size: int) -> Table:
     )
 
 
+# Parsed CSVs by (path, target, device, inode, mtime, size) of the file as opened: a
+# worker reads a group's dataset once for all its folds. Each entry keeps the hash of
+# the bytes it was parsed from.
+_TABLES: OrderedDict[tuple[object, ...], tuple[str, Table]] = OrderedDict()
+_TABLES_KEPT = 8
+
+
 def load(ref: DatasetRef, verify: bool = True) -> Table:
     """Load a dataset; for a CSV, check it is still the file that was submitted."""
     if ref.source == "sklearn":
@@ -120,22 +212,36 @@ def load(ref: DatasetRef, verify: bool = True) -> Table:
             raise DatasetError(f"unknown built-in dataset {ref.name!r} (valid: {', '.join(BUILTIN)})")
         return _builtin(ref.name)
     assert ref.path is not None and ref.target is not None
-    path = Path(ref.path)
+    path = ref.path
+    where = f"dataset {ref.name!r} at {path}"
     try:
-        stat = path.stat()
-    except OSError as exc:
-        raise DatasetError(f"cannot read dataset {ref.name!r} at {path}: {exc.strerror}") from None
-    if verify and ref.sha256 and _cached_sha(str(path), stat.st_mtime_ns, stat.st_size) != ref.sha256:
+        fh, info = open_regular(path)
+    except DatasetError as exc:
+        raise DatasetError(f"dataset {ref.name!r}: {exc}") from None
+    with fh:
+        key = (path, ref.target, info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size)
+        hit = _TABLES.get(key)
+        if hit is None:
+            limit = max_bytes()
+            data = fh.read(limit + 1)
+            if len(data) > limit:
+                raise DatasetError(f"cannot read {where}: it grew past the limit of "
+                                   f"{_size(limit)} (ORCH_DATASET_MAX_MB) while it was read")
+            sha = hashlib.sha256(data).hexdigest()
+    if hit is not None:
+        sha = hit[0]
+    if verify and ref.sha256 and sha != ref.sha256:
         raise DatasetError(
-            f"dataset {ref.name!r} at {path} changed since the experiment was submitted "
+            f"{where} changed since the experiment was submitted "
             "(its content hash differs); submit the experiment again"
         )
-    return _csv(str(path), ref.target, stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=32)
-def _cached_sha(path: str, mtime_ns: int, size: int) -> str:
-    return file_sha256(Path(path))
+    if hit is None:
+        hit = (sha, _parse_csv(data, path, ref.target))
+        _TABLES[key] = hit
+        while len(_TABLES) > _TABLES_KEPT:
+            _TABLES.popitem(last=False)
+    _TABLES.move_to_end(key)
+    return hit[1]
 
 
 def split(table: Table, spec: RunSpec) -> Split:
