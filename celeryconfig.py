@@ -30,6 +30,28 @@ orch_results_root = os.path.abspath(_env("ORCH_RESULTS_ROOT"))
 # Live state (run/group states for progress bars): Redis, by default the backend's.
 orch_state_url = _env("ORCH_STATE_URL") or result_backend
 
+
+def _tls_options(url: str) -> dict[str, object] | None:
+    """A rediss:// URL's TLS options (ssl_cert_reqs, ssl_ca_certs, ssl_certfile,
+    ssl_keyfile in its query), as Celery's broker_use_ssl: kombu and redis-py read them
+    from the URL itself, but Flower's broker page (queue lengths) reads only this
+    setting, and answers 500 without it (docs/security.md: TLS)."""
+    import ssl
+    from urllib.parse import parse_qsl, urlsplit
+
+    if not url.startswith("rediss://"):
+        return None
+    query = dict(parse_qsl(urlsplit(url).query))
+    options: dict[str, object] = {k: query[k] for k in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+                                  if k in query}
+    reqs = query.get("ssl_cert_reqs", "required").lower().removeprefix("cert_")
+    options["ssl_cert_reqs"] = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL,
+                                "none": ssl.CERT_NONE}.get(reqs, ssl.CERT_REQUIRED)
+    return options
+
+
+broker_use_ssl = _tls_options(broker_url)
+
 # --- hosts without the shared results root (orchestrator.transfer, .returns) ----------
 # ORCH_RESULTS_TRANSFER: `shared` (default), a worker writes a run's files under the
 # results root itself; `return` (`orchestrator worker --return-results`), it trains into
