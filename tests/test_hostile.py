@@ -562,3 +562,42 @@ def test_a_worker_without_its_edge_does_not_start(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(SystemExit, match="worker not started: kombu's Redis channel lacks _flush_brpop_reauth"):
         edge._in_worker()
     assert kombu_redis.Channel._brpop_read is not edge._brpop_read
+
+
+def test_a_message_celery_raises_on_leaves_the_unacknowledged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A message past the checks that still makes Celery raise (a case nobody foresaw) is
+    taken out of kombu's unacknowledged messages and recorded, instead of ending the
+    worker (and, restored at shutdown, the next one); a lost connection still goes up to
+    kombu, which reconnects and restores the message."""
+    from tasks import edge
+
+    recorded: list[tuple[str, str | None]] = []
+    monkeypatch.setattr(edge, "record", lambda reason, queue, raw, task_id=None, task=None:
+                        recorded.append((reason, task_id)))
+
+    class Connection:
+        def __init__(self, exc: BaseException) -> None:
+            self.exc = exc
+
+        def _deliver(self, message: Any, queue: str) -> None:
+            raise self.exc
+
+    class Qos:
+        rejected: list[tuple[str, bool]] = []
+
+        def reject(self, tag: str, requeue: bool = False) -> None:
+            self.rejected.append((tag, requeue))
+
+    class Channel:
+        connection_errors = (ConnectionError,)
+
+        def __init__(self, exc: BaseException) -> None:
+            self.connection, self.qos = Connection(exc), Qos()
+
+    message = {"headers": {"id": "t-1", "task": "tasks.train_run"}, "properties": {"delivery_tag": "tag-1"}}
+    edge._deliver(Channel(KeyError("celery")), message, "cpu", b"raw")
+    assert Qos.rejected == [("tag-1", False)]
+    assert recorded == [("the worker failed on it: KeyError: 'celery'", "t-1")]
+    with pytest.raises(ConnectionError):
+        edge._deliver(Channel(ConnectionError("down")), message, "cpu", b"raw")
+    assert len(Qos.rejected) == 1 and len(recorded) == 1
