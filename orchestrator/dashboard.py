@@ -632,7 +632,7 @@ def render(snap: Snapshot, width: int = 80, height: int | None = None, ascii_onl
 
 
 def frame_text(snap: Snapshot, width: int = 80, height: int | None = None, ascii_only: bool = False) -> str:
-    """The screen as plain text (tests, README, `--once` into a pipe)."""
+    """The screen as plain text (tests, docs/watching.md, `--once` into a pipe)."""
     console = Console(width=width, record=True, file=io.StringIO(), color_system=None)
     console.print(render(snap, width, height, ascii_only))
     return console.export_text()

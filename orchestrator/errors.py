@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Documented exit codes (README: "Exit codes").
+# Documented exit codes (docs/reliability.md: "Exit codes").
 EXIT_OK = 0
 EXIT_RUNS_FAILED = 1  # the experiment finished but some runs FAILED
 EXIT_USAGE = 2  # bad configuration or command line: nothing was enqueued

@@ -4,7 +4,7 @@ NVML is reached through one seam, `nvml()`: the real `pynvml` module unless a te
 installed another object with the same functions (`use_nvml`), or the environment
 names a module with pynvml's API in ORCH_NVML_MODULE (how subprocess tests fake GPUs:
 `ORCH_NVML_MODULE=tests.fake_nvml`). Only NVML is loaded here, never CUDA (design
-invariant 5): a parent that forks training processes may call this.
+invariant 5, docs/reliability.md): a parent that forks training processes may call this.
 
 Fork safety: a GPU worker's main process queries NVML from a thread (its registry
 heartbeat) while it forks a fresh training process for every run, and that process

@@ -4,7 +4,7 @@ values and why. Each is parsed by one rule (`value`), and every entry point (eac
 `flower`) checks them all (`check_all`) before it starts or enqueues anything, so a
 bad value is refused with exit 2, the variable, its value and what would be valid.
 
-`celeryconfig.py` reads its settings from here; the README's Settings table lists the
+`celeryconfig.py` reads its settings from here; docs/settings.md's table lists the
 same names and defaults (a test compares them).
 """
 
@@ -24,7 +24,7 @@ class Setting:
     name: str
     kind: str  # text, url, path, seconds, number, int, bool, choice, modules, indexes
     default: Any  # the value when unset (None: unset means "not given")
-    shown: str  # the default as the README shows it
+    shown: str  # the default as docs/settings.md shows it
     meaning: str  # what it sets and why its default
     minimum: float | None = None  # numbers: the smallest valid value (inclusive)
     maximum: float | None = None

@@ -81,8 +81,8 @@ def _preload_in_parent(**_: Any) -> None:
     trainer's imports. Training workers fork a fresh child per run on GPUs
     (--max-tasks-per-child 1), and `import torch` took 3.5 s of every run's start on an
     H100 host when it ran in the child. Trainer preloads import only: CUDA stays
-    uninitialised in this process (design invariant 5). (Not at import time:
-    `orchestrator submit` imports this module and needs none of it.)"""
+    uninitialised in this process (design invariant 5, docs/reliability.md). (Not at
+    import time: `orchestrator submit` imports this module and needs none of it.)"""
     from orchestrator.datasets import warm_up
 
     warm_up()  # scikit-learn's imports and first-use work (orchestrator.datasets)

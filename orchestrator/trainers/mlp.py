@@ -1,7 +1,8 @@
 """The built-in MLP classifier in PyTorch for tabular data.
 
 torch is imported inside `train`, so that registering this trainer (in the CLI, in a
-worker's parent process) never imports torch or touches CUDA (design invariant 5).
+worker's parent process) never imports torch or touches CUDA (design invariant 5,
+docs/reliability.md).
 """
 
 from __future__ import annotations
