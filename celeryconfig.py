@@ -72,7 +72,7 @@ orch_return_max_bytes = return_max_bytes()
 # removed afterwards); default the system's temporary folder (TMPDIR).
 orch_scratch_dir = _env("ORCH_SCRATCH_DIR")
 
-# --- only JSON crosses the broker (design invariant 3) -----------------------------
+# --- only JSON crosses the broker (design invariant 3, docs/reliability.md) ---------
 task_serializer = "json"
 result_serializer = "json"
 accept_content = ["json"]
@@ -168,6 +168,7 @@ task_send_sent_event = True
 orch_event_flush_interval = _env("ORCH_EVENT_FLUSH_INTERVAL")
 
 # --- worker processes ---------------------------------------------------------------
-# CUDA is only ever initialised in the pool child that trains (design invariant 5).
+# CUDA is only ever initialised in the pool child that trains (design invariant 5,
+# docs/reliability.md).
 worker_pool_start_method = _env("ORCH_POOL_START_METHOD")
 worker_hijack_root_logger = False
