@@ -1,7 +1,7 @@
 """Every ORCH_* setting is declared once (orchestrator.settings): a bad value is refused
 by every entry point before it starts or enqueues anything (exit 2, the variable, its
-value and what is valid, no traceback), and the README's table lists the same names and
-defaults."""
+value and what is valid, no traceback), and the settings table (docs/settings.md) lists the
+same names and defaults."""
 
 from __future__ import annotations
 
