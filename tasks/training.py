@@ -123,6 +123,12 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
         # delivery was handed on by the watchdog already: then a no-op.
         raise Reject(outcome.reason, requeue=True)
     assert isinstance(outcome, GiveUp)
+    if outcome.refused:
+        # A refused message counts in no chord and calls no callback, whatever it names:
+        # a forged copy of a running group's message must not end that group early.
+        request = self.request
+        request.chord = request.group = request.chain = None
+        request.callbacks = request.errbacks = None
     raise outcome.error
 
 

@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+from orchestrator.deadletters import DeadLetters
 
+from orchestrator import errors
 from orchestrator.spec import RunSpec
 
 from .conftest import Cluster, celery_app, run_cli, wait_for
@@ -79,14 +81,19 @@ def test_untrusted_train_messages_are_refused(running_cluster: Cluster, write_ex
     spec = _spec(running_cluster, write_experiment, **changes)
     result = app.send_task("tasks.train_run", args=[spec], queue="cpu")
     wait_for(lambda: result.state == "FAILURE", timeout=60, what="the message to be refused")
-    assert error in repr(result.result) or error in (result.traceback or "")
+    assert isinstance(result.result, getattr(errors, error)), (result.result, result.traceback)
     # Nothing was written outside the results root.
     parent = running_cluster.root.parent
     assert not (parent / "escape").exists() and not (parent / "outside").exists()
+    # A refused message writes nothing that belongs to a run: no status file, no log.
+    assert not (running_cluster.root / "untrusted").exists()
+    # Its reason is in the dead letters, with its task id.
+    letters = DeadLetters.from_url(running_cluster.url).list(limit=1000)
+    mine = [d for d in letters if d.get("task_id") == result.id]
+    assert mine, letters[:3]
+    refused_as = str(mine[0].get("reason")).split(":")[0]
+    assert issubclass(getattr(errors, refused_as), getattr(errors, error)), mine
     if changes.get("trainer"):
-        # a valid spec naming an unregistered trainer: its fold is marked FAILED, and why
-        rec = json.loads((running_cluster.root / "untrusted/iris/base/seed=0/status/fold_0.json").read_text())
-        assert rec["status"] == "FAILED" and "not registered" in rec["error"]
         RunSpec.from_dict(spec)  # the spec itself was well-formed
 
 

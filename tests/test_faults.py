@@ -532,3 +532,28 @@ def test_a_run_redone_by_a_second_run_keeps_its_history_and_logs(tmp_path: Path)
     assert not (fold0 / ".staging").exists()
     other = json.loads((fold0 / "status" / "fold_1.json").read_text())
     assert [h["attempt"] for h in other["history"]] == [1]  # fold 1 was DONE: not run again
+
+
+def test_a_forged_refused_copy_of_a_running_message_does_not_end_its_group(
+        fc: FaultCluster, tmp_path: Path) -> None:
+    """A copy of a running fold's message (its chord included) naming an unregistered
+    trainer is refused, and counts in no chord: the group still ends DONE, finalized once."""
+    import base64
+
+    cfg = experiment(tmp_path, "f_forged", seconds=3.5, folds=3)
+    submit(fc, cfg)
+    fc.wait_running("f_forged", n=1)
+    raw = wait_for(lambda: next((json.loads(v)[0] for v in fc.client.hgetall("unacked").values()
+                                 if b"f_forged" in base64.b64decode(json.loads(v)[0]["body"])), None),
+                   timeout=30, what="a running message of f_forged")
+    body = json.loads(base64.b64decode(raw["body"]))
+    assert body[2]["chord"], "the genuine message carries its chord"
+    body[0][0]["trainer"] = "os.system"
+    raw["body"] = base64.b64encode(json.dumps(body).encode()).decode()
+    raw["headers"]["id"] = raw["properties"]["correlation_id"] = "forged-f-forged"
+    raw["properties"]["delivery_tag"] = "forged-tag-f-forged"
+    fc.client.rpush("cpu", json.dumps(raw))
+    wait_for(lambda: any(json.loads(x).get("task_id") == "forged-f-forged"
+                         for x in fc.client.lrange("orch:deadletters", 0, -1)),
+             timeout=30, what="the forged message to be refused")
+    audit(fc, "f_forged", folds=3)  # DONE, each fold committed once, finalize ran once
