@@ -35,6 +35,7 @@ from typing import Any
 
 from . import keys
 from .admission import Need, Shares, worker_gpus
+from .deadletters import DeadLetters
 from .errors import InvalidSpecError, RunStopped, UnknownTrainerError
 from .keys import PROGRESS
 from .leases import Claim, LeaseGuard, Leases
@@ -52,17 +53,7 @@ from .runner import (
     record_failure,
     runnable,
 )
-from .spec import RunSpec
-
-try:  # TEMP until the helpers' modules land
-    from .spec import check_submitted_at  # type: ignore[attr-defined]
-except ImportError:
-    def check_submitted_at(value: Any) -> Any:
-        return value
-try:
-    from .deadletters import DeadLetters  # type: ignore[import-not-found]
-except ImportError:
-    DeadLetters = None
+from .spec import RunSpec, check_submitted_at
 from .status import Status
 from .transfer import PayloadTooLarge
 
