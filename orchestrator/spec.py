@@ -401,6 +401,13 @@ def _params(value: object, what: str) -> dict[str, Any]:
     return dict(value)  # keys and values: checked by _check_tree (and check_params)
 
 
+def _output(value: object) -> str:
+    try:
+        return check_relative_path(value, "output")
+    except InvalidSpecError as exc:  # names' own error class; a refused spec is one class
+        raise InvalidSpecError(f"{exc}; valid: a folder under the results root") from None
+
+
 def _dataset(value: object) -> DatasetRef:
     ds = _object(value, "dataset", _DATASET_KEYS)
     source = ds["source"]
@@ -483,7 +490,7 @@ def _parse_spec(data: object) -> RunSpec:
         validation=validation,
         holdout=_number(data["holdout"], "holdout", "a fraction from 0 to below 0.9", 0, 0.9,
                         high_open=True),
-        output=check_relative_path(data["output"], "output"),
+        output=_output(data["output"]),
         overrides={d: _params(v, f"overrides.{d}") for d, v in overrides.items()},
         resources=_resources(data["resources"]),
         retries=_int(data["retries"], "retries", 0, 100),
