@@ -35,8 +35,9 @@ from typing import Any
 
 from . import keys
 from .admission import Need, Shares, worker_gpus
+from .datasets import open_regular
 from .deadletters import DeadLetters
-from .errors import InvalidSpecError, RunStopped, UnknownTrainerError
+from .errors import DatasetError, InvalidSpecError, RunStopped, UnknownTrainerError
 from .keys import PROGRESS
 from .leases import Claim, LeaseGuard, Leases
 from .livestate import LiveState
@@ -157,6 +158,25 @@ def refuse(client: Any, delivery: Delivery, exc: BaseException, raw: Any) -> Giv
     return GiveUp(exc, refused=True)
 
 
+def part_of(spec: Any, body: Any) -> bool:
+    """Whether a refused message's `spec` is one of the runs its own chord body finalizes
+    (the canvas sends the body one spec of the group and its folds): then it is a genuine
+    part, refused here (another trainer version, a dataset this host cannot read), and
+    the chord must count its failure, or the group would wait forever. A forged copy of
+    a running message with its spec changed is not, and counts in no chord."""
+    try:
+        kwargs = body.get("kwargs") or {}
+        args = body.get("args") or ()
+        specs: Any = kwargs.get("specs") or (args[0] if args else None)
+        folds = kwargs.get("folds")
+        first = dict(specs[0])
+        fold = spec["fold"]
+        return (isinstance(folds, list) and fold in folds and type(fold) is int
+                and {**first, "fold": fold} == spec)
+    except (AttributeError, TypeError, KeyError, IndexError, ValueError):
+        return False
+
+
 def attempt(svc: Services, spec: Any, submitted_at: Any, delivery: Delivery) -> Outcome:
     """One delivery of a train_run message, from its refusal or claim to its end."""
     worker = WorkerInfo.from_env(delivery.hostname)
@@ -164,7 +184,10 @@ def attempt(svc: Services, spec: Any, submitted_at: Any, delivery: Delivery) -> 
         run = RunSpec.from_dict(spec)
         submitted = check_submitted_at(submitted_at)
         runnable(run, worker.device)
-    except (UnknownTrainerError, InvalidSpecError) as exc:
+        if run.dataset.source == "csv" and run.dataset.path:  # a FIFO, a device: refused
+            fh, _ = open_regular(run.dataset.path)
+            fh.close()
+    except (UnknownTrainerError, InvalidSpecError, DatasetError) as exc:
         return refuse(svc.leases.client, delivery, exc, spec)
     return _Attempt(svc, run, submitted, delivery, worker).start()
 

@@ -17,7 +17,7 @@ import yaml
 from . import datasets
 from .errors import ConfigError, DatasetError, Problem, UnknownTrainerError, UnsafeNameError
 from .names import NAME_RE, NAME_RULE, check_relative_path, did_you_mean
-from .spec import DEVICES, DatasetRef, Resources
+from .spec import DEVICES, SEED_MAX, DatasetRef, Resources, gpus_problem
 from .sweep import SweepError, axis_keys, expand_points
 from .trainers import Trainer, get_trainer, registry
 
@@ -267,15 +267,19 @@ class _Validator:
             self.bad(f"{key}.target", "must name the CSV column that holds the class label")
             return None
         path = (self.base / csv_path).resolve()
-        if not path.is_file():
+        if not path.exists():
             self.bad(f"{key}.csv", f"file not found: {path}")
             return None
         name = item.get("name", path.stem)
         if not isinstance(name, str) or not NAME_RE.match(name):
             self.bad(f"{key}.name", f"{name!r} is not a valid name ({NAME_RULE})")
             return None
-        return DatasetRef(name=name, source="csv", path=str(path), target=target,
-                          sha256=datasets.file_sha256(path))
+        try:  # a regular file within ORCH_DATASET_MAX_MB, read once
+            digest = datasets.file_sha256(path)
+        except DatasetError as exc:
+            self.bad(f"{key}.csv", str(exc))
+            return None
+        return DatasetRef(name=name, source="csv", path=str(path), target=target, sha256=digest)
 
     def _folds(self) -> tuple[int | None, float | None]:
         if "folds" in self.doc and "split" in self.doc:
@@ -312,8 +316,10 @@ class _Validator:
         value = self.doc.get("seeds", [0])
         if _is_int(value):
             value = [value]
-        if not isinstance(value, list) or not value or not all(_is_int(s) and s >= 0 for s in value):
-            self.bad("seeds", f"must be a list of non-negative integers like [0, 1, 2], got {value!r}")
+        if (not isinstance(value, list) or not value
+                or not all(_is_int(s) and 0 <= s <= SEED_MAX for s in value)):
+            self.bad("seeds", f"must be a list of non-negative integers like [0, 1, 2] (each at "
+                              f"most {SEED_MAX}), got {value!r}")
             return [0]
         if len(set(value)) != len(value):
             self.bad("seeds", f"has repeated seeds: {value!r}")
@@ -329,9 +335,9 @@ class _Validator:
                 self.bad(f"resources.{k}", f"unknown key{did_you_mean(str(k), ['gpus', 'gpu_memory_gb'])}; "
                                            "valid: gpus, gpu_memory_gb")
         gpus = value.get("gpus", 1)
-        if not _is_num(gpus) or gpus < 0 or gpus > 64 or (gpus > 1 and gpus != int(gpus)):
-            self.bad("resources.gpus", "must be 0 (CPU), a share of one GPU up to 1 (0.25, 0.5, "
-                                       f"1), or a whole number of GPUs of one host (2, 4, 8), got {gpus!r}")
+        if gpus_problem(gpus) is not None:  # the rule every worker applies too
+            self.bad("resources.gpus", "must be 0 (CPU), a share of one GPU up to 1 (0.25, 0.5, 1), or "
+                                       f"a whole number of GPUs of one host (2, 4, 8), got {gpus!r}")
             gpus = 1
         mem = value.get("gpu_memory_gb")
         if mem is not None and (not _is_num(mem) or mem <= 0):

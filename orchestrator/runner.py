@@ -33,7 +33,7 @@ from .errors import InvalidSpecError, RunStopped
 from .livestate import LiveState
 from .metrics import csv_cells, prob_text, ranks, scores, table_csv
 from .paths import FSYNC, Layout, fsync_dir, fsync_folder, json_bytes, read_json, start_writeback
-from .spec import RunSpec
+from .spec import RunSpec, check_params
 from .status import Status, file_sizes, fold_state, read_fold_status, write_fold_status
 from .trainers import Reporter, TrainContext, Trainer, get_trainer
 
@@ -181,6 +181,7 @@ def runnable(spec: RunSpec, device: str, after_oom: bool = False) -> tuple[Train
     if trainer.version != spec.trainer_version:
         raise InvalidSpecError(f"trainer {spec.trainer!r} is version {trainer.version} on this worker, "
                                f"the run was submitted for version {spec.trainer_version}")
+    check_params(spec, trainer)  # params and every device's overrides, on every worker
     params = trainer.resolve(spec.params_for(device, after_oom))
     problems = [f"{name}: {problem}" for name, value in params.items()
                 if (problem := trainer.params[name].problem(value) if name in trainer.params

@@ -25,6 +25,7 @@ from orchestrator.attempt import (
     RetryLater,
     Services,
     attempt,
+    part_of,
 )
 from orchestrator.groupend import GroupEnd
 from orchestrator.leases import Leases
@@ -123,9 +124,10 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
         # delivery was handed on by the watchdog already: then a no-op.
         raise Reject(outcome.reason, requeue=True)
     assert isinstance(outcome, GiveUp)
-    if outcome.refused:
-        # A refused message counts in no chord and calls no callback, whatever it names:
-        # a forged copy of a running group's message must not end that group early.
+    if outcome.refused and not part_of(spec, self.request.chord):
+        # A refused message that is not one of its chord's own runs counts in no chord and
+        # calls no callback: a forged copy of a running group's message must not end that
+        # group early (a genuine part refused here still counts: attempt.part_of).
         request = self.request
         request.chord = request.group = request.chain = None
         request.callbacks = request.errbacks = None

@@ -215,3 +215,15 @@ def test_a_zombie_attempt_hands_back_and_writes_nothing(svc: Services, tmp_path:
     assert record(svc, spec)["status"] == "IN_PROGRESS"  # its start mark, nothing after
     assert svc.leases.client.hget(keys.attempts(run.run_key), "committed") is None
     assert not os.listdir(svc.layout.staging_root(run)) if svc.layout.staging_root(run).exists() else True
+
+
+def test_a_refused_part_counts_in_its_chord_only_if_it_is_one_of_the_chords_runs(tmp_path: Path) -> None:
+    from orchestrator.attempt import part_of
+
+    specs = specs_of(tmp_path, folds=3)
+    body = {"task": "tasks.finalize", "args": [[specs[0]]], "kwargs": {"folds": [0, 1, 2]}}
+    assert part_of(specs[2], body)  # a genuine part (refused for this worker's reasons)
+    assert not part_of({**specs[2], "trainer": "os.system"}, body)  # forged: another spec
+    assert not part_of({**specs[2], "fold": 5}, body)
+    assert not part_of(specs[2], {"task": "tasks.finalize", "kwargs": {"folds": [0, 1]}})
+    assert not part_of("junk", body) and not part_of(specs[2], None) and not part_of(specs[2], [1])

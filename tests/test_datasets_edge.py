@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import datasets
+from orchestrator.deadletters import DeadLetters
 from orchestrator.errors import DatasetError
 from orchestrator.paths import Layout
 from orchestrator.spec import DatasetRef, RunSpec
@@ -110,16 +111,19 @@ def test_a_fifo_run_fails_at_once_and_the_cpu_slots_stay_free(running_cluster: C
         spec["dataset"]["path"] = str(fifo)
     app = celery_app(running_cluster.url)
     started = time.monotonic()
-    for spec in specs:
-        app.send_task("tasks.train_run", args=[spec], kwargs={"submitted_at": time.time()}, queue="cpu")
+    ids = [app.send_task("tasks.train_run", args=[spec], kwargs={"submitted_at": time.time()},
+                         queue="cpu").id for spec in specs]
     layout = Layout(running_cluster.root)
+    letters = DeadLetters.from_url(running_cluster.url)
 
-    def failed() -> bool:
-        paths = [layout.fold_status(RunSpec.from_dict(s)) for s in specs]
-        return all(p.exists() and "named pipe" in p.read_text() for p in paths)
+    def refused() -> bool:  # refused before the claim: in the dead letters, saying why
+        found = {d.get("task_id"): str(d.get("reason")) for d in letters.list(limit=1000)}
+        return all("named pipe" in found.get(i, "") for i in ids)
 
-    wait_for(failed, timeout=30, what="both FIFO runs to fail")
+    wait_for(refused, timeout=30, what="both FIFO runs to be refused")
     assert time.monotonic() - started < 30
+    # A refused message writes nothing of the run.
+    assert not any(layout.fold_status(RunSpec.from_dict(s)).exists() for s in specs)
     with pytest.raises(OSError) as info:  # no worker is left waiting on the pipe
         os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
     assert info.value.errno == errno.ENXIO

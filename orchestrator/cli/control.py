@@ -92,4 +92,10 @@ def _redis_errors(url: str) -> Iterator[None]:
     try:
         yield
     except (RedisError, OperationalError) as exc:
-        raise errors.EnvironmentProblem(f"cannot reach Redis at {url}: {exc}") from None
+        from redis.exceptions import NoPermissionError
+
+        from ..registry import redact
+
+        what = ("Redis refused a command to this user (its ACL: docs/security.md)"
+                if isinstance(exc, NoPermissionError) else "cannot reach Redis")
+        raise errors.EnvironmentProblem(f"{what} at {redact(url)}: {exc}") from None
