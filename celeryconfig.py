@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 
 from orchestrator import settings
-from orchestrator.transfer import results_transfer, return_max_bytes
+from orchestrator.execution.transfer import results_transfer, return_max_bytes
 
 settings.refuse_and_exit()  # a plain `celery -A tasks ...` checks them here, before anything
 _env = settings.value
@@ -52,7 +52,7 @@ def _tls_options(url: str) -> dict[str, object] | None:
 
 broker_use_ssl = _tls_options(broker_url)
 
-# --- hosts without the shared results root (orchestrator.transfer, .returns) ----------
+# --- hosts without the shared results root (orchestrator.execution.transfer, .returns) ----------
 # ORCH_RESULTS_TRANSFER: `shared` (default), a worker writes a run's files under the
 # results root itself; `return` (`orchestrator worker --return-results`), it trains into
 # a private scratch folder and hands the files back through Redis, and the control

@@ -49,11 +49,11 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.trees import compile_tree  # noqa: E402
-from orchestrator.local import _die_with_parent, spawn, start_redis, stop_process  # noqa: E402
+from orchestrator.cluster.local import _die_with_parent, spawn, start_redis, stop_process  # noqa: E402
 
 # ORCH_* variables that point a process at a cluster: every child gets them explicitly.
 CLUSTER_VARS = ("ORCH_BROKER_URL", "ORCH_RESULT_BACKEND", "ORCH_STATE_URL", "ORCH_RESULTS_ROOT")
-NOOP_PRIORITY = 9 - 5  # what orchestrator.canvas.message_priority gives the default priority 5
+NOOP_PRIORITY = 9 - 5  # what orchestrator.dispatch.canvas.message_priority gives the default priority 5
 NOOP_QUEUE = "gpu"  # the queue of a run with default resources (gpus: 1)
 
 
@@ -86,7 +86,7 @@ class Procs:
         self.items: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str], logfile: Path, cwd: Path = REPO) -> None:
-        # orchestrator.local.spawn: own session (process group) + SIGTERM if we die.
+        # orchestrator.cluster.local.spawn: own session (process group) + SIGTERM if we die.
         here = os.getcwd()
         os.chdir(cwd)  # spawn() has no cwd argument; the children inherit ours
         try:
@@ -452,7 +452,7 @@ def _measure_c(runs: int, folds: int, timeout: float, shaped: bool) -> dict[str,
             raise BenchmarkError(f"C: chord body saw {got} results, expected {runs}")
         return {"elapsed": elapsed}
     results = []
-    with app.producer_or_acquire() as producer:  # as orchestrator.canvas.submit does
+    with app.producer_or_acquire() as producer:  # as orchestrator.dispatch.canvas.submit does
         for g in range(0, runs, folds):
             header = [noop.signature(args=(i,), queue=NOOP_QUEUE, priority=NOOP_PRIORITY)
                       for i in range(g, min(g + folds, runs))]

@@ -4,7 +4,7 @@
     python benchmarks/finalize_cpu.py [--groups 200] [--folds 5] [--repeat 5] [--baseline main]
 
 Trains `groups` x `folds` runs of the `prior` trainer on iris with the worker's code
-(orchestrator.runner.execute) into a temporary results root, copies it once per tree,
+(orchestrator.execution.runner.execute) into a temporary results root, copies it once per tree,
 and in a child process per tree (PYTHONPATH = that tree; the baseline is `git archive`
 of the --baseline ref) calls the `tasks.finalize` task body for every group, against a
 private redis-server: `repeat` passes, each after removing every status.json and
@@ -31,11 +31,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _train(root: Path, groups: int, folds: int, work: Path) -> list[list[dict]]:
-    from orchestrator.config import load_experiments
-    from orchestrator.expand import expand
-    from orchestrator.expand import groups as by_group
+    from orchestrator.execution.runner import WorkerInfo, execute
+    from orchestrator.experiment.config import load_experiments
+    from orchestrator.experiment.expand import expand
+    from orchestrator.experiment.expand import groups as by_group
     from orchestrator.paths import Layout
-    from orchestrator.runner import WorkerInfo, execute
 
     values = [round(0.001 * (i + 1), 6) for i in range(groups)]
     cfg = work / "bench.yaml"
@@ -53,8 +53,8 @@ def _train(root: Path, groups: int, folds: int, work: Path) -> list[list[dict]]:
 
 def _child(root: Path, specs_file: Path, repeat: int) -> None:
     """Runs in the tree under test: the environment names the root and the Redis."""
+    from orchestrator.experiment.spec import RunSpec
     from orchestrator.paths import Layout
-    from orchestrator.spec import RunSpec
     from tasks.training import finalize
 
     groups = json.loads(specs_file.read_text())
@@ -103,7 +103,7 @@ def main() -> int:
 
     sys.path.insert(0, str(REPO))
     from benchmarks.trees import export_ref
-    from orchestrator.local import start_redis, stop_process
+    from orchestrator.cluster.local import start_redis, stop_process
 
     print("$", " ".join([os.path.basename(sys.executable), *sys.argv]))
     work = Path(tempfile.mkdtemp(prefix="finalize-cpu-"))

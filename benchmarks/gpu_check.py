@@ -53,8 +53,8 @@ from benchmarks.dispatch import (  # noqa: E402
     log,
     wait_ready,
 )
-from orchestrator import gpu  # noqa: E402
-from orchestrator.local import start_redis  # noqa: E402
+from orchestrator.cluster import gpu  # noqa: E402
+from orchestrator.cluster.local import start_redis  # noqa: E402
 
 
 # -- NVML readings -------------------------------------------------------------------

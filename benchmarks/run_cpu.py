@@ -31,10 +31,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _child(work: Path, runs: int, tag: str) -> None:
     """In the tree under test (PYTHONPATH): one pass of `runs` fresh runs."""
-    from orchestrator.config import load_experiments
-    from orchestrator.expand import expand
+    from orchestrator.collect.status import fold_state
+    from orchestrator.experiment.config import load_experiments
+    from orchestrator.experiment.expand import expand
     from orchestrator.paths import FOLD_FILES, Layout
-    from orchestrator.status import fold_state
     from tasks.training import train_run
 
     points = max(1, runs // 5)
@@ -52,7 +52,7 @@ def _child(work: Path, runs: int, tag: str) -> None:
             raise SystemExit(f"{spec['fold']}: {result.result!r}")
     after = resource.getrusage(resource.RUSAGE_SELF)
     layout = Layout(Path(os.environ["ORCH_RESULTS_ROOT"]))
-    from orchestrator.spec import RunSpec
+    from orchestrator.experiment.spec import RunSpec
     for spec in map(RunSpec.from_dict, specs):
         state, _ = fold_state(layout, spec)
         files = layout.fold_files(spec)
@@ -76,7 +76,7 @@ def main() -> int:
 
     sys.path.insert(0, str(REPO))
     from benchmarks.trees import export_ref
-    from orchestrator.local import start_redis, stop_process
+    from orchestrator.cluster.local import start_redis, stop_process
 
     print("$", " ".join([os.path.basename(sys.executable), *sys.argv]))
     work = Path(tempfile.mkdtemp(prefix="run-cpu-", dir=args.tmp_dir))

@@ -12,7 +12,7 @@ variable is set for every process here either way. Per repeat, alternating the c
 the wall time and CPU (user + system) of
   validate  `python -m orchestrator validate configs/iris_kfold.yaml`
   submit    the imports `orchestrator submit` needs before it publishes
-            (orchestrator.cli, orchestrator.canvas, orchestrator.progress)
+            (orchestrator.cli, orchestrator.dispatch.canvas, orchestrator.views.progress)
   worker    what a worker process imports from the project (tasks, tasks.training)
 Prints the medians and their ratio.
 """
@@ -38,7 +38,7 @@ from benchmarks.trees import export_ref  # noqa: E402
 
 COMMANDS = {
     "validate": ["-m", "orchestrator", "validate", "configs/iris_kfold.yaml"],
-    "submit": ["-c", "import orchestrator.cli, orchestrator.canvas, orchestrator.progress"],
+    "submit": ["-c", "import orchestrator.cli, orchestrator.dispatch.canvas, orchestrator.views.progress"],
     "worker": ["-c", "import tasks, tasks.training"],
 }
 

@@ -9,7 +9,7 @@ flushed Redis and a fresh results root: the wall time and CPU (user + system) of
 `python -m orchestrator submit exp.yaml` for the experiment of benchmarks/dispatch.py
 (`prior` trainer), and the time from the process's start to the first message in the
 `gpu` queue (polled every millisecond from here). Then the CPU of one progress poll
-(`orchestrator.progress.counts`, and `Poller.poll` where it exists)
+(`orchestrator.views.progress.counts`, and `Poller.poll` where it exists)
 over the live state the submissions left (every run PENDING), in a process of the same
 tree. Medians are printed.
 """
@@ -31,7 +31,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.dispatch import NOOP_PRIORITY, NOOP_QUEUE, children_cpu, write_experiment  # noqa: E402
-from orchestrator.local import start_redis, stop_process  # noqa: E402
+from orchestrator.cluster.local import start_redis, stop_process  # noqa: E402
 
 QUEUE_KEY = f"{NOOP_QUEUE}:{NOOP_PRIORITY}"  # kombu's key for that priority (sep ":")
 
@@ -73,11 +73,11 @@ def submit_once(tree: Path, url: str, exp: Path, root: Path) -> dict[str, float]
 POLL_CODE = """
 import statistics, sys, time
 from orchestrator import progress
-from orchestrator.config import load_experiments
-from orchestrator.expand import expand
+from orchestrator.experiment.config import load_experiments
+from orchestrator.experiment.expand import expand
 from orchestrator.livestate import LiveState
 from orchestrator.paths import Layout
-from orchestrator.plan import make_plan
+from orchestrator.experiment.plan import make_plan
 
 url, exp, root, experiment, n = sys.argv[1:6]
 plans = make_plan(Layout(root), expand(load_experiments([exp])[0]))

@@ -43,7 +43,7 @@ from benchmarks.dispatch import (  # noqa: E402
     write_experiment,
 )
 from benchmarks.trees import compile_tree, export_ref  # noqa: E402
-from orchestrator.local import start_redis  # noqa: E402
+from orchestrator.cluster.local import start_redis  # noqa: E402
 
 
 def submit(procs: Procs, index: int, tree: Path, url: str, root: Path, work: Path, experiment: str,

@@ -2,7 +2,7 @@
 function that makes Redis clients.
 
 Keys, all under `orch:` (a run is keyed by RunSpec.run_key: its content and where its
-outputs go; see orchestrator.leases for the lease protocol):
+outputs go; see orchestrator.execution.leases for the lease protocol):
 
     orch:lease:<run_key>               the token of the attempt holding the run (PX ttl)
     orch:attempts:<run_key>            hash: n (the fencing counter), lost, failed, committed, oom

@@ -26,8 +26,8 @@ import orjson
 
 from . import settings
 from .errors import SettingError, UnsafeNameError
-from .names import check_name, check_relative_path
-from .spec import RunSpec
+from .experiment.names import check_name, check_relative_path
+from .experiment.spec import RunSpec
 
 FOLD_FILES = ("predictions.csv", "probabilities.csv", "ranks.csv", "metadata.json")
 ENSEMBLE_FILES = ("oof_predictions.csv", "holdout_predictions.csv", "metrics.json")

@@ -1,5 +1,5 @@
 """GPU workers: stop taking runs while their GPU lacks memory or a free share, and take
-them again once it has (orchestrator.admission has the rules).
+them again once it has (orchestrator.execution.admission has the rules).
 
 A training task that cannot start on this GPU hands its run back (the message goes
 back to the head of its queue, for another GPU) and asks its own worker to stop
@@ -34,13 +34,13 @@ def stop_consuming(hostname: str) -> None:
 
 def _shares() -> Any:
     from orchestrator import keys
-    from orchestrator.admission import Shares
+    from orchestrator.execution.admission import Shares
 
     return Shares(keys.client(app.conf.orch_state_url))
 
 
 def _watch(hostname: str, queues: list[str], stop: threading.Event) -> None:
-    from orchestrator.admission import Need
+    from orchestrator.execution.admission import Need
 
     host = hostname.split("@", 1)[-1]
     shares = _shares()

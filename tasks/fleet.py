@@ -3,7 +3,7 @@
 Both run as daemon threads in the worker's MAIN process (worker_ready and
 worker_shutdown are sent there only), never in the pool children that train:
 
-- heartbeat: writes this worker's record (orchestrator.fleet) every few seconds, with a
+- heartbeat: writes this worker's record (orchestrator.cluster.registry) every few seconds, with a
   TTL of three heartbeats; deletes it at shutdown.
 - exit when idle (ORCH_EXIT_WHEN_IDLE=SECONDS, set by `orchestrator worker
   --exit-when-idle`): once the worker has held no task and all its queues have been
@@ -24,9 +24,11 @@ from typing import Any
 import redis
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
-from orchestrator import gpu, keys, registry, settings
+from orchestrator import keys
+from orchestrator.cluster import registry
 
 log = logging.getLogger(__name__)
+_gpu_usage = registry.add_gpu_usage  # (tests call it by this name)
 
 _stop = threading.Event()
 _lock = threading.Lock()
@@ -45,24 +47,6 @@ def _busy() -> int:
     return 1  # unknown: count as busy, so neither idle exit nor "idle" is claimed
 
 
-def _device(queues: list[str]) -> str:
-    if queues == ["control"]:
-        return "control"
-    if (device := settings.value("ORCH_DEVICE")) is not None:
-        return str(device)
-    return "cuda" if os.environ.get("CUDA_VISIBLE_DEVICES") else "cpu"
-
-
-def _gpu() -> int | None:
-    gpus = settings.value("ORCH_GPU") or []
-    return gpus[0] if len(gpus) == 1 else None
-
-
-def _exit_when_idle() -> float | None:
-    found = settings.value("ORCH_EXIT_WHEN_IDLE")
-    return None if found is None else float(found)
-
-
 def _beat() -> None:
     """Write this worker's record now: busy or idle from the requests it holds."""
     with _lock:
@@ -72,19 +56,8 @@ def _beat() -> None:
         if _record.state != registry.WorkerState.STOPPING.value:
             _record.state = (registry.WorkerState.BUSY if busy else registry.WorkerState.IDLE).value
         _record.active, _record.heartbeat = busy, time.time()
-        _gpu_usage(_record)
+        registry.add_gpu_usage(_record)
         registry.register(_client, _record, registry.record_ttl(registry.heartbeat_seconds()))
-
-
-def _gpu_usage(record: registry.WorkerRecord) -> None:
-    """A GPU worker's record gets its GPU's memory in use and utilisation, through NVML
-    (never CUDA: this is the main process, which forks the training processes)."""
-    if record.gpu is None:
-        return
-    found = gpu.usage(record.gpu)
-    record.gpu_memory_used_mb = found.memory_used_mb if found else None
-    record.gpu_memory_total_mb = found.memory_total_mb if found else None
-    record.gpu_utilization = found.utilization_pct if found else None
 
 
 def _heartbeat_loop(interval: float) -> None:
@@ -155,12 +128,12 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     app = sender.app
     queues = sorted(app.amqp.queues.consume_from.keys())
     interval = registry.heartbeat_seconds()
-    exit_idle = _exit_when_idle()
+    exit_idle = registry.exit_when_idle()
     now = time.time()
     _client = keys.client(app.conf.orch_state_url)
     _record = registry.WorkerRecord(
-        name=sender.hostname, host=sender.hostname.split("@", 1)[-1], pid=os.getpid(), gpu=_gpu(),
-        device=_device(queues), queues=queues, state=registry.WorkerState.IDLE.value, started=now,
+        name=sender.hostname, host=sender.hostname.split("@", 1)[-1], pid=os.getpid(), gpu=registry.worker_gpu(),
+        device=registry.worker_device(queues), queues=queues, state=registry.WorkerState.IDLE.value, started=now,
         heartbeat=now, exit_when_idle=exit_idle)
     try:
         _beat()

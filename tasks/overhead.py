@@ -12,7 +12,7 @@ these two were half of it.
    command, and a worker built five per task. A client is only a handle on the
    channel's connection pool, safe to share between threads, so one client per channel
    and pool sends the same commands on the same connections. (`orchestrator submit`
-   does the same for its one channel: orchestrator.canvas._one_producer.)
+   does the same for its one channel: orchestrator.dispatch.canvas._one_producer.)
 
 2. Task events published at most every `orch_event_flush_interval` seconds
    (ORCH_EVENT_FLUSH_INTERVAL, default 0.05; `EventBatches`). A worker already buffers

@@ -1,7 +1,7 @@
 """Thin Celery tasks: decode the request, call plain Python, turn its outcome into Celery.
 
 Everything they receive comes from the broker and is treated as untrusted; the plain
-Python behind them (orchestrator.attempt, orchestrator.groupend) validates each message
+Python behind them (orchestrator.execution.attempt, orchestrator.collect.groupend) validates each message
 whole before it touches anything, and records refusals in the dead letters.
 """
 
@@ -15,8 +15,9 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded
 from celery.signals import worker_init
 
 from orchestrator import settings
-from orchestrator.admission import Shares
-from orchestrator.attempt import (
+from orchestrator.collect.groupend import GroupEnd
+from orchestrator.execution.admission import Shares
+from orchestrator.execution.attempt import (
     Delivery,
     Finished,
     GiveUp,
@@ -27,14 +28,13 @@ from orchestrator.attempt import (
     attempt,
     part_of,
 )
-from orchestrator.groupend import GroupEnd
-from orchestrator.leases import Leases
+from orchestrator.execution.leases import Leases
+from orchestrator.execution.returns import Returns, ReturnSink
+from orchestrator.execution.runner import SharedSink
+from orchestrator.execution.transfer import RETURN
 from orchestrator.livestate import LiveState
 from orchestrator.paths import Layout
-from orchestrator.returns import Returns, ReturnSink
-from orchestrator.runner import SharedSink
 from orchestrator.trainers import registry
-from orchestrator.transfer import RETURN
 
 from . import app
 from .admission import stop_consuming
@@ -84,9 +84,9 @@ def _preload_in_parent(**_: Any) -> None:
     H100 host when it ran in the child. Trainer preloads import only: CUDA stays
     uninitialised in this process (design invariant 5, docs/reliability.md). (Not at
     import time: `orchestrator submit` imports this module and needs none of it.)"""
-    from orchestrator.datasets import warm_up
+    from orchestrator.experiment.datasets import warm_up
 
-    warm_up()  # scikit-learn's imports and first-use work (orchestrator.datasets)
+    warm_up()  # scikit-learn's imports and first-use work (orchestrator.experiment.datasets)
 
     if not settings.value("ORCH_PRELOAD"):
         return
@@ -108,7 +108,7 @@ def _preload_in_parent(**_: Any) -> None:
           ignore_result=True, store_errors_even_if_ignored=True)
 def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None) -> dict[str, Any]:
     """Train one run (one fold of one parameter point) on this worker's device, holding
-    its lease from start to end (orchestrator.attempt decides; this says it to Celery)."""
+    its lease from start to end (orchestrator.execution.attempt decides; this says it to Celery)."""
     delivery = _delivery(self)
     outcome = attempt(_services(), spec, submitted_at, delivery)
     if isinstance(outcome, Finished):
@@ -138,7 +138,7 @@ def train_run(self: Any, spec: dict[str, Any], submitted_at: float | None = None
 def finalize(self: Any, results: Any, specs: list[dict[str, Any]],
              folds: list[int] | None = None) -> dict[str, Any]:
     """Chord body: ensemble outputs, final_results.csv rows, status.json DONE (`specs`
-    and `folds`: orchestrator.groupend.group_specs)."""
+    and `folds`: orchestrator.collect.groupend.group_specs)."""
     return _group_end().finalize(specs, folds, _delivery(self))
 
 

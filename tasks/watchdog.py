@@ -1,6 +1,6 @@
 """Worker-side reliability hooks, connected through Celery signals:
 
-- In every worker that consumes `control`: the watchdog thread (orchestrator.watchdog),
+- In every worker that consumes `control`: the watchdog thread (orchestrator.cluster.watchdog),
   with kombu's own restore of an unacknowledged message as the way to hand a run back.
 - In every worker: on shutdown, the runs it holds are handed back at once (their
   leases revoked as "handed back"), so a warm stop does not wait for a lease to lapse.
@@ -13,6 +13,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from typing import Any
 
 from celery.signals import worker_ready, worker_shutting_down
@@ -23,12 +24,39 @@ log = logging.getLogger(__name__)
 _stop = threading.Event()
 
 
+def hand_on(channel: Any, tag: str) -> bool:
+    """Put an unacknowledged message back at the head of its queue, as kombu's restore
+    does (same message, same task id, so the chord counts it once; marked redelivered),
+    but under a new delivery tag. kombu would restore it with the old tag, which the
+    next delivery then shares with the lost one: a zombie coming back would ack or
+    requeue its successor's delivery with its own. The head: the end consumers take
+    next (kombu publishes with LPUSH and consumes with BRPOP), so the run starts on the
+    next free slot, before every run queued after it. False if it was not unacknowledged."""
+    found = []
+
+    def move(pipe: Any) -> None:
+        raw = pipe.hget(channel.unacked_key, tag)
+        pipe.multi()
+        pipe.hdel(channel.unacked_key, tag)
+        pipe.zrem(channel.unacked_index_key, tag)
+        if not raw:
+            return
+        payload, exchange, routing_key = json.loads(raw)
+        payload["properties"]["delivery_tag"] = str(uuid.uuid4())
+        payload["properties"].setdefault("delivery_info", {})["redelivered"] = True
+        payload["headers"]["redelivered"] = True
+        priority = channel._get_message_priority(payload, reverse=False)
+        for queue in channel._lookup(exchange, routing_key):
+            pipe.rpush(channel._q_for_pri(queue, priority), json.dumps(payload))
+        found.append(tag)
+
+    channel.client.transaction(move, channel.unacked_key)
+    return bool(found)
+
+
 def restore_message(task_id: str) -> bool:
-    """Put the unacknowledged message of `task_id` back at the head of its queue, as
-    kombu does when a visibility timeout expires (same message, same task id, so the
-    chord counts it once): the end consumers take next (kombu publishes with LPUSH and
-    consumes with BRPOP, so RPUSH: leftmost=False), so the run starts on the next free
-    slot, before every run queued after it. False if no such message is unacknowledged."""
+    """Hand the unacknowledged message of `task_id` on (`hand_on`). False if no such
+    message is unacknowledged."""
     with app.connection_for_write() as conn:
         channel: Any = conn.default_channel
         client = channel.client
@@ -39,9 +67,7 @@ def restore_message(task_id: str) -> bool:
             except (ValueError, KeyError, IndexError, TypeError):
                 continue
             if found:
-                channel.qos.restore_by_tag(tag.decode() if isinstance(tag, bytes) else tag,
-                                           leftmost=False)
-                return True
+                return hand_on(channel, tag.decode() if isinstance(tag, bytes) else tag)
     return False
 
 
@@ -69,16 +95,16 @@ def restore_orphans(known_task_ids: set[str], older_than: float) -> list[str]:
             if now - float(delivered.get(tag, now)) < older_than:
                 continue
             # At the head, as restore_message does: it was taken before what is queued now.
-            channel.qos.restore_by_tag(tag.decode() if isinstance(tag, bytes) else tag, leftmost=False)
-            restored.append(str(headers.get("argsrepr") or task_id))
+            if hand_on(channel, tag.decode() if isinstance(tag, bytes) else tag):
+                restored.append(str(headers.get("argsrepr") or task_id))
     return restored
 
 
 def unpark_unpaused() -> list[str]:
     """Parked queues of experiments that are no longer paused (a run parked in the
     moment `resume` ran): move them back. The watchdog calls this every tick."""
-    from orchestrator.canvas import unpark
-    from orchestrator.leases import Leases
+    from orchestrator.dispatch.canvas import unpark
+    from orchestrator.execution.leases import Leases
 
     done: list[str] = []
     with app.connection_for_write() as conn:
@@ -96,13 +122,13 @@ def unpark_unpaused() -> list[str]:
 
 
 def _leases() -> Any:
-    from orchestrator.leases import Leases
+    from orchestrator.execution.leases import Leases
 
     return Leases.from_url(app.conf.orch_state_url)
 
 
 def _redispatch() -> dict[str, int]:
-    from orchestrator.canvas import redispatch
+    from orchestrator.dispatch.canvas import redispatch
     from orchestrator.livestate import LiveState
     from orchestrator.paths import Layout
 
@@ -114,7 +140,7 @@ def _start_watchdog(sender: Any = None, **_: Any) -> None:
     queues = set(app.amqp.queues.consume_from or {})
     if "control" not in queues:
         return
-    from orchestrator.watchdog import Watchdog
+    from orchestrator.cluster.watchdog import Watchdog
 
     dog = Watchdog(_leases(), restore_message, _redispatch, orphans=restore_orphans,
                    chores=[unpark_unpaused],

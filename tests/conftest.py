@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from orchestrator.local import spawn, start_redis, stop_process
+from orchestrator.cluster.local import spawn, start_redis, stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 

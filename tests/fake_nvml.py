@@ -1,6 +1,6 @@
-"""A fake NVML binding: the subset of pynvml's API that orchestrator.gpu calls.
+"""A fake NVML binding: the subset of pynvml's API that orchestrator.cluster.gpu calls.
 
-It is injected at the one seam orchestrator.gpu has: in-process with
+It is injected at the one seam orchestrator.cluster.gpu has: in-process with
 `gpu.use_nvml(FakeNVML(machine))`, or in a subprocess with
 `ORCH_NVML_MODULE=tests.fake_nvml ORCH_FAKE_NVML=/path/machine.json`, where the JSON
 file is read again at every nvmlInit() (a test may rewrite it between calls).

@@ -25,7 +25,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from orchestrator.local import free_port, spawn, stop_process
+from orchestrator.cluster.local import free_port, spawn, stop_process
 
 from .conftest import REPO, celery_app, cli_env, run_cli, wait_for
 

@@ -1,4 +1,4 @@
-"""The attempt's decisions (orchestrator.attempt) against a real redis-server, without any
+"""The attempt's decisions (orchestrator.execution.attempt) against a real redis-server, without any
 Celery worker: each delivery is a plain call, its outcome a value."""
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import pytest
 import redis
 import yaml
 
-from orchestrator import attempt as attempt_mod
 from orchestrator import keys, trainers
-from orchestrator.admission import Shares
-from orchestrator.attempt import (
+from orchestrator.execution import attempt as attempt_mod
+from orchestrator.execution.admission import Shares
+from orchestrator.execution.attempt import (
     Delivery,
     Finished,
     GiveUp,
@@ -31,13 +31,13 @@ from orchestrator.attempt import (
     Services,
     attempt,
 )
-from orchestrator.config import load_experiments
-from orchestrator.expand import expand
-from orchestrator.leases import Leases
+from orchestrator.execution.leases import Leases
+from orchestrator.execution.runner import SharedSink
+from orchestrator.experiment.config import load_experiments
+from orchestrator.experiment.expand import expand
+from orchestrator.experiment.spec import RunSpec
 from orchestrator.livestate import LiveState
 from orchestrator.paths import Layout
-from orchestrator.runner import SharedSink
-from orchestrator.spec import RunSpec
 
 
 @pytest.fixture(autouse=True)
@@ -218,7 +218,7 @@ def test_a_zombie_attempt_hands_back_and_writes_nothing(svc: Services, tmp_path:
 
 
 def test_a_refused_part_counts_in_its_chord_only_if_it_is_one_of_the_chords_runs(tmp_path: Path) -> None:
-    from orchestrator.attempt import part_of
+    from orchestrator.execution.attempt import part_of
 
     specs = specs_of(tmp_path, folds=3)
     body = {"task": "tasks.finalize", "args": [[specs[0]]], "kwargs": {"folds": [0, 1, 2]}}

@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-from orchestrator.deadletters import DeadLetters
 
 from orchestrator import errors
-from orchestrator.spec import RunSpec
+from orchestrator.execution.deadletters import DeadLetters
+from orchestrator.experiment.spec import RunSpec
 
 from .conftest import Cluster, celery_app, run_cli, wait_for
 
@@ -45,7 +45,7 @@ def test_submit_without_broker_is_a_clear_error(write_experiment) -> None:
 
 
 def test_unreachable_broker_is_a_clear_error(tmp_path: Path, write_experiment) -> None:
-    from orchestrator.local import free_port
+    from orchestrator.cluster.local import free_port
 
     cfg = write_experiment("deadbroker", trainer="prior", datasets=["iris"])
     env_url = f"redis://127.0.0.1:{free_port()}/0"
@@ -55,8 +55,8 @@ def test_unreachable_broker_is_a_clear_error(tmp_path: Path, write_experiment) -
 
 
 def _spec(cluster: Cluster, write_experiment, **changes: object) -> dict:
-    from orchestrator.config import load_experiments
-    from orchestrator.expand import expand
+    from orchestrator.experiment.config import load_experiments
+    from orchestrator.experiment.expand import expand
 
     cfg = write_experiment("untrusted", trainer="prior", datasets=["iris"], folds=2)
     spec = expand(load_experiments([str(cfg)])[0])[0].to_dict()
@@ -200,8 +200,8 @@ def test_single_split_failure_reaches_the_error_callback(running_cluster: Cluste
 def test_a_csv_changed_after_submission_fails_clearly(running_cluster: Cluster, write_experiment,
                                                       tmp_path: Path) -> None:
     """The run id covers the CSV's content: a worker refuses a file that changed since."""
-    from orchestrator.config import load_experiments
-    from orchestrator.expand import expand
+    from orchestrator.experiment.config import load_experiments
+    from orchestrator.experiment.expand import expand
 
     csv_path = _blobs_csv(tmp_path / "drift.csv")
     cfg = write_experiment("drift", trainer="prior", datasets=[{"csv": "drift.csv", "target": "label"}],
@@ -274,7 +274,7 @@ def test_a_run_that_always_kills_its_process_is_retried_then_fails(running_clust
 
 
 def test_submit_to_an_unreachable_broker_writes_nothing(tmp_path: Path, write_experiment) -> None:
-    from orchestrator.local import free_port
+    from orchestrator.cluster.local import free_port
 
     cfg = write_experiment("nowrite", trainer="prior", datasets=["iris"])
     root = tmp_path / "r"

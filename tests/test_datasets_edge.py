@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import datasets
-from orchestrator.deadletters import DeadLetters
 from orchestrator.errors import DatasetError
+from orchestrator.execution.deadletters import DeadLetters
+from orchestrator.experiment import datasets
+from orchestrator.experiment.spec import DatasetRef, RunSpec
 from orchestrator.paths import Layout
-from orchestrator.spec import DatasetRef, RunSpec
 
 from .conftest import Cluster, celery_app, run_cli, wait_for
 
@@ -98,8 +98,8 @@ def test_a_fifo_run_fails_at_once_and_the_cpu_slots_stay_free(running_cluster: C
                                                               tmp_path: Path) -> None:
     """Two forged runs whose CSV is a FIFO (one per CPU worker, if they blocked they would
     hold both slots), then a genuine experiment runs to DONE on the same workers."""
-    from orchestrator.config import load_experiments
-    from orchestrator.expand import expand
+    from orchestrator.experiment.config import load_experiments
+    from orchestrator.experiment.expand import expand
 
     _csv(tmp_path / "real.csv")
     fifo = tmp_path / "fifo.csv"

@@ -20,8 +20,8 @@ import psutil
 import pytest
 import redis
 
-from orchestrator import registry
-from orchestrator.local import free_port
+from orchestrator.cluster import registry
+from orchestrator.cluster.local import free_port
 
 from .conftest import REPO, cli_env, run_cli
 

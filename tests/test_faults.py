@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import redis
 
-from orchestrator.local import free_port, spawn, stop_process
+from orchestrator.cluster.local import free_port, spawn, stop_process
 
 from .conftest import cli_env, run_cli, wait_for
 

@@ -13,16 +13,21 @@ from typing import Any
 import numpy as np
 import pytest
 
-from orchestrator.config import load_experiments
+from orchestrator.collect.finalize import (
+    GroupNotReady,
+    finalize_group,
+    fold_states,
+    mark_group_failed,
+)
+from orchestrator.collect.metrics import scores, table_csv
+from orchestrator.collect.results import FIRST_COLUMNS, _cache, update_final_results
+from orchestrator.collect.status import Status, file_sizes, load_json, write_fold_status
 from orchestrator.errors import InvalidSpecError
-from orchestrator.expand import expand, groups
-from orchestrator.finalize import GroupNotReady, finalize_group, fold_states, mark_group_failed
-from orchestrator.metrics import scores, table_csv
+from orchestrator.execution.runner import WorkerInfo, execute
+from orchestrator.experiment.config import load_experiments
+from orchestrator.experiment.expand import expand, groups
+from orchestrator.experiment.spec import RunSpec
 from orchestrator.paths import Layout, read_json
-from orchestrator.results import FIRST_COLUMNS, _cache, update_final_results
-from orchestrator.runner import WorkerInfo, execute
-from orchestrator.spec import RunSpec
-from orchestrator.status import Status, file_sizes, load_json, write_fold_status
 
 _table = table_csv  # unchanged by this work; the reference keeps the old fmt below
 
@@ -205,7 +210,7 @@ _SPEC = {"experiment": "fin", "trainer": "prior", "trainer_version": "1",
 def test_group_callbacks_take_one_spec_and_the_folds() -> None:
     """What the canvas sends (one spec, the folds) gives the same runs as every fold's
     spec; anything else is refused with InvalidSpecError (the message is untrusted)."""
-    from orchestrator.groupend import group_specs as _specs
+    from orchestrator.collect.groupend import group_specs as _specs
 
     every = [{**_SPEC, "fold": f} for f in range(4)]
     want = [RunSpec.from_dict(s) for s in every]
@@ -276,7 +281,7 @@ def test_malformed_probabilities_fail_as_before(group: tuple[Layout, list[RunSpe
 def _old_fold_outputs(table: Any, rows: np.ndarray, n_val: int, probs: np.ndarray) -> dict[str, str]:
     """The fold's three tables as runner._write_outputs wrote them through csv.writer
     (metrics.table_csv) before it wrote them line by line."""
-    from orchestrator.metrics import ranks
+    from orchestrator.collect.metrics import ranks
 
     split_of = ["val"] * n_val + ["holdout"] * (len(rows) - n_val)
     classes = list(table.classes)
@@ -298,8 +303,8 @@ def _old_fold_outputs(table: Any, rows: np.ndarray, n_val: int, probs: np.ndarra
     ["only"],
 ])
 def test_fold_outputs_are_the_bytes_csv_writer_wrote(tmp_path: Path, classes: list[str]) -> None:
-    from orchestrator.datasets import Table
-    from orchestrator.runner import _write_outputs
+    from orchestrator.execution.runner import _write_outputs
+    from orchestrator.experiment.datasets import Table
 
     rng = np.random.default_rng(len(classes))
     n = 23

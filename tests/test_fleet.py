@@ -1,6 +1,6 @@
 """GPU detection, the worker registry, `workers up/down/list`, `worker --exit-when-idle`.
 
-GPUs are faked at the one NVML seam (orchestrator.gpu.nvml: tests/fake_nvml.py); Redis
+GPUs are faked at the one NVML seam (orchestrator.cluster.gpu.nvml: tests/fake_nvml.py); Redis
 and the Celery workers are real: a private redis-server for this module, real
 `orchestrator worker` processes started by a real supervisor.
 """
@@ -21,9 +21,10 @@ import psutil
 import pytest
 import redis
 
-from orchestrator import gpu, keys, registry, supervisor
-from orchestrator.cli.workers import celery_worker_command
-from orchestrator.local import spawn, start_redis, stop_process
+from orchestrator import keys
+from orchestrator.cli.worker import celery_worker_command
+from orchestrator.cluster import gpu, registry, supervisor
+from orchestrator.cluster.local import spawn, start_redis, stop_process
 
 from .conftest import celery_app, cli_env, run_cli, wait_for
 from .fake_nvml import FakeNVML

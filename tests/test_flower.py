@@ -18,8 +18,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.errors import OrchestratorError
-from orchestrator.flowerconf import (
+from orchestrator.cluster.flowerconf import (
     DEFAULT_MAX_TASKS,
     FlowerAuthError,
     FlowerOptions,
@@ -28,7 +27,8 @@ from orchestrator.flowerconf import (
     default_state_dir,
     flower_command,
 )
-from orchestrator.local import free_port, spawn, start_redis, stop_process
+from orchestrator.cluster.local import free_port, spawn, start_redis, stop_process
+from orchestrator.errors import OrchestratorError
 
 from .conftest import celery_app, cli_env, run_cli, wait_for
 

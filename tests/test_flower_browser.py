@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.local import free_port, spawn, start_redis, stop_process
+from orchestrator.cluster.local import free_port, spawn, start_redis, stop_process
 
 from .conftest import REPO, cli_env, run_cli, wait_for
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.local import spawn, start_redis, stop_process
+from orchestrator.cluster.local import spawn, start_redis, stop_process
 
 from .conftest import cli_env, run_cli, wait_for
 

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from orchestrator import gpu
+from orchestrator.cluster import gpu
 
 
 class SlowNVML:

@@ -29,8 +29,8 @@ from typing import Any
 import pytest
 import redis
 
-from orchestrator.deadletters import DeadLetters
-from orchestrator.local import spawn, start_redis, stop_process
+from orchestrator.cluster.local import spawn, start_redis, stop_process
+from orchestrator.execution.deadletters import DeadLetters
 
 from .conftest import celery_app, cli_env, run_cli, wait_for
 
@@ -390,8 +390,8 @@ def test_a_flood_of_hostile_messages(hostile_cluster: HostileCluster, write_expe
     around = {p.name for p in cluster.base.parent.iterdir()}  # "../../escape" from the root
 
     # Genuine messages to mutate: sent with app.send_task onto a queue nobody consumes.
-    from orchestrator.config import load_experiments
-    from orchestrator.expand import expand
+    from orchestrator.experiment.config import load_experiments
+    from orchestrator.experiment.expand import expand
 
     spec = expand(load_experiments([str(cfg)])[0])[0].to_dict()  # the DONE run's own spec
     refused_spec = {**spec, "trainer": "not-registered"}
@@ -545,7 +545,7 @@ def test_dead_letters_take_anything(hostile_cluster: HostileCluster) -> None:
 
 
 def test_nesting_is_measured_without_recursion() -> None:
-    from tasks.edge import nesting
+    from orchestrator.execution.edge import nesting
 
     assert [nesting(v, 8) for v in (1, [], {"a": [1, {"b": []}]}, deep(8))] == [0, 1, 4, 8]
     assert nesting(deep(9), 8) is None and nesting(deep(200_000), 64) is None

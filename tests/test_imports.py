@@ -31,12 +31,17 @@ def _resolve(module: str, is_package: bool, level: int, target: str | None) -> s
     return ".".join([*base, *([target] if target else [])])
 
 
+MISSING: list[tuple[str, str]] = []  # (importer, module): imports of project modules that do not exist
+
+
 def imports() -> tuple[dict[str, set[str]], list[tuple[str, str, str]]]:
     """module -> the project modules it imports (anywhere in it); and every import of a
-    private name from another module: (importer, module, name)."""
+    private name from another module: (importer, module, name). Imports of project
+    modules that do not exist go to MISSING."""
     modules = _modules()
     graph: dict[str, set[str]] = {m: set() for m in modules}
     private: list[tuple[str, str, str]] = []
+    MISSING.clear()
     for name, path in modules.items():
         tree = ast.parse(path.read_text(), str(path))
         is_package = path.name == "__init__.py"
@@ -48,6 +53,8 @@ def imports() -> tuple[dict[str, set[str]], list[tuple[str, str, str]]]:
                 base = _resolve(name, is_package, node.level, node.module)
                 targets = [(base, [alias.name for alias in node.names])]
             for base, names in targets:
+                if base.split(".")[0] in PACKAGES and base not in modules:
+                    MISSING.append((name, base))
                 for imported in names:
                     full = f"{base}.{imported}"
                     if full in modules:  # `from package import module`
@@ -114,6 +121,11 @@ def test_no_import_cycle_counting_imports_inside_functions() -> None:
 def test_no_module_imports_another_modules_private_name() -> None:
     _, private = imports()
     assert private == []
+
+
+def test_every_import_of_the_projects_modules_names_one_that_exists() -> None:
+    imports()  # (a function-level import is only checked when it runs: this reads them all)
+    assert MISSING == []
 
 
 def test_the_checks_can_fail() -> None:

@@ -10,8 +10,8 @@ import pytest
 import redis
 
 from orchestrator import keys
+from orchestrator.execution.leases import Leases
 from orchestrator.keys import PROGRESS
-from orchestrator.leases import Leases
 from orchestrator.livestate import LiveState
 
 
@@ -71,7 +71,7 @@ def _expire_lease(leases: Leases, run_id: str) -> None:
 
 
 def test_a_superseded_attempt_can_never_take_its_lease_back(leases: Leases) -> None:
-    """The fencing invariant (orchestrator.leases): once another attempt claimed the run,
+    """The fencing invariant (orchestrator.execution.leases): once another attempt claimed the run,
     or the run was committed, the old attempt's renewals fail for good, whatever key
     expired or was released in between."""
     exp, run_id = f"exp-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex

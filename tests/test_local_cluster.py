@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orchestrator.local import LocalCluster
+from orchestrator.cluster.local import LocalCluster
 
 
 def _queues(cmd: list[str]) -> str:

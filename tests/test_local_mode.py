@@ -14,10 +14,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator.finalize import finalize_group
-from orchestrator.manifest import load_manifest
+from orchestrator.collect.finalize import finalize_group
+from orchestrator.dispatch.manifest import load_manifest
+from orchestrator.experiment.spec import RunSpec
 from orchestrator.paths import Layout
-from orchestrator.spec import RunSpec
 
 from .conftest import REPO, cli_env, run_cli, wait_for
 
@@ -251,7 +251,7 @@ def test_missing_redis_server_gives_one_clear_message(tmp_path: Path, write_expe
 
 
 def test_local_mode_ignores_state_and_backend_urls_of_another_cluster(tmp_path: Path, write_experiment) -> None:
-    from orchestrator.local import free_port
+    from orchestrator.cluster.local import free_port
 
     cfg = write_experiment("own_redis", trainer="prior", datasets=["iris"], folds=2)
     elsewhere = f"redis://127.0.0.1:{free_port()}/3"  # nothing listens there

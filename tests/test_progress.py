@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import redis
 
+from orchestrator.cluster.local import start_redis, stop_process
+from orchestrator.execution.runner import WorkerInfo, _progress_sender
+from orchestrator.experiment.spec import DatasetRef, Resources, RunSpec
 from orchestrator.livestate import LiveState
-from orchestrator.local import start_redis, stop_process
-from orchestrator.runner import WorkerInfo, _progress_sender
-from orchestrator.spec import DatasetRef, Resources, RunSpec
 
 
 @pytest.fixture

@@ -20,10 +20,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from orchestrator.htmlreport import collect, worker_spans
-from orchestrator.manifest import load_manifest
+from orchestrator.dispatch.manifest import load_manifest
+from orchestrator.experiment.spec import RunSpec
 from orchestrator.paths import Layout
-from orchestrator.spec import RunSpec
+from orchestrator.views.htmlreport import collect, worker_spans
 
 from .conftest import cli_env, run_cli
 

@@ -14,14 +14,14 @@ from typing import Any
 import pytest
 import redis
 
-from orchestrator import transfer
-from orchestrator.finalize import finalize_group
-from orchestrator.local import spawn, start_redis, stop_process
+from orchestrator.cluster.local import spawn, start_redis, stop_process
+from orchestrator.collect.finalize import finalize_group
+from orchestrator.collect.status import fold_is_done
+from orchestrator.execution import transfer
+from orchestrator.execution.returns import Returns, ReturnSink, collect
+from orchestrator.execution.runner import WorkerInfo, execute
+from orchestrator.experiment.spec import RunSpec
 from orchestrator.paths import FOLD_FILES, Layout
-from orchestrator.returns import Returns, ReturnSink, collect
-from orchestrator.runner import WorkerInfo, execute
-from orchestrator.spec import RunSpec
-from orchestrator.status import fold_is_done
 
 from .conftest import Cluster, celery_app, run_cli, wait_for
 
@@ -187,8 +187,8 @@ def returns(redis_url: str) -> Returns:
 
 
 def _runs(write_experiment: Any, name: str, folds: int = 2) -> list[RunSpec]:
-    from orchestrator.config import load_experiments
-    from orchestrator.expand import expand
+    from orchestrator.experiment.config import load_experiments
+    from orchestrator.experiment.expand import expand
 
     cfg = write_experiment(name, trainer="prior", datasets=["iris"], folds=folds)
     return expand(load_experiments([str(cfg)])[0])

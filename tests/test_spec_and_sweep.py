@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 
-from orchestrator.config import Experiment, load_experiments
 from orchestrator.errors import InvalidSpecError, UnsafeNameError
-from orchestrator.expand import expand, groups
-from orchestrator.names import COMPONENT_RE, check_relative_path, path_component
+from orchestrator.experiment.config import Experiment, load_experiments
+from orchestrator.experiment.expand import expand, groups
+from orchestrator.experiment.names import COMPONENT_RE, check_relative_path, path_component
+from orchestrator.experiment.spec import RunSpec
+from orchestrator.experiment.sweep import SweepError, expand_points
 from orchestrator.paths import Layout
-from orchestrator.spec import RunSpec
-from orchestrator.sweep import SweepError, expand_points
 
 IRIS = """\
 experiment: iris_kfold
@@ -373,7 +373,7 @@ def test_numpy_scores_match_scikit_learn(seed: int) -> None:
     import numpy as np
     from sklearn.metrics import accuracy_score, f1_score, log_loss
 
-    from orchestrator.metrics import scores
+    from orchestrator.collect.metrics import scores
 
     rng = np.random.default_rng(seed)
     n_classes = 4
@@ -389,8 +389,8 @@ def test_numpy_scores_match_scikit_learn(seed: int) -> None:
 
 @pytest.mark.parametrize("name", ["iris", "wine", "breast_cancer", "digits"])
 def test_builtin_class_counts_match_the_data(name: str) -> None:
-    from orchestrator import datasets
-    from orchestrator.spec import DatasetRef
+    from orchestrator.experiment import datasets
+    from orchestrator.experiment.spec import DatasetRef
 
     ref = DatasetRef(name=name, source="sklearn")
     table = datasets.load(ref)

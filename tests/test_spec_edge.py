@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 import orchestrator.trainers as trainers
-from orchestrator.config import load_experiments
 from orchestrator.errors import InvalidSpecError
-from orchestrator.expand import expand
-from orchestrator.spec import (
+from orchestrator.experiment.config import load_experiments
+from orchestrator.experiment.expand import expand
+from orchestrator.experiment.spec import (
     MAX_DEPTH,
     RunSpec,
     check_params,

@@ -18,13 +18,13 @@ import pytest
 import redis
 
 from orchestrator import keys
+from orchestrator.cluster.local import start_redis, stop_process
+from orchestrator.collect.status import Status, write_fold_status
+from orchestrator.experiment.plan import RUN, GroupPlan, make_plan
+from orchestrator.experiment.spec import DatasetRef, Resources, RunSpec
 from orchestrator.livestate import LiveState, status_of
-from orchestrator.local import start_redis, stop_process
 from orchestrator.paths import Layout, atomic_write_json
-from orchestrator.plan import RUN, GroupPlan, make_plan
-from orchestrator.progress import Poller, Tracked
-from orchestrator.spec import DatasetRef, Resources, RunSpec
-from orchestrator.status import Status, write_fold_status
+from orchestrator.views.progress import Poller, Tracked
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,10 +108,10 @@ PUBLISH = """
 import json, sys
 from kombu.transport import redis as kombu_redis
 from orchestrator import canvas
-from orchestrator.config import load_experiments
-from orchestrator.expand import expand
+from orchestrator.experiment.config import load_experiments
+from orchestrator.experiment.expand import expand
 from orchestrator.paths import Layout
-from orchestrator.plan import make_plan
+from orchestrator.experiment.plan import make_plan
 
 created = []
 create = kombu_redis.Channel._create_client
@@ -206,10 +206,10 @@ def test_submitting_imports_no_numpy_and_a_wait_polls_faster_at_first(write_expe
     """`orchestrator submit` starts publishing sooner without numpy (about 0.1 s of
     imports here): validating a config needs no data. A wait sees a short experiment's
     end within 50 ms, and a long one polls at most once a second."""
-    from orchestrator.progress import poll_interval
+    from orchestrator.views.progress import poll_interval
 
     config = write_experiment("c", trainer="mlp", datasets=["iris"], folds=3, seeds=[0])
-    probe = ("import sys\nfrom orchestrator.config import load_experiments\nfrom orchestrator.expand import expand\n"
+    probe = ("import sys\nfrom orchestrator.experiment.config import load_experiments\nfrom orchestrator.experiment.expand import expand\n"
              "from orchestrator import canvas, cli\n"
              f"runs = expand(load_experiments([{str(config)!r}])[0])\n"
              "print(len(runs), sorted(m for m in ('numpy', 'sklearn', 'torch') if m in sys.modules))")

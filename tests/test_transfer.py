@@ -1,5 +1,5 @@
 """Packing a fold's files for return through Redis, and unpacking them as untrusted
-input (orchestrator.transfer): no broker, no workers."""
+input (orchestrator.execution.transfer): no broker, no workers."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from typing import Any
 import pytest
 
 from orchestrator.errors import SettingError
-from orchestrator.paths import FOLD_FILES
-from orchestrator.transfer import (
+from orchestrator.execution.transfer import (
     FORMAT,
     RAW_FACTOR,
     BadPayload,
@@ -25,6 +24,7 @@ from orchestrator.transfer import (
     return_max_bytes,
     unpack,
 )
+from orchestrator.paths import FOLD_FILES
 
 LIMIT = 64 * 1024
 

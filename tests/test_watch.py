@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 
-from orchestrator import dashboard, gpu, registry
-from orchestrator.dashboard import ExperimentRow, FailureRow, Snapshot, WorkerRow, frame_text
-from orchestrator.local import spawn, stop_process
+from orchestrator.cluster import gpu, registry
+from orchestrator.cluster.local import spawn, stop_process
+from orchestrator.views import dashboard
+from orchestrator.views.dashboard import ExperimentRow, FailureRow, Snapshot, WorkerRow, frame_text
 
 from .conftest import REPO, Cluster, cli_env, run_cli, wait_for
 from .fake_nvml import FakeNVML
@@ -185,14 +186,14 @@ def test_a_gpu_workers_heartbeat_reports_its_memory_and_old_records_stay_readabl
 
 def test_the_collector_reads_redis_and_the_results_root_and_keeps_the_last_read_when_redis_goes(
         tmp_path: Path, write_experiment: Any) -> None:
-    from orchestrator.config import load_experiments
-    from orchestrator.expand import expand
-    from orchestrator.leases import ACTIVE
+    from orchestrator.cluster.local import start_redis
+    from orchestrator.dispatch.manifest import write_manifest
+    from orchestrator.execution.leases import ACTIVE
+    from orchestrator.experiment.config import load_experiments
+    from orchestrator.experiment.expand import expand
+    from orchestrator.experiment.plan import make_plan
     from orchestrator.livestate import LiveState
-    from orchestrator.local import start_redis
-    from orchestrator.manifest import write_manifest
     from orchestrator.paths import Layout, atomic_write_json
-    from orchestrator.plan import make_plan
 
     layout = Layout(tmp_path / "results")
     specs = {}

@@ -17,7 +17,7 @@ import redis
 from kombu import Connection
 from kombu.transport import redis as kombu_redis
 
-from orchestrator.local import spawn, start_redis, stop_process
+from orchestrator.cluster.local import spawn, start_redis, stop_process
 from tasks.overhead import _conn_or_acquire, share_channel_clients
 
 from .conftest import cli_env, run_cli, wait_for

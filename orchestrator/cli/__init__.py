@@ -19,11 +19,11 @@ from . import (  # noqa: F401  (each registers its commands)
     control,
     deadletters,
     experiments,
-    fleet,
-    flowercmd,
+    flower,
     reporting,
     running,
     watching,
+    worker,
     workers,
 )
 from .base import cli, err

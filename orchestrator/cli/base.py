@@ -9,11 +9,11 @@ import click
 from rich.console import Console
 
 from .. import errors
-from ..config import Experiment
 from ..errors import EnvironmentProblem
-from ..expand import expand
+from ..experiment.config import Experiment
+from ..experiment.expand import expand
+from ..experiment.plan import GroupPlan, make_plan
 from ..paths import Layout
-from ..plan import GroupPlan, make_plan
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)

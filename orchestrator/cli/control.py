@@ -26,8 +26,8 @@ def cancel(experiment: str, results_root: str | None, broker: str | None) -> Non
     Example:
       orchestrator cancel iris_sweep --broker redis://head:6379/0
     """
+    from ..dispatch.steering import cancel_experiment, describe
     from ..livestate import LiveState
-    from ..steering import cancel_experiment, describe
 
     layout, leases, url = _connect(broker, results_root)
     with _redis_errors(url):
@@ -48,7 +48,7 @@ def pause(experiment: str, now: bool, results_root: str | None, broker: str | No
     Example:
       orchestrator pause iris_sweep --broker redis://head:6379/0
     """
-    from ..steering import pause_experiment
+    from ..dispatch.steering import pause_experiment
 
     layout, leases, url = _connect(broker, results_root)
     with _redis_errors(url):
@@ -68,8 +68,8 @@ def resume(experiment: str, results_root: str | None, broker: str | None) -> Non
     Example:
       orchestrator resume iris_sweep --broker redis://head:6379/0
     """
-    from ..canvas import unpark
-    from ..steering import resume_experiment
+    from ..dispatch.canvas import unpark
+    from ..dispatch.steering import resume_experiment
 
     layout, leases, url = _connect(broker, results_root)
     with _redis_errors(url):
@@ -78,7 +78,7 @@ def resume(experiment: str, results_root: str | None, broker: str | None) -> Non
 
 
 def _connect(broker: str | None, results_root: str | None) -> tuple[Layout, Any, str]:
-    from ..leases import Leases
+    from ..execution.leases import Leases
 
     root, url = cluster_paths(broker, results_root)
     return Layout(root), Leases.from_url(url), url
@@ -94,7 +94,7 @@ def _redis_errors(url: str) -> Iterator[None]:
     except (RedisError, OperationalError) as exc:
         from redis.exceptions import NoPermissionError
 
-        from ..registry import redact
+        from ..cluster.registry import redact
 
         what = ("Redis refused a command to this user (its ACL: docs/security.md)"
                 if isinstance(exc, NoPermissionError) else "cannot reach Redis")

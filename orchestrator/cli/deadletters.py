@@ -39,7 +39,7 @@ def deadletters(as_json: bool, limit: int, purge: bool, broker: str | None) -> N
     from kombu.utils.url import maybe_sanitize_url
     from redis.exceptions import RedisError
 
-    from ..deadletters import DeadLetters
+    from ..execution.deadletters import DeadLetters
 
     _, url = cluster_paths(broker, None)
     letters = DeadLetters.from_url(url)

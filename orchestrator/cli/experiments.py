@@ -11,13 +11,13 @@ import click
 from rich.table import Table
 
 from .. import keys
-from ..config import load_experiments
 from ..errors import OrchestratorError
-from ..expand import expand
+from ..experiment.config import load_experiments
+from ..experiment.expand import expand
+from ..experiment.plan import plan_rows, totals
+from ..experiment.spec import RunSpec
 from ..paths import Layout, read_json
-from ..plan import plan_rows, totals
-from ..report import InFlight
-from ..spec import RunSpec
+from ..views.overview import InFlight
 from .base import cli, err, out, plans_of, results_root_option, results_root_path, use_broker
 
 
@@ -87,8 +87,8 @@ def status(experiment: str | None, results_root: str | None, as_json: bool, brok
       orchestrator status
       orchestrator status iris_kfold --json | jq '.group_details[0].folds[0].files'
     """
-    from ..manifest import experiments
-    from ..report import experiment_status
+    from ..dispatch.manifest import experiments
+    from ..views.overview import experiment_status
 
     layout = Layout(results_root_path(results_root))
     names = [experiment] if experiment else experiments(layout)
@@ -125,8 +125,8 @@ def _in_flight(broker: str | None) -> InFlight | None:
         return None
     import redis as redis_lib
 
-    from ..registry import redact, state_url
-    from ..returns import Returns
+    from ..cluster.registry import redact, state_url
+    from ..execution.returns import Returns
     from .base import check_redis_url
 
     url = check_redis_url(state_url(broker), "broker URL (--broker / ORCH_BROKER_URL) or ORCH_STATE_URL")
@@ -164,7 +164,7 @@ def logs(run: str, attempt: int | None, results_root: str | None, broker: str | 
       orchestrator logs iris_kfold/iris/hidden=64,lr=0.01/seed=0/fold=2
     """
 
-    from ..runlogs import attempt_logs, find_run
+    from ..execution.runlogs import attempt_logs, find_run
 
     layout = Layout(results_root_path(results_root))
     spec = find_run(layout, run)

@@ -11,7 +11,7 @@ from ..errors import EnvironmentProblem
 from ..paths import Layout
 from .base import cli, out, results_root_option, results_root_path
 
-METRIC_CHOICES = ("accuracy", "macro_f1", "log_loss")  # orchestrator.htmlreport.METRICS
+METRIC_CHOICES = ("accuracy", "macro_f1", "log_loss")  # orchestrator.views.htmlreport.METRICS
 
 
 def open_in_browser(path: Path) -> bool:
@@ -44,7 +44,7 @@ def report(experiment: str, results_root: str | None, output: Path | None, metri
     Example:
       orchestrator report iris_sweep --open
     """
-    from ..htmlreport import write_report
+    from ..views.htmlreport import write_report
 
     layout = Layout(results_root_path(results_root))
     try:

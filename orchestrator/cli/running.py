@@ -12,10 +12,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from .. import errors
-from ..config import Experiment, load_experiments
 from ..errors import EnvironmentProblem
+from ..experiment.config import Experiment, load_experiments
+from ..experiment.plan import GroupPlan, totals
 from ..paths import Layout
-from ..plan import GroupPlan, totals
 from .base import (
     broker_option,
     cli,
@@ -36,7 +36,7 @@ def _submit(exps: list[Experiment], plans: dict[str, list[GroupPlan]], layout: L
 
     import celeryconfig  # noqa: F401  (Celery loads it lazily: report a bad ORCH_* value first)
 
-    from ..canvas import check_connections, submit
+    from ..dispatch.canvas import check_connections, submit
     from ..livestate import LiveState
 
     live = LiveState.from_url(os.environ.get("ORCH_STATE_URL", os.environ["ORCH_BROKER_URL"]))
@@ -46,7 +46,7 @@ def _submit(exps: list[Experiment], plans: dict[str, list[GroupPlan]], layout: L
             published = submit(exp, plans[exp.name], layout, live)
             err.print(f"submitted {exp.name}: {published['runs']} runs in {published['groups']} groups"
                       + (f", {published['finalize_only']} groups to finalize" if published["finalize_only"] else ""))
-    except BatchPublishError as exc:  # orchestrator.canvas publishes in pipelines
+    except BatchPublishError as exc:  # orchestrator.dispatch.canvas publishes in pipelines
         raise EnvironmentProblem(
             f"publishing to the broker at {os.environ['ORCH_BROKER_URL']} broke off part-way "
             f"({exc.__cause__ or exc}): some runs may be queued, others not. Submit the same "
@@ -59,7 +59,7 @@ def _submit(exps: list[Experiment], plans: dict[str, list[GroupPlan]], layout: L
 
 def _summary(exps: list[Experiment], layout: Layout) -> int:
     """Print the result table; return the exit code (1 if any group FAILED)."""
-    from ..report import group_summaries
+    from ..views.overview import group_summaries
 
     failed_any = False
     for exp in exps:
@@ -117,15 +117,15 @@ def run(configs: tuple[str, ...], results_root: str | None, broker: str | None, 
       orchestrator run configs/ --workers 4
       orchestrator run configs/iris_sweep.yaml --broker redis://head:6379/0
     """
-    from ..local import LocalCluster
-    from ..progress import Tracked, wait
+    from ..cluster.local import LocalCluster
+    from ..views.progress import Tracked, wait
 
     exps = load_experiments(list(configs))
     root = results_root_path(results_root, writable=True)
     layout = Layout(root)
     plans = plans_of(exps, layout)
     if all(t["groups_to_finalize"] == 0 for t in map(totals, plans.values())):
-        from ..manifest import write_manifest
+        from ..dispatch.manifest import write_manifest
 
         for exp in exps:  # the summary below (and `status`) describe this submission
             write_manifest(layout, exp, plans[exp.name])
@@ -138,7 +138,7 @@ def run(configs: tuple[str, ...], results_root: str | None, broker: str | None, 
         if broker:
             use_broker(broker, root)
         else:
-            from ..gpu import detect
+            from ..cluster.gpu import detect
 
             gpus = [g.index for g in detect()]
             cpu_runs = any(s.queue == "cpu" for ps in plans.values() for p in ps for s in p.todo)
@@ -181,7 +181,7 @@ def run(configs: tuple[str, ...], results_root: str | None, broker: str | None, 
 
 def _cancel_unfinished(layout: Layout, plans: dict[str, list[GroupPlan]], why: str) -> None:
     """After local workers were stopped: runs that did not finish are CANCELLED."""
-    from ..status import Status, read_fold_status, write_fold_status
+    from ..collect.status import Status, read_fold_status, write_fold_status
 
     for group_plans in plans.values():
         for p in group_plans:
@@ -203,7 +203,7 @@ def submit(configs: tuple[str, ...], results_root: str | None, broker: str | Non
     Example:
       ORCH_BROKER_URL=redis://head:6379/0 orchestrator submit configs/iris_sweep.yaml --wait
     """
-    from ..progress import Tracked, wait
+    from ..views.progress import Tracked, wait
 
     if not broker:
         raise errors.OrchestratorError(

@@ -30,8 +30,8 @@ def watch(experiment: str | None, broker: str | None, results_root: str | None, 
       orchestrator watch --broker redis://head:6379/0
       orchestrator watch iris_sweep --once
     """
-    from .. import dashboard
-    from ..manifest import load_manifest
+    from ..dispatch.manifest import load_manifest
+    from ..views import dashboard
 
     root, url = cluster_paths(broker, results_root)
     layout = Layout(root)
@@ -45,7 +45,7 @@ def watch(experiment: str | None, broker: str | None, results_root: str | None, 
     try:
         client.ping()
     except (redis.RedisError, OSError) as exc:
-        from ..registry import redact
+        from ..cluster.registry import redact
 
         raise errors.EnvironmentProblem(f"cannot reach Redis at {redact(url)}: {exc}") from None
     if once or not (sys.stdin.isatty() and sys.stdout.isatty()):

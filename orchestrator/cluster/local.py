@@ -1,0 +1,158 @@
+"""Local mode: a private redis-server and Celery workers as child processes.
+
+Each child runs in its own process group (so stopping one stops its pool children too)
+and, on Linux, gets SIGTERM if the orchestrator itself dies (PR_SET_PDEATHSIG), so a
+killed orchestrator never leaves workers or Redis behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from .. import keys, settings
+from ..errors import EnvironmentProblem
+
+INSTALL_HINT = ("redis-server was not found on PATH. Install it (Debian/Ubuntu: "
+                "`sudo apt-get install redis-server`; macOS: `brew install redis`), "
+                "or point at a running cluster with --broker URL / ORCH_BROKER_URL.")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as fh:
+        return subprocess.Popen(argv, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+
+
+def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: float = 10.0) -> None:
+    """Signal the process group, wait up to `grace` seconds, then SIGKILL it."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+
+
+def start_redis(workdir: Path, port: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise EnvironmentProblem(INSTALL_HINT)
+    port = port or free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
+            "--save", "", "--appendonly", "no", "--protected-mode", "yes",
+            "--maxmemory-policy", "noeviction", "--logfile", str(workdir / "redis.log")]
+    proc = spawn(argv, dict(os.environ), workdir / "redis.out")
+    url = f"redis://127.0.0.1:{port}/0"
+    client = keys.client(url, "command")
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            client.ping()
+            return proc, url
+        except redis.ConnectionError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                stop_process(proc)
+                log = (workdir / "redis.log")
+                tail = log.read_text()[-500:] if log.exists() else ""
+                raise EnvironmentProblem(f"redis-server did not start on port {port}:\n{tail}") from None
+            time.sleep(0.05)
+
+
+@dataclass
+class LocalCluster:
+    """Redis + one worker per GPU (or `cpu_workers` CPU workers) + a control worker.
+
+    With GPUs, CPU workers are added only when some run asks for no GPU (`cpu_runs`):
+    otherwise such runs would wait on the `cpu` queue with nobody consuming it.
+    """
+
+    results_root: Path
+    cpu_workers: int = 2
+    gpus: list[int] = field(default_factory=list)
+    cpu_runs: bool = False
+    loglevel: str = "WARNING"
+    workdir: Path | None = None
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    broker_url: str = ""
+
+    def start(self) -> str:
+        self.workdir = Path(tempfile.mkdtemp(prefix="orchestrator-local-"))
+        redis_proc, self.broker_url = start_redis(self.workdir / "redis")
+        self.processes["redis"] = redis_proc
+        env = {**os.environ, "ORCH_BROKER_URL": self.broker_url,
+               "ORCH_RESULT_BACKEND": self.broker_url, "ORCH_STATE_URL": self.broker_url,
+               "ORCH_RESULTS_ROOT": str(self.results_root),
+               "ORCH_RESULTS_TRANSFER": "shared"}  # one host: every worker sees the root
+        for name, argv in self.worker_commands().items():
+            self.processes[name] = spawn(argv, env, self.workdir / f"{name}.log")
+        return self.broker_url
+
+    def worker_commands(self) -> dict[str, list[str]]:
+        """Name -> command line of every worker this cluster runs."""
+        base = [sys.executable, "-m", "orchestrator", "worker", "--loglevel", self.loglevel]
+        workers: dict[str, list[str]] = {}
+        for index in self.gpus:
+            workers[f"gpu{index}"] = [*base, "--gpu", str(index)]
+        if not self.gpus or self.cpu_runs:
+            # Without GPUs, CPU slots take the `gpu` queue too, so every run runs.
+            extra = [] if self.gpus else ["--accept-gpu-runs"]
+            for i in range(1, self.cpu_workers + 1):
+                workers[f"cpu{i}"] = [*base, "--cpu", *extra, "--name", f"cpu{i}@%h"]
+        workers["control"] = [*base, "--control"]
+        return workers
+
+    def dead(self) -> list[str]:
+        """Names of children that exited on their own."""
+        return [n for n, p in self.processes.items() if p.poll() is not None]
+
+    def log_tail(self, name: str, chars: int = 1500) -> str:
+        assert self.workdir is not None
+        path = self.workdir / ("redis/redis.log" if name == "redis" else f"{name}.log")
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+    def stop(self) -> None:
+        workers = [p for n, p in self.processes.items() if n != "redis"]
+        for proc in workers:  # signal all first: they shut down in parallel
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in workers:
+            stop_process(proc, signal.SIGTERM, grace=15)
+        if "redis" in self.processes:
+            stop_process(self.processes["redis"], signal.SIGTERM, grace=5)
+        if self.workdir is not None and not settings.value("ORCH_KEEP_LOCAL_LOGS"):
+            shutil.rmtree(self.workdir, ignore_errors=True)

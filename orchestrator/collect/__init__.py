@@ -1,0 +1,1 @@
+"""A group's end and the results: ensembles, final_results.csv, status records."""

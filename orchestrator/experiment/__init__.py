@@ -1,0 +1,1 @@
+"""What a YAML file becomes: configs validated, expanded into run specs, planned against what is already on disk."""

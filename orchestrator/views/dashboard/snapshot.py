@@ -1,0 +1,324 @@
+"""The dashboard's snapshot: plain dataclasses, the ETA's rate window, and the Collector that fills them from Redis and the results root."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import redis
+
+from ... import keys
+from ...cluster import registry
+from ...collect.status import Status
+from ...dispatch.manifest import experiments as list_experiments
+from ...keys import PROGRESS
+from ...paths import Layout, read_json
+
+ETA_WINDOW_SECONDS = 600.0  # the rate of DONE runs is measured over this much of the watch
+FILES_REFRESH_SECONDS = 30.0  # experiments known only from their files are re-read this often
+MAX_FAILURES = 5
+# What the runner adds to a trainer's progress report; the rest is the trainer's own.
+PROGRESS_META = {"name", "experiment", "worker", "gpu", "t"}
+
+
+# --- the snapshot -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ExperimentRow:
+    name: str
+    total: int  # runs of the last submission
+    done: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    running: int = 0
+    paused: bool = False
+    eta: float | None = None  # seconds left at the observed rate; None: not known yet
+    from_files: bool = False  # Redis has no live state of it: counts read from status files
+    submitted_at: float = 0.0
+
+    @property
+    def finished(self) -> int:
+        return self.done + self.failed + self.cancelled
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.total - self.finished)
+
+
+@dataclass(frozen=True)
+class WorkerRow:
+    name: str  # Celery node name
+    device: str  # cuda | cpu | control
+    gpu: int | None
+    state: str  # idle | busy | stopping | stale (late heartbeat) | gone (no record, run leased)
+    heartbeat_age: float | None = None  # seconds since its last registry write
+    run: str | None = None  # name of the run it trains
+    run_started: float | None = None  # unix time the attempt started
+    attempt: int | None = None
+    progress: dict[str, Any] = field(default_factory=dict)  # the trainer's latest report
+    more_runs: int = 0  # other runs it holds (normally 0)
+    memory_used_mb: int | None = None
+    memory_total_mb: int | None = None
+    utilization: int | None = None
+
+
+@dataclass(frozen=True)
+class FailureRow:
+    experiment: str
+    name: str  # run name, or its id when the manifest does not list it
+    error: str  # the first line of the error
+    at: float | None  # unix time
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    url: str  # redacted
+    results_root: str
+    taken_at: float  # unix time
+    experiments: list[ExperimentRow] = field(default_factory=list)
+    workers: list[WorkerRow] = field(default_factory=list)
+    failures: list[FailureRow] = field(default_factory=list)
+    failed_total: int = 0  # failed runs over the experiments shown
+    focus: str | None = None  # the EXPERIMENT argument
+    error: str | None = None  # Redis unreachable: the other fields are the last good read
+    error_since: float | None = None
+
+
+# --- ETA ------------------------------------------------------------------------
+
+class RateWindow:
+    """DONE counts per experiment as this watch observed them; the ETA is the remaining
+    runs over the rate of DONE within the last `window` seconds of observation."""
+
+    def __init__(self, window: float = ETA_WINDOW_SECONDS):
+        self.window = window
+        self.samples: dict[str, deque[tuple[float, int]]] = {}
+
+    def observe(self, experiment: str, t: float, done: int) -> None:
+        samples = self.samples.setdefault(experiment, deque())
+        if samples and done < samples[-1][1]:  # resubmitted or reset: start over
+            samples.clear()
+        samples.append((t, done))
+        while len(samples) > 2 and t - samples[1][0] >= self.window:
+            samples.popleft()
+
+    def eta(self, experiment: str, remaining: int) -> float | None:
+        if remaining <= 0:
+            return 0.0
+        samples = self.samples.get(experiment)
+        if not samples or len(samples) < 2:
+            return None
+        (t0, d0), (t1, d1) = samples[0], samples[-1]
+        if t1 - t0 <= 0 or d1 <= d0:
+            return None
+        return remaining / ((d1 - d0) / (t1 - t0))
+
+
+# --- collecting -----------------------------------------------------------------
+
+@dataclass
+class _Manifest:
+    stamp: tuple[int, int]
+    run_ids: frozenset[str]
+    submitted_at: float
+    groups: list[dict[str, Any]]
+    names: dict[str, str] | None = None  # run_id -> run name, built when first needed
+
+    def name_of(self, run_id: str) -> str:
+        if self.names is None:
+            from ...experiment.spec import RunSpec
+
+            names: dict[str, str] = {}
+            for g in self.groups:
+                for r in g.get("runs", []):
+                    with contextlib.suppress(Exception):
+                        spec = RunSpec.from_dict(r)
+                        names[spec.run_id] = spec.name
+            self.names = names
+        return self.names.get(run_id, run_id[:12])
+
+
+def first_line(text: str | None) -> str:
+    for line in (text or "").splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+class Collector:
+    """Reads one Snapshot from Redis and the results root; keeps what it needs between
+    reads (manifests by modification time, the ETA window, the last good snapshot)."""
+
+    def __init__(self, layout: Layout, client: redis.Redis, url: str, experiment: str | None = None,
+                 heartbeat: float | None = None, window: float = ETA_WINDOW_SECONDS):
+        self.layout, self.client, self.url, self.focus = layout, client, registry.redact(url), experiment
+        self.heartbeat = heartbeat if heartbeat is not None else registry.heartbeat_seconds()
+        self.rates = RateWindow(window)
+        self._manifests: dict[str, _Manifest] = {}
+        self._from_files: dict[str, tuple[float, ExperimentRow, list[FailureRow]]] = {}
+        self.last: Snapshot | None = None
+
+    def _manifest(self, name: str) -> _Manifest | None:
+        path = self.layout.manifest(name)
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        stamp = (st.st_mtime_ns, st.st_size)
+        cached = self._manifests.get(name)
+        if cached is not None and cached.stamp == stamp:
+            return cached
+        data = read_json(path)
+        if not isinstance(data, dict):
+            return cached
+        groups = [g for g in data.get("groups", []) if isinstance(g, dict)]
+        found = _Manifest(stamp, frozenset(r for g in groups for r in g.get("run_ids", [])),
+                          float(data.get("submitted_at") or 0.0), groups)
+        self._manifests[name] = found
+        return found
+
+    def collect(self) -> Snapshot:
+        """A fresh snapshot; when Redis cannot be read, the last good one with `error`."""
+        now = time.time()
+        try:
+            snap = self._collect(now)
+        except (redis.RedisError, OSError) as exc:
+            base = self.last or Snapshot(self.url, str(self.layout.root), now, focus=self.focus)
+            since = base.error_since if base.error else now
+            return replace(base, error=f"Redis unreachable at {self.url} ({first_line(str(exc)) or type(exc).__name__}), "
+                                       "retrying", error_since=since)
+        self.last = snap
+        return snap
+
+    def _collect(self, now: float) -> Snapshot:
+        names = [self.focus] if self.focus else list_experiments(self.layout)
+        manifests = {n: m for n in names if (m := self._manifest(n)) is not None}
+        pipe = self.client.pipeline(transaction=False)
+        for n in manifests:
+            pipe.hgetall(keys.exp_runs(n))
+            pipe.hgetall(keys.exp_groups(n))
+        pipe.hgetall(keys.ACTIVE)
+        pipe.hgetall(PROGRESS)
+        replies = pipe.execute()
+        records = registry.list_workers(self.client)
+        active_raw, progress_raw = replies[-2], replies[-1]
+
+        rows: list[ExperimentRow] = []
+        failures: list[FailureRow] = []
+        failed_total = 0
+        for i, (name, man) in enumerate(manifests.items()):
+            runs = _decode_hash(replies[2 * i])
+            if not runs and man.run_ids:  # no live state (expired, or a local run): the files
+                row, fails = self._from_status_files(name, now)
+            else:
+                row, fails = self._from_live(name, man, runs, now)
+            failed_total += row.failed
+            rows.append(row)
+            failures += fails
+        rows.sort(key=lambda r: (r.remaining == 0, -r.submitted_at, r.name))
+        failures.sort(key=lambda f: f.at or 0.0, reverse=True)
+
+        active = {k: v for k, v in _decode_hash(active_raw).items()
+                  if isinstance(v, dict) and v.get("token") and isinstance(v.get("worker"), str)}
+        progress = _decode_hash(progress_raw)
+        return Snapshot(self.url, str(self.layout.root), now, rows,
+                        self._workers(records, active, progress, now), failures[:MAX_FAILURES],
+                        failed_total, self.focus)
+
+    def _from_live(self, name: str, man: _Manifest, runs: dict[str, Any],
+                   now: float) -> tuple[ExperimentRow, list[FailureRow]]:
+        counts = {s.value: 0 for s in Status}
+        failures = []
+        for rid in man.run_ids:
+            entry = runs.get(rid)
+            state = entry.get("status") if isinstance(entry, dict) else None
+            state = state if state in counts else Status.PENDING.value
+            counts[state] += 1
+            if state == Status.FAILED.value and isinstance(entry, dict):
+                failures.append(FailureRow(name, man.name_of(rid), first_line(entry.get("error"))
+                                           or "(no error recorded; see orchestrator status)",
+                                           entry.get("t")))
+        done = counts[Status.DONE.value]
+        self.rates.observe(name, time.monotonic(), done)
+        row = ExperimentRow(name, len(man.run_ids), done, counts[Status.FAILED.value],
+                            counts[Status.CANCELLED.value], counts[Status.IN_PROGRESS.value],
+                            paused=self._paused(name), submitted_at=man.submitted_at)
+        return replace(row, eta=self.rates.eta(name, row.remaining)), failures
+
+    def _from_status_files(self, name: str, now: float) -> tuple[ExperimentRow, list[FailureRow]]:
+        cached = self._from_files.get(name)
+        if cached is None or now - cached[0] > FILES_REFRESH_SECONDS:
+            from ...errors import OrchestratorError
+            from ..overview import experiment_status
+
+            try:
+                st = experiment_status(self.layout, name)
+            except (OrchestratorError, OSError, ValueError, KeyError, TypeError):
+                st = {"runs": {}, "group_details": []}
+            counts = st.get("runs", {})
+            man = self._manifests.get(name)
+            row = ExperimentRow(name, sum(counts.values()), counts.get(Status.DONE.value, 0),
+                                counts.get(Status.FAILED.value, 0), counts.get(Status.CANCELLED.value, 0),
+                                counts.get(Status.IN_PROGRESS.value, 0), from_files=True,
+                                submitted_at=man.submitted_at if man else 0.0)
+            fails = [FailureRow(name, f["name"], first_line(f.get("error")) or "(no error recorded)",
+                                f.get("finished_at"))
+                     for g in st.get("group_details", []) for f in g.get("folds", [])
+                     if f.get("state") == Status.FAILED.value]
+            cached = (now, row, fails)
+            self._from_files[name] = cached
+        row = replace(cached[1], paused=self._paused(name))
+        return replace(row, eta=0.0 if row.remaining == 0 else None), cached[2]
+
+    def _paused(self, name: str) -> bool:
+        return isinstance(read_json(self.layout.paused_marker(name)), dict)
+
+    def _workers(self, records: list[registry.WorkerRecord], active: dict[str, dict[str, Any]],
+                 progress: dict[str, Any], now: float) -> list[WorkerRow]:
+        by_worker: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        for rid, info in sorted(active.items(), key=lambda kv: kv[1].get("started") or 0.0):
+            by_worker.setdefault(info["worker"], []).append((rid, info))
+        rows = []
+        stale_after = 2 * self.heartbeat + 1
+        rank = {"cuda": 0, "cpu": 1, "control": 2}
+        for rec in sorted(records, key=lambda r: (r.host, rank.get(r.device, 1),
+                                                  r.gpu if r.gpu is not None else -1, r.name)):
+            age = max(0.0, now - rec.heartbeat)
+            state = "stale" if age > stale_after else rec.state
+            rows.append(self._worker_row(rec.name, rec.device, rec.gpu, state, age,
+                                         by_worker.pop(rec.name, []), progress, rec))
+        for worker, held in sorted(by_worker.items()):  # leases of workers with no record
+            gpu = next((info.get("gpu") for _, info in held if isinstance(info.get("gpu"), int)), None)
+            rows.append(self._worker_row(worker, "?", gpu, "gone", None, held, progress, None))
+        return rows
+
+    @staticmethod
+    def _worker_row(name: str, device: str, gpu: int | None, state: str, age: float | None,
+                    held: list[tuple[str, dict[str, Any]]], progress: dict[str, Any],
+                    rec: registry.WorkerRecord | None) -> WorkerRow:
+        row = WorkerRow(name, device, gpu, state, age,
+                        memory_used_mb=rec.gpu_memory_used_mb if rec else None,
+                        memory_total_mb=rec.gpu_memory_total_mb if rec else None,
+                        utilization=rec.gpu_utilization if rec else None)
+        if not held:
+            return row
+        rid, info = held[0]
+        report = progress.get(rid)
+        report = report if isinstance(report, dict) else {}
+        started = info.get("started") or info.get("claimed_at")
+        return replace(row, run=str(info.get("name") or report.get("name") or rid[:12]),
+                       run_started=float(started) if isinstance(started, (int, float)) else None,
+                       attempt=info.get("attempt") if isinstance(info.get("attempt"), int) else None,
+                       progress=report, more_runs=len(held) - 1)
+
+
+def _decode_hash(raw: dict[bytes, bytes]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for k, v in raw.items():
+        with contextlib.suppress(ValueError, UnicodeDecodeError):
+            found[k.decode()] = json.loads(v)
+    return found
