@@ -226,7 +226,7 @@ class Soak:
     """A private Redis, training workers cpu1..cpuN and a control worker."""
 
     def __init__(self, base: Path, tree: Path, workers: int):
-        from orchestrator.local import start_redis
+        from orchestrator.cluster.local import start_redis
 
         self.base, self.tree = base, tree
         self.root = base / "results"
@@ -249,7 +249,7 @@ class Soak:
         return env
 
     def start_worker(self, name: str) -> None:
-        from orchestrator.local import spawn
+        from orchestrator.cluster.local import spawn
 
         base = [sys.executable, "-m", "orchestrator", "worker", "--loglevel", "INFO"]
         argv = [*base, "--control"] if name == "control" else \
@@ -288,7 +288,7 @@ class Soak:
         return at, received
 
     def stop(self) -> None:
-        from orchestrator.local import stop_process
+        from orchestrator.cluster.local import stop_process
 
         for proc in self.procs.values():
             with contextlib.suppress(ProcessLookupError):
@@ -604,8 +604,8 @@ def main() -> int:
     sys.path.insert(0, str(tree))  # the same code the workers run expands the plan
     os.environ["ORCH_TRAINER_MODULES"] = "tests.plugins"
     from orchestrator import settings
-    from orchestrator.config import load_experiments
-    from orchestrator.expand import expand
+    from orchestrator.experiment.config import load_experiments
+    from orchestrator.experiment.expand import expand
     from orchestrator.paths import Layout
 
     for name in ("ORCH_LEASE_SECONDS", "ORCH_WATCHDOG_INTERVAL"):

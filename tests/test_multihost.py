@@ -16,7 +16,7 @@ so it needs no address of its own.
 Each worker host also has its own UTS namespace (hostname orchmh-hosta / orchmh-hostb):
 attempts record `socket.gethostname()`, and an attempt that finds its run held by a
 process of *its own host* checks that pid and takes a dead one over at once
-(orchestrator.attempt `wait_for_holder`). With the hostname shared, host B would look
+(orchestrator.execution.attempt `wait_for_holder`). With the hostname shared, host B would look
 up host A's pid in its own process table; with distinct hostnames (as on real hosts)
 that path is never taken across hosts and the run is handed on by the watchdog only,
 which is the path under test. (The pid namespace stays shared: this test signals the
@@ -58,7 +58,7 @@ from typing import Any
 import pytest
 import redis
 
-from orchestrator.local import spawn
+from orchestrator.cluster.local import spawn
 
 from .conftest import REPO, cli_env, wait_for
 from .test_faults import (
