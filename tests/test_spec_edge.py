@@ -189,7 +189,9 @@ def test_device_overrides_are_checked_whatever_device_this_process_trains_on(bas
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("-inf"), float("inf"), True, False, "1700000000",
-                                   -1, [1.0], time.time() + 10 * 86400, 1e300])
+                                   -1, [1.0], time.time() + 10 * 86400, 1e300],
+                         ids=["nan", "-inf", "inf", "true", "false", "text", "negative", "list",
+                              "ten-days-ahead", "1e300"])
 def test_submitted_at_refused(value: object) -> None:
     with pytest.raises(InvalidSpecError, match="submitted_at must be null or the submission time"):
         check_submitted_at(value)
