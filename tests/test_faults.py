@@ -356,7 +356,7 @@ def test_orchestrator_killed_mid_run_and_run_again(fc: FaultCluster, tmp_path: P
 
 
 def test_warm_stop_hands_the_run_back_at_once(fc: FaultCluster, tmp_path: Path) -> None:
-    cfg = experiment(tmp_path, "f_warm", seconds=6, short_fold=1)
+    cfg = experiment(tmp_path, "f_warm", seconds=6.25, short_fold=1)  # own group_id (f_group: 6)
     submit(fc, cfg)
     run_id, entry = the_run(fc, "f_warm")
     fold = fold_of(fc, "f_warm", run_id)
