@@ -589,7 +589,7 @@ def loadavg() -> str:
 def main() -> int:
     args = options()
     rng = random.Random(args.seed)
-    base = Path(tempfile.mkdtemp(prefix="chaos-", dir=args.tmp_dir))
+    base = Path(tempfile.mkdtemp(prefix="chaos-", dir=args.tmp_dir)).resolve()
     tree = REPO
     if args.ref:
         from benchmarks.trees import export_ref
@@ -601,6 +601,9 @@ def main() -> int:
                   file=sys.stderr)
             shutil.rmtree(base, ignore_errors=True)
             return 2
+    # Every process started here runs `python -m ...` from `tree`, whose folder comes
+    # first on its sys.path (before PYTHONPATH): the workers run the code under test.
+    os.chdir(tree)
     sys.path.insert(0, str(tree))  # the same code the workers run expands the plan
     os.environ["ORCH_TRAINER_MODULES"] = "tests.plugins"
     from orchestrator import settings
@@ -628,6 +631,10 @@ def main() -> int:
         layout = Layout(soak.root)
         watcher = CommitWatcher(soak.root)
         watcher.start()
+        used = subprocess.run([sys.executable, "-c", "import orchestrator, tasks; print(orchestrator.__file__, tasks.__file__)"],
+                              env=soak.env(), capture_output=True, text=True).stdout.split()
+        if len(used) != 2 or not all(Path(u).is_relative_to(tree) for u in used):
+            raise SoakError(f"the workers would not run the code under test ({tree}): {used}")
         for name in [*soak.training, "control"]:
             soak.start_worker(name)
         soak.wait_ready()
