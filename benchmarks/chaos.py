@@ -74,7 +74,7 @@ FOLD_DIR = re.compile(r"fold_\d+")
 NOT_ENTERED = {".staging", "status", "logs", "ensemble"}
 FINAL = ("DONE", "FAILED", "CANCELLED")
 # Celery's own INFO lines in a worker's log: a message taken from the queue, a task ended.
-RECEIVED = re.compile(r"Task tasks\.train_run\[([0-9a-f-]+)\] received")
+RECEIVED = re.compile(r"^\[([0-9-]+ [0-9:,]+): INFO/MainProcess\] Task tasks\.train_run\[([0-9a-f-]+)\] received", re.M)
 FINISHED = re.compile(r"Task tasks\.train_run\[([0-9a-f-]+)\] (?:succeeded|failed|retry)")
 
 
@@ -273,9 +273,10 @@ class Soak:
                 raise SoakError(f"workers not ready ({', '.join(dead) or 'timeout'}); logs in {self.logs}")
             time.sleep(0.2)
 
-    def kill(self, name: str) -> tuple[float, set[str]]:
+    def kill(self, name: str) -> tuple[float, dict[str, float]]:
         """SIGKILL the worker's whole process group. Returns when it was sent, and the
-        training messages this incarnation had received (its log) and not finished."""
+        training messages this incarnation had received (its log) and not finished, with
+        when it received them."""
         proc = self.procs[name]
         at = time.time()
         with contextlib.suppress(ProcessLookupError):
@@ -284,7 +285,9 @@ class Soak:
         with open(self.logs / f"{name}.log", "rb") as fh:
             fh.seek(self.offsets[name])
             text = fh.read().decode(errors="replace")
-        received = set(RECEIVED.findall(text)) - set(FINISHED.findall(text))
+        finished = set(FINISHED.findall(text))
+        received = {task: time.mktime(time.strptime(stamp[:19], "%Y-%m-%d %H:%M:%S")) + int(stamp[20:]) / 1000
+                    for stamp, task in RECEIVED.findall(text) if task not in finished}
         return at, received
 
     def stop(self) -> None:
@@ -324,17 +327,17 @@ class Kill:
     victim: str
     active: list[dict[str, Any]]  # orch:active entries the victim held, with run_id
     unclaimed: list[tuple[str, str]]  # (task id, run_id): delivered, claimed by no one
-    received: set[str] = field(default_factory=set)  # task ids the victim had taken
-    looked: float = 0.0  # when Redis was read, just before the kill
+    received: dict[str, float] = field(default_factory=dict)  # the victim's, not finished
 
 
-def snapshot_before_kill(soak: Soak, victim: str, by_key: dict[str, str],
-                         by_point_fold: dict[tuple[str, int], str], counted: set[str]
-                         ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """The victim's attempts in `orch:active` (keyed by run_key; an attempt already
-    killed with an earlier incarnation of the worker, whose lease has not lapsed yet, is
-    in `counted` and not counted again), and the unacknowledged training messages that no
-    attempt holds: (task id, run_id), each delivery counted at its first kill only."""
+def look(soak: Soak, victim: str, by_key: dict[str, str], by_point_fold: dict[tuple[str, int], str],
+         counted: set[str]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """The victim's attempts in `orch:active` (keyed by run_key), and the unacknowledged
+    training messages that no attempt holds: (task id, run_id). Called just before the
+    kill and again right after it (what the victim claimed or took in between; its
+    entries stay until the watchdog revokes them). Each attempt (token) and delivery is
+    counted once, at its first kill: an attempt of an earlier incarnation of the same
+    worker stays in `orch:active` until its lease lapses."""
     active = []
     held_tasks = set()
     for key, raw in cast(dict[bytes, bytes], soak.client.hgetall("orch:active")).items():
@@ -484,22 +487,23 @@ class Restarts:
     finished_first: list[str] = field(default_factory=list)  # ended between snapshot and kill
     taken: list[tuple[float, str, str]] = field(default_factory=list)  # received, not claimed
     others: list[tuple[float, str, str]] = field(default_factory=list)  # unclaimed, not the victim's
+    held: list[float] = field(default_factory=list)  # seconds the victim held each `taken` unstarted
 
 
 def next_start(history: list[dict[str, Any]], node: str, kill: Kill, since: float) -> float | None:
     """Seconds from the kill to the start of the run's first attempt after the victim's
     (the victim's: its last one started between `since` and the kill); with no attempt
-    of the victim, to the first start after the look before the kill. None if the
+    of the victim, to the first start after `since`. None if the
     victim's attempt had ended DONE by the kill; inf if nothing started again."""
     mine = [i for i, h in enumerate(history) if str(h.get("worker", "")).startswith(node)
-            and since <= h.get("started_at", 0) <= kill.at]
+            and since <= h.get("started_at", 0) <= kill.at + 0.5]
     if mine:
         killed = history[mine[-1]]
         if killed.get("outcome") == "DONE" and killed.get("finished_at", kill.at) <= kill.at + 0.5:
             return None  # it ended between the look and the kill
         later = [h["started_at"] for h in history[mine[-1] + 1:] if "started_at" in h]
     else:
-        later = [h["started_at"] for h in history if h.get("started_at", 0) >= kill.looked]
+        later = [h["started_at"] for h in history if h.get("started_at", 0) >= since]
     return (min(later) - kill.at) if later else float("inf")
 
 
@@ -511,7 +515,8 @@ def restart_times(kills: list[Kill], specs_by_id: dict[str, Any], records: dict[
     for kill in kills:
         node = kill.victim + "@"
         looked: list[tuple[str, float, list[Any]]] = [(e["run_id"], float("-inf"), r.training) for e in kill.active]
-        looked += [(run_id, kill.looked, r.taken if task_id in kill.received else r.others)
+        # Claimed by no one when Redis was read (at most ~0.1 s before the kill).
+        looked += [(run_id, kill.at - 0.5, r.taken if task_id in kill.received else r.others)
                    for task_id, run_id in kill.unclaimed]
         for run_id, since, into in looked:
             record = records.get(run_id) or {}
@@ -521,6 +526,9 @@ def restart_times(kills: list[Kill], specs_by_id: dict[str, Any], records: dict[
                 r.finished_first.append(name)
             else:
                 into.append((took, name, kill.victim))
+        for task_id, _ in kill.unclaimed:
+            if task_id in kill.received:  # how long the victim had held it unstarted
+                r.held.append(kill.at - kill.received[task_id])
     return r
 
 
@@ -589,7 +597,7 @@ def loadavg() -> str:
 def main() -> int:
     args = options()
     rng = random.Random(args.seed)
-    base = Path(tempfile.mkdtemp(prefix="chaos-", dir=args.tmp_dir))
+    base = Path(tempfile.mkdtemp(prefix="chaos-", dir=args.tmp_dir)).resolve()
     tree = REPO
     if args.ref:
         from benchmarks.trees import export_ref
@@ -601,6 +609,9 @@ def main() -> int:
                   file=sys.stderr)
             shutil.rmtree(base, ignore_errors=True)
             return 2
+    # Every process started here runs `python -m ...` from `tree`, whose folder comes
+    # first on its sys.path (before PYTHONPATH): the workers run the code under test.
+    os.chdir(tree)
     sys.path.insert(0, str(tree))  # the same code the workers run expands the plan
     os.environ["ORCH_TRAINER_MODULES"] = "tests.plugins"
     from orchestrator import settings
@@ -628,6 +639,10 @@ def main() -> int:
         layout = Layout(soak.root)
         watcher = CommitWatcher(soak.root)
         watcher.start()
+        used = subprocess.run([sys.executable, "-c", "import orchestrator, tasks; print(orchestrator.__file__, tasks.__file__)"],
+                              env=soak.env(), capture_output=True, text=True).stdout.split()
+        if len(used) != 2 or not all(Path(u).is_relative_to(tree) for u in used):
+            raise SoakError(f"the workers would not run the code under test ({tree}): {used}")
         for name in [*soak.training, "control"]:
             soak.start_worker(name)
         soak.wait_ready()
@@ -649,11 +664,11 @@ def main() -> int:
                 break
             if now >= next_kill:
                 victim = rng.choice(soak.training)
-                looked = time.time()
-                active, unclaimed = snapshot_before_kill(soak, victim, by_key, by_point_fold, counted)
+                active, unclaimed = look(soak, victim, by_key, by_point_fold, counted)
                 at, received = soak.kill(victim)
+                after = look(soak, victim, by_key, by_point_fold, counted)
                 soak.start_worker(victim)  # a host that comes back at once
-                kills.append(Kill(at, victim, active, unclaimed, received, looked))
+                kills.append(Kill(at, victim, active + after[0], unclaimed + after[1], received))
                 next_kill = at + rng.uniform(args.kill_min, args.kill_max)
             if now - last_note >= 30:
                 print(f"  {now - start:5.0f} s: {final}/{len(firsts)} groups final, {len(kills)} kills, "
@@ -675,6 +690,8 @@ def main() -> int:
         late = report("kill to restart (runs training on the victim)", r.training, a)
         print(f"  {len(r.finished_first)} more had finished between the look at orch:active and the kill")
         late += report("kill to start (taken by the victim, not yet claimed)", r.taken, a)
+        if r.held:
+            print("  the victim had received them " + ", ".join(f"{h:.1f}" for h in r.held) + " s before the kill")
         slow = [t for t in r.others if t[0] > 5.0]
         print(f"delivered to a live worker, unclaimed at a kill: {len(r.others)}, {len(slow)} started "
               "more than 5 s after it" + (f" (worst {max(slow)[0]:.1f} s)" if slow else ""))
