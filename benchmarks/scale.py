@@ -63,7 +63,7 @@ from benchmarks.dispatch import (  # noqa: E402
 )
 from benchmarks.submit_cpu import QUEUE_KEY  # noqa: E402  (kombu's key of the runs' queue)
 from benchmarks.trees import compile_tree  # noqa: E402
-from orchestrator.local import start_redis, stop_process  # noqa: E402
+from orchestrator.cluster.local import start_redis, stop_process  # noqa: E402
 
 STAGES = ("plan", "submit", "status", "json", "watch", "frame")
 LABELS = {"plan": "plan", "submit": "submit", "status": "status", "json": "status --json",
@@ -72,7 +72,7 @@ WORSE_THAN_LINEAR = 1.15  # growth exponent above which a stage is called superl
 
 FRAME_CODE = """
 import statistics, sys, time
-from orchestrator import dashboard
+from orchestrator.views import dashboard
 from orchestrator.paths import Layout
 
 url, root, experiment, n = sys.argv[1:5]

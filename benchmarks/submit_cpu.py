@@ -72,7 +72,7 @@ def submit_once(tree: Path, url: str, exp: Path, root: Path) -> dict[str, float]
 
 POLL_CODE = """
 import statistics, sys, time
-from orchestrator import progress
+from orchestrator.views import progress
 from orchestrator.experiment.config import load_experiments
 from orchestrator.experiment.expand import expand
 from orchestrator.livestate import LiveState

@@ -107,7 +107,7 @@ def test_a_poll_reads_the_runs_hash_at_most_once_a_second_and_when_all_groups_ar
 PUBLISH = """
 import json, sys
 from kombu.transport import redis as kombu_redis
-from orchestrator import canvas
+from orchestrator.dispatch import canvas
 from orchestrator.experiment.config import load_experiments
 from orchestrator.experiment.expand import expand
 from orchestrator.paths import Layout
@@ -210,7 +210,7 @@ def test_submitting_imports_no_numpy_and_a_wait_polls_faster_at_first(write_expe
 
     config = write_experiment("c", trainer="mlp", datasets=["iris"], folds=3, seeds=[0])
     probe = ("import sys\nfrom orchestrator.experiment.config import load_experiments\nfrom orchestrator.experiment.expand import expand\n"
-             "from orchestrator import canvas, cli\n"
+             "from orchestrator import cli\nfrom orchestrator.dispatch import canvas\n"
              f"runs = expand(load_experiments([{str(config)!r}])[0])\n"
              "print(len(runs), sorted(m for m in ('numpy', 'sklearn', 'torch') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
