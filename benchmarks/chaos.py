@@ -2,7 +2,8 @@
 """Chaos soak: hundreds of short runs while training workers die like lost hosts.
 
     python benchmarks/chaos.py [--runs 500] [--workers 3] [--seed 1] [--kill-min 4]
-                               [--kill-max 8] [--tmp-dir DIR] [--ref REF] [--timeout 900] [--keep]
+                               [--kill-max 8] [--min-alive 1] [--tmp-dir DIR] [--ref REF]
+                               [--timeout 900] [--keep]
 
 A private redis-server, `--workers` CPU training workers and one control worker (the
 watchdog), all `python -m orchestrator worker` in their own process groups, with the
@@ -10,9 +11,12 @@ default lease (10 s) and watchdog interval (2 s): every ORCH_* variable of the c
 dropped, since the promise under test is about the defaults. `--runs` runs of the test
 trainer `slow` (tests/plugins.py; 0.5-1.5 s each, groups of 5 folds) are submitted at
 once, so there is a backlog. Every `--kill-min`..`--kill-max` seconds (uniform, seeded)
-one training worker, chosen at random, is SIGKILLed with its whole process group (a host
-that dies: no goodbye, no hand-back) and started again at once, until every group is
-final (DONE or FAILED).
+one training worker that is up (its log says "ready."), chosen at random, is SIGKILLed
+with its whole process group (a host that dies: no goodbye, no hand-back) and started
+again at once, until every group is final (DONE or FAILED). A kill that would leave
+fewer than `--min-alive` training workers up waits until a restarted one is ready (on
+a loaded machine a worker can take longer to start than the time between kills, and
+with no worker up nothing can be handed on); how often and how long is printed.
 
 Then the disk is checked on its own, not through the project's counters:
 - commits seen: a watcher thread (inotify through the `inotify_simple` package if it is
@@ -27,17 +31,18 @@ Then the disk is checked on its own, not through the project's counters:
 - leftovers: no `.staging` folder and no `*.tmp` file anywhere under the results root.
 Lost = runs that never became final, or DONE without their files.
 
-Kill to restart: just before each kill the script reads Redis `orch:active` (the runs the
-victim holds) and kombu's `unacked` hash (messages delivered but not yet claimed). After
-the soak, each run the victim was training gets its time from the kill to the start of
-its next attempt (its status file's history); the goal is worst < 30 s. Messages that
-were delivered but unclaimed at a kill are reported apart (whose they were cannot be
-told from Redis; a late start among them is the victim's).
+Kill to restart: just before each kill, and again right after it, the script reads Redis
+`orch:active` (the attempts the victim holds: worker, name, token) and kombu's `unacked`
+hash (messages delivered but claimed by no attempt). After the soak, each run the victim
+was training gets its time from the kill to the start of its next attempt (its status
+file's history); the goal is worst < 30 s. A message the victim had taken (its log says
+"received") but not yet claimed is timed the same way, apart: no lease covers it. The
+kills, with what each found, are written to kills.json in the temporary folder.
 
 The load average is printed at the start and the end: the machine is shared. Exit
 status 0 when every invariant holds and the worst kill-to-restart is under 30 s; 1
 otherwise (the temporary folder, with every worker's log, is then kept); 2 for bad
-options. --ref REF runs the workers from `git archive REF` instead of the working tree.
+options. --ref REF runs every process from `git archive REF` instead of the working tree.
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ NOT_ENTERED = {".staging", "status", "logs", "ensemble"}
 FINAL = ("DONE", "FAILED", "CANCELLED")
 # Celery's own INFO lines in a worker's log: a message taken from the queue, a task ended.
 RECEIVED = re.compile(r"^\[([0-9-]+ [0-9:,]+): INFO/MainProcess\] Task tasks\.train_run\[([0-9a-f-]+)\] received", re.M)
+READY = re.compile(r"^\[([0-9-]+ [0-9:,]+): INFO/MainProcess\] \S+ ready\.", re.M)
 FINISHED = re.compile(r"Task tasks\.train_run\[([0-9a-f-]+)\] (?:succeeded|failed|retry)")
 
 
@@ -240,6 +246,9 @@ class Soak:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.starts: dict[str, int] = {}
         self.offsets: dict[str, int] = {}
+        self.ready_at: dict[str, float | None] = {}  # the current incarnation's "ready." time
+        self.killed_at: dict[str, float | None] = {}  # the kill that the current incarnation follows
+        self.restarts: list[float] = []  # seconds from each kill to the victim's "ready." again
 
     def env(self) -> dict[str, str]:
         # Defaults for every ORCH_* setting (lease 10 s, watchdog 2 s), except the cluster.
@@ -248,7 +257,7 @@ class Soak:
                    ORCH_BROKER_URL=self.url, ORCH_RESULTS_ROOT=str(self.root))
         return env
 
-    def start_worker(self, name: str) -> None:
+    def start_worker(self, name: str, after_kill: float | None = None) -> None:
         from orchestrator.cluster.local import spawn
 
         base = [sys.executable, "-m", "orchestrator", "worker", "--loglevel", "INFO"]
@@ -257,12 +266,26 @@ class Soak:
         log = self.logs / f"{name}.log"
         # Where this incarnation's lines begin in the log (restarts append to it).
         self.offsets[name] = log.stat().st_size if log.exists() else 0
+        self.ready_at[name] = None
+        self.killed_at[name] = after_kill
         self.procs[name] = spawn(argv, self.env(), log)
         self.starts[name] = self.starts.get(name, 0) + 1
 
     def log(self, name: str) -> str:
         path = self.logs / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+    def ready(self, name: str) -> bool:
+        """Whether the worker's current incarnation has said "ready." (its log)."""
+        if self.ready_at[name] is None:
+            with open(self.logs / f"{name}.log", "rb") as fh:
+                fh.seek(self.offsets[name])
+                found = READY.search(fh.read().decode(errors="replace"))
+            if found:
+                at = self.ready_at[name] = log_time(found.group(1))
+                if (killed := self.killed_at[name]) is not None:
+                    self.restarts.append(at - killed)
+        return self.ready_at[name] is not None
 
     def wait_ready(self, timeout: float = 180) -> None:
         names = [*self.training, "control"]
@@ -286,8 +309,7 @@ class Soak:
             fh.seek(self.offsets[name])
             text = fh.read().decode(errors="replace")
         finished = set(FINISHED.findall(text))
-        received = {task: time.mktime(time.strptime(stamp[:19], "%Y-%m-%d %H:%M:%S")) + int(stamp[20:]) / 1000
-                    for stamp, task in RECEIVED.findall(text) if task not in finished}
+        received = {task: log_time(stamp) for stamp, task in RECEIVED.findall(text) if task not in finished}
         return at, received
 
     def stop(self) -> None:
@@ -299,6 +321,11 @@ class Soak:
         for proc in self.procs.values():
             stop_process(proc, grace=15)
         stop_process(self.redis_proc, grace=5)
+
+
+def log_time(stamp: str) -> float:
+    """Unix time of a Celery log stamp (local time, milliseconds after the comma)."""
+    return time.mktime(time.strptime(stamp[:19], "%Y-%m-%d %H:%M:%S")) + int(stamp[20:23]) / 1000
 
 
 class SoakError(RuntimeError):
@@ -503,6 +530,8 @@ def next_start(history: list[dict[str, Any]], node: str, kill: Kill, since: floa
             return None  # it ended between the look and the kill
         later = [h["started_at"] for h in history[mine[-1] + 1:] if "started_at" in h]
     else:
+        if any(h.get("outcome") == "DONE" and since <= h.get("finished_at", 0) <= kill.at + 0.5 for h in history):
+            return None  # its attempt had just ended (released, its message not yet acknowledged)
         later = [h["started_at"] for h in history if h.get("started_at", 0) >= since]
     return (min(later) - kill.at) if later else float("inf")
 
@@ -556,6 +585,8 @@ def options() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1, help="seed of the kill times, victims and run lengths")
     p.add_argument("--kill-min", type=float, default=4.0, help="shortest pause between kills (s)")
     p.add_argument("--kill-max", type=float, default=8.0, help="longest pause between kills (s)")
+    p.add_argument("--min-alive", type=int, default=1,
+                   help="training workers that must stay up after a kill (a kill waits until a restarted one is ready)")
     p.add_argument("--tmp-dir", default=None, help="where the results root and logs go")
     p.add_argument("--ref", default=None, help="run the workers from `git archive REF`")
     p.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
@@ -566,6 +597,8 @@ def options() -> argparse.Namespace:
         problems.append(f"--runs must be >= 1, got {args.runs}")
     if args.workers < 2:
         problems.append(f"--workers must be >= 2 (one is killed while the others train), got {args.workers}")
+    if not 0 <= args.min_alive < args.workers:
+        problems.append(f"--min-alive must be >= 0 and below --workers ({args.workers}), got {args.min_alive}")
     if not 0 < args.kill_min <= args.kill_max:
         problems.append(f"--kill-min and --kill-max must satisfy 0 < min <= max, got {args.kill_min}, {args.kill_max}")
     if args.timeout <= 0:
@@ -657,17 +690,27 @@ def main() -> int:
         next_kill = start + rng.uniform(args.kill_min, args.kill_max)
         final = 0
         last_note = start
+        waits: list[float] = []
+        waited_from: float | None = None
         while (final := groups_final(layout, firsts)) < len(firsts):
             now = time.time()
             if now - start > args.timeout:
                 print(f"timeout: {final}/{len(firsts)} groups final after {args.timeout:g} s")
                 break
-            if now >= next_kill:
-                victim = rng.choice(soak.training)
+            ready = [w for w in soak.training if soak.ready(w)] if now >= next_kill else []
+            if now >= next_kill and len(ready) <= args.min_alive:
+                # A kill now would leave fewer than --min-alive training workers up: no
+                # run could be handed on at all, whatever the orchestrator does.
+                waited_from = waited_from or now
+            elif now >= next_kill:
+                if waited_from:
+                    waits.append(now - waited_from)
+                    waited_from = None
+                victim = rng.choice(ready)
                 active, unclaimed = look(soak, victim, by_key, by_point_fold, counted)
                 at, received = soak.kill(victim)
                 after = look(soak, victim, by_key, by_point_fold, counted)
-                soak.start_worker(victim)  # a host that comes back at once
+                soak.start_worker(victim, after_kill=at)  # a host that comes back at once
                 kills.append(Kill(at, victim, active + after[0], unclaimed + after[1], received))
                 next_kill = at + rng.uniform(args.kill_min, args.kill_max)
             if now - last_note >= 30:
@@ -676,6 +719,8 @@ def main() -> int:
                 last_note = now
             time.sleep(0.25)
         elapsed = time.time() - start
+        for name in soak.training:
+            soak.ready(name)  # the last restarts' ready times
         time.sleep(1.0)  # the last renames reach the watcher
         watcher.stop()
         a, records = audit_disk(layout, specs, watcher, soak.root)
@@ -695,6 +740,11 @@ def main() -> int:
         slow = [t for t in r.others if t[0] > 5.0]
         print(f"delivered to a live worker, unclaimed at a kill: {len(r.others)}, {len(slow)} started "
               "more than 5 s after it" + (f" (worst {max(slow)[0]:.1f} s)" if slow else ""))
+        up = sorted(soak.restarts)
+        if up:
+            print(f"worker restarts (kill to its \"ready.\"): median {statistics.median(up):.1f} s, worst {up[-1]:.1f} s; "
+                  f"{len(waits)} kills waited {sum(waits):.0f} s in all for a restarted worker to be ready "
+                  f"(--min-alive {args.min_alive})")
         print(f"control log: {control.count('lapsed; its message is back')} lapsed leases handed back, "
               f"{control.count('delivered but never started')} messages restored as delivered but never started")
         if late:
