@@ -733,7 +733,7 @@ def main() -> int:
               f"lost {f['lost']}, leftovers {f['leftovers']}, kills {len(kills)} "
               f"(final_results.csv rows {f['csv_rows']}, {elapsed:.0f} s from submit to the last group)")
         late = report("kill to restart (runs training on the victim)", r.training, a)
-        print(f"  {len(r.finished_first)} more had finished between the look at orch:active and the kill")
+        print(f"  {len(r.finished_first)} more had just ended DONE when the victim was killed")
         late += report("kill to start (taken by the victim, not yet claimed)", r.taken, a)
         if r.held:
             print("  the victim had received them " + ", ".join(f"{h:.1f}" for h in r.held) + " s before the kill")
