@@ -425,6 +425,18 @@ def audit_disk(layout: Any, specs: list[Any], watcher: CommitWatcher, root: Path
 
     a = Audit()
     records: dict[str, Any] = {}
+    groups: dict[str, str | None] = {}  # group_id -> its status.json train_status
+    folds_of: dict[str, list[str | None]] = {}
+    for spec in specs:
+        if spec.group_id not in groups:
+            record = read_json(layout.group_status(spec))
+            groups[spec.group_id] = record.get("train_status") if isinstance(record, dict) else None
+        folds_of.setdefault(spec.group_id, []).append(
+            (read_json(layout.fold_status(spec)) or {}).get("status"))
+    for group_id, state in groups.items():
+        states = folds_of[group_id]
+        if (state == "DONE") != all(f == "DONE" for f in states) or state not in ("DONE", "FAILED"):
+            a.fail(f"group {group_id}: status.json says {state}, its folds {states}")
     done = failed = lost = duplicates = 0
     expected_folds = set()
     rows_by_run: dict[str, list[dict[str, str]]] = {}
@@ -483,7 +495,10 @@ def audit_disk(layout: Any, specs: list[Any], watcher: CommitWatcher, root: Path
             a.fail(f"{spec.name}: attempt {meta.get('attempt')} in metadata.json, {record.get('attempt')} "
                    f"in the status file, {dones[0].get('attempt')} in its history's DONE entry")
         rows = rows_by_run.get(spec.run_id, [])
-        if len(rows) != 1:
+        if groups[spec.group_id] != "DONE":
+            if len(rows) > 1:  # a FAILED group's finished runs need no row, never two
+                a.fail(f"{spec.name}: {len(rows)} rows in final_results.csv")
+        elif len(rows) != 1:
             a.fail(f"{spec.name}: {len(rows)} rows in final_results.csv")
         elif rows[0].get("attempt") != str(meta.get("attempt")):
             a.fail(f"{spec.name}: final_results.csv says attempt {rows[0].get('attempt')}, "
@@ -501,6 +516,8 @@ def audit_disk(layout: Any, specs: list[Any], watcher: CommitWatcher, root: Path
         a.fail(f"leftover: {p}")
     if watcher.problem:
         a.fail(f"commit watcher: {watcher.problem}")
+    a.figures.update(groups_done=sum(g == "DONE" for g in groups.values()),
+                     groups_failed=sum(g == "FAILED" for g in groups.values()))
     a.figures.update(runs=len(specs), DONE=done, FAILED=failed, duplicates=duplicates, lost=lost,
                      leftovers=len(leftovers), csv_rows=csv_rows)
     return a, records
@@ -711,7 +728,10 @@ def main() -> int:
                 at, received = soak.kill(victim)
                 after = look(soak, victim, by_key, by_point_fold, counted)
                 soak.start_worker(victim, after_kill=at)  # a host that comes back at once
-                kills.append(Kill(at, victim, active + after[0], unclaimed + after[1], received))
+                active += after[0]
+                training = {e["run_id"] for e in active}  # claimed between the two looks
+                unclaimed = [u for u in unclaimed + after[1] if u[1] not in training]
+                kills.append(Kill(at, victim, active, unclaimed, received))
                 next_kill = at + rng.uniform(args.kill_min, args.kill_max)
             if now - last_note >= 30:
                 print(f"  {now - start:5.0f} s: {final}/{len(firsts)} groups final, {len(kills)} kills, "
@@ -731,9 +751,10 @@ def main() -> int:
         f = a.figures
         print(f"runs {f['runs']}, DONE {f['DONE']}, FAILED {f['FAILED']}, duplicates {f['duplicates']}, "
               f"lost {f['lost']}, leftovers {f['leftovers']}, kills {len(kills)} "
-              f"(final_results.csv rows {f['csv_rows']}, {elapsed:.0f} s from submit to the last group)")
+              f"(groups DONE {f['groups_done']}, FAILED {f['groups_failed']}; final_results.csv rows "
+              f"{f['csv_rows']}; {elapsed:.0f} s from submit to the last group)")
         late = report("kill to restart (runs training on the victim)", r.training, a)
-        print(f"  {len(r.finished_first)} more had finished between the look at orch:active and the kill")
+        print(f"  {len(r.finished_first)} more had just ended DONE when the victim was killed")
         late += report("kill to start (taken by the victim, not yet claimed)", r.taken, a)
         if r.held:
             print("  the victim had received them " + ", ".join(f"{h:.1f}" for h in r.held) + " s before the kill")

@@ -39,6 +39,16 @@ def print_json(data: Any) -> None:
         out.file.flush()
 
 
+def print_table(text: Text) -> None:
+    """A table() on stdout: through rich on a terminal (colours), as it is into a pipe,
+    where rich would add nothing but its cost (~25 us a line: 2.5 s for 100,000 runs)."""
+    if out.is_terminal:
+        out.print(text)
+    else:
+        out.file.write(text.plain + "\n")
+        out.file.flush()
+
+
 def _width(text: str) -> int:
     return len(text) if text.isascii() else cell_len(text)
 
@@ -84,7 +94,8 @@ def table(headers: list[str], rows: list[list[str]], styles: list[str | None] | 
         if all(_width(c) <= w and "\n" not in c for c, w in zip(cells, widths, strict=True)):
             add(line(cells, outer, inner), style)
             return
-        folded = [[part.plain for part in Text(c).wrap(out, w, overflow="fold")] or [""]
+        folded = [[c] if _width(c) <= w and "\n" not in c
+                  else [part.plain for part in Text(c).wrap(out, w, overflow="fold")] or [""]
                   for c, w in zip(cells, widths, strict=True)]
         for k in range(max(map(len, folded))):
             add(line([f[k] if k < len(f) else "" for f in folded], outer, inner), style)
@@ -140,9 +151,9 @@ def plan(configs: tuple[str, ...], results_root: str | None, as_json: bool) -> N
     for name, p in plans.items():
         rows = plan_rows(layout, p)
         styles = [{"DONE": "green", "FAILED": "red", "IN_PROGRESS": "yellow"}.get(r["state"]) for r in rows]
-        out.print(table(["run", "run_id", "queue", "state"],
-                        [[r["name"], r["run_id"], r["queue"], r["state"]] for r in rows], styles,
-                        title=f"experiment {name}"))
+        print_table(table(["run", "run_id", "queue", "state"],
+                          [[r["name"], r["run_id"], r["queue"], r["state"]] for r in rows], styles,
+                          title=f"experiment {name}"))
         t = totals(p)
         out.print(f"{t['runs']} runs in {t['groups']} groups: {t['done']} DONE, {t['to_run']} to run, "
                   f"{t['groups_to_finalize']} groups to finalize")
@@ -188,8 +199,8 @@ def status(experiment: str | None, results_root: str | None, as_json: bool, brok
                  str(f["fold"]), f["state"], f["worker"] or "-", str(f["attempt"] or "-"),
                  f"{f['elapsed']:.1f}s" if f["elapsed"] is not None else "-", (f["error"] or "")[:60]]
                 for g in st["group_details"] for i, f in enumerate(g["folds"])]
-        out.print(table(["group", "state", "fold", "run state", "worker", "attempt", "elapsed", "error"],
-                        rows, edge=False))
+        print_table(table(["group", "state", "fold", "run state", "worker", "attempt", "elapsed", "error"],
+                          rows, edge=False))
 
 
 
