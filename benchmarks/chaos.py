@@ -16,7 +16,9 @@ with its whole process group (a host that dies: no goodbye, no hand-back) and st
 again at once, until every group is final (DONE or FAILED). A kill that would leave
 fewer than `--min-alive` training workers up waits until a restarted one is ready (on
 a loaded machine a worker can take longer to start than the time between kills, and
-with no worker up nothing can be handed on); how often and how long is printed.
+with no worker up nothing can be handed on), and its time is then drawn again (killed
+at once, a worker that just said "ready." would nearly always die between taking its
+first message and claiming it); how often and how long is printed.
 
 Then the disk is checked on its own, not through the project's counters:
 - commits seen: a watcher thread (inotify through the `inotify_simple` package if it is
@@ -719,10 +721,13 @@ def main() -> int:
                 # A kill now would leave fewer than --min-alive training workers up: no
                 # run could be handed on at all, whatever the orchestrator does.
                 waited_from = waited_from or now
+            elif now >= next_kill and waited_from:
+                # Drawn again from now, not at once: a kill right after a worker's
+                # "ready." would nearly always land between its first pop and its claim.
+                waits.append(now - waited_from)
+                waited_from = None
+                next_kill = now + rng.uniform(args.kill_min, args.kill_max)
             elif now >= next_kill:
-                if waited_from:
-                    waits.append(now - waited_from)
-                    waited_from = None
                 victim = rng.choice(ready)
                 active, unclaimed = look(soak, victim, by_key, by_point_fold, counted)
                 at, received = soak.kill(victim)
@@ -746,7 +751,7 @@ def main() -> int:
         a, records = audit_disk(layout, specs, watcher, soak.root)
         r = restart_times(kills, specs_by_id, records)
         (base / "kills.json").write_text(json.dumps(
-            [{**k.__dict__, "received": sorted(k.received)} for k in kills], indent=1, default=str))
+            [k.__dict__ for k in kills], indent=1, default=str))
         control = soak.log("control")
         f = a.figures
         print(f"runs {f['runs']}, DONE {f['DONE']}, FAILED {f['FAILED']}, duplicates {f['duplicates']}, "
@@ -764,7 +769,8 @@ def main() -> int:
         up = sorted(soak.restarts)
         if up:
             print(f"worker restarts (kill to its \"ready.\"): median {statistics.median(up):.1f} s, worst {up[-1]:.1f} s; "
-                  f"{len(waits)} kills waited {sum(waits):.0f} s in all for a restarted worker to be ready "
+                  f"{len(waits)} times a kill waited for a restarted worker to be ready ({sum(waits):.0f} s in all, "
+                  "then drawn again) "
                   f"(--min-alive {args.min_alive})")
         print(f"control log: {control.count('lapsed; its message is back')} lapsed leases handed back, "
               f"{control.count('delivered but never started')} messages restored as delivered but never started")
