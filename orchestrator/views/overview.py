@@ -10,6 +10,7 @@ from typing import Any
 from ..collect.status import Status, fold_state, read_group_status
 from ..dispatch.manifest import load_manifest
 from ..execution.transfer import RETURNED
+from ..experiment.plan import has_status_dir
 from ..experiment.spec import RunSpec
 from ..paths import Layout, read_json
 
@@ -19,7 +20,11 @@ InFlight = Callable[[list[RunSpec]], dict[str, dict[str, Any]]]
 
 
 def group_state(layout: Layout, specs: list[RunSpec], fold_states: list[str]) -> str:
-    record = read_group_status(layout, specs[0])
+    return _group_state(read_group_status(layout, specs[0]), specs, fold_states)
+
+
+def _group_state(record: dict[str, Any] | None, specs: list[RunSpec], fold_states: list[str]) -> str:
+    """group_state, given the group's status.json (read_group_status)."""
     if record and record.get("run_ids") == sorted(s.run_id for s in specs):
         return str(record["train_status"])
     if {Status.IN_PROGRESS.value, Status.DONE.value, RETURNED} & set(fold_states):
@@ -29,11 +34,13 @@ def group_state(layout: Layout, specs: list[RunSpec], fold_states: list[str]) ->
     return Status.PENDING.value
 
 
-def fold_view(layout: Layout, spec: RunSpec, in_flight: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+def fold_view(layout: Layout, spec: RunSpec, in_flight: dict[str, dict[str, Any]],
+              recorded: bool = True) -> tuple[str, dict[str, Any]]:
     """(state, record) of a fold: its status file, unless a worker without the results
     root has a newer mark of it in Redis (IN_PROGRESS, FAILED...; RETURNED: its outputs
-    wait there for the control worker)."""
-    state, record = fold_state(layout, spec)
+    wait there for the control worker). `recorded`: False when the caller knows that
+    the group has no status folder (has_status_dir), so no file to read."""
+    state, record = fold_state(layout, spec) if recorded else ("NEW", {})
     remote = in_flight.get(spec.run_key)
     if remote is None or state == Status.DONE.value:
         return state, record
@@ -54,12 +61,17 @@ def experiment_status(layout: Layout, experiment: str, with_files: bool = False,
     groups_out = []
     run_counts: Counter[str] = Counter()
     group_counts: Counter[str] = Counter()
-    remote = in_flight([RunSpec.from_dict(r) for g in manifest["groups"] for r in g["runs"]]) if in_flight else {}
-    for g in manifest["groups"]:
-        specs = [RunSpec.from_dict(r) for r in g["runs"]]
+    # Each spec parsed (and its run_key hashed) once: 100,000 runs cost ~3 s a time.
+    by_group = [[RunSpec.from_dict(r) for r in g["runs"]] for g in manifest["groups"]]
+    remote = in_flight([s for specs in by_group for s in specs]) if in_flight else {}
+    for g, specs in zip(manifest["groups"], by_group, strict=True):
+        # Every record of a group (its folds', its own) is in its status folder: a group
+        # not started has none, and one stat replaces a failed open per fold and two more.
+        recorded = has_status_dir(layout, specs[0])
+        group_record = read_group_status(layout, specs[0]) if recorded else None
         folds = []
         for spec in specs:
-            state, record = fold_view(layout, spec, remote)
+            state, record = fold_view(layout, spec, remote, recorded)
             started, finished = record.get("started_at"), record.get("finished_at")
             elapsed = record.get("elapsed")
             if elapsed is None and started and state == Status.IN_PROGRESS.value:
@@ -77,11 +89,11 @@ def experiment_status(layout: Layout, experiment: str, with_files: bool = False,
                 fold["status_file"] = str(layout.fold_status(spec))
             folds.append(fold)
             run_counts[state] += 1
-        state = group_state(layout, specs, [f["state"] for f in folds])
+        state = _group_state(group_record, specs, [f["state"] for f in folds])
         group_counts[state] += 1
         entry: dict[str, Any] = {"group_id": g["group_id"], "name": g["name"], "state": state,
                                  "counts": dict(Counter(f["state"] for f in folds)), "folds": folds}
-        record = read_group_status(layout, specs[0]) or {}
+        record = group_record or {}
         if record.get("metrics"):
             entry["metrics"] = record["metrics"]
         if record.get("failed"):
