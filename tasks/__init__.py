@@ -3,6 +3,8 @@
 Settings come only from `celeryconfig.py` (see its docstring for why).
 """
 
+import sys
+
 from celery import Celery
 
 # The task modules (tasks, worker hooks and bootsteps) are imported by the worker at its
@@ -14,5 +16,13 @@ MODULES = ["tasks.admission", "tasks.edge", "tasks.fleet", "tasks.overhead", "ta
 
 app = Celery("tasks", include=MODULES)
 app.config_from_object("celeryconfig")
+
+if "flower" in sys.argv[1:]:  # `celery -A tasks flower`: see docs/security.md
+    from celery.events.receiver import EventReceiver
+
+    # Flower's event capture starts with a heartbeat broadcast to every worker on the
+    # remote-control channel (hard-coded wakeup=True). Its Redis user may not publish
+    # there, since one that may would also send `shutdown`; workers send heartbeats anyway.
+    EventReceiver.wakeup_workers = lambda self, channel=None: None  # type: ignore[method-assign]
 
 __all__ = ["app"]

@@ -154,7 +154,7 @@ def test_roles_get_only_their_commands(acl_redis: AclRedis) -> None:
         (flower, ("PUBLISH", "some-channel", "x")), (flower, ("GET", "orch:epoch")),
         (flower, ("HGETALL", "orch:active")), (flower, ("SADD", "_kombu.binding.cpu", "x")),
         (flower, ("ZADD", "unacked_index", "1", "x")),
-        # (Flower may PUBLISH on the remote-control channel: docs/security.md says why.)
+        (flower, ("PUBLISH", "/0.celery.pidbox", "x")),  # no remote control (no `shutdown`)
         (flower, ("EVAL", "return 1", "0")),
     ]:
         with pytest.raises(redis.exceptions.NoPermissionError):
@@ -274,7 +274,9 @@ def test_an_experiment_runs_to_done_with_one_user_per_role(acl_redis: AclRedis, 
         others = [d for d in denied if d["username"] != "flower"]
         assert others == [], json.dumps(others, indent=1, default=str)
         flower_denied = {str(d["object"]) for d in denied if d["username"] == "flower"}
-        assert all(o in ("_kombu.binding.reply.celery.pidbox", "unacked_mutex", "set", "brpop")
+        # (and its remote-control requests: `publish` on /0.celery.pidbox is not its to send)
+        assert all(o in ("_kombu.binding.reply.celery.pidbox", "unacked_mutex", "set", "brpop",
+                         "publish", "/0.celery.pidbox")
                    or o.endswith(".reply.celery.pidbox") for o in flower_denied), flower_denied
         print(f"submit --wait took {submit_s:.1f} s; Flower was refused: {sorted(flower_denied)}")
     finally:

@@ -51,7 +51,8 @@ def test_flower_runs_celery_with_the_project_app_and_no_bare_broker(tmp_path: Pa
     assert env["ORCH_BROKER_URL"] == BROKER
     assert argv[6:] == ["--address=127.0.0.1", "--port=5555", "--persistent=True", f"--db={db}",
                         "--state_save_interval=60000", f"--max_tasks={DEFAULT_MAX_TASKS}",
-                        "--tasks_columns=args,name,state,received,runtime,worker,uuid,exception"]
+                        "--tasks_columns=args,name,state,received,runtime,worker,uuid,exception",
+                        "--enable_events=False"]  # the workers send events (-E); no remote control
     assert DEFAULT_MAX_TASKS == 20_000
     assert db == tmp_path / "flower-state-head.example-6380-2"
 
@@ -76,6 +77,7 @@ def test_options_reach_flower(tmp_path: Path) -> None:
                         f"--db={tmp_path / 'st' / 'flower-state-127.0.0.1-6379-0'}",
                         "--state_save_interval=2500", "--max_tasks=500",
                         "--tasks_columns=args,name,state,received,runtime,worker,uuid,exception",
+                        "--enable_events=False",
                         "--purge_offline_workers=3600", "--read_only=True", "--url_prefix=flower"]
 
 

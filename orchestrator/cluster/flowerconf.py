@@ -159,7 +159,11 @@ def flower_command(opts: FlowerOptions, broker_url: str,
             f"--address={opts.address}", f"--port={opts.port}",
             "--persistent=True", f"--db={db}",
             f"--state_save_interval={int(opts.save_interval * 1000)}",
-            f"--max_tasks={opts.max_tasks}", f"--tasks_columns={DEFAULT_TASK_COLUMNS}"]
+            f"--max_tasks={opts.max_tasks}", f"--tasks_columns={DEFAULT_TASK_COLUMNS}",
+            # Workers send events from their start (-E): Flower need not ask them every few
+            # seconds on the remote-control channel, which its Redis user may not publish
+            # on (docs/security.md: a user that may would also send `shutdown`).
+            "--enable_events=False"]
     if opts.purge_offline_workers is not None:
         argv.append(f"--purge_offline_workers={opts.purge_offline_workers}")
     if opts.read_only:
