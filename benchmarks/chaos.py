@@ -416,6 +416,7 @@ def groups_final(layout: Any, firsts: list[Any]) -> int:
 class Audit:
     figures: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # printed, not failures
 
     def fail(self, what: str) -> None:
         self.problems.append(what)
@@ -467,6 +468,8 @@ def audit_disk(layout: Any, specs: list[Any], watcher: CommitWatcher, root: Path
             a.fail(f"{spec.name}: history attempts {attempts} repeat or go back")
         if state == "FAILED":
             failed += 1
+            outcomes = ", ".join(f"{h.get('outcome')} on {h.get('worker')}" for h in history)
+            a.notes.append(f"FAILED {spec.name}: {record.get('error')} (history: {outcomes})")
             if not record.get("error"):
                 a.fail(f"{spec.name}: FAILED without a reason")
             if commits:
@@ -758,6 +761,8 @@ def main() -> int:
               f"lost {f['lost']}, leftovers {f['leftovers']}, kills {len(kills)} "
               f"(groups DONE {f['groups_done']}, FAILED {f['groups_failed']}; final_results.csv rows "
               f"{f['csv_rows']}; {elapsed:.0f} s from submit to the last group)")
+        for note in a.notes[:10]:
+            print(f"  {note}")
         late = report("kill to restart (runs training on the victim)", r.training, a)
         print(f"  {len(r.finished_first)} more had just ended DONE when the victim was killed")
         late += report("kill to start (taken by the victim, not yet claimed)", r.taken, a)
