@@ -86,6 +86,17 @@ READY = re.compile(r"^\[([0-9-]+ [0-9:,]+): INFO/MainProcess\] \S+ ready\.", re.
 FINISHED = re.compile(r"Task tasks\.train_run\[([0-9a-f-]+)\] (?:succeeded|failed|retry)")
 
 
+def project(module: str, before: str) -> Any:
+    """orchestrator.<module>, or orchestrator.<before> in a tree (--ref) from before the
+    modules were grouped by stage."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"orchestrator.{module}")
+    except ModuleNotFoundError:
+        return importlib.import_module(f"orchestrator.{before}")
+
+
 # --- the watcher of commits --------------------------------------------------------------
 
 @dataclass
@@ -234,7 +245,7 @@ class Soak:
     """A private Redis, training workers cpu1..cpuN and a control worker."""
 
     def __init__(self, base: Path, tree: Path, workers: int):
-        from orchestrator.cluster.local import start_redis
+        start_redis = project("cluster.local", "local").start_redis
 
         self.base, self.tree = base, tree
         self.root = base / "results"
@@ -260,7 +271,7 @@ class Soak:
         return env
 
     def start_worker(self, name: str, after_kill: float | None = None) -> None:
-        from orchestrator.cluster.local import spawn
+        spawn = project("cluster.local", "local").spawn
 
         base = [sys.executable, "-m", "orchestrator", "worker", "--loglevel", "INFO"]
         argv = [*base, "--control"] if name == "control" else \
@@ -315,7 +326,7 @@ class Soak:
         return at, received
 
     def stop(self) -> None:
-        from orchestrator.cluster.local import stop_process
+        stop_process = project("cluster.local", "local").stop_process
 
         for proc in self.procs.values():
             with contextlib.suppress(ProcessLookupError):
@@ -429,6 +440,8 @@ def audit_disk(layout: Any, specs: list[Any], watcher: CommitWatcher, root: Path
     a = Audit()
     records: dict[str, Any] = {}
     groups: dict[str, str | None] = {}  # group_id -> its status.json train_status
+    logs_of: dict[str, list[str]] = {}
+    unrecorded = adopted = 0  # attempt logs with no history entry; runs DONE by adoption
     folds_of: dict[str, list[str | None]] = {}
     for spec in specs:
         if spec.group_id not in groups:
@@ -466,6 +479,13 @@ def audit_disk(layout: Any, specs: list[Any], watcher: CommitWatcher, root: Path
         attempts = [h.get("attempt") for h in history]
         if attempts != sorted(set(attempts)):
             a.fail(f"{spec.name}: history attempts {attempts} repeat or go back")
+        logs = logs_of.get(spec.group_id)
+        if logs is None:
+            with contextlib.suppress(FileNotFoundError):
+                logs = logs_of[spec.group_id] = os.listdir(layout.logs_dir(spec))
+        logged = {int(m.group(1)) for n in logs or [] if (m := re.fullmatch(rf"fold_{spec.fold}\.attempt_(\d+)\.log", n))}
+        unrecorded += len(logged - set(attempts))
+        adopted += any(h.get("adopted") for h in history)
         if state == "FAILED":
             failed += 1
             outcomes = ", ".join(f"{h.get('outcome')} on {h.get('worker')}" for h in history)
@@ -521,6 +541,7 @@ def audit_disk(layout: Any, specs: list[Any], watcher: CommitWatcher, root: Path
         a.fail(f"leftover: {p}")
     if watcher.problem:
         a.fail(f"commit watcher: {watcher.problem}")
+    a.figures.update(unrecorded=unrecorded, adopted=adopted)
     a.figures.update(groups_done=sum(g == "DONE" for g in groups.values()),
                      groups_failed=sum(g == "FAILED" for g in groups.values()))
     a.figures.update(runs=len(specs), DONE=done, FAILED=failed, duplicates=duplicates, lost=lost,
@@ -548,6 +569,10 @@ def next_start(history: list[dict[str, Any]], node: str, kill: Kill, since: floa
             and since <= h.get("started_at", 0) <= kill.at + 0.5]
     if mine:
         killed = history[mine[-1]]
+        if killed.get("adopted"):
+            # Its outputs were committed before the kill, its DONE mark not: the next
+            # attempt adopted them (runner.adopt) instead of training; that is its restart.
+            return float(killed.get("finished_at", float("inf"))) - kill.at
         if killed.get("outcome") == "DONE" and killed.get("finished_at", kill.at) <= kill.at + 0.5:
             return None  # it ended between the look and the kill
         later = [h["started_at"] for h in history[mine[-1] + 1:] if "started_at" in h]
@@ -670,8 +695,8 @@ def main() -> int:
     sys.path.insert(0, str(tree))  # the same code the workers run expands the plan
     os.environ["ORCH_TRAINER_MODULES"] = "tests.plugins"
     from orchestrator import settings
-    from orchestrator.experiment.config import load_experiments
-    from orchestrator.experiment.expand import expand
+    load_experiments = project("experiment.config", "config").load_experiments
+    expand = project("experiment.expand", "expand").expand
     from orchestrator.paths import Layout
 
     for name in ("ORCH_LEASE_SECONDS", "ORCH_WATCHDOG_INTERVAL"):
@@ -761,6 +786,8 @@ def main() -> int:
               f"lost {f['lost']}, leftovers {f['leftovers']}, kills {len(kills)} "
               f"(groups DONE {f['groups_done']}, FAILED {f['groups_failed']}; final_results.csv rows "
               f"{f['csv_rows']}; {elapsed:.0f} s from submit to the last group)")
+        print(f"  runs whose outputs were committed by a killed attempt and adopted by the next: {f['adopted']}; "
+              f"attempt logs with no entry in their run's history: {f['unrecorded']}")
         for note in a.notes[:10]:
             print(f"  {note}")
         late = report("kill to restart (runs training on the victim)", r.training, a)
