@@ -23,12 +23,8 @@ from ..keys import ACTIVE, EPOCH, WATCHDOG_LOCK
 log = logging.getLogger(__name__)
 REVOKED_KEEP_SECONDS = 24 * 3600  # revoked entries count as lost attempts until then
 # A delivered training message nobody holds a lease for, this many lease periods after
-# its delivery, was lost by its worker before it started. A live worker claims a run
-# within a second of taking it (one message at a time, late acks); 1.5 leases (15 s)
-# keeps a run its worker died holding, unclaimed, within the 30 s of the promise (at 3,
-# benchmarks/chaos.py saw such runs restart 30.4-31.9 s after the kill). A message
-# handed on too early is only a duplicate delivery: it waits on the lease.
-ORPHAN_GRACE_LEASES = 1.5
+# its delivery, was lost by its worker before it started.
+ORPHAN_GRACE_LEASES = 3
 
 
 def watchdog_interval() -> float:
