@@ -10,17 +10,24 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 from collections.abc import Mapping
 from queue import Empty
 from typing import Any
 
-from celery.signals import task_rejected, task_unknown, worker_init
+from celery.signals import task_rejected, task_unknown, worker_init, worker_ready
 
 from orchestrator.execution.edge import Refused, check
 
 from . import app
 
 log = logging.getLogger(__name__)
+# [node name, pid] of this worker's main process, stamped on every delivery (the
+# property TAKER): the watchdog hands on a delivery whose taker is no longer in the
+# registry at once, instead of waiting out the orphan grace. Set at worker_ready,
+# before the consumer's loop makes its first pop.
+TAKER = "orch_taker"
+_taker: list[Any] | None = None
 
 # --- in the worker: kombu's pop, the dead letters ------------------------------------
 
@@ -96,6 +103,8 @@ def _deliver(channel: Any, message: dict[str, Any], queue: str, item: bytes) -> 
     checks missed) must not end the worker and then, restored at shutdown, the next
     one: the message leaves the unacknowledged messages and goes to the dead letters.
     Connection errors go on up: kombu reconnects and restores the message."""
+    if _taker is not None:  # kept with the message in kombu's unacknowledged hash
+        message["properties"][TAKER] = _taker
     try:
         channel.connection._deliver(message, queue)
     except channel.connection_errors:
@@ -135,6 +144,12 @@ def _in_worker(**_: Any) -> None:
         # Celery's signals swallow a receiver's exceptions: stop the start itself.
         log.critical("%s", exc)
         raise SystemExit(f"worker not started: {exc}") from None
+
+
+@worker_ready.connect
+def _name_taker(sender: Any = None, **_: Any) -> None:
+    global _taker
+    _taker = [str(getattr(sender, "hostname", "")), os.getpid()]
 
 
 def _origin(message: Any) -> tuple[str | None, str | None, str | None]:

@@ -19,6 +19,7 @@ from typing import Any
 from celery.signals import worker_ready, worker_shutting_down
 
 from . import app
+from .edge import TAKER
 
 log = logging.getLogger(__name__)
 _stop = threading.Event()
@@ -43,6 +44,7 @@ def hand_on(channel: Any, tag: str) -> bool:
             return
         payload, exchange, routing_key = json.loads(raw)
         payload["properties"]["delivery_tag"] = str(uuid.uuid4())
+        payload["properties"].pop(TAKER, None)  # the next taker stamps its own
         payload["properties"].setdefault("delivery_info", {})["redelivered"] = True
         payload["headers"]["redelivered"] = True
         priority = channel._get_message_priority(payload, reverse=False)
@@ -71,12 +73,13 @@ def restore_message(task_id: str) -> bool:
     return False
 
 
-def restore_orphans(known_task_ids: set[str], older_than: float) -> list[str]:
-    """Unacknowledged training messages that no attempt holds a lease for (nor waits on),
-    delivered more than `older_than` seconds ago: their worker lost them before it
-    started (a connection cut between fetch and start, a Redis restart while the
-    restore at disconnect could not reach it). Without this they would wait for the
-    visibility timeout (hours). Each is put back on its queue; returns their names."""
+def restore_orphans(known_task_ids: set[str], orphaned: Any) -> list[str]:
+    """Unacknowledged training messages that no attempt holds a lease for (nor waits on)
+    and that `orphaned(age, taker)` (cluster.watchdog.OrphanRule) finds lost: their
+    worker died or lost them before it started (a kill between fetch and start, a
+    connection cut, a Redis restart while the restore at disconnect could not reach
+    it). Without this they would wait for the visibility timeout (hours). Each is put
+    back at the head of its queue; returns their names."""
     restored = []
     with app.connection_for_write() as conn:
         channel: Any = conn.default_channel
@@ -88,11 +91,12 @@ def restore_orphans(known_task_ids: set[str], older_than: float) -> list[str]:
                 payload = json.loads(raw)[0]
                 headers = payload["headers"]
                 task_id, task = headers["id"], headers["task"]
-            except (ValueError, KeyError, IndexError, TypeError):
+                taker = payload["properties"].get(TAKER)
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError):
                 continue
             if task != "tasks.train_run" or task_id in known_task_ids:
                 continue
-            if now - float(delivered.get(tag, now)) < older_than:
+            if not orphaned(now - float(delivered.get(tag, now)), taker):
                 continue
             # At the head, as restore_message does: it was taken before what is queued now.
             if hand_on(channel, tag.decode() if isinstance(tag, bytes) else tag):

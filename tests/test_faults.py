@@ -557,3 +557,40 @@ def test_a_forged_refused_copy_of_a_running_message_does_not_end_its_group(
                          for x in fc.client.lrange("orch:deadletters", 0, -1)),
              timeout=30, what="the forged message to be refused")
     audit(fc, "f_forged", folds=3)  # DONE, each fold committed once, finalize ran once
+
+
+def test_a_message_whose_taker_died_before_starting_it_is_handed_on_before_the_grace(
+        fc: FaultCluster, tmp_path: Path) -> None:
+    """A worker took a message (it is in kombu's unacknowledged hash, stamped with the
+    worker's name and pid) and died before its attempt claimed the run: no lease will
+    lapse. The watchdog sees the taker gone from the registry and hands the message on
+    10-12 s after delivery, not after the grace of three leases (30 s)."""
+    import base64
+
+    for name in ("cpu1", "cpu2"):  # no consumer: the message stays where this test puts it
+        with_group_kill(fc.workers[name])
+    cfg = experiment(tmp_path, "f_taken", seconds=0.5, folds=2)
+    proc = submit(fc, cfg)
+    assert proc.returncode == 0, proc.stderr
+
+    def popped() -> bytes | None:  # kombu's priority lists of the cpu queue: cpu, cpu:N
+        keys = [k for k in fc.client.scan_iter(match="cpu*") if k == b"cpu" or k.startswith(b"cpu:")]
+        return next((raw for k in keys if (raw := fc.client.rpop(k))), None)
+
+    raw = wait_for(popped, timeout=30, what="the run's message on the cpu queue")
+    payload = json.loads(raw)
+    payload["properties"]["orch_taker"] = ["ghost@nowhere", 4242]  # no such worker is up
+    tag, info = payload["properties"]["delivery_tag"], payload["properties"]["delivery_info"]
+    taken_at = time.time()
+    with fc.client.pipeline() as pipe:  # what kombu's QoS.append writes at delivery
+        pipe.zadd("unacked_index", {tag: taken_at})
+        pipe.hset("unacked", tag, json.dumps([payload, info["exchange"], info["routing_key"]]))
+        pipe.execute()
+    fc.ensure_workers()
+    fold = json.loads(base64.b64decode(payload["body"]))[0][0]["fold"]
+    audit(fc, "f_taken", folds=2)  # DONE, committed once, finalized once, nothing left over
+    took = reassigned_after(fc, "f_taken", fold, taken_at)
+    print(f"started {took:.1f} s after its taker died")
+    assert took < REASSIGN_LIMIT - 5, took  # the grace alone would take 30 s
+    assert "delivered but never started" in fc.log("control")
+    assert [h["outcome"] for h in _fold_record(fc, "f_taken", fold)["history"]] == ["DONE"]

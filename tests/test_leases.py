@@ -140,3 +140,39 @@ def test_renumber_moves_an_attempt_past_what_the_status_file_records(leases: Lea
     # A claim that lost its lease is not renumbered.
     leases.client.delete(f"orch:lease:{run_id}")
     assert leases.renumber(run_id, b, floor=9).attempt == 5
+
+
+def test_the_orphan_rule_hands_on_a_dead_takers_message_after_the_chord_claim_could_lapse(
+        redis_url: str) -> None:
+    """An unacknowledged message no attempt holds: handed on once its taker is known dead
+    (no record, or a new process of its name up 10 s), never sooner than 10 s after
+    delivery; a live taker's only after the grace of three leases."""
+    import time
+
+    from orchestrator.cluster import registry
+    from orchestrator.cluster.watchdog import ORPHAN_GRACE_LEASES, TAKER_DEAD_FOR, OrphanRule
+
+    client = redis.Redis.from_url(redis_url)
+    tag = uuid.uuid4().hex[:6]
+    now = time.time()
+
+    def record(name: str, pid: int, started: float) -> None:
+        registry.register(client, registry.WorkerRecord(
+            name=name, host="h", pid=pid, gpu=None, device="cpu", queues=["cpu"], state="busy",
+            started=started, heartbeat=now), ttl=60)
+
+    alive, restarted, fresh = f"a{tag}@h", f"b{tag}@h", f"c{tag}@h"
+    record(alive, 100, now - 600)
+    record(restarted, 201, now - TAKER_DEAD_FOR - 1)  # the old process was pid 200
+    record(fresh, 301, now - 2)  # restarted 2 s ago: pid 300 died at most 2 s before that
+
+    rule = OrphanRule(client, lease_ttl=10)
+    old = TAKER_DEAD_FOR + 0.5
+    assert rule(old, [alive, 100]) is False  # alive: its message is its own
+    assert rule(ORPHAN_GRACE_LEASES * 10, [alive, 100]) is True  # ... up to the grace
+    assert rule(old, [restarted, 200]) is True
+    assert rule(old, [fresh, 300]) is False  # Celery's chord claim may still stand
+    assert rule(old, [f"gone{tag}@h", 400]) is True  # no record: it expired
+    assert rule(TAKER_DEAD_FOR - 0.5, [f"gone{tag}@h", 400]) is False  # too soon after delivery
+    for bad in (None, "x", [alive], [alive, "100"], [1, 100], [alive, True, 3]):
+        assert rule(old, bad) is False, bad  # unknown taker: only the grace applies

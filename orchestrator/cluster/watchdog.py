@@ -19,12 +19,47 @@ import redis
 from .. import settings
 from ..execution.leases import Leases
 from ..keys import ACTIVE, EPOCH, WATCHDOG_LOCK
+from . import registry
 
 log = logging.getLogger(__name__)
 REVOKED_KEEP_SECONDS = 24 * 3600  # revoked entries count as lost attempts until then
 # A delivered training message nobody holds a lease for, this many lease periods after
 # its delivery, was lost by its worker before it started.
 ORPHAN_GRACE_LEASES = 3
+# ...or sooner, once the worker that took it (its main process, named on the message)
+# is known dead: its record left the registry (it expires within three heartbeats of
+# the last), or a new process of the same name has been up TAKER_DEAD_FOR seconds. Not
+# sooner than that after the death: a run that finished just before it carries Celery's
+# claim to send its chord body (10 s in Celery 5.7: twice the 5 s join timeout), and
+# a second run of the message that returns while that claim stands never sends it:
+# the group would hang with every fold done.
+TAKER_DEAD_FOR = 10.0
+
+
+class OrphanRule:
+    """Whether an unacknowledged training message that no attempt holds (nor waits on)
+    was lost by its worker: `rule(age, taker)`, with its age since delivery and the
+    [node name, pid] its worker stamped on it (None for older messages). Reads the
+    registry once, at the first message that needs it: after the caller read the
+    deliveries (a taker registers before its first pop, so a live taker is always seen).
+    A live worker starved or cut off past its record's expiry may lose its message this
+    way; fencing makes that safe (its own start finds the run claimed or committed by the
+    successor and writes nothing)."""
+
+    def __init__(self, client: redis.Redis, lease_ttl: float):
+        self.client, self.grace = client, ORPHAN_GRACE_LEASES * lease_ttl
+        self._records: dict[str, registry.WorkerRecord] | None = None
+
+    def __call__(self, age: float, taker: Any) -> bool:
+        if age >= self.grace:
+            return True
+        if (age < TAKER_DEAD_FOR or not isinstance(taker, list) or len(taker) != 2
+                or not isinstance(taker[0], str) or type(taker[1]) is not int):
+            return False
+        if self._records is None:
+            self._records = {r.name: r for r in registry.list_workers(self.client)}
+        now = self._records.get(taker[0])
+        return now is None or (now.pid != taker[1] and time.time() - now.started >= TAKER_DEAD_FOR)
 
 
 def watchdog_interval() -> float:
@@ -36,7 +71,7 @@ class Watchdog:
     def __init__(self, leases: Leases, restore: Callable[[str], bool],
                  redispatch: Callable[[], dict[str, int]], name: str | None = None,
                  interval: float | None = None,
-                 orphans: Callable[[set[str], float], list[str]] | None = None,
+                 orphans: Callable[[set[str], OrphanRule], list[str]] | None = None,
                  chores: list[Callable[[], list[str]]] | None = None):
         self.leases = leases
         self.orphans = orphans
@@ -87,7 +122,7 @@ class Watchdog:
         if self.orphans is not None:
             known = {str(e.get("task_id")) for e in active.values() if e.get("token")}
             known |= self.leases.waiting()
-            for name in self.orphans(known, ORPHAN_GRACE_LEASES * self.leases.ttl):
+            for name in self.orphans(known, OrphanRule(self.client, self.leases.ttl)):
                 action = f"{name}: delivered but never started (its worker lost it); back on its queue"
                 log.warning("watchdog: %s", action)
                 actions.append(action)
