@@ -9,99 +9,17 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
-import time
-import uuid
 from typing import Any
 
 from celery.signals import worker_ready, worker_shutting_down
 
 from . import app
-from .edge import TAKER
+from .redelivery import in_flight, restore_message, restore_orphans
 
 log = logging.getLogger(__name__)
 _stop = threading.Event()
-
-
-def hand_on(channel: Any, tag: str) -> bool:
-    """Put an unacknowledged message back at the head of its queue, as kombu's restore
-    does (same message, same task id, so the chord counts it once; marked redelivered),
-    but under a new delivery tag. kombu would restore it with the old tag, which the
-    next delivery then shares with the lost one: a zombie coming back would ack or
-    requeue its successor's delivery with its own. The head: the end consumers take
-    next (kombu publishes with LPUSH and consumes with BRPOP), so the run starts on the
-    next free slot, before every run queued after it. False if it was not unacknowledged."""
-    found = []
-
-    def move(pipe: Any) -> None:
-        raw = pipe.hget(channel.unacked_key, tag)
-        pipe.multi()
-        pipe.hdel(channel.unacked_key, tag)
-        pipe.zrem(channel.unacked_index_key, tag)
-        if not raw:
-            return
-        payload, exchange, routing_key = json.loads(raw)
-        payload["properties"]["delivery_tag"] = str(uuid.uuid4())
-        payload["properties"].pop(TAKER, None)  # the next taker stamps its own
-        payload["properties"].setdefault("delivery_info", {})["redelivered"] = True
-        payload["headers"]["redelivered"] = True
-        priority = channel._get_message_priority(payload, reverse=False)
-        for queue in channel._lookup(exchange, routing_key):
-            pipe.rpush(channel._q_for_pri(queue, priority), json.dumps(payload))
-        found.append(tag)
-
-    channel.client.transaction(move, channel.unacked_key)
-    return bool(found)
-
-
-def restore_message(task_id: str) -> bool:
-    """Hand the unacknowledged message of `task_id` on (`hand_on`). False if no such
-    message is unacknowledged."""
-    with app.connection_for_write() as conn:
-        channel: Any = conn.default_channel
-        client = channel.client
-        for tag, raw in client.hgetall(channel.unacked_key).items():
-            try:
-                payload = json.loads(raw)[0]
-                found = payload["headers"]["id"] == task_id
-            except (ValueError, KeyError, IndexError, TypeError):
-                continue
-            if found:
-                return hand_on(channel, tag.decode() if isinstance(tag, bytes) else tag)
-    return False
-
-
-def restore_orphans(known_task_ids: set[str], orphaned: Any) -> list[str]:
-    """Unacknowledged training messages that no attempt holds a lease for (nor waits on)
-    and that `orphaned(age, taker)` (cluster.watchdog.OrphanRule) finds lost: their
-    worker died or lost them before it started (a kill between fetch and start, a
-    connection cut, a Redis restart while the restore at disconnect could not reach
-    it). Without this they would wait for the visibility timeout (hours). Each is put
-    back at the head of its queue; returns their names."""
-    restored = []
-    with app.connection_for_write() as conn:
-        channel: Any = conn.default_channel
-        client = channel.client
-        now = time.time()
-        delivered = dict(client.zrange(channel.unacked_index_key, 0, -1, withscores=True))
-        for tag, raw in client.hgetall(channel.unacked_key).items():
-            try:
-                payload = json.loads(raw)[0]
-                headers = payload["headers"]
-                task_id, task = headers["id"], headers["task"]
-                taker = payload["properties"].get(TAKER)
-            except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-                continue
-            if task != "tasks.train_run" or task_id in known_task_ids:
-                continue
-            if not orphaned(now - float(delivered.get(tag, now)), taker):
-                continue
-            # At the head, as restore_message does: it was taken before what is queued now.
-            if hand_on(channel, tag.decode() if isinstance(tag, bytes) else tag):
-                restored.append(str(headers.get("argsrepr") or task_id))
-    return restored
 
 
 def unpark_unpaused() -> list[str]:
@@ -131,12 +49,12 @@ def _leases() -> Any:
     return Leases.from_url(app.conf.orch_state_url)
 
 
-def _redispatch() -> dict[str, int]:
+def _redispatch(only: str | None = None) -> dict[str, int]:
     from orchestrator.dispatch.canvas import redispatch
     from orchestrator.livestate import LiveState
     from orchestrator.paths import Layout
 
-    return redispatch(Layout(app.conf.orch_results_root), LiveState.from_url(app.conf.orch_state_url))
+    return redispatch(Layout(app.conf.orch_results_root), LiveState.from_url(app.conf.orch_state_url), only)
 
 
 @worker_ready.connect
@@ -144,10 +62,14 @@ def _start_watchdog(sender: Any = None, **_: Any) -> None:
     queues = set(app.amqp.queues.consume_from or {})
     if "control" not in queues:
         return
+    from orchestrator.cluster.stall import StallGuard
     from orchestrator.cluster.watchdog import Watchdog
+    from orchestrator.paths import Layout
 
-    dog = Watchdog(_leases(), restore_message, _redispatch, orphans=restore_orphans,
-                   chores=[unpark_unpaused],
+    leases = _leases()
+    stalls = StallGuard(leases, Layout(app.conf.orch_results_root), in_flight, _redispatch)
+    dog = Watchdog(leases, restore_message, _redispatch, orphans=restore_orphans,
+                   chores=[unpark_unpaused, stalls],
                    name=f"watchdog@{getattr(sender, 'hostname', '?')}")
     _stop.clear()
     threading.Thread(target=dog.run_forever, args=(_stop,), name="orch-watchdog", daemon=True).start()

@@ -187,9 +187,9 @@ def _fold_record(fc: FaultCluster, name: str, fold: int) -> dict[str, Any]:
     return json.loads(found[0].read_text())
 
 
-def audit(fc: FaultCluster, name: str, folds: int = 2, state: str = "DONE") -> dict[str, Any]:
+def audit(fc: FaultCluster, name: str, folds: int = 2, state: str = "DONE", timeout: float = 120) -> dict[str, Any]:
     """The invariants every scenario must end with."""
-    st = wait_group_final(fc, name)
+    st = wait_group_final(fc, name, timeout)
     assert [g["state"] for g in st["group_details"]] == [state], st["group_details"]
     group = st["group_details"][0]
     if state == "DONE":
@@ -594,3 +594,28 @@ def test_a_message_whose_taker_died_before_starting_it_is_handed_on_before_the_g
     assert took < REASSIGN_LIMIT - 5, took  # the grace alone would take 30 s
     assert "delivered but never started" in fc.log("control")
     assert [h["outcome"] for h in _fold_record(fc, "f_taken", fold)["history"]] == ["DONE"]
+
+
+def test_a_message_lost_between_the_pop_and_its_delivery_is_published_again(
+        fc: FaultCluster, tmp_path: Path) -> None:
+    """kombu pops a message (BRPOP) before it records it as unacknowledged: a worker that
+    dies in between, or never reads the reply (cut off while it waited), loses it with no
+    trace in Redis. Once nothing is queued and nothing of the experiment is in flight for
+    two lease periods, the watchdog publishes its unfinished groups again from the status
+    files: the lost fold runs once, the group is finalized once."""
+    for name in ("cpu1", "cpu2"):
+        with_group_kill(fc.workers[name])
+    cfg = experiment(tmp_path, "f_lost", seconds=0.6, folds=2)  # (group ids differ by content)
+    assert submit(fc, cfg).returncode == 0
+
+    def popped() -> bytes | None:
+        keys = [k for k in fc.client.scan_iter(match="cpu*") if k == b"cpu" or k.startswith(b"cpu:")]
+        return next((raw for k in keys if (raw := fc.client.rpop(k))), None)
+
+    wait_for(popped, timeout=30, what="a message of f_lost to lose")  # gone, as in a dead worker's socket
+    lost_at = time.time()
+    fc.ensure_workers()
+    st = audit(fc, "f_lost", folds=2, timeout=150)  # DONE, each fold committed once, finalized once
+    assert "published again 1 runs in 1 groups" in fc.log("control"), fc.log("control")[-2000:]
+    assert all(f["attempt"] == 1 for f in st["group_details"][0]["folds"])
+    print(f"group done {time.time() - lost_at:.1f} s after the loss")

@@ -230,17 +230,18 @@ def publish(plans: list[GroupPlan], dicts: dict[str, dict[str, Any]]) -> dict[st
     return published
 
 
-def redispatch(layout: Layout, live: LiveState) -> dict[str, int]:
+def redispatch(layout: Layout, live: LiveState, only: str | None = None) -> dict[str, int]:
     """Redis lost its data (restarted without persistence): the queued messages and
     chord counters are gone. Publish again every group that the results root says was
     submitted (it is in a manifest) and is neither finished nor given up (no FAILED or
     CANCELLED fold or group). Runs still training on a live worker are not repeated: the
-    new delivery waits on their lease and reports their outcome."""
+    new delivery waits on their lease and reports their outcome. `only`: this experiment
+    alone (a stalled one: orchestrator.cluster.stall)."""
     from .manifest import experiments, load_manifest
 
     total = {"runs": 0, "groups": 0, "finalize_only": 0}
     ended = {Status.FAILED.value, Status.CANCELLED.value}
-    for name in experiments(layout):
+    for name in [only] if only is not None else experiments(layout):
         try:
             manifest = load_manifest(layout, name)
             runs = [RunSpec.from_dict(r) for g in manifest.get("groups", []) for r in g.get("runs", [])]
