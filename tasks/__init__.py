@@ -11,8 +11,8 @@ from celery import Celery
 # start, before its bootsteps are built (Celery's `include`), and by whoever imports them;
 # not here: `orchestrator submit` needs only the app and the tasks' names, and importing
 # them all (numpy, the trainers' registry, finalize...) took half a second of its start.
-MODULES = ["tasks.admission", "tasks.edge", "tasks.fleet", "tasks.overhead", "tasks.respawn",
-           "tasks.training", "tasks.watchdog"]
+MODULES = ["tasks.admission", "tasks.deadletters", "tasks.edge", "tasks.fleet", "tasks.idle", "tasks.overhead",
+           "tasks.respawn", "tasks.training", "tasks.watchdog"]
 
 app = Celery("tasks", include=MODULES)
 app.config_from_object("celeryconfig")

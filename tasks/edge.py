@@ -1,7 +1,7 @@
 """The broker edge in a worker: kombu's Redis pop replaced by one that checks every
 message (orchestrator.execution.edge: what is checked and why) before kombu, Celery or
-the pool touch it, and records each refusal once in the dead letters; Celery's own
-refusals are recorded too.
+the pool touch it, records each refusal once in the dead letters (tasks.deadletters),
+and stamps each delivery with its taker.
 """
 
 
@@ -15,11 +15,12 @@ from collections.abc import Mapping
 from queue import Empty
 from typing import Any
 
-from celery.signals import task_rejected, task_unknown, worker_init, worker_ready
+from celery.signals import worker_init, worker_ready
 
 from orchestrator.execution.edge import Refused, check
 
 from . import app
+from .deadletters import record
 
 log = logging.getLogger(__name__)
 # [node name, pid] of this worker's main process, stamped on every delivery (the
@@ -29,29 +30,10 @@ log = logging.getLogger(__name__)
 TAKER = "orch_taker"
 _taker: list[Any] | None = None
 
-# --- in the worker: kombu's pop, the dead letters ------------------------------------
-
 @functools.cache
 def _registered() -> Mapping[str, Any]:
     """This project's tasks registered in this worker (read once the app is final)."""
     return {name: task for name, task in app.tasks.items() if name.startswith("tasks.")}
-
-
-@functools.cache
-def _dead_letters() -> Any:
-    from orchestrator.execution.deadletters import DeadLetters
-
-    return DeadLetters.from_url(app.conf.orch_state_url)
-
-
-def record(reason: str, queue: str | None, raw: Any, task_id: str | None = None,
-           task: str | None = None) -> None:
-    """A refusal in the dead letters, and in the log (also when Redis cannot take it)."""
-    log.warning("refused a message from queue %r (task %s, id %s): %s", queue, task, task_id, reason)
-    try:
-        _dead_letters().add(reason, task_id=task_id, task=task, queue=queue, raw=raw)
-    except Exception as exc:  # the worker keeps serving; the log above has the reason
-        log.error("could not record the refused message in the dead letters: %s", exc)
 
 
 def admit(queue: str, item: bytes) -> dict[str, Any] | None:
@@ -150,26 +132,3 @@ def _in_worker(**_: Any) -> None:
 def _name_taker(sender: Any = None, **_: Any) -> None:
     global _taker
     _taker = [str(getattr(sender, "hostname", "")), os.getpid()]
-
-
-def _origin(message: Any) -> tuple[str | None, str | None, str | None]:
-    headers = getattr(message, "headers", None) or {}
-    info = getattr(message, "delivery_info", None) or {}
-    return (info.get("routing_key"), headers.get("id") if isinstance(headers, dict) else None,
-            headers.get("task") if isinstance(headers, dict) else None)
-
-
-@task_rejected.connect
-def _celery_rejected(message: Any = None, exc: BaseException | None = None, **_: Any) -> None:
-    """Celery refused a message the edge let through (an unknown format, an invalid
-    ETA): it is acknowledged and dropped; recorded here with Celery's reason."""
-    queue, task_id, task = _origin(message)
-    record(f"Celery refused it: {type(exc).__name__ if exc else 'unknown message format'}: {exc or ''}",
-           queue, getattr(message, "body", None), task_id, task)
-
-
-@task_unknown.connect
-def _celery_unknown(message: Any = None, exc: BaseException | None = None, name: str | None = None,
-                    id: str | None = None, **_: Any) -> None:
-    queue = _origin(message)[0]
-    record(f"Celery refused it: task {name!r} is not registered", queue, getattr(message, "body", None), id, name)

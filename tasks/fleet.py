@@ -1,14 +1,10 @@
-"""Worker-side fleet hooks (registry heartbeat, exit when idle), connected through Celery signals.
-
-Both run as daemon threads in the worker's MAIN process (worker_ready and
-worker_shutdown are sent there only), never in the pool children that train:
+"""Worker-side fleet hooks, connected through Celery signals, as daemon threads in the
+worker's MAIN process (worker_ready and worker_shutdown are sent there only), never in
+the pool children that train:
 
 - heartbeat: writes this worker's record (orchestrator.cluster.registry) every few seconds, with a
   TTL of three heartbeats; deletes it at shutdown.
-- exit when idle (ORCH_EXIT_WHEN_IDLE=SECONDS, set by `orchestrator worker
-  --exit-when-idle`): once the worker has held no task and all its queues have been
-  empty for that long, it stops itself (warm shutdown, exit code 0), so a node borrowed
-  from a batch scheduler is handed back when the work is done (seed 001).
+- exit when idle (ORCH_EXIT_WHEN_IDLE, tasks.idle), started here with the heartbeat.
 """
 
 from __future__ import annotations
@@ -26,6 +22,8 @@ from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from orchestrator import keys
 from orchestrator.cluster import registry
+
+from .idle import idle_loop
 
 log = logging.getLogger(__name__)
 _gpu_usage = registry.add_gpu_usage  # (tests call it by this name)
@@ -68,57 +66,6 @@ def _heartbeat_loop(interval: float) -> None:
             log.warning("worker registry heartbeat failed: %s", exc)
 
 
-def _queued(queues: list[str], conn: Any) -> int:
-    from kombu.exceptions import ChannelError
-
-    total = 0
-    channel = conn.default_channel
-    for queue in queues:
-        try:
-            total += int(channel.queue_declare(queue, passive=True).message_count)
-        except ChannelError:  # Redis deletes an empty list: the queue does not exist
-            continue
-    return total
-
-
-def _idle_loop(app: Any, queues: list[str], seconds: float) -> None:
-    """SIGTERM this worker once it held nothing and its queues were empty for `seconds`."""
-    poll = min(1.0, seconds / 4)
-    idle_since: float | None = None
-    conn = None
-    while not _stop.wait(poll):
-        try:
-            if conn is None:
-                conn = app.connection_for_read()
-            idle = _busy() == 0 and _queued(queues, conn) == 0
-        except Exception as exc:  # broker unreachable: not evidence of idleness
-            log.warning("exit-when-idle: cannot read queue lengths: %s", exc)
-            if conn is not None:
-                conn.release()
-            conn, idle = None, False
-        now = time.monotonic()
-        if not idle:
-            idle_since = None
-        elif idle_since is None:
-            idle_since = now
-        elif now - idle_since >= seconds:
-            log.warning("no task and empty queues %s for %gs: shutting down (--exit-when-idle)",
-                        ",".join(queues), seconds)
-            _request_warm_shutdown()
-            return
-
-
-def _request_warm_shutdown() -> None:
-    """What Celery's own warm-shutdown signal handler does, with exit code 0: the consumer
-    loop sees the flag within a second or two and stops. (SIGTERM is not used: `orchestrator
-    worker` remaps it to a cold shutdown, which exits with 1, read as a crash by supervisors.)"""
-    from celery.worker import state
-
-    if _record is not None:
-        _record.state = registry.WorkerState.STOPPING.value
-    state.should_stop = 0
-
-
 @worker_ready.connect
 def _on_ready(sender: Any = None, **_: Any) -> None:
     """Register this worker and start its heartbeat (and idle watch) threads."""
@@ -142,13 +89,17 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     atexit.register(_unregister)
     threading.Thread(target=_heartbeat_loop, args=(interval,), name="orch-heartbeat", daemon=True).start()
     if exit_idle is not None:
-        threading.Thread(target=_idle_loop, args=(app, queues, exit_idle), name="orch-exit-when-idle",
-                         daemon=True).start()
+        threading.Thread(target=idle_loop, args=(app, queues, exit_idle, _stop, _busy, _stopping),
+                         name="orch-exit-when-idle", daemon=True).start()
 
 
 @worker_shutting_down.connect
 def _on_shutting_down(**_: Any) -> None:
     """Runs inside the signal handler: only flag the state; the next beat writes it."""
+    _stopping()
+
+
+def _stopping() -> None:
     if _record is not None:
         _record.state = registry.WorkerState.STOPPING.value
 

@@ -236,7 +236,7 @@ def test_registry_records_expire_and_only_their_owner_removes_them(fleet_redis: 
 
 
 def test_idle_check_counts_messages_of_every_priority(fleet_redis: str) -> None:
-    from tasks.fleet import _queued
+    from tasks.idle import queued as _queued
 
     app = celery_app(fleet_redis.rsplit("/", 1)[0] + "/2")
     with app.connection_for_write() as conn:
