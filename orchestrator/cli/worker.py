@@ -57,7 +57,7 @@ def celery_worker_command(gpu: int | None = None, cpu: bool = False, accept_gpu_
     # instead of a warm shutdown that would wait for a run of hours to end.
     env.setdefault("REMAP_SIGTERM", "SIGQUIT")
     if exit_when_idle is not None:
-        env["ORCH_EXIT_WHEN_IDLE"] = f"{exit_when_idle:g}"  # read by tasks/fleet.py
+        env["ORCH_EXIT_WHEN_IDLE"] = f"{exit_when_idle:g}"  # read by tasks/idle.py
     else:
         env.pop("ORCH_EXIT_WHEN_IDLE", None)
     procs = concurrency if (concurrency and gpu is None and not cpu) else 1

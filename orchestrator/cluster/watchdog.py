@@ -2,7 +2,7 @@
 when Redis lost its data and re-dispatches unfinished work from the status files.
 
 Plain Python over Redis. Celery/kombu specifics (how a message is put back on its
-queue, how groups are published) come in as functions, from tasks/watchdog.py.
+queue, how groups are published) come in as functions, from tasks/watchdog.py and tasks/redelivery.py.
 """
 
 from __future__ import annotations
