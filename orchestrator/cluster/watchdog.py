@@ -1,8 +1,11 @@
-"""The watchdog: finds runs whose lease lapsed and hands them to another worker; notices
-when Redis lost its data and re-dispatches unfinished work from the status files.
+"""The watchdog: finds runs whose lease lapsed and hands them to another worker; hands
+on messages whose worker died before starting them (OrphanRule); notices when Redis lost
+its data and re-dispatches unfinished work from the status files; runs chores, among
+them the stall guard (cluster.stall).
 
 Plain Python over Redis. Celery/kombu specifics (how a message is put back on its
-queue, how groups are published) come in as functions, from tasks/watchdog.py and tasks/redelivery.py.
+queue, how groups are published) come in as functions, from tasks/watchdog.py and
+tasks/redelivery.py.
 """
 
 from __future__ import annotations
