@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,8 @@ class Setting:
             return "a redis:// or rediss:// URL"
         if self.kind == "modules":
             return "comma-separated Python module names"
+        if self.kind == "names":
+            return "comma-separated trainer names"
         if self.kind == "indexes":
             return "comma-separated GPU indexes (whole numbers from 0)"
         return "a non-empty text" if self.kind != "path" else "a path"
@@ -81,6 +84,11 @@ def _parse(s: Setting, raw: str) -> Any:
         if not parts or not all(p.isdigit() for p in parts):
             raise ValueError
         return [int(p) for p in parts]
+    if s.kind == "names":
+        found = [n.strip() for n in text.split(",") if n.strip()]
+        if not all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", n) for n in found):
+            raise ValueError
+        return found
     if s.kind == "modules":
         names = [m.strip() for m in text.split(",") if m.strip()]
         if not all(all(part.isidentifier() for part in m.split(".")) for m in names):
@@ -133,6 +141,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     _s("ORCH_TORCH_THREADS", "int", 1, "`1`", "torch CPU threads per worker process", minimum=1, maximum=1024),
     _s("ORCH_PRELOAD", "bool", False, "`1` on training workers",
        "import trainer dependencies when a pool process starts"),
+    _s("ORCH_PRELOAD_TRAINERS", "names", None, "every registered trainer",
+       "with `ORCH_PRELOAD`: preload only these trainers (comma-separated names); `orchestrator run` "
+       "sets it to the trainers of its experiments, so a sweep of `prior` starts no `import torch`"),
     _s("ORCH_LEASE_SECONDS", "seconds", 10.0, "`10`",
        "a run's lease lives this long without a heartbeat (renewed every quarter of it); a lost "
        "worker's run is handed on after at most this plus one watchdog interval", minimum=0.2, maximum=3600.0),

@@ -90,8 +90,9 @@ def _preload_in_parent(**_: Any) -> None:
 
     if not settings.value("ORCH_PRELOAD"):
         return
+    only = settings.value("ORCH_PRELOAD_TRAINERS")
     for trainer in registry().values():
-        if trainer.preload is not None:
+        if trainer.preload is not None and (only is None or trainer.name in only):
             try:
                 trainer.preload()
             except Exception:  # a failed warm-up only costs time later

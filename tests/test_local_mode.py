@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import difflib
 import json
@@ -9,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -208,8 +210,11 @@ def test_ctrl_c_stops_everything_and_a_rerun_finishes(tmp_path: Path, write_expe
     cfg = write_experiment("interrupt", trainer="slow", datasets=["iris"], folds=4,
                            params={"seconds": 1.0}, sweep={"grid": {"smoothing": [1.0, 2.0]}})
     root = tmp_path / "results"
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", str(cfg), "--results-root", str(root)],
-                            cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, env=cli_env(TMPDIR=str(tmp)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     try:
         def done_count() -> int:
             try:
@@ -228,6 +233,7 @@ def test_ctrl_c_stops_everything_and_a_rerun_finishes(tmp_path: Path, write_expe
     assert proc.returncode == 130, stderr
     gone, alive = psutil.wait_procs(children, timeout=20)
     assert alive == [], f"left running: {[p.cmdline() for p in alive]}"
+    assert list(tmp.iterdir()) == []  # no orchestrator-local-* folder, no pool's pymp-*
     states = {n: r.get("status") for n, r in fold_records(root, "interrupt").items()}
     assert set(states.values()) <= {"DONE", "CANCELLED"} and "CANCELLED" in states.values()
     first = fold_records(root, "interrupt")
@@ -258,3 +264,30 @@ def test_local_mode_ignores_state_and_backend_urls_of_another_cluster(tmp_path: 
     env = cli_env(ORCH_STATE_URL=elsewhere, ORCH_RESULT_BACKEND=elsewhere)
     proc = run_cli("run", str(cfg), "--results-root", str(tmp_path / "r"), env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_finished_run_exits_at_once_and_leaves_no_process_and_no_folder(tmp_path: Path, write_experiment) -> None:
+    """Every group final: the local workers and Redis are killed at once (nothing is in
+    flight, the private Redis goes with them), none is left, nor the working folder."""
+    cfg = write_experiment("leftovers", trainer="slow", datasets=["iris"], folds=2, params={"seconds": 0.3})
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", str(cfg), "--results-root",
+                             str(tmp_path / "results")], cwd=REPO, env=cli_env(TMPDIR=str(tmp)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: dict[int, psutil.Process] = {}
+    try:
+        while proc.poll() is None:  # every process the run starts, as long as it runs
+            with contextlib.suppress(psutil.Error):
+                seen.update({c.pid: c for c in psutil.Process(proc.pid).children(recursive=True)})
+            time.sleep(0.05)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "DONE" in stdout
+    assert len(seen) >= 4, seen  # redis, 2 workers, control
+    _, alive = psutil.wait_procs(list(seen.values()), timeout=5)
+    assert alive == [], f"left running: {[p.cmdline() for p in alive]}"
+    assert list(tmp.iterdir()) == []  # no orchestrator-local-* folder

@@ -142,8 +142,9 @@ def run(configs: tuple[str, ...], results_root: str | None, broker: str | None, 
 
             gpus = [g.index for g in detect()]
             cpu_runs = any(s.queue == "cpu" for ps in plans.values() for p in ps for s in p.todo)
+            used = sorted({s.trainer for ps in plans.values() for p in ps for s in p.todo})
             cluster = LocalCluster(results_root=root, cpu_workers=n_workers, gpus=gpus,
-                                   cpu_runs=cpu_runs, loglevel=loglevel)
+                                   cpu_runs=cpu_runs, loglevel=loglevel, preload=used)
             url = cluster.start()
             use_broker(url, root, private=True)
             kinds = [f"{len(gpus)} GPU workers"] if gpus else []
@@ -159,7 +160,10 @@ def run(configs: tuple[str, ...], results_root: str | None, broker: str | None, 
                                          f"{cluster.log_tail(name)}")
 
         wait(live, tracked, err, check=check)
-        code = _summary(exps, layout)  # results first; stopping the workers takes a moment
+        code = _summary(exps, layout)  # results first, then the stop
+        if cluster is not None:
+            cluster.stop(finished=True)
+            cluster = None
     except KeyboardInterrupt:
         err.print("interrupted: stopping workers")
         if cluster is not None:

@@ -106,6 +106,7 @@ class LocalCluster:
     gpus: list[int] = field(default_factory=list)
     cpu_runs: bool = False
     loglevel: str = "WARNING"
+    preload: list[str] | None = None  # trainers the workers preload (None: every one)
     workdir: Path | None = None
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     broker_url: str = ""
@@ -118,6 +119,12 @@ class LocalCluster:
                "ORCH_RESULT_BACKEND": self.broker_url, "ORCH_STATE_URL": self.broker_url,
                "ORCH_RESULTS_ROOT": str(self.results_root),
                "ORCH_RESULTS_TRANSFER": "shared"}  # one host: every worker sees the root
+        if self.preload is not None:
+            env["ORCH_PRELOAD_TRAINERS"] = ",".join(self.preload)
+        # The workers' temporary files (the pool's pymp-* folders among them) go inside
+        # the working folder, which the stop removes: a killed pool leaves them behind.
+        (self.workdir / "tmp").mkdir()
+        env["TMPDIR"] = str(self.workdir / "tmp")
         for name, argv in self.worker_commands().items():
             self.processes[name] = spawn(argv, env, self.workdir / f"{name}.log")
         return self.broker_url
@@ -145,14 +152,20 @@ class LocalCluster:
         path = self.workdir / ("redis/redis.log" if name == "redis" else f"{name}.log")
         return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
-    def stop(self) -> None:
+    def stop(self, finished: bool = False) -> None:
+        """Stop every process and remove the working folder. `finished`: every group is
+        final, so nothing is in flight and nothing in this private Redis outlives it:
+        the process groups are killed at once (a cold shutdown of three Celery workers
+        took 3-7 s after the summary). Else (Ctrl-C, a failure) workers stop cold, handing
+        back what they hold, as `workers down` does."""
         workers = [p for n, p in self.processes.items() if n != "redis"]
+        sig = signal.SIGKILL if finished else signal.SIGTERM
         for proc in workers:  # signal all first: they shut down in parallel
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
+                os.killpg(proc.pid, sig)
         for proc in workers:
-            stop_process(proc, signal.SIGTERM, grace=15)
+            stop_process(proc, sig, grace=15)
         if "redis" in self.processes:
-            stop_process(self.processes["redis"], signal.SIGTERM, grace=5)
+            stop_process(self.processes["redis"], sig, grace=5)
         if self.workdir is not None and not settings.value("ORCH_KEEP_LOCAL_LOGS"):
             shutil.rmtree(self.workdir, ignore_errors=True)
