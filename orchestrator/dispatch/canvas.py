@@ -31,7 +31,7 @@ from ..experiment.plan import FINALIZE, RUN, SKIP, GroupPlan, make_plan
 from ..experiment.spec import RunSpec
 from ..livestate import LiveState
 from ..paths import Layout
-from .manifest import write_manifest
+from .manifest import add_to_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -161,9 +161,11 @@ def check_connections(live: LiveState) -> None:
         conn.ensure_connection(max_retries=1)
 
 
-def submit(exp: Experiment, plans: list[GroupPlan], layout: Layout, live: LiveState) -> dict[str, int]:
-    """Publish what the plan says; returns counts of what was published."""
-    dicts = write_manifest(layout, exp, plans)
+def submit(exp: Experiment, plans: list[GroupPlan], layout: Layout, live: LiveState,
+           add: bool = False) -> dict[str, int]:
+    """Publish what the plan says; returns counts of what was published. `add`: the
+    groups join the experiment's manifest (add_to_manifest) instead of replacing it."""
+    dicts = add_to_manifest(layout, exp, plans) if add else write_manifest(layout, exp, plans)
     states: dict[str, str] = {}
     for p in plans:
         todo = {s.run_id for s in p.todo}

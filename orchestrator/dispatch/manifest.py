@@ -1,17 +1,18 @@
 """The experiment manifest: <root>/<experiment>/experiment.json, what the last
 submission of an experiment contained (every run spec, by group). `status` and the
-run summary read it; `submit` and `run` write it."""
+run summary read it; `submit` and `run` write it. Evaluations from the Python API
+(`Client.evaluate`) add their groups to it instead (`add_to_manifest`)."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
-from ..errors import ExperimentNotFound
+from ..errors import ConfigError, ExperimentNotFound, Problem
 from ..experiment.config import Experiment
 from ..experiment.plan import GroupPlan
 from ..experiment.spec import canonical_json
-from ..paths import Layout, atomic_write_bytes, read_json
+from ..paths import Layout, atomic_write_bytes, file_lock, read_json
 
 
 def experiments(layout: Layout) -> list[str]:
@@ -47,4 +48,39 @@ def write_manifest(layout: Layout, exp: Experiment, plans: list[GroupPlan]) -> d
         return dicts  # the same submission again: leave the file (and its time) alone
     atomic_write_bytes(layout.manifest(exp.name),
                        canonical_json({**content, "submitted_at": time.time()}).encode())
+    return dicts
+
+
+def add_to_manifest(layout: Layout, exp: Experiment, plans: list[GroupPlan]) -> dict[str, dict[str, Any]]:
+    """Add the plans' groups to the experiment's manifest, keeping the groups it lists
+    (one evaluation after another of `Client.evaluate`, from any number of processes:
+    under a lock). A group already listed is left as it is. Returns each run's dict by
+    run_id, as write_manifest does. Two groups with different runs in one folder (params
+    that differ only as 1 and 1.0 do) would overwrite each other's files: a ConfigError."""
+    dicts = {s.run_id: s.to_dict() for p in plans for s in p.specs}
+    with file_lock(layout.manifest_lock(exp.name)):
+        previous = read_json(layout.manifest(exp.name))
+        content: dict[str, Any] = previous if isinstance(previous, dict) and isinstance(
+            previous.get("groups"), list) else {
+            "experiment": exp.name, "config": exp.file, "trainer": exp.trainer.name,
+            "results_root": str(layout.root), "groups": []}
+        listed = {g.get("dir"): g.get("group_id") for g in content["groups"] if isinstance(g, dict)}
+        added = False
+        for p in plans:
+            first = p.first
+            if first.group_dir in listed:
+                if listed[first.group_dir] != first.group_id:
+                    raise ConfigError([Problem(exp.file, "params", (
+                        f"{first.group_name} would share its folder {first.group_dir} with another "
+                        "evaluation whose params differ only in how they are written (1 and 1.0, "
+                        "'1' and 1): write them the same way"))])
+                continue
+            content["groups"].append({
+                "group_id": first.group_id, "name": first.group_name, "dir": first.group_dir,
+                "run_ids": sorted(s.run_id for s in p.specs), "runs": [dicts[s.run_id] for s in p.specs]})
+            listed[first.group_dir] = first.group_id
+            added = True
+        if added or not isinstance(previous, dict):
+            content["submitted_at"] = time.time()
+            atomic_write_bytes(layout.manifest(exp.name), canonical_json(content).encode())
     return dicts
