@@ -153,6 +153,27 @@ def _group_options(plan: GroupPlan, kwargs: dict[str, Any]) -> dict[str, Any]:
     return {"queue": "control", "argsrepr": repr(plan.first.group_name), "kwargsrepr": repr(kwargs)}
 
 
+def follow_environment() -> None:
+    """Point the Celery app at the broker and backend that ORCH_BROKER_URL and
+    ORCH_RESULT_BACKEND name now (cluster.endpoints.use_broker), if it was configured
+    for others: a Python process may talk to one cluster after another (`orch.local()`
+    twice), while celeryconfig read the environment once, at its import."""
+    import os
+
+    broker = os.environ.get("ORCH_BROKER_URL")
+    backend = os.environ.get("ORCH_RESULT_BACKEND") or broker
+    conf = app.conf
+    if not broker or (conf.broker_url == broker and conf.result_backend == backend):
+        return
+    if getattr(app, "_pool", None) is not None:  # connections to the old broker: closed, the pool forgotten
+        app._pool.force_close_all()
+    conf.broker_url, conf.result_backend = broker, backend
+    conf.orch_state_url = os.environ.get("ORCH_STATE_URL") or backend
+    app._pool = None
+    app.amqp._producer_pool = None
+    app._backend = None
+
+
 def check_connections(live: LiveState) -> None:
     """Reach the live-state Redis and the broker before anything is written: a submit
     that cannot publish must leave the results root as it was."""

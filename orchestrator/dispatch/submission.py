@@ -32,9 +32,10 @@ def submit_experiments(exps: list[Experiment], plans: dict[str, list[GroupPlan]]
     import celeryconfig  # noqa: F401  (Celery loads it lazily: report a bad ORCH_* value first)
 
     from ..livestate import LiveState
-    from .canvas import check_connections, submit
+    from .canvas import check_connections, follow_environment, submit
 
     broker = os.environ["ORCH_BROKER_URL"]
+    follow_environment()
     live = LiveState.from_url(os.environ.get("ORCH_STATE_URL", broker))
     try:
         check_connections(live)
