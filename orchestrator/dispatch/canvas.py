@@ -171,7 +171,8 @@ def follow_environment() -> None:
     conf.orch_state_url = os.environ.get("ORCH_STATE_URL") or backend
     app._pool = None
     app.amqp._producer_pool = None
-    app._backend = None
+    app._backend_cache = None  # Celery 5.7 keeps the backend here, or per thread:
+    vars(app._local).pop("backend", None)
 
 
 def check_connections(live: LiveState) -> None:
