@@ -11,7 +11,7 @@ import redis
 import orchestrator as orch
 
 root = sys.argv[1]
-out = {}
+out: dict[str, object] = {}
 with orch.local(workers=2, results_root=root) as client:
     exp = client.submit({"experiment": "nb", "trainer": "prior", "datasets": ["iris"], "folds": 3,
                          "sweep": {"grid": {"smoothing": [0.5, 2.0]}}, "resources": {"gpus": 0}})

@@ -14,7 +14,7 @@ client = orch.Client(broker, results_root=root)
 rng = random.Random(7)
 asked = [round(rng.uniform(0.1, 5.0), 4) for _ in range(20)]
 pending: set[orch.RunFuture] = set()
-told = {}
+told: dict[str, float] = {}
 i = 0
 while len(told) < len(asked):
     while i < len(asked) and len(pending) < 4:
