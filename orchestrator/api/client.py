@@ -13,24 +13,19 @@ import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, EnvironmentProblem, OrchestratorError, Problem
+from ..errors import ConfigError, OrchestratorError, Problem
 from ..experiment.config import DICT_FILE, Config
-from ..paths import Layout
 from .futures import RunFuture
 from .handle import Experiment
+from .session import Session
 
 if TYPE_CHECKING:
-    from ..cluster.local import LocalCluster
-    from ..execution.leases import Leases
     from ..experiment.config import Experiment as Validated
     from ..experiment.plan import GroupPlan
-    from ..livestate import LiveState
-    from ..views.progress import Tracked
 
 Configs = Config | Sequence[Config]
 # Seconds an evaluation's "published" mark lives in Redis (as long as the live state).
@@ -65,7 +60,7 @@ def _as_list(configs: Configs) -> list[Config]:
     return list(configs)
 
 
-class Client:
+class Client(Session):
     """The cluster at `broker` (default ORCH_BROKER_URL) and the results under
     `results_root` (default ORCH_RESULTS_ROOT, else ./results).
 
@@ -82,25 +77,6 @@ class Client:
         exp.wait()
         print(exp.results()[0]["accuracy"])
     """
-
-    def __init__(self, broker: str | None = None, results_root: str | os.PathLike[str] | None = None):
-        from ..cluster.endpoints import check_redis_url, results_root_path
-
-        self.broker = broker or os.environ.get("ORCH_BROKER_URL") or None
-        if self.broker:
-            check_redis_url(self.broker, "broker URL (Client(broker=...) / ORCH_BROKER_URL)")
-        self.results_root: Path = results_root_path(results_root)
-        self.layout = Layout(self.results_root)
-        self.cluster: LocalCluster | None = None  # set by local(): checked while waiting
-        self._private = False
-        self._live: LiveState | None = None
-        self._base: dict[str, Validated] = {}  # evaluate's validated configs, by their JSON
-
-    def __repr__(self) -> str:
-        from ..cluster.registry import redact
-
-        broker = redact(self.broker) if self.broker else None
-        return f"Client(broker={broker!r}, results_root={str(self.results_root)!r})"
 
     # -- configs -------------------------------------------------------------------
     def load(self, configs: Configs) -> list[Validated]:
@@ -132,70 +108,6 @@ class Client:
             out.append(Plan(exp.name, totals(plans), plan_rows(self.layout, plans),
                             paused_info(self.layout, exp.name) is not None))
         return out
-
-    # -- the cluster -----------------------------------------------------------------
-    def connect(self) -> str:
-        """Point this process at the broker (as `--broker` does); its URL. A usage error
-        without one."""
-        from ..cluster.endpoints import results_root_path, use_broker
-
-        if not self.broker:
-            raise OrchestratorError(
-                "no broker configured: Client(broker='redis://HOST:6379/0') or ORCH_BROKER_URL, "
-                "or use orch.local() for a private cluster")
-        results_root_path(self.results_root, writable=True)
-        use_broker(self.broker, self.results_root, private=self._private)
-        return os.environ["ORCH_STATE_URL"]
-
-    def live(self) -> LiveState:
-        """The cluster's live state (Redis)."""
-        from ..livestate import LiveState
-
-        url = self.connect()
-        if self._live is None:
-            self._live = LiveState.from_url(url)
-        return self._live
-
-    def live_or_none(self) -> LiveState | None:
-        return self.live() if self.broker else None
-
-    def steering(self) -> tuple[Leases, LiveState, str]:
-        from ..execution.leases import Leases
-
-        url = self.connect()
-        return Leases.from_url(url), self.live(), url
-
-    @staticmethod
-    def redis_errors(url: str) -> contextlib.AbstractContextManager[None]:
-        from ..cluster.endpoints import redis_errors
-
-        return redis_errors(url)
-
-    def check_cluster(self) -> None:
-        """EnvironmentProblem if a process of this client's local cluster died."""
-        if self.cluster is not None and (dead := self.cluster.dead()):
-            raise EnvironmentProblem(f"local {dead[0]} process exited unexpectedly; its log ends:\n"
-                                     f"{self.cluster.log_tail(dead[0])}")
-
-    def checker(self, deadline: float | None, what: str) -> Callable[[], None]:
-        def check() -> None:
-            self.check_cluster()
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"{what} did not finish in time (it goes on; wait again)")
-        return check
-
-    def tracked(self, name: str) -> Tracked:
-        """The groups of an experiment's manifest, for a progress wait."""
-        from ..dispatch.manifest import load_manifest
-        from ..experiment.plan import RUN, GroupPlan
-        from ..experiment.spec import RunSpec
-        from ..views.progress import Tracked
-
-        plans = []
-        for g in load_manifest(self.layout, name)["groups"]:
-            specs = tuple(RunSpec.from_dict(r) for r in g["runs"])
-            plans.append(GroupPlan(specs=specs, todo=(), action=RUN))
-        return Tracked(name, plans)
 
     # -- experiments -----------------------------------------------------------------
     def submit(self, configs: Configs) -> Experiment:
@@ -410,7 +322,7 @@ def local(workers: int = 2, results_root: str | os.PathLike[str] | None = None,
     try:
         url = cluster.start()
         client = Client(url, root)
-        client._private = True
+        client.private = True
         client.cluster = cluster
         client.connect()
         yield client

@@ -22,7 +22,7 @@ from ..experiment.spec import RunSpec
 from ..views.progress import poll_interval
 
 if TYPE_CHECKING:
-    from .client import Client
+    from .session import Session
 
 FINAL = (Status.DONE.value, Status.FAILED.value, Status.CANCELLED.value)
 # Between two reads of every pending future's status file (the live state may be gone:
@@ -62,7 +62,7 @@ class RunFuture:
     process, and `Client.future(id)` finds it again.
     """
 
-    client: Client = field(repr=False)
+    client: Session = field(repr=False)
     specs: tuple[RunSpec, ...] = field(repr=False)
     _result: RunResult | None = field(default=None, repr=False)
     _record: dict[str, Any] | None = field(default=None, repr=False)
@@ -218,7 +218,7 @@ def _finished_live(pending: dict[tuple[str, str], RunFuture]) -> list[tuple[str,
     experiment's groups hash); none when there is no broker or it does not answer."""
     from redis.exceptions import RedisError
 
-    by_client: dict[int, tuple[Client, dict[str, list[tuple[str, str]]]]] = {}
+    by_client: dict[int, tuple[Session, dict[str, list[tuple[str, str]]]]] = {}
     for key, future in pending.items():
         by_client.setdefault(id(future.client), (future.client, {}))[1].setdefault(key[0], []).append(key)
     found: list[tuple[str, str]] = []

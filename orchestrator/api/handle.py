@@ -16,7 +16,7 @@ from ..collect.status import Status
 from ..paths import Layout
 
 if TYPE_CHECKING:
-    from .client import Client
+    from .session import Session
 
 FINAL = (Status.DONE.value, Status.FAILED.value, Status.CANCELLED.value)
 # A metric where less is better; every other is more-is-better.
@@ -54,7 +54,7 @@ class Experiment:
             print(row["point"], row["fold"], row["accuracy"])
     """
 
-    def __init__(self, client: Client, name: str):
+    def __init__(self, client: Session, name: str):
         self.client = client
         self.name = name
 
