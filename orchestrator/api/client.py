@@ -304,6 +304,7 @@ def local(workers: int = 2, results_root: str | os.PathLike[str] | None = None,
             exp = client.submit("configs/iris_kfold.yaml")
             exp.wait()
     """
+    from .. import settings
     from ..cluster.endpoints import results_root_path
     from ..cluster.local import LocalCluster
     from ..trainers import functions
@@ -313,12 +314,10 @@ def local(workers: int = 2, results_root: str | os.PathLike[str] | None = None,
         from ..cluster.gpu import detect
 
         gpus = [g.index for g in detect()]
-    modules = [m.strip() for m in os.environ.get("ORCH_TRAINER_MODULES", "").split(",") if m.strip()]
+    modules = list(settings.value("ORCH_TRAINER_MODULES"))
     modules += [m for m in functions.DECLARED if m != "__main__" and m not in modules]
-    if modules:
-        os.environ["ORCH_TRAINER_MODULES"] = ",".join(modules)
     cluster = LocalCluster(results_root=root, cpu_workers=workers, gpus=list(gpus), cpu_runs=True,
-                           loglevel=loglevel)
+                           loglevel=loglevel, env={"ORCH_TRAINER_MODULES": ",".join(modules)})
     try:
         url = cluster.start()
         client = Client(url, root)

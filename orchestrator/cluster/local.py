@@ -109,6 +109,7 @@ class LocalCluster:
     workdir: Path | None = None
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     broker_url: str = ""
+    env: dict[str, str] = field(default_factory=dict)  # on top of this process's, for every worker
 
     def start(self) -> str:
         self.workdir = Path(tempfile.mkdtemp(prefix="orchestrator-local-"))
@@ -117,7 +118,8 @@ class LocalCluster:
         env = {**os.environ, "ORCH_BROKER_URL": self.broker_url,
                "ORCH_RESULT_BACKEND": self.broker_url, "ORCH_STATE_URL": self.broker_url,
                "ORCH_RESULTS_ROOT": str(self.results_root),
-               "ORCH_RESULTS_TRANSFER": "shared"}  # one host: every worker sees the root
+               "ORCH_RESULTS_TRANSFER": "shared",  # one host: every worker sees the root
+               **self.env}
         for name, argv in self.worker_commands().items():
             self.processes[name] = spawn(argv, env, self.workdir / f"{name}.log")
         return self.broker_url
