@@ -253,7 +253,11 @@ class Client(Session):
 
         publish = [p for p in plans if not in_flight(p)]
         if publish:
-            submit_experiments([exp], {exp.name: publish}, self.layout, add=True)
+            # The broker was reached once: a later evaluation that cannot publish raises
+            # all the same (and is published again by the next evaluate of it).
+            submit_experiments([exp], {exp.name: publish}, self.layout, add=True,
+                               check=self._reached != url, live=live)
+            self._reached = url
             now = repr(time.time())
             with self.redis_errors(url):
                 pipe = live.client.pipeline(transaction=False)

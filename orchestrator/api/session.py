@@ -37,6 +37,7 @@ class Session:
         self.private = False  # orch.local()'s own Redis: also the backend and live state
         self._live: LiveState | None = None
         self._base: dict[str, Validated] = {}  # evaluate's validated configs, by their JSON
+        self._reached: str | None = None  # the broker evaluate published to last
 
     def __repr__(self) -> str:
         from ..cluster.registry import redact

@@ -20,11 +20,14 @@ Report = Callable[[Experiment, dict[str, int]], None]
 
 
 def submit_experiments(exps: list[Experiment], plans: dict[str, list[GroupPlan]], layout: Layout,
-                       report: Report | None = None, add: bool = False) -> LiveState:
+                       report: Report | None = None, add: bool = False, check: bool = True,
+                       live: LiveState | None = None) -> LiveState:
     """Publish every experiment's plan to the broker of ORCH_BROKER_URL (cluster.endpoints.
     use_broker); returns the LiveState used. `report(exp, counts)` after each experiment
     (counts: runs, groups, finalize_only published). `add`: the plans' groups are added to
-    the experiment's manifest instead of replacing it (evaluations, orchestrator.api)."""
+    the experiment's manifest instead of replacing it, and the broker connection is kept
+    for the next such call (evaluations, orchestrator.api). `check`: reach Redis and the
+    broker before anything is written (a caller that just did may skip it)."""
     from celery.exceptions import OperationalError
     from kombu.exceptions import BatchPublishError, KombuError
     from redis.exceptions import RedisError
@@ -36,9 +39,11 @@ def submit_experiments(exps: list[Experiment], plans: dict[str, list[GroupPlan]]
 
     broker = os.environ["ORCH_BROKER_URL"]
     follow_environment()
-    live = LiveState.from_url(os.environ.get("ORCH_STATE_URL", broker))
+    if live is None:
+        live = LiveState.from_url(os.environ.get("ORCH_STATE_URL", broker))
     try:
-        check_connections(live)
+        if check:
+            check_connections(live)
         for exp in exps:
             published = submit(exp, plans[exp.name], layout, live, add=add)
             if report is not None:
