@@ -202,3 +202,31 @@ def test_evaluation_futures_fail_cancel_and_deduplicate(running_cluster: Cluster
         client.evaluate("slow", {"seconds": 5.0}, "iris", experiment="futures",
                         resources={"gpus": 0}).result(timeout=0.5)
     wait_for(lambda: client.experiment("futures").done(), timeout=60, what="the last evaluation")
+
+
+def test_results_are_records_with_python_values_and_a_dataframe_with_pandas(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No cluster: the rows of final_results.csv as records; pandas only when asked for."""
+    import types
+
+    from orchestrator.collect.results import update_final_results
+    from orchestrator.paths import Layout
+
+    update_final_results(Layout(tmp_path), "e", [{
+        "experiment": "e", "dataset": "iris", "point": "hidden=64-32", "seed": 0, "fold": 1,
+        "run_id": "r1", "group_id": "g1", "accuracy": 0.75, "log_loss": None, "macro_f1": 0.5,
+        "holdout_accuracy": 1, "seconds": 0.25, "worker": "cpu1@h", "device": "cpu", "attempt": 1,
+        "param.hidden": [64, 32], "param.flag": True, "param.act": "relu"}])
+    exp = orch.Client(results_root=tmp_path).experiments()  # no manifest: not listed
+    assert exp == []
+    handle = orch.Experiment(orch.Client(results_root=tmp_path), "e")
+    (row,) = handle.results()
+    assert row["accuracy"] == 0.75 and row["log_loss"] is None and row["fold"] == 1
+    assert row["param.hidden"] == [64, 32] and row["param.flag"] is True and row["param.act"] == "relu"
+    monkeypatch.setitem(sys.modules, "pandas", None)  # not installed: a clear ImportError
+    with pytest.raises(ImportError, match="needs pandas"):
+        handle.dataframe()
+    fake = types.ModuleType("pandas")
+    fake.DataFrame = types.SimpleNamespace(from_records=lambda rows: ("frame", rows))  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pandas", fake)
+    assert handle.dataframe() == ("frame", [row])

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 from ..collect.status import Status
 from ..errors import EvaluationError
 from ..experiment.spec import RunSpec
-from ..views.progress import poll_interval
 
 if TYPE_CHECKING:
     from .session import Session
@@ -183,6 +182,8 @@ def as_completed(futures: Iterable[RunFuture], timeout: float | None = None) -> 
         for future in orch.as_completed(pending):
             print(future.params, future.result().accuracy)
     """
+    from ..views.progress import poll_interval
+
     pending: dict[tuple[str, str], RunFuture] = {}
     for f in futures:
         pending.setdefault((f.experiment, f.id), f)

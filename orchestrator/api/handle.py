@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from .session import Session
 
 FINAL = (Status.DONE.value, Status.FAILED.value, Status.CANCELLED.value)
+FILE_CHECK_SECONDS = 5.0  # while waiting, the status files are read this often
 # A metric where less is better; every other is more-is-better.
 LOWER_IS_BETTER = ("log_loss",)
 
@@ -146,8 +147,20 @@ class Experiment:
             live = self.client.live()
             console = _console(progress)
             deadline = None if timeout is None else time.monotonic() + timeout
-            check = self.client.checker(deadline, f"experiment {self.name!r}")
-            wait(live, [self.client.tracked(self.name)], console, check=check, lines=progress)
+            checker = self.client.checker(deadline, f"experiment {self.name!r}")
+            last = [time.monotonic()]
+
+            def check() -> None:
+                checker()
+                # The files are the record: a group that ended while the live state did
+                # not hear of it (another Redis, keys expired) ends the wait as well.
+                if time.monotonic() - last[0] > FILE_CHECK_SECONDS:
+                    last[0] = time.monotonic()
+                    if self.done():
+                        raise _Ended
+
+            with contextlib.suppress(_Ended):
+                wait(live, [self.client.tracked(self.name)], console, check=check, lines=progress)
         return self.status()
 
     # -- steering ------------------------------------------------------------------
@@ -186,6 +199,10 @@ class Experiment:
     @property
     def final_results(self) -> Path:
         return self.layout.final_results(self.name)
+
+
+class _Ended(Exception):
+    """Every group is final according to the files: the wait is over."""
 
 
 def _console(progress: bool) -> Any:
