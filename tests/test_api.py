@@ -120,6 +120,19 @@ def test_a_worker_stops_at_its_start_when_a_trainer_module_cannot_be_imported(ru
         if worker.poll() is None:
             worker.kill()
     assert "cannot import trainer module 'tests.no_such_module'" in log.read_text()
+    # A worker of the control queue alone never trains: it starts all the same.
+    from .conftest import celery_app
+
+    argv[argv.index("nothing")], argv[argv.index("broken2@%h")] = "control", "ctl-broken@%h"
+    with open(tmp_path / "control.log", "wb") as fh:
+        control = subprocess.Popen(argv, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        app = celery_app(running_cluster.url)
+        wait_for(lambda: app.control.ping(destination=[f"ctl-broken@{os.uname().nodename}"], timeout=0.5),
+                 timeout=60, what="the control-only worker to answer")
+    finally:
+        stop_process(control)  # type: ignore[arg-type]
 
 
 def test_an_outside_search_killed_half_way_is_collected_by_a_new_client(running_cluster: Cluster) -> None:
