@@ -198,8 +198,8 @@ def test_evaluation_futures_fail_cancel_and_deduplicate(running_cluster: Cluster
         bad.result(timeout=60)
     assert caught.value.state == "FAILED" and "deliberate failure on fold 0" in caught.value.errors["0"]
     # Many in one submission; the same point twice is one future; a queued one cancels.
-    futures = client.map("slow", [{"seconds": 2.0, "smoothing": s} for s in (1.0, 2.0, 3.0, 4.0, 1.0)],
-                         "iris", experiment="futures", resources={"gpus": 0})
+    futures = client.map("slow", [{"seconds": 2.0, "smoothing": s} for s in (1.0, 2.0, 3.0, 4.0, 1)],
+                         "iris", experiment="futures", resources={"gpus": 0})  # 1 and 1.0: one point
     assert futures[0] == futures[4] and len({f.id for f in futures}) == 4
     last = futures[3]
     assert last.cancel() is True and last.state() == "CANCELLED"  # 2 workers: the 4th waits

@@ -113,19 +113,21 @@ class Client(Session):
     def submit(self, configs: Configs) -> Experiment:
         """Submit one experiment (a path, a dict): `orchestrator submit`. Runs DONE under
         the results root are skipped. Returns its handle at once; `.wait()` waits."""
-        found = self.submit_all(configs)
-        if len(found) != 1:
-            raise OrchestratorError(f"submit takes one experiment, {len(found)} were given "
-                                    f"({', '.join(e.name for e in found)}): use submit_all")
-        return found[0]
+        exps = self.load(configs)
+        if len(exps) != 1:  # before anything is submitted
+            raise OrchestratorError(f"submit takes one experiment, {len(exps)} were given "
+                                    f"({', '.join(e.name for e in exps)}): use submit_all")
+        return self._submit(exps)[0]
 
     def submit_all(self, configs: Configs) -> list[Experiment]:
         """Submit every experiment of `configs` (a folder, a list)."""
+        return self._submit(self.load(configs))
+
+    def _submit(self, exps: list[Validated]) -> list[Experiment]:
         from ..dispatch.submission import submit_experiments
         from ..experiment.expand import expand
         from ..experiment.plan import make_plan
 
-        exps = self.load(configs)
         self.connect()
         plans = {e.name: make_plan(self.layout, expand(e)) for e in exps}
         submit_experiments(exps, plans, self.layout)
@@ -220,6 +222,9 @@ class Client(Session):
                         f"{did_you_mean(str(name), list(trainer.params))}; valid: {', '.join(trainer.params)}")))
                 elif (problem := spec.problem(value)) is not None:
                     problems.append(Problem(DICT_FILE, f"{where}.{name}", problem))
+                elif spec.kind == "float" and not isinstance(value, bool):
+                    # An optimiser's 1 and 1.0 are one point (one run_id, one folder).
+                    params[name] = float(value)
             ordered = dict(sorted(params.items()))  # a point's name and folder: in one order
             order.append(point_name(ordered))
             named.setdefault(order[-1], (order[-1], ordered))
