@@ -243,3 +243,27 @@ def test_results_are_records_with_python_values_and_a_dataframe_with_pandas(
     fake.DataFrame = types.SimpleNamespace(from_records=lambda rows: ("frame", rows))  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "pandas", fake)
     assert handle.dataframe() == ("frame", [row])
+
+
+def test_an_experiment_is_paused_resumed_and_cancelled_from_python(running_cluster: Cluster,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator import trainers
+
+    monkeypatch.setenv("ORCH_TRAINER_MODULES", "tests.plugins")
+    monkeypatch.setattr(trainers, "_REGISTRY", None)
+    client = orch.Client(running_cluster.url, results_root=running_cluster.root)
+    exp = client.submit({"experiment": "steer_py", "trainer": "slow", "datasets": ["iris"], "folds": 4,
+                         "params": {"seconds": 3.0}, "resources": {"gpus": 0}})
+    assert exp.pause() == {"handed_back": 0} and exp.paused()
+    with pytest.raises(TimeoutError):
+        exp.wait(timeout=0.5, progress=False)
+    resumed = exp.resume()
+    assert not exp.paused() and resumed["unparked"] >= 0
+    counts = exp.cancel()
+    assert counts["queued"] + counts["running"] == 4, counts
+    status = exp.wait(timeout=60, progress=False)
+    assert status["groups"] == {"CANCELLED": 1}, status
+    assert set(status["runs"]) <= {"CANCELLED", "DONE"} and status["runs"].get("CANCELLED", 0) >= 1
+    assert client.experiment("steer_py").done()
+    with pytest.raises(orch.ExperimentNotFound):
+        client.experiment("no_such_experiment")
