@@ -325,6 +325,12 @@ def local(workers: int = 2, results_root: str | os.PathLike[str] | None = None,
         gpus = [g.index for g in detect()]
     modules = list(settings.value("ORCH_TRAINER_MODULES"))
     modules += [m for m in functions.DECLARED if m != "__main__" and m not in modules]
+    if functions.DECLARED.get("__main__"):
+        import warnings
+
+        warnings.warn(f"trainers {sorted(functions.DECLARED['__main__'])} are declared in __main__ (a "
+                      "script or notebook): the workers cannot import them, so their runs would fail "
+                      "(refused); declare them in a module (docs/api.md)", stacklevel=3)
     cluster = LocalCluster(results_root=root, cpu_workers=workers, gpus=list(gpus), cpu_runs=True,
                            loglevel=loglevel, env={"ORCH_TRAINER_MODULES": ",".join(modules)})
     try:
