@@ -51,6 +51,21 @@ class UnknownTrainerError(OrchestratorError):
     """A trainer name that is not registered on this process."""
 
 
+class TrainerModuleError(OrchestratorError):
+    """A module named in ORCH_TRAINER_MODULES that cannot be imported (reported at a worker's start)."""
+
+
+class EvaluationError(OrchestratorError):
+    """An evaluation (`Client.evaluate`) or experiment that ended FAILED or CANCELLED."""
+
+    exit_code = EXIT_RUNS_FAILED
+
+    def __init__(self, message: str, state: str = "FAILED", errors: dict[str, str] | None = None):
+        super().__init__(message)
+        self.state = state  # FAILED or CANCELLED
+        self.errors = errors or {}  # fold (or "finalize") -> why
+
+
 class InvalidSpecError(OrchestratorError):
     """A run spec (typically a broker message) that does not have the expected form."""
 

@@ -23,6 +23,8 @@ outputs go; see orchestrator.execution.leases for the lease protocol):
     orch:worker:<name>                 the worker registry (`workers list`)
     orch:watchdog:lock                 one watchdog acts at a time
     orch:deadletters                   refused messages, with their reasons
+    orch:evaluation:<run_key>          `Client.evaluate` published the run (unix time): another
+                                       client evaluating the same run waits on it instead
 """
 
 from __future__ import annotations
@@ -99,6 +101,10 @@ def gpu_share(host: str, index: int) -> str:
 
 def gpu_wait(worker: str) -> str:
     return f"{PREFIX}:gpuwait:{worker}"
+
+
+def evaluation(run_key: str) -> str:
+    return f"{PREFIX}:evaluation:{run_key}"
 
 
 def worker(name: str) -> str:

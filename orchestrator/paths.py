@@ -195,6 +195,10 @@ class Layout:
     def manifest(self, experiment: str) -> Path:
         return self.experiment_dir(experiment) / "experiment.json"
 
+    def manifest_lock(self, experiment: str) -> Path:
+        """Held while evaluations are added to the manifest (dispatch.manifest.add_to_manifest)."""
+        return self.experiment_dir(experiment) / ".experiment.lock"
+
     def paused_marker(self, experiment: str) -> Path:
         """Present while the experiment is paused (`orchestrator pause`)."""
         return self.experiment_dir(experiment) / "paused.json"

@@ -133,7 +133,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
        "must exceed your longest run; see `celeryconfig.py`", **_SECONDS),
     _s("ORCH_RESULT_EXPIRES", "seconds", 7 * 24 * 3600.0, "`604800` (7 d)",
        "result and chord-counter lifetime", **_SECONDS),
-    _s("ORCH_TRAINER_MODULES", "modules", [], "empty", "extra modules whose `TRAINERS` a worker registers"),
+    _s("ORCH_TRAINER_MODULES", "modules", [], "empty", "extra modules whose trainers (`TRAINERS`, `TRAINER` or `@orch.trainer` functions) a worker registers; one that cannot be imported stops the worker at its start"),
     _s("ORCH_FSYNC", "bool", True, "`1`",
        "fsync each final record (outputs, DONE/FAILED marks, ensemble, CSV) before its rename, so it "
        "survives a host crash; transient IN_PROGRESS/PENDING marks are never fsynced (losing one only "

@@ -16,6 +16,7 @@ from celery.signals import worker_init
 
 from orchestrator import settings
 from orchestrator.collect.groupend import GroupEnd
+from orchestrator.errors import EXIT_USAGE, TrainerModuleError
 from orchestrator.execution.admission import Shares
 from orchestrator.execution.attempt import (
     Delivery,
@@ -86,6 +87,17 @@ def _preload_in_parent(**_: Any) -> None:
     import time: `orchestrator submit` imports this module and needs none of it.)"""
     from orchestrator.experiment.datasets import warm_up
 
+    # The trainers of a worker that may train, loaded now: a module of
+    # ORCH_TRAINER_MODULES that cannot be imported stops it at its start (a clear line in
+    # its log, exit 2), where otherwise every run it took would fail on it. A worker of
+    # the `control` queue alone never trains, and needs no trainer installed.
+    selected = app.amqp.queues.consume_from
+    if set(selected if selected is not None else app.amqp.queues) - {"control"}:
+        try:
+            registry()
+        except TrainerModuleError as exc:
+            log.critical("%s: this worker cannot run its trainers and stops", exc)
+            raise SystemExit(EXIT_USAGE) from exc
     warm_up()  # scikit-learn's imports and first-use work (orchestrator.experiment.datasets)
 
     if not settings.value("ORCH_PRELOAD"):

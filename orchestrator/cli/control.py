@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import click
 
-from .. import errors
+from ..cluster.endpoints import redis_errors
 from ..paths import Layout
 from .base import broker_option, cli, cluster_paths, out, results_root_option
 
@@ -30,7 +28,7 @@ def cancel(experiment: str, results_root: str | None, broker: str | None) -> Non
     from ..livestate import LiveState
 
     layout, leases, url = _connect(broker, results_root)
-    with _redis_errors(url):
+    with redis_errors(url):
         counts = cancel_experiment(layout, experiment, leases, LiveState.from_url(url))
     out.print(f"{experiment}: {describe(counts)}")
 
@@ -51,7 +49,7 @@ def pause(experiment: str, now: bool, results_root: str | None, broker: str | No
     from ..dispatch.steering import pause_experiment
 
     layout, leases, url = _connect(broker, results_root)
-    with _redis_errors(url):
+    with redis_errors(url):
         result = pause_experiment(layout, experiment, leases, now)
     extra = f"; {result['handed_back']} running runs handed back" if now else "; running runs finish"
     out.print(f"{experiment}: paused{extra}")
@@ -72,7 +70,7 @@ def resume(experiment: str, results_root: str | None, broker: str | None) -> Non
     from ..dispatch.steering import resume_experiment
 
     layout, leases, url = _connect(broker, results_root)
-    with _redis_errors(url):
+    with redis_errors(url):
         result = resume_experiment(layout, experiment, leases, unpark)
     out.print(f"{experiment}: resumed; {result['unparked']} waiting runs back on their queues")
 
@@ -82,20 +80,3 @@ def _connect(broker: str | None, results_root: str | None) -> tuple[Layout, Any,
 
     root, url = cluster_paths(broker, results_root)
     return Layout(root), Leases.from_url(url), url
-
-
-@contextlib.contextmanager
-def _redis_errors(url: str) -> Iterator[None]:
-    from kombu.exceptions import OperationalError
-    from redis.exceptions import RedisError
-
-    try:
-        yield
-    except (RedisError, OperationalError) as exc:
-        from redis.exceptions import NoPermissionError
-
-        from ..cluster.registry import redact
-
-        what = ("Redis refused a command to this user (its ACL: docs/security.md)"
-                if isinstance(exc, NoPermissionError) else "cannot reach Redis")
-        raise errors.EnvironmentProblem(f"{what} at {redact(url)}: {exc}") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -127,6 +128,34 @@ def validate(configs: tuple[str, ...]) -> None:
         n_groups = len({r.group_id for r in runs})
         out.print(f"OK  {exp.file}: experiment {exp.name!r}, {len(runs)} runs in {n_groups} groups",
                   markup=False)
+
+
+@cli.command()
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Write the schema to FILE instead of stdout.")
+def schema(output: str | None) -> None:
+    """Print a JSON Schema of the experiment YAML, for editors: the registered trainers'
+    parameters included (ORCH_TRAINER_MODULES counts), built from what `validate` checks.
+    What it cannot express (a CSV file that exists, enough samples for the folds) only
+    `validate` reports.
+
+    \b
+    Example (VS Code's YAML extension, first line of a config):
+      orchestrator schema -o experiment.schema.json
+      # yaml-language-server: $schema=./experiment.schema.json
+    """
+    from ..experiment.schema import experiment_schema
+    from ..trainers import registry
+
+    text = json.dumps(experiment_schema(registry()), indent=2) + "\n"
+    if output:
+        from ..paths import atomic_write_text
+
+        atomic_write_text(Path(output).resolve(), text)
+        err.print(f"wrote {output}", markup=False)
+    else:
+        out.file.write(text)
+        out.file.flush()
 
 
 @cli.command()

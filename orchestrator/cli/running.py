@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 from typing import Any, NoReturn
@@ -29,32 +28,14 @@ from .base import (
 
 
 def _submit(exps: list[Experiment], plans: dict[str, list[GroupPlan]], layout: Layout) -> Any:
-    """Publish every experiment's plan; returns the LiveState used."""
-    from celery.exceptions import OperationalError
-    from kombu.exceptions import BatchPublishError, KombuError
-    from redis.exceptions import RedisError
+    """Publish every experiment's plan, saying what was published; returns the LiveState used."""
+    from ..dispatch.submission import submit_experiments
 
-    import celeryconfig  # noqa: F401  (Celery loads it lazily: report a bad ORCH_* value first)
+    def report(exp: Experiment, published: dict[str, int]) -> None:
+        err.print(f"submitted {exp.name}: {published['runs']} runs in {published['groups']} groups"
+                  + (f", {published['finalize_only']} groups to finalize" if published["finalize_only"] else ""))
 
-    from ..dispatch.canvas import check_connections, submit
-    from ..livestate import LiveState
-
-    live = LiveState.from_url(os.environ.get("ORCH_STATE_URL", os.environ["ORCH_BROKER_URL"]))
-    try:
-        check_connections(live)
-        for exp in exps:
-            published = submit(exp, plans[exp.name], layout, live)
-            err.print(f"submitted {exp.name}: {published['runs']} runs in {published['groups']} groups"
-                      + (f", {published['finalize_only']} groups to finalize" if published["finalize_only"] else ""))
-    except BatchPublishError as exc:  # orchestrator.dispatch.canvas publishes in pipelines
-        raise EnvironmentProblem(
-            f"publishing to the broker at {os.environ['ORCH_BROKER_URL']} broke off part-way "
-            f"({exc.__cause__ or exc}): some runs may be queued, others not. Submit the same "
-            f"configs again once the broker answers: runs DONE are skipped, and a run queued "
-            f"twice still trains once.") from None
-    except (OperationalError, KombuError, RedisError) as exc:
-        raise EnvironmentProblem(f"cannot reach the broker at {os.environ['ORCH_BROKER_URL']}: {exc}") from None
-    return live
+    return submit_experiments(exps, plans, layout, report)
 
 
 def _summary(exps: list[Experiment], layout: Layout) -> int:

@@ -153,5 +153,9 @@ def worker(gpu: int | None, cpu: bool, accept_gpu_runs: bool, control: bool, nam
     argv, env = celery_worker_command(gpu, cpu, accept_gpu_runs, control, name, concurrency, loglevel,
                                       exit_when_idle, multi_gpus=multi_gpus,
                                       return_results=return_results)
+    if gpu is not None or cpu or multi_gpus:  # a training worker: its trainers load, or it never starts
+        from ..trainers import registry
+
+        registry()  # TrainerModuleError: a module of ORCH_TRAINER_MODULES that cannot be imported
     sys.stdout.flush()
     os.execve(sys.executable, argv, env)

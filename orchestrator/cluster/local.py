@@ -110,6 +110,7 @@ class LocalCluster:
     workdir: Path | None = None
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     broker_url: str = ""
+    env: dict[str, str] = field(default_factory=dict)  # on top of this process's, for every worker
 
     def start(self) -> str:
         self.workdir = Path(tempfile.mkdtemp(prefix="orchestrator-local-"))
@@ -118,7 +119,8 @@ class LocalCluster:
         env = {**os.environ, "ORCH_BROKER_URL": self.broker_url,
                "ORCH_RESULT_BACKEND": self.broker_url, "ORCH_STATE_URL": self.broker_url,
                "ORCH_RESULTS_ROOT": str(self.results_root),
-               "ORCH_RESULTS_TRANSFER": "shared"}  # one host: every worker sees the root
+               "ORCH_RESULTS_TRANSFER": "shared",  # one host: every worker sees the root
+               **self.env}
         if self.preload is not None:
             env["ORCH_PRELOAD_TRAINERS"] = ",".join(self.preload)
         # The workers' temporary files (the pool's pymp-* folders among them) go inside

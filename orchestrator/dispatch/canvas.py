@@ -31,7 +31,7 @@ from ..experiment.plan import FINALIZE, RUN, SKIP, GroupPlan, make_plan
 from ..experiment.spec import RunSpec
 from ..livestate import LiveState
 from ..paths import Layout
-from .manifest import write_manifest
+from .manifest import add_to_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ PUBLISH_BATCH = 100
 
 
 @contextlib.contextmanager
-def _batch_producer() -> Iterator[tuple[Any, Any]]:
+def _batch_producer(keep: bool = False) -> Iterator[tuple[Any, Any]]:
     """A producer whose messages (and task-sent events) go to Redis in pipelines of
     PUBLISH_BATCH commands (kombu's Producer.batch), not in a round trip each.
 
@@ -119,12 +119,31 @@ def _batch_producer() -> Iterator[tuple[Any, Any]]:
     connection has `retry_on_timeout` off; a publish that fails mid-way raises
     (kombu's BatchPublishError: delivery uncertain) and `orchestrator submit` reports
     the broker as unreachable. Submitting again is safe: what is DONE is skipped, and a
-    run delivered twice trains once (its lease)."""
+    run delivered twice trains once (its lease). `keep`: the connection stays open for
+    this thread's next publish with `keep` (_KEPT)."""
     options = {"retry_on_timeout": False}
-    with app.connection_for_write(transport_options=options) as conn:
+    key = (threading.get_ident(), app.conf.broker_url)
+    conn = _KEPT.pop(key, None) if keep else None
+    if conn is None:
+        conn = app.connection_for_write(transport_options=options)
+    kept = False
+    try:
         producer = app.amqp.Producer(conn, auto_declare=False)
         with producer.batch(max_size=PUBLISH_BATCH) as batch:
             yield producer, batch
+        if keep:
+            _KEPT[key] = conn
+            kept = True
+    finally:
+        if not kept:
+            conn.release()
+
+
+# (thread, broker URL) -> the connection `_batch_producer(keep=True)` publishes on: one
+# publish after another (the evaluations of orchestrator.api, one at a time) reuses it
+# instead of connecting anew (a kombu connection opens several Redis connections). A
+# publish that fails drops it.
+_KEPT: dict[tuple[int, str], Any] = {}
 
 
 # The tasks by name (tasks/training.py): publishing needs no import of the task modules.
@@ -153,6 +172,31 @@ def _group_options(plan: GroupPlan, kwargs: dict[str, Any]) -> dict[str, Any]:
     return {"queue": "control", "argsrepr": repr(plan.first.group_name), "kwargsrepr": repr(kwargs)}
 
 
+def follow_environment() -> None:
+    """Point the Celery app at the broker and backend that ORCH_BROKER_URL and
+    ORCH_RESULT_BACKEND name now (cluster.endpoints.use_broker), if it was configured
+    for others: a Python process may talk to one cluster after another (`orch.local()`
+    twice), while celeryconfig read the environment once, at its import."""
+    import os
+
+    broker = os.environ.get("ORCH_BROKER_URL")
+    backend = os.environ.get("ORCH_RESULT_BACKEND") or broker
+    conf = app.conf
+    if not broker or (conf.broker_url == broker and conf.result_backend == backend):
+        return
+    if getattr(app, "_pool", None) is not None:  # connections to the old broker: closed, the pool forgotten
+        app._pool.force_close_all()
+    for key in [k for k in _KEPT if k[1] != broker]:
+        with contextlib.suppress(Exception):
+            _KEPT.pop(key).release()
+    conf.broker_url, conf.result_backend = broker, backend
+    conf.orch_state_url = os.environ.get("ORCH_STATE_URL") or backend
+    app._pool = None
+    app.amqp._producer_pool = None
+    app._backend_cache = None  # Celery 5.7 keeps the backend here, or per thread:
+    vars(app._local).pop("backend", None)
+
+
 def check_connections(live: LiveState) -> None:
     """Reach the live-state Redis and the broker before anything is written: a submit
     that cannot publish must leave the results root as it was."""
@@ -161,9 +205,11 @@ def check_connections(live: LiveState) -> None:
         conn.ensure_connection(max_retries=1)
 
 
-def submit(exp: Experiment, plans: list[GroupPlan], layout: Layout, live: LiveState) -> dict[str, int]:
-    """Publish what the plan says; returns counts of what was published."""
-    dicts = write_manifest(layout, exp, plans)
+def submit(exp: Experiment, plans: list[GroupPlan], layout: Layout, live: LiveState,
+           add: bool = False) -> dict[str, int]:
+    """Publish what the plan says; returns counts of what was published. `add`: the
+    groups join the experiment's manifest (add_to_manifest) instead of replacing it."""
+    dicts = add_to_manifest(layout, exp, plans) if add else write_manifest(layout, exp, plans)
     states: dict[str, str] = {}
     for p in plans:
         todo = {s.run_id for s in p.todo}
@@ -184,7 +230,7 @@ def submit(exp: Experiment, plans: list[GroupPlan], layout: Layout, live: LiveSt
     live.clear_groups(exp.name, [p.first.group_id for p in plans if p.action != SKIP])
     live.set_groups(exp.name, {p.first.group_id: Status.DONE.value for p in plans if p.action == SKIP})
 
-    return publish(plans, dicts)
+    return publish(plans, dicts, keep=add)
 
 
 class _Spec(dict):  # type: ignore[type-arg]
@@ -200,14 +246,14 @@ class _Spec(dict):  # type: ignore[type-arg]
         return self
 
 
-def publish(plans: list[GroupPlan], dicts: dict[str, dict[str, Any]]) -> dict[str, int]:
+def publish(plans: list[GroupPlan], dicts: dict[str, dict[str, Any]], keep: bool = False) -> dict[str, int]:
     """Per group to run: chord(train_run per fold to do, finalize); per group to finalize
     only: finalize. Returns counts of what was published."""
     dicts = {run_id: _Spec(d) for run_id, d in dicts.items()}
     published = {"runs": 0, "groups": 0, "finalize_only": 0}
     now = time.time()
     _stop_listening_for_results()
-    with _batch_producer() as (producer, batch), _one_producer(producer):
+    with _batch_producer(keep) as (producer, batch), _one_producer(producer):
         for p in plans:
             # The group's callbacks get one spec and the folds (orchestrator.collect.groupend.group_specs):
             # every run's message carries them (the chord body and its error callback),

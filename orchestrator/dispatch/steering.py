@@ -29,13 +29,24 @@ def cancel_experiment(layout: Layout, experiment: str, leases: Leases,
     experiment again resumes it (newer messages are not affected)."""
     manifest = load_manifest(layout, experiment)
     leases.cancel(experiment)
+    groups = [[RunSpec.from_dict(r) for r in group.get("runs", [])] for group in manifest.get("groups", [])]
+    return cancel_queued(layout, experiment, groups, leases, live)
+
+
+def cancel_queued(layout: Layout, experiment: str, groups: list[list[RunSpec]], leases: Leases,
+                  live: LiveState) -> dict[str, int]:
+    """Mark the runs of `groups` that are neither finished nor training CANCELLED, and the
+    groups with nothing left running CANCELLED too; counts as cancel_experiment's. A
+    queued message of a run marked here reports CANCELLED when a worker reaches it
+    (a record that ended after the message was sent: execution.attempt). Without the
+    experiment's cancel mark (cancel_experiment sets it), runs training go on: what
+    `RunFuture.cancel` of the Python API does for one evaluation."""
     active = {rid for rid, e in leases.active().items()
               if e.get("token") and e.get("experiment") == experiment}
     counts = {"queued": 0, "running": 0, "groups": 0}
     now = time.time()
     states: dict[str, str] = {}
-    for group in manifest.get("groups", []):
-        specs = [RunSpec.from_dict(r) for r in group.get("runs", [])]
+    for specs in groups:
         running_here = False
         cancelled_here = False
         for spec in specs:

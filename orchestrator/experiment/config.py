@@ -7,7 +7,9 @@ and raises one ConfigError with all of them; nothing downstream re-checks.
 from __future__ import annotations
 
 import math
+import os
 import string
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,13 +114,32 @@ def find_configs(paths: list[str]) -> list[Path]:
 
 def load_experiments(paths: list[str]) -> list[Experiment]:
     """Load, validate and return every experiment, or raise one ConfigError for all."""
-    files = find_configs(paths)
+    return load_configs(paths)
+
+
+# What a dict config is called in problems (the YAML's file name otherwise).
+DICT_FILE = "<dict>"
+
+Config = str | os.PathLike[str] | Mapping[str, Any]
+
+
+def load_configs(configs: Sequence[Config]) -> list[Experiment]:
+    """`load_experiments` for paths (files, folders) and plain dicts with the YAML's
+    schema, mixed: every problem of every one in one ConfigError. A dict's CSV paths are
+    relative to the current folder, and its problems name the file `<dict>`."""
     problems: list[Problem] = []
     experiments: list[Experiment] = []
-    for path in files:
-        exp = _load_file(path, problems)
-        if exp is not None:
-            experiments.append(exp)
+    for config in configs:
+        if isinstance(config, Mapping):
+            found = [_load_doc(dict(config), DICT_FILE, Path.cwd(), problems)]
+        else:
+            try:
+                files = find_configs([os.fspath(config)])
+            except ConfigError as exc:
+                problems.extend(exc.problems)
+                continue
+            found = [_load_file(path, problems) for path in files]
+        experiments.extend(exp for exp in found if exp is not None)
     seen: dict[str, str] = {}
     for exp in experiments:
         if exp.name in seen:
@@ -145,12 +166,16 @@ def _load_file(path: Path, problems: list[Problem]) -> Experiment | None:
         reason = getattr(exc, "problem", None) or str(exc)
         problems.append(Problem(file, "", f"YAML syntax error at {where}: {reason}"))
         return None
+    return _load_doc(doc, file, path.parent, problems)
+
+
+def _load_doc(doc: Any, file: str, base: Path, problems: list[Problem]) -> Experiment | None:
     if not isinstance(doc, dict):
         problems.append(Problem(file, "", "must be a YAML mapping with at least "
                                           "'experiment', 'trainer' and 'datasets'"))
         return None
     before = len(problems)
-    exp = _Validator(file, path.parent, doc, problems).experiment()
+    exp = _Validator(file, base, doc, problems).experiment()
     return exp if len(problems) == before else None
 
 

@@ -96,14 +96,15 @@ def poll_interval(waited: float) -> float:
 
 def wait(live: LiveState, tracked: list[Tracked], console: Console,
          check: Callable[[], None] | None = None,
-         poll: Callable[[float], float] = poll_interval) -> None:
+         poll: Callable[[float], float] = poll_interval, lines: bool = True) -> None:
     """Block until every tracked group is DONE, FAILED or CANCELLED. `check` may raise to
     abort; Redis errors are retried for REDIS_PATIENCE_SECONDS. `poll`: the seconds to
-    sleep between polls, given the seconds waited so far."""
+    sleep between polls, given the seconds waited so far. The progress is a live bar on
+    a terminal or in a notebook (Jupyter), else a line on stderr every 5 s (`lines`)."""
     start = time.monotonic()
     already = None
     lost_since: float | None = None
-    interactive = console.is_terminal
+    interactive = console.is_terminal or console.is_jupyter
     last_line = 0.0
     columns = [TextColumn("[bold]{task.description}"), BarColumn(),
                TextColumn("{task.completed}/{task.total} runs"),
@@ -141,7 +142,7 @@ def wait(live: LiveState, tracked: list[Tracked], console: Console,
             eta = "0s" if not remaining else f"{remaining / rate:.0f}s" if rate > 0 else "?"
             bar.update(task, completed=done + failed, done=done, failed=failed,
                        running=running, eta=eta)
-            if not interactive and (time.monotonic() - last_line > 5 or finished == total):
+            if lines and not interactive and (time.monotonic() - last_line > 5 or finished == total):
                 print(f"progress: {done + failed}/{sum(states.values())} runs "
                       f"({done} done, {failed} failed, {running} running), "
                       f"groups {finished}/{total}, ETA {eta}", file=sys.stderr, flush=True)
