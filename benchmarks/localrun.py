@@ -1,0 +1,99 @@
+#!/usr/bin/env python
+"""How fast `orchestrator run` (local mode) starts and stops, for two trees side by side.
+
+    python benchmarks/localrun.py [--before REF] [--after REF] [--repeat 5] [--skip-iris]
+
+Each tree is a `git archive` of its ref, compiled as scripts/install.sh compiles it.
+Per repeat, alternating the trees, `orchestrator run --workers 2` of
+  sweep  100 runs of 50 ms (the test trainer `slow`: 20 grid points x 5 folds)
+  iris   configs/iris_kfold.yaml (10 runs of the `mlp` trainer)
+with a fresh results root, timed from the command: the first run started (the earliest
+`started_at` in the status files), the last run done (the latest `finished_at`), the
+process's exit, and "last done -> exit". Prints the medians per tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.trees import export_ref  # noqa: E402
+
+SWEEP = """experiment: sweep100
+trainer: slow
+datasets: [iris]
+folds: 5
+params: {short_fold: -1}
+sweep:
+  grid:
+    seconds: [%s]
+resources: {gpus: 0}
+""" % ", ".join(f"{0.05 + i * 1e-4:.4f}" for i in range(20))
+
+
+def one(tree: Path, config: Path, work: Path) -> dict[str, float]:
+    root = work / "results"
+    shutil.rmtree(root, ignore_errors=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
+    env.update(PYTHONPATH=str(tree), ORCH_TRAINER_MODULES="tests.plugins", PYTHONDONTWRITEBYTECODE="1")
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "run", str(config), "--workers", "2",
+                           "--results-root", str(root)], cwd=tree, env=env, capture_output=True, text=True)
+    end = time.time()
+    if proc.returncode != 0:
+        raise SystemExit(f"run failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    records = [json.loads(p.read_text()) for p in root.glob("**/status/fold_*.json")]
+    started = min(r["started_at"] for r in records)
+    finished = max(r["finished_at"] for r in records)
+    return {"first run started": started - start, "last run done": finished - start,
+            "exit": end - start, "last done -> exit": end - finished, "runs": len(records)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--before", default="HEAD~1")
+    p.add_argument("--after", default="HEAD")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--skip-iris", action="store_true")
+    args = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="localrun-"))
+    try:
+        trees = {ref: export_ref(ref, work / f"tree{i}", compiled=True)
+                 for i, ref in enumerate((args.before, args.after))}
+        sweep = work / "sweep100.yaml"
+        sweep.write_text(SWEEP)
+        cases = {"sweep": sweep} | ({} if args.skip_iris else {"iris": None})
+        found: dict[tuple[str, str], list[dict[str, float]]] = {}
+        print(f"load average at the start: {os.getloadavg()}")
+        for i in range(args.repeat):
+            for case, config in cases.items():
+                for ref, tree in trees.items():
+                    cfg = config or tree / "configs" / "iris_kfold.yaml"
+                    figures = one(tree, cfg, work)
+                    found.setdefault((case, ref), []).append(figures)
+                    print(f"[{i + 1}/{args.repeat}] {case:5} {ref:10} " +
+                          ", ".join(f"{k} {v:.2f}" for k, v in figures.items() if k != "runs"), flush=True)
+        print(f"\nmedians of {args.repeat} (seconds from the command); load average at the end: {os.getloadavg()}")
+        keys = ["first run started", "last run done", "exit", "last done -> exit"]
+        print(f"{'case':6} {'tree':12} " + " ".join(f"{k:>18}" for k in keys))
+        for (case, ref), runs in found.items():
+            print(f"{case:6} {ref:12} " + " ".join(f"{statistics.median(r[k] for r in runs):18.2f}" for k in keys))
+        return 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
