@@ -31,16 +31,16 @@ if str(REPO) not in sys.path:
 
 from benchmarks.trees import export_ref  # noqa: E402
 
-SWEEP = """experiment: sweep100
+SWEEP = f"""experiment: sweep100
 trainer: slow
 datasets: [iris]
 folds: 5
-params: {short_fold: -1}
+params: {{short_fold: -1}}
 sweep:
   grid:
-    seconds: [%s]
-resources: {gpus: 0}
-""" % ", ".join(f"{0.05 + i * 1e-4:.4f}" for i in range(20))
+    seconds: [{", ".join(f"{0.05 + i * 1e-4:.4f}" for i in range(20))}]
+resources: {{gpus: 0}}
+"""
 
 
 def one(tree: Path, config: Path, work: Path) -> dict[str, float]:

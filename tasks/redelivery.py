@@ -105,7 +105,7 @@ def in_flight() -> set[str] | None:
             if not key.startswith((b"orch:", b"celery-")):  # the project's own lists, chord joins
                 return None
         found: set[str] = set()
-        for raw in client.hvals(conn.default_channel.unacked_key):
+        for raw in client.hgetall(conn.default_channel.unacked_key).values():  # (HGETALL: the control user may not HVALS)
             try:
                 found.add(_experiment(json.loads(raw)[0]))
             except Exception:  # not ours to judge: then nothing counts as stalled

@@ -283,3 +283,30 @@ def test_an_experiment_runs_to_done_with_one_user_per_role(acl_redis: AclRedis, 
         for proc in procs.values():
             stop_process(proc)
         (logs / "acl-log.json").write_text(json.dumps(acl_redis.denials(), indent=1, default=str))
+
+
+def test_the_control_user_may_read_what_the_watchdog_reads(acl_redis: AclRedis, tmp_path: Path) -> None:
+    """The watchdog's rarer reads, which an experiment that runs smoothly never makes: the
+    worker registry (is a message's taker alive), the lists queued anywhere and the open
+    experiments (the stall guard). Nothing of it is refused to the control user."""
+    from orchestrator.cluster import registry
+    from orchestrator.cluster.stall import StallGuard
+    from orchestrator.cluster.watchdog import OrphanRule
+    from orchestrator.execution.leases import Leases
+    from orchestrator.paths import Layout
+
+    acl_redis.client("admin").acl_log_reset()
+    control = acl_redis.client("control")
+    registry.register(control, registry.WorkerRecord("acl-ctl@h", "h", 1, None, "control", ["control"], "idle",
+                                                     0.0, 0.0), ttl=30)
+    assert OrphanRule(control, 10)(11.0, ["gone@h", 7]) is True
+    assert OrphanRule(control, 10)(11.0, ["acl-ctl@h", 1]) is False
+    control.hset("orch:exp:acl_open:runs", "r1", json.dumps({"status": "PENDING", "t": 0}))
+    asked: list[str] = []
+    guard = StallGuard(Leases(control, ttl=10), Layout(tmp_path), lambda: set(),
+                       lambda name: asked.append(name) or {})
+    guard.seconds = 0.0  # judge at once
+    guard()
+    assert asked == ["acl_open"]
+    list(control.scan_iter(count=100, _type="list"))
+    assert acl_redis.denials() == []
