@@ -142,8 +142,10 @@ def _start_watchdog(sender: Any = None, **_: Any) -> None:
         return
     from orchestrator.cluster.watchdog import Watchdog
 
+    from .search import advance_searches
+
     dog = Watchdog(_leases(), restore_message, _redispatch, orphans=restore_orphans,
-                   chores=[unpark_unpaused],
+                   chores=[unpark_unpaused, advance_searches],
                    name=f"watchdog@{getattr(sender, 'hostname', '?')}")
     _stop.clear()
     threading.Thread(target=dog.run_forever, args=(_stop,), name="orch-watchdog", daemon=True).start()

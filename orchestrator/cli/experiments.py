@@ -123,6 +123,13 @@ def validate(configs: tuple[str, ...]) -> None:
       orchestrator validate configs/          # every *.yaml in the folder
     """
     for exp in load_experiments(list(configs)):
+        if exp.search is not None:
+            cfg = exp.search
+            per_trial = len(exp.datasets) * len(exp.seeds)
+            out.print(f"OK  {exp.file}: experiment {exp.name!r}, a {cfg.strategy} search of {cfg.trials} "
+                      f"trials ({per_trial} groups of {exp.k or 1} runs each), {cfg.parallel} in flight",
+                      markup=False)
+            continue
         runs = expand(exp)
         n_groups = len({r.group_id for r in runs})
         out.print(f"OK  {exp.file}: experiment {exp.name!r}, {len(runs)} runs in {n_groups} groups",

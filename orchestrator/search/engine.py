@@ -1,0 +1,315 @@
+"""The search loop as idempotent steps on the control side: no driver process to lose.
+
+A step (`step`), under the search's lock: read the journal; record the result of every
+trial whose groups have all ended (finalizing a group whose chord callback was lost);
+ask the strategy for enough proposals to fill the free slots and record them (write-
+ahead) before publishing their groups; rewrite the manifest. Steps run after each
+trial group's finalize (tasks.search_step) and from the watchdog, and a submission
+runs one; any number of them, at any moment, in any process, decide the same things,
+because each decision is a function of the journal, the group records and the seed.
+
+A trial is a parameter point: its groups are (dataset x seed) of the experiment, each
+its folds, trained and finalized as any group. Its score is the trial's metric (of the
+group records) averaged over its groups. A proposal equal to a point already DONE reuses
+it (same run_ids: nothing is trained); equal to a point that FAILED, it fails likewise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..collect.finalize import finalize_group, mark_group_failed
+from ..collect.status import Status, fold_state, group_record_done, read_group_status
+from ..errors import ConfigError, Problem
+from ..dispatch.manifest import write_manifest_of
+from ..experiment.config import Experiment
+from ..experiment.expand import groups
+from ..experiment.plan import SKIP, GroupPlan, make_plan
+from ..experiment.spec import DatasetRef, RunSpec
+from ..paths import Layout, atomic_write_json, file_lock, read_json
+from . import evolution
+from .config import SearchConfig
+from .journal import COMPLETE, FAILED, PRUNED, RUNNING, History, Trial, append, history, read_entries
+from .space import name_of, trainer_params
+
+# A group whose folds have all ended this long ago but whose chord callback has not
+# recorded it (the control worker died holding it) is finalized by the step itself.
+ADOPT_AFTER_SECONDS = 10.0
+Publish = Callable[[str, list[GroupPlan]], None]
+
+
+@dataclass(frozen=True)
+class Search:
+    """A submitted search: its config and how to make a trial's runs (search.json)."""
+
+    experiment: str
+    config_file: str
+    trainer: str
+    cfg: SearchConfig
+    template: RunSpec  # the experiment's fixed params, first dataset and seed, fold 0
+    datasets: tuple[DatasetRef, ...]
+    outputs: tuple[str, ...]  # the output folder of each dataset
+    seeds: tuple[int, ...]
+
+    def specs(self, trial: Trial) -> list[RunSpec]:
+        params = {**self.template.params, **trial.params}
+        if self.cfg.asha is not None:
+            params["epochs"] = trial.budget or self.cfg.asha.max_epochs
+        point = trial.point if self.cfg.asha is None else f"{trial.point},epochs={params['epochs']}"
+        out = []
+        for ds, output in zip(self.datasets, self.outputs, strict=True):
+            for seed in self.seeds:
+                for fold in range(self.template.n_folds):
+                    out.append(dataclasses.replace(self.template, dataset=ds, output=output, seed=seed,
+                                                   fold=fold, params=params, point=point))
+        return out
+
+
+def search_of(exp: Experiment) -> Search:
+    assert exp.search is not None
+    first = RunSpec(experiment=exp.name, trainer=exp.trainer.name, trainer_version=exp.trainer.version,
+                    dataset=exp.datasets[0], params={}, point="base", seed=exp.seeds[0], fold=0, k=exp.k,
+                    validation=exp.validation, holdout=exp.holdout, output=exp.output_for(exp.datasets[0].name),
+                    overrides=exp.overrides, resources=exp.resources, retries=exp.retries,
+                    timeout=exp.timeout, priority=exp.priority)
+    fixed = dict(exp.points[0][1]) if exp.points else {}
+    return Search(exp.name, exp.file, exp.trainer.name, exp.search, dataclasses.replace(first, params=fixed),
+                  exp.datasets, tuple(exp.output_for(d.name) for d in exp.datasets), exp.seeds)
+
+
+def save_search(layout: Layout, search: Search) -> None:
+    """search.json for the control side; refused (exit 2) if a search with other trials
+    in its journal had another config: extending (more trials or generations) is fine."""
+    path = layout.search_config(search.experiment)
+    old = read_json(path)
+    if isinstance(old, dict) and read_entries(layout.search_journal(search.experiment)):
+        before = SearchConfig.from_dict(old["search"]).identity()
+        if before != search.cfg.identity() or old.get("template") != search.template.to_dict():
+            raise ConfigError([Problem(search.config_file, "search", (
+                f"differs from the search already recorded under {layout.search_dir(search.experiment)} "
+                "(only trials, parallel, max_failed_trials and evolution.generations may change); "
+                "give the experiment a new name to start another search"))])
+    data = {"experiment": search.experiment, "config": search.config_file, "trainer": search.trainer,
+            "search": search.cfg.to_dict(), "template": search.template.to_dict(),
+            "datasets": [dataclasses.asdict(d) for d in search.datasets], "outputs": list(search.outputs),
+            "seeds": list(search.seeds)}
+    if old != data:
+        atomic_write_json(path, data)
+
+
+def load_search(layout: Layout, experiment: str) -> Search | None:
+    data = read_json(layout.search_config(experiment))
+    if not isinstance(data, dict):
+        return None
+    return Search(data["experiment"], data["config"], data["trainer"], SearchConfig.from_dict(data["search"]),
+                  RunSpec.from_dict(data["template"]), tuple(DatasetRef(**d) for d in data["datasets"]),
+                  tuple(data["outputs"]), tuple(data["seeds"]))
+
+
+def read_history(layout: Layout, experiment: str) -> History:
+    return history(read_entries(layout.search_journal(experiment)))
+
+
+# -- what the records say -------------------------------------------------------
+def metric_value(record: dict[str, Any], metric: str) -> float | None:
+    section, name = metric.split(".")
+    value = (record.get("metrics") or {}).get(section, {}).get(name)
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _trial_outcome(layout: Layout, search: Search, trial: Trial, live: Any) -> dict[str, Any] | None:
+    """The trial's result entry once every group has ended, else None."""
+    values: list[list[float]] = []
+    for specs in groups(search.specs(trial)):
+        first = specs[0]
+        record = read_group_status(layout, first) or {}
+        status = record.get("train_status")
+        if status == Status.DONE.value and group_record_done(layout, first, record, sorted(s.run_id for s in specs)):
+            found = [metric_value(record, m) for m in search.cfg.metrics]
+            if any(v is None for v in found):
+                missing = [m for m, v in zip(search.cfg.metrics, found, strict=True) if v is None]
+                return _failed(trial, f"{first.group_name}: no {', '.join(missing)} in its status.json")
+            values.append([v for v in found if v is not None])
+            continue
+        if status == Status.FAILED.value:
+            failed = record.get("failed") or {}
+            return _failed(trial, f"{first.group_name}: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
+        if not _adopt(layout, specs, live):
+            return None
+        values = []  # adopted: read again at the next pass
+        return None
+    means = [sum(v[i] for v in values) / len(values) for i in range(len(search.cfg.metrics))]
+    return {"type": "result", "number": trial.number, "state": COMPLETE, "values": means}
+
+
+def _failed(trial: Trial, error: str) -> dict[str, Any]:
+    return {"type": "result", "number": trial.number, "state": FAILED, "error": error[:2000]}
+
+
+def _adopt(layout: Layout, specs: list[RunSpec], live: Any) -> bool:
+    """A group whose folds have all ended long enough ago, with no group record (its
+    chord callback was lost with a control worker): finalize it (or record it FAILED)
+    here. True if it did."""
+    states = [fold_state(layout, s) for s in specs]
+    ended = {Status.DONE.value, Status.FAILED.value}
+    if not all(state in ended for state, _ in states):
+        return False
+    last = max(float(r.get("finished_at") or 0) for _, r in states)
+    if time.time() - last < ADOPT_AFTER_SECONDS:
+        return False
+    if all(state == Status.DONE.value for state, _ in states):
+        try:
+            finalize_group(layout, specs, live)
+        except Exception as exc:
+            mark_group_failed(layout, specs, reason=f"{type(exc).__name__}: {exc}", live=live)
+    else:
+        mark_group_failed(layout, specs, live=live, states=states)
+    return True
+
+
+# -- progress ---------------------------------------------------------------------
+def progress(search: Search, h: History) -> dict[str, Any]:
+    """Counts, the best trial so far and whether the search has ended."""
+    cfg = search.cfg
+    running = h.count(RUNNING)
+    failed = h.count(FAILED)
+    stopped = failed > cfg.max_failed_trials
+    asked = len(h.trials)
+    best = best_trials(search, h, 1)
+    generation = max((t.generation for t in h.trials.values()), default=0)
+    return {"trials": cfg.trials, "proposed": asked, "complete": h.count(COMPLETE), "failed": failed,
+            "pruned": h.count(PRUNED), "running": running, "generation": generation,
+            "best": best[0] if best else None,
+            "stopped": f"more than max_failed_trials={cfg.max_failed_trials} trials failed" if stopped else None,
+            "finished": running == 0 and (stopped or asked >= cfg.trials)}
+
+
+def best_trials(search: Search, h: History, top: int) -> list[Trial]:
+    """The best COMPLETE trials by the first metric (ties: the earlier trial)."""
+    sign = -1.0 if search.cfg.directions[0] == "maximize" else 1.0
+    done = [t for t in h.trials.values() if t.state == COMPLETE and t.values]
+    return sorted(done, key=lambda t: (sign * (t.values or [0.0])[0], t.number))[:top]
+
+
+# -- proposals ----------------------------------------------------------------------
+def _trial_entry(search: Search, number: int, generation: int, raw: dict[str, Any],
+                 attrs: dict[str, Any] | None = None) -> dict[str, Any]:
+    params = trainer_params(search.cfg, raw)
+    entry = {"type": "trial", "number": number, "generation": generation, "params": params, "raw": raw,
+             "point": name_of(params), "system_attrs": attrs or {}, "t": time.time()}
+    if search.cfg.asha is not None:
+        entry["budget"] = search.cfg.asha.rungs[0]
+    return entry
+
+
+def propose(search: Search, h: History) -> list[dict[str, Any]]:
+    """The journal entries of the next proposals, or [] (nothing to ask now)."""
+    cfg = search.cfg
+    running = h.count(RUNNING)
+    if h.count(FAILED) > cfg.max_failed_trials:
+        return []
+    left = cfg.trials - len(h.trials)
+    if left <= 0:
+        return []
+    first = len(h.trials)
+    if cfg.strategy == "evolution":
+        assert cfg.evolution is not None
+        if running:
+            return []  # a generation waits for all its members (each ends: DONE or FAILED)
+        if not h.trials:
+            raws = evolution.first_generation(cfg, cfg.evolution)
+            return [_trial_entry(search, first + i, 0, r) for i, r in enumerate(raws)]
+        g = max(t.generation for t in h.trials.values())
+        members = [h.trials[n] for n in h.elites.get(g, [])] + [t for t in h.ordered if t.generation == g]
+        elites, raws = evolution.next_generation(cfg, cfg.evolution, g + 1, members)
+        raws = raws[:left]
+        return [{"type": "generation", "generation": g + 1, "elites": elites},
+                *(_trial_entry(search, first + i, g + 1, r) for i, r in enumerate(raws))]
+    if cfg.mode == "batch":
+        if running:
+            return []  # batches are generations: deterministic whatever finishes first
+        n = min(cfg.parallel, left)
+    else:
+        n = min(cfg.parallel - running, left)
+    if n <= 0:
+        return []
+    from .samplers import ask  # Optuna: imported by the control side only, when asking
+
+    batch = first // max(1, cfg.parallel) if cfg.mode == "batch" else first
+    return [_trial_entry(search, first + i, batch, raw, attrs)
+            for i, (raw, attrs) in enumerate(ask(cfg, h.ordered, n, first))]
+
+
+# -- the step -----------------------------------------------------------------------
+def trial_plans(layout: Layout, search: Search, trials: list[Trial]) -> list[GroupPlan]:
+    """What publishing these trials means: per group, what is not DONE yet (a group
+    already DONE, or one FAILED, is not trained again)."""
+    out: list[GroupPlan] = []
+    seen: set[str] = set()
+    for trial in trials:
+        for p in make_plan(layout, search.specs(trial)):
+            if p.action == SKIP or p.first.group_id in seen:
+                continue
+            seen.add(p.first.group_id)
+            record = read_group_status(layout, p.first) or {}
+            if record.get("train_status") == Status.FAILED.value:
+                continue
+            out.append(p)
+    return out
+
+
+def all_plans(search: Search, h: History) -> list[GroupPlan]:
+    """Every trial's groups, for the manifest (status, report, redispatch read it)."""
+    out, seen = [], set()
+    for trial in h.ordered:
+        for specs in groups(search.specs(trial)):
+            if specs[0].group_id not in seen:
+                seen.add(specs[0].group_id)
+                out.append(GroupPlan(specs=tuple(specs), todo=(), action=SKIP))
+    return out
+
+
+def step(layout: Layout, experiment: str, publish: Publish, live: Any = None,
+         republish: bool = False) -> dict[str, Any]:
+    """One idempotent step of the search (see the module docstring); returns its
+    progress. `republish`: publish again every trial in flight (a submission: the
+    broker may have lost their messages; a run delivered twice still trains once)."""
+    search = load_search(layout, experiment)
+    if search is None:
+        return {}
+    journal = layout.search_journal(experiment)
+    with file_lock(layout.search_lock(experiment)):
+        changed = republish
+        for _ in range(1000):  # until a pass changes nothing (reused points end at once)
+            h = history(read_entries(journal))
+            results = [r for t in h.ordered if t.state == RUNNING and t.published
+                       and (r := _trial_outcome(layout, search, t, live)) is not None]
+            append(journal, results)
+            h = history(read_entries(journal))
+            new = propose(search, h)
+            append(journal, new)  # write-ahead: recorded before anything is published
+            h = history(read_entries(journal))
+            running = [t for t in h.ordered if t.state == RUNNING]
+            inflight = sum(1 for t in running if t.published)
+            fresh = [t for t in running if not t.published][:max(search.cfg.parallel - inflight, 0)]
+            todo = ([t for t in running if t.published] if republish else []) + fresh
+            republish = False
+            if todo:
+                plans = trial_plans(layout, search, todo)
+                if plans:
+                    publish(experiment, plans)
+                append(journal, [{"type": "published", "numbers": [t.number for t in todo], "t": time.time()}])
+            if results or new or todo:
+                changed = True
+                continue
+            break
+        h = history(read_entries(journal))
+        state = progress(search, h)
+        if changed:
+            write_manifest_of(layout, experiment, search.config_file, search.trainer, all_plans(search, h),
+                              extra={"search": {k: v for k, v in state.items() if k != "best"}})
+    return state

@@ -1,0 +1,76 @@
+"""Searches seen from the records: waiting for one to end, its best trials, a line of
+progress. Read-only (the journal and the group records); no Optuna."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import ExperimentNotFound
+from ..experiment.expand import groups
+from ..paths import Layout
+from ..search.engine import Search, best_trials, load_search, progress, read_history
+from ..search.journal import History, Trial
+
+
+def require_search(layout: Layout, experiment: str) -> Search:
+    search = load_search(layout, experiment)
+    if search is None:
+        raise ExperimentNotFound(f"no search {experiment!r} under {layout.root} (a search is an "
+                                 f"experiment with a `search:` block, once submitted)")
+    return search
+
+
+def progress_line(name: str, state: dict[str, Any]) -> str:
+    best = state.get("best")
+    shown = (f", best {best.values[0]:.4g} (trial {best.number})" if best is not None and best.values else "")
+    return (f"search {name}: {state['complete'] + state['failed'] + state['pruned']}/{state['trials']} trials "
+            f"({state['complete']} complete, {state['failed']} failed, {state['pruned']} pruned, "
+            f"{state['running']} running), generation {state['generation']}{shown}")
+
+
+def wait_searches(layout: Layout, names: list[str], check: Callable[[], None] | None = None,
+                  interval: float = 0.2) -> dict[str, dict[str, Any]]:
+    """Block until every named search has ended; a progress line when anything changes
+    (at most every 2 s). Returns each one's final progress."""
+    last: dict[str, str] = {}
+    shown_at = 0.0
+    while True:
+        if check is not None:
+            check()
+        states = {}
+        for name in names:
+            search = require_search(layout, name)
+            states[name] = progress(search, read_history(layout, name))
+        lines = {n: progress_line(n, s) for n, s in states.items()}
+        now = time.monotonic()
+        ended = all(s["finished"] for s in states.values())
+        if lines != last and (now - shown_at > 2 or ended):
+            for n, line in lines.items():
+                print(line, file=sys.stderr, flush=True)
+            last, shown_at = lines, now
+        if ended:
+            return states
+        time.sleep(interval)
+
+
+def trial_row(layout: Layout, search: Search, trial: Trial) -> dict[str, Any]:
+    """A trial for people and scripts: its parameters, score and files."""
+    files = []
+    for specs in groups(search.specs(trial)):
+        first = specs[0]
+        files.append({"group": first.group_name, "dir": str(layout.group_dir(first)),
+                      "status.json": str(layout.group_status(first)),
+                      "metrics.json": str(layout.ensemble_files(first)["metrics.json"])})
+    return {"number": trial.number, "generation": trial.generation, "state": trial.state,
+            "values": dict(zip(search.cfg.metrics, trial.values or [], strict=False)),
+            "score": (trial.values or [None])[0], "params": trial.params, "point": trial.point,
+            "error": trial.error, "groups": files}
+
+
+def best_rows(layout: Layout, experiment: str, top: int) -> tuple[Search, History, list[dict[str, Any]]]:
+    search = require_search(layout, experiment)
+    h = read_history(layout, experiment)
+    return search, h, [trial_row(layout, search, t) for t in best_trials(search, h, top)]
