@@ -64,7 +64,7 @@ def advance_searches() -> list[str]:
     from orchestrator.paths import Layout
 
     layout = Layout(app.conf.orch_results_root)
-    done = []
+    done: list[str] = []
     for config in sorted(layout.root.glob("*/search/search.json")):
         experiment = config.parent.parent.name
         journal = layout.search_journal(experiment)

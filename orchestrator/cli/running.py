@@ -16,13 +16,6 @@ from ..errors import EnvironmentProblem
 from ..experiment.config import Experiment, load_experiments
 from ..experiment.plan import GroupPlan, totals
 from ..paths import Layout
-from .searching import (
-    save_searches,
-    search_summary,
-    searches_in_flight,
-    start_searches,
-    wait_searches_or_fail,
-)
 from .base import (
     broker_option,
     cli,
@@ -32,6 +25,13 @@ from .base import (
     results_root_option,
     results_root_path,
     use_broker,
+)
+from .searching import (
+    save_searches,
+    search_summary,
+    searches_in_flight,
+    start_searches,
+    wait_searches_or_fail,
 )
 
 

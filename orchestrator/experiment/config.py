@@ -193,8 +193,9 @@ class _Validator:
         params = self._params_block("params", trainer)
         overrides = {d: self._params_block(d, trainer) for d in DEVICES if d in doc}
         search = None
+        points: list[tuple[str, dict[str, Any]]] | None = []
         if "search" in doc:
-            search, points = self._search(trainer, params), []
+            search = self._search(trainer, params)
         else:
             points = self._points(trainer, params)
         if name is None or trainer is None or dsets is None or points is None:
@@ -410,7 +411,8 @@ class _Validator:
             self.bad("search", "give either 'sweep' (fixed points) or 'search' (a search loop), not both")
         search, problems = parse_search(
             self.doc["search"], None if trainer is None else dict(trainer.params),
-            lambda key, name, value: trainer and self.check_param(trainer, key, name, value), params)
+            lambda key, name, value: None if trainer is None else self.check_param(trainer, key, name, value),
+            params)
         for key, message in problems:
             self.bad(key, message)
         return search

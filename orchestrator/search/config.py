@@ -215,7 +215,7 @@ def parse_search(block: Any, trainer_params: dict[str, Any] | None,
         c.bad("space", "required: what to search, e.g. {lr: {loguniform: [0.0001, 0.1]}} "
                        "(or an architecture block for the mlp trainer)")
     evolution = _evolution(c, block.get("evolution"), strategy)
-    trials = block.get("trials")
+    trials: Any = block.get("trials")
     if strategy == "evolution":
         if trials is not None:
             c.bad("trials", "not used by evolution: its trials are population + (generations - 1) x "
@@ -224,11 +224,11 @@ def parse_search(block: Any, trainer_params: dict[str, Any] | None,
     elif not _int(trials) or not 1 <= trials <= MAX_TRIALS:
         c.bad("trials", f"must be an integer from 1 to {MAX_TRIALS}, got {trials!r}")
         trials = 1
-    parallel = block.get("parallel", 4)
+    parallel: Any = block.get("parallel", 4)
     if not _int(parallel) or not 1 <= parallel <= 10000:
         c.bad("parallel", f"must be an integer from 1 to 10000 (trials in flight), got {parallel!r}")
         parallel = 1
-    seed = block.get("seed", 0)
+    seed: Any = block.get("seed", 0)
     if not _int(seed) or not 0 <= seed < 2**32:
         c.bad("seed", f"must be an integer from 0 to {2**32 - 1}, got {seed!r}")
         seed = 0
@@ -237,7 +237,7 @@ def parse_search(block: Any, trainer_params: dict[str, Any] | None,
         c.bad("mode", f"must be batch or async, got {mode!r}")
     elif mode == "async" and strategy in STRATEGIES and strategy not in ASYNC_STRATEGIES:
         c.bad("mode", f"async is for {' and '.join(ASYNC_STRATEGIES)}; {strategy} is generational: use batch")
-    max_failed = block.get("max_failed_trials", trials)
+    max_failed: Any = block.get("max_failed_trials", trials)
     if not _int(max_failed) or max_failed < 0:
         c.bad("max_failed_trials", f"must be an integer >= 0, got {max_failed!r}")
         max_failed = trials
@@ -417,7 +417,9 @@ def _asha(c: _Check, asha: Any, trainer_params: dict[str, Any] | None, fixed: di
         return None
     if "epochs" in fixed or any(d.name == "epochs" for d in space):
         c.bad("asha", "sets `epochs` itself (max_epochs): remove epochs from params and search.space")
-    mn, mx, eta = (asha.get(k) for k in ASHA_KEYS)
+    mn: Any = asha.get("min_epochs")
+    mx: Any = asha.get("max_epochs")
+    eta: Any = asha.get("reduction_factor")
     if not _int(mn) or mn < 1:
         c.bad("asha.min_epochs", f"must be an integer >= 1, got {mn!r}")
         return None

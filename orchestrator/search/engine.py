@@ -24,8 +24,8 @@ from typing import Any
 
 from ..collect.finalize import finalize_group, mark_group_failed
 from ..collect.status import Status, fold_state, group_record_done, read_group_status
-from ..errors import ConfigError, Problem
 from ..dispatch.manifest import write_manifest_of
+from ..errors import ConfigError, Problem
 from ..experiment.config import Experiment
 from ..experiment.expand import groups
 from ..experiment.plan import SKIP, GroupPlan, make_plan
@@ -33,7 +33,17 @@ from ..experiment.spec import DatasetRef, RunSpec
 from ..paths import Layout, atomic_write_json, file_lock, read_json
 from . import evolution
 from .config import SearchConfig
-from .journal import COMPLETE, FAILED, PRUNED, RUNNING, History, Trial, append, history, read_entries
+from .journal import (
+    COMPLETE,
+    FAILED,
+    PRUNED,
+    RUNNING,
+    History,
+    Trial,
+    append,
+    history,
+    read_entries,
+)
 from .space import name_of, trainer_params
 
 # A group whose folds have all ended this long ago but whose chord callback has not

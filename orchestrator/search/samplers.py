@@ -54,7 +54,7 @@ def ask(cfg: SearchConfig, trials: list[Trial], n: int, first: int) -> list[tupl
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     dists = optuna_distributions(cfg)
-    directions = [d for d in cfg.directions]
+    directions: list[Any] = list(cfg.directions)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # experimental-feature and independent-sampling notes
         study = optuna.create_study(directions=directions, sampler=_sampler(cfg, derived_seed(cfg.seed, first)))

@@ -48,7 +48,7 @@ def wait_searches(layout: Layout, names: list[str], check: Callable[[], None] | 
         now = time.monotonic()
         ended = all(s["finished"] for s in states.values())
         if lines != last and (now - shown_at > 2 or ended):
-            for n, line in lines.items():
+            for line in lines.values():
                 print(line, file=sys.stderr, flush=True)
             last, shown_at = lines, now
         if ended:
@@ -66,7 +66,7 @@ def trial_row(layout: Layout, search: Search, trial: Trial) -> dict[str, Any]:
                       "metrics.json": str(layout.ensemble_files(first)["metrics.json"])})
     return {"number": trial.number, "generation": trial.generation, "state": trial.state,
             "values": dict(zip(search.cfg.metrics, trial.values or [], strict=False)),
-            "score": (trial.values or [None])[0], "params": trial.params, "point": trial.point,
+            "score": trial.values[0] if trial.values else None, "params": trial.params, "point": trial.point,
             "error": trial.error, "groups": files}
 
 
