@@ -91,7 +91,7 @@ def test_a_good_search_block_round_trips(tmp_path: Path) -> None:
     doc = _doc({"space": {"x": {"uniform": [-4, 4]}, "kind": {"choice": ["a", "c"]}}, "parallel": 3}, {})
     path.write_text(yaml.safe_dump(doc))
     (exp,) = load_experiments([str(path)])
-    assert exp.search is not None and exp.points == ()
+    assert exp.search is not None and exp.points == (("base", {}),)
     assert SearchConfig.from_dict(exp.search.to_dict()) == exp.search
     assert exp.search.directions == ("maximize",) and exp.search.parallel == 3
 

@@ -66,7 +66,8 @@ class Experiment:
     priority: int
     output: str  # template
     overrides: dict[str, dict[str, Any]]
-    search: SearchConfig | None = None  # a search: `points` is empty, the search proposes them
+    # A search: its points are proposed as it goes; `points` holds one, its fixed params.
+    search: SearchConfig | None = None
 
     def output_for(self, dataset: str) -> str:
         return self.output.format(experiment=self.name, dataset=dataset)
@@ -194,8 +195,8 @@ class _Validator:
         overrides = {d: self._params_block(d, trainer) for d in DEVICES if d in doc}
         search = None
         points: list[tuple[str, dict[str, Any]]] | None = []
-        if "search" in doc:
-            search = self._search(trainer, params)
+        if "search" in doc:  # one point: the fixed params every trial starts from
+            search, points = self._search(trainer, params), [("base", dict(params))]
         else:
             points = self._points(trainer, params)
         if name is None or trainer is None or dsets is None or points is None:

@@ -255,11 +255,13 @@ def propose(search: Search, h: History) -> list[dict[str, Any]]:
 
 
 # -- the step -----------------------------------------------------------------------
-def trial_plans(layout: Layout, search: Search, trials: list[Trial]) -> list[GroupPlan]:
+def trial_plans(layout: Layout, search: Search, trials: list[Trial],
+                skip: set[str] | None = None) -> list[GroupPlan]:
     """What publishing these trials means: per group, what is not DONE yet (a group
-    already DONE, or one FAILED, is not trained again)."""
+    already DONE, or one FAILED, is not trained again; nor one in `skip`: in flight for
+    another trial with the same point)."""
     out: list[GroupPlan] = []
-    seen: set[str] = set()
+    seen: set[str] = set(skip or ())
     for trial in trials:
         for p in make_plan(layout, search.specs(trial)):
             if p.action == SKIP or p.first.group_id in seen:
@@ -309,7 +311,10 @@ def step(layout: Layout, experiment: str, publish: Publish, live: Any = None,
             todo = ([t for t in running if t.published] if republish else []) + fresh
             republish = False
             if todo:
-                plans = trial_plans(layout, search, todo)
+                numbers = {t.number for t in todo}
+                busy = {s.group_id for t in running if t.published and t.number not in numbers
+                        for s in search.specs(t)}
+                plans = trial_plans(layout, search, todo, busy)
                 if plans:
                     publish(experiment, plans)
                 append(journal, [{"type": "published", "numbers": [t.number for t in todo], "t": time.time()}])

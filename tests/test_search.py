@@ -1,0 +1,165 @@
+"""Searches on a real Redis with real workers: to the end, with 1 and 2 workers, with
+failing and repeated proposals, and with the control worker killed and the command
+run again. "Evaluations" are counted from the fold records: every attempt of a run
+leaves one entry in its history."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from orchestrator.collect.status import read_fold_status
+from orchestrator.paths import Layout
+from orchestrator.search.engine import load_search, read_history
+
+from .conftest import cli_env, run_cli, wait_for
+from .test_faults import FaultCluster
+
+pytestmark = pytest.mark.integration
+
+SPACE = {"x": {"uniform": [-4, 4]}, "y": {"uniform": [-4, 4]}, "kind": {"choice": ["a", "b", "c"]}}
+TPE = {"strategy": "tpe", "metric": "reported.score", "trials": 8, "parallel": 4, "seed": 11, "space": SPACE}
+
+
+@pytest.fixture(scope="module")
+def sc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultCluster]:
+    """A private Redis, two CPU workers and a control worker (restartable)."""
+    c = FaultCluster(tmp_path_factory.mktemp("search"))
+    c.start_redis()
+    try:
+        c.ensure_workers()
+        yield c
+    finally:
+        c.stop()
+
+
+def config(tmp_path: Path, name: str, search: dict[str, Any], **params: Any) -> Path:
+    doc = {"experiment": name, "trainer": "objective", "datasets": ["iris"], "folds": 2, "holdout": 0,
+           "resources": {"gpus": 0}, "params": {"epochs": 3, **params}, "search": search}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def proposals(root: Path, name: str) -> list[dict[str, Any]]:
+    return [t.params for t in read_history(Layout(root), name).ordered]
+
+
+def evaluations(root: Path, name: str) -> dict[str, int]:
+    """run name -> attempts that trained it, over every trial's runs (each run once)."""
+    layout = Layout(root)
+    search = load_search(layout, name)
+    assert search is not None
+    counts = {}
+    for trial in read_history(layout, name).ordered:
+        for spec in search.specs(trial):
+            record = read_fold_status(layout, spec) or {}
+            counts[spec.name] = len(record.get("history") or [])
+    return counts
+
+
+def best_json(root: Path, name: str, top: int = 3) -> dict[str, Any]:
+    proc = run_cli("search", "best", name, "--top", str(top), "--json", "--results-root", str(root))
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_a_tpe_search_runs_to_the_end_with_the_same_proposals_on_1_and_2_workers(
+        sc: FaultCluster, tmp_path: Path) -> None:
+    two = run_cli("submit", str(config(tmp_path, "tpe_two", TPE)), "--wait", env=sc.env(), timeout=180)
+    assert two.returncode == 0, two.stderr
+    local_root = tmp_path / "local"
+    one = run_cli("run", str(config(tmp_path, "tpe_one", TPE)), "--workers", "1",
+                  "--results-root", str(local_root), timeout=180)
+    assert one.returncode == 0, one.stderr
+    assert "tpe_one: best 5 trials" in one.stdout
+
+    assert len(proposals(sc.root, "tpe_two")) == 8
+    assert proposals(local_root, "tpe_one") == proposals(sc.root, "tpe_two")
+    history = read_history(Layout(sc.root), "tpe_two")
+    assert [t.state for t in history.ordered] == ["COMPLETE"] * 8
+    assert set(evaluations(sc.root, "tpe_two").values()) == {1}  # each run trained once
+    scores = [t.values[0] for t in history.ordered if t.values]
+    best = best_json(sc.root, "tpe_two")
+    assert [t["score"] for t in best["trials"]] == sorted(scores, reverse=True)[:3]
+    assert best["progress"]["finished"] and best["progress"]["complete"] == 8
+    top = best["trials"][0]
+    assert set(top["params"]) == {"x", "y", "kind"}
+    for group in top["groups"]:
+        record = json.loads(Path(group["status.json"]).read_text())
+        assert record["train_status"] == "DONE"
+        assert record["metrics"]["reported"]["score"] == pytest.approx(top["score"])
+        assert Path(group["metrics.json"]).exists()
+
+    again = run_cli("submit", str(config(tmp_path, "tpe_two", TPE)), "--wait", env=sc.env(), timeout=60)
+    assert again.returncode == 0, again.stderr  # already ended: nothing new is proposed
+    assert len(proposals(sc.root, "tpe_two")) == 8
+
+
+def test_evolution_with_failing_and_repeated_points_ends_and_trains_each_point_once(
+        sc: FaultCluster, tmp_path: Path) -> None:
+    search = {"strategy": "evolution", "metric": "reported.score", "seed": 3,
+              "space": {"x": {"choice": [0.0, 1.0, 3.0]}, "y": {"choice": [-2.0, 0.0]}},
+              "evolution": {"population": 4, "generations": 3, "elitism": 1, "tournament": 2}}
+    proc = run_cli("submit", str(config(tmp_path, "evo", search, fail_above=2.0)), "--wait",
+                   env=sc.env(), timeout=180)
+    assert proc.returncode == 0, proc.stderr  # failed trials do not fail the search
+    trials = read_history(Layout(sc.root), "evo").ordered
+    assert len(trials) == 4 + 2 * 3
+    for t in trials:
+        if t.params["x"] == 3.0:
+            assert t.state == "FAILED" and "deliberate failure" in (t.error or ""), t
+        else:
+            assert t.state == "COMPLETE" and t.values
+    assert any(t.state == "FAILED" for t in trials)
+    points = {t.point for t in trials}
+    assert len(points) < len(trials)  # proposals repeated a point...
+    counts = evaluations(sc.root, "evo")
+    assert len(counts) == 2 * len(points) and set(counts.values()) == {1}  # ...trained once each
+    assert "FAILED trial" in proc.stderr and "deliberate failure" in proc.stderr
+
+
+def test_a_search_stops_after_max_failed_trials_with_exit_1(sc: FaultCluster, tmp_path: Path) -> None:
+    search = {**TPE, "strategy": "random", "trials": 6, "parallel": 2, "max_failed_trials": 0,
+              "space": {"x": {"uniform": [3, 4]}}}
+    proc = run_cli("submit", str(config(tmp_path, "allfail", search, fail_above=2.0)), "--wait",
+                   env=sc.env(), timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "stopped" in proc.stderr and "max_failed_trials=0" in proc.stderr
+    trials = read_history(Layout(sc.root), "allfail").ordered
+    assert [t.state for t in trials] == ["FAILED", "FAILED"]  # no batch after the failures
+
+
+def test_killing_the_control_worker_then_submitting_again_ends_the_same_search(
+        sc: FaultCluster, tmp_path: Path) -> None:
+    reference = run_cli("submit", str(config(tmp_path, "ref", TPE)), "--wait", env=sc.env(), timeout=180)
+    assert reference.returncode == 0, reference.stderr
+    slow = config(tmp_path, "killed", TPE, seconds=0.3)  # each run ~1 s: the kill lands mid-search
+    assert run_cli("submit", str(slow), env=sc.env()).returncode == 0
+    layout = Layout(sc.root)
+    wait_for(lambda: read_history(layout, "killed").count("COMPLETE") >= 2, timeout=90,
+             what="two trials of the search to complete")
+    sc.kill_worker("control")
+    sc.workers["control"].wait(timeout=30)
+    at_kill = read_history(layout, "killed")
+    assert at_kill.count("COMPLETE") < 8 and at_kill.count("RUNNING") > 0  # killed mid-search
+    sc.ensure_workers()  # a new control worker
+    again = run_cli("submit", str(slow), "--wait", env=sc.env(), timeout=240)
+    assert again.returncode == 0, again.stderr
+
+    assert proposals(sc.root, "killed") == proposals(sc.root, "ref")
+    assert [t.state for t in read_history(layout, "killed").ordered] == ["COMPLETE"] * 8
+    counts = evaluations(sc.root, "killed")
+    assert len(counts) == 8 * 2 and set(counts.values()) == {1}  # 0 re-evaluations, 0 duplicates
+    ref = {t.number: t.values for t in read_history(layout, "ref").ordered}
+    assert {t.number: t.values for t in read_history(layout, "killed").ordered} == ref
+
+
+def test_search_best_of_an_unknown_experiment_is_exit_2(tmp_path: Path) -> None:
+    proc = run_cli("search", "best", "nothing", "--results-root", str(tmp_path), env=cli_env())
+    assert proc.returncode == 2 and "no search 'nothing'" in proc.stderr
