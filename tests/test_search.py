@@ -160,6 +160,28 @@ def test_killing_the_control_worker_then_submitting_again_ends_the_same_search(
     assert {t.number: t.values for t in read_history(layout, "killed").ordered} == ref
 
 
+def test_asha_prunes_poor_trials_on_real_workers(sc: FaultCluster, tmp_path: Path) -> None:
+    search = {"strategy": "random", "metric": "reported.score", "trials": 9, "parallel": 3, "seed": 5,
+              "space": SPACE, "asha": {"min_epochs": 1, "max_epochs": 9, "reduction_factor": 3}}
+    doc = yaml.safe_load(config(tmp_path, "asha", search).read_text())
+    del doc["params"]["epochs"]  # ASHA sets each rung's epochs
+    path = tmp_path / "asha.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    proc = run_cli("submit", str(path), "--wait", env=sc.env(), timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    trials = read_history(Layout(sc.root), "asha").ordered
+    assert len(trials) == 9
+    pruned = [t for t in trials if t.state == "PRUNED"]
+    full = [t for t in trials if t.state == "COMPLETE"]
+    assert len(pruned) >= 5 and full and all(t.budget == 9 for t in full)
+    assert all("stopped by ASHA" in (t.error or "") for t in pruned)
+    best = best_json(sc.root, "asha", top=1)
+    assert best["progress"]["pruned"] == len(pruned)
+    assert "epochs=9/" in best["trials"][0]["groups"][0]["group"]  # trained on the full budget
+    epochs = sum(sum(t.rungs) for t in trials)  # every rung a trial reached was trained once
+    assert epochs < 9 * 9 / 2  # under half the epochs of training every trial to the end
+
+
 def test_search_best_of_an_unknown_experiment_is_exit_2(tmp_path: Path) -> None:
     proc = run_cli("search", "best", "nothing", "--results-root", str(tmp_path), env=cli_env())
     assert proc.returncode == 2 and "no search 'nothing'" in proc.stderr

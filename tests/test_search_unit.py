@@ -227,3 +227,36 @@ def test_optuna_is_not_imported_by_validation_or_submit_modules() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
     assert math.isfinite(expected_score(0, 0, "a", 1))
+
+
+def test_asha_promotes_the_best_third_and_prunes_the_rest(tmp_path: Path) -> None:
+    search = search_for(tmp_path, {"strategy": "random", "metric": "reported.score", "trials": 9, "parallel": 3,
+                                   "seed": 5, "space": SPACE,
+                                   "asha": {"min_epochs": 1, "max_epochs": 9, "reduction_factor": 3}})
+    from orchestrator.search.engine import best_trials, progress, pruned_at_end
+
+    entries: list[dict[str, Any]] = []
+    spent = 0
+    for _ in range(1000):
+        h = history(entries)
+        new = propose(search, h)
+        entries += new
+        h = history(entries)
+        running = [t for t in h.ordered if t.state == RUNNING]
+        if not running:
+            entries += pruned_at_end(search, h)
+            break
+        t = running[0]  # one at a time, in trial order
+        spent += t.budget or 0
+        p = t.params
+        entries.append({"type": "result", "number": t.number, "state": "COMPLETE", "budget": t.budget,
+                        "values": [expected_score(p["x"], p["y"], p["kind"], t.budget or 0)]})
+    h = history(entries)
+    state = progress(search, h)
+    assert state["finished"] and state["pruned"] >= 5 and state["complete"] >= 1
+    full = [t for t in h.ordered if t.state == "COMPLETE"]
+    assert all(t.budget == 9 for t in full)
+    every = max(expected_score(t.params["x"], t.params["y"], t.params["kind"], 9) for t in h.ordered)
+    assert best_trials(search, h, 1)[0].values[0] == pytest.approx(every)  # the best survived
+    assert spent < 9 * 9 / 2  # less than half the epochs of training every trial fully
+    assert all(t.error and "stopped by ASHA" in t.error for t in h.ordered if t.state == "PRUNED")

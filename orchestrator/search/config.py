@@ -242,6 +242,8 @@ def parse_search(block: Any, trainer_params: dict[str, Any] | None,
         c.bad("max_failed_trials", f"must be an integer >= 0, got {max_failed!r}")
         max_failed = trials
     asha = _asha(c, block.get("asha"), trainer_params, fixed, space)
+    if asha is not None and strategy in STRATEGIES and strategy not in ASYNC_STRATEGIES:
+        c.bad("asha", f"is for {' and '.join(ASYNC_STRATEGIES)} (asynchronous); {strategy} is generational")
     if problems:
         return None, problems
     assert isinstance(strategy, str) and isinstance(mode, str)

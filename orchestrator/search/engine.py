@@ -153,7 +153,8 @@ def _trial_outcome(layout: Layout, search: Search, trial: Trial, live: Any) -> d
         values = []  # adopted: read again at the next pass
         return None
     means = [sum(v[i] for v in values) / len(values) for i in range(len(search.cfg.metrics))]
-    return {"type": "result", "number": trial.number, "state": COMPLETE, "values": means}
+    return {"type": "result", "number": trial.number, "state": COMPLETE, "values": means,
+            "budget": trial.budget}
 
 
 def _failed(trial: Trial, error: str) -> dict[str, Any]:
@@ -195,13 +196,17 @@ def progress(search: Search, h: History) -> dict[str, Any]:
             "pruned": h.count(PRUNED), "running": running, "generation": generation,
             "best": best[0] if best else None,
             "stopped": f"more than max_failed_trials={cfg.max_failed_trials} trials failed" if stopped else None,
-            "finished": running == 0 and (stopped or asked >= cfg.trials)}
+            "finished": running == 0 and (stopped or asked >= cfg.trials)
+            and (cfg.asha is None or not asha_promotions(search, h, asked))}
 
 
 def best_trials(search: Search, h: History, top: int) -> list[Trial]:
-    """The best COMPLETE trials by the first metric (ties: the earlier trial)."""
+    """The best COMPLETE trials by the first metric (ties: the earlier trial); with
+    ASHA, those trained on the full budget."""
     sign = -1.0 if search.cfg.directions[0] == "maximize" else 1.0
     done = [t for t in h.trials.values() if t.state == COMPLETE and t.values]
+    if search.cfg.asha is not None:
+        done = [t for t in done if t.budget == search.cfg.asha.max_epochs]
     return sorted(done, key=lambda t: (sign * (t.values or [0.0])[0], t.number))[:top]
 
 
@@ -223,9 +228,19 @@ def propose(search: Search, h: History) -> list[dict[str, Any]]:
     if h.count(FAILED) > cfg.max_failed_trials:
         return []
     left = cfg.trials - len(h.trials)
+    first = len(h.trials)
+    if cfg.asha is not None:  # asynchronous: promotions first, then new trials
+        free = cfg.parallel - running
+        promotions = asha_promotions(search, h, free)
+        n = min(free - len(promotions), left)
+        if n <= 0:
+            return promotions
+        from .samplers import ask
+
+        return [*promotions, *(_trial_entry(search, first + i, first + i, raw, attrs)
+                               for i, (raw, attrs) in enumerate(ask(cfg, h.ordered, n, first)))]
     if left <= 0:
         return []
-    first = len(h.trials)
     if cfg.strategy == "evolution":
         assert cfg.evolution is not None
         if running:
@@ -252,6 +267,39 @@ def propose(search: Search, h: History) -> list[dict[str, Any]]:
     batch = first // max(1, cfg.parallel) if cfg.mode == "batch" else first
     return [_trial_entry(search, first + i, batch, raw, attrs)
             for i, (raw, attrs) in enumerate(ask(cfg, h.ordered, n, first))]
+
+
+def asha_promotions(search: Search, h: History, free: int) -> list[dict[str, Any]]:
+    """ASHA (Li et al., arXiv 1810.05934): from the highest rung down, a trial in the
+    top 1/reduction_factor of the results at its rung, and not promoted yet, goes on to
+    the next budget. `free`: slots to fill."""
+    asha = search.cfg.asha
+    if asha is None or free <= 0:
+        return []
+    sign = -1.0 if search.cfg.directions[0] == "maximize" else 1.0
+    rungs = asha.rungs
+    out: list[dict[str, Any]] = []
+    for k in reversed(range(len(rungs) - 1)):
+        budget = rungs[k]
+        results = sorted((sign * t.rungs[budget][0], t.number) for t in h.trials.values() if budget in t.rungs)
+        for _, number in results[: len(results) // asha.reduction_factor]:
+            t = h.trials[number]
+            if t.state == COMPLETE and t.budget == budget and len(out) < free:
+                out.append({"type": "promote", "number": number, "budget": rungs[k + 1]})
+    return out
+
+
+def pruned_at_end(search: Search, h: History) -> list[dict[str, Any]]:
+    """ASHA, once nothing runs, nothing is left to ask and no trial can be promoted:
+    the trials left below the full budget are PRUNED."""
+    asha = search.cfg.asha
+    if asha is None or h.count(RUNNING) or len(h.trials) < search.cfg.trials:
+        return []
+    if asha_promotions(search, h, len(h.trials)):
+        return []
+    return [{"type": "result", "number": t.number, "state": PRUNED, "values": t.values, "budget": t.budget,
+             "error": f"stopped by ASHA after {t.budget} epochs"}
+            for t in h.ordered if t.state == COMPLETE and t.budget != asha.max_epochs]
 
 
 # -- the step -----------------------------------------------------------------------
@@ -321,6 +369,9 @@ def step(layout: Layout, experiment: str, publish: Publish, live: Any = None,
             if results or new or todo:
                 changed = True
                 continue
+            pruned = pruned_at_end(search, history(read_entries(journal)))
+            append(journal, pruned)
+            changed = changed or bool(pruned)
             break
         h = history(read_entries(journal))
         state = progress(search, h)

@@ -40,6 +40,7 @@ class Trial:
     values: list[float] | None = None
     error: str | None = None
     budget: int | None = None  # ASHA: the epochs of its current rung
+    rungs: dict[int, list[float]] = field(default_factory=dict)  # ASHA: budget -> its values there
 
 
 @dataclass
@@ -128,7 +129,11 @@ def history(entries: list[dict[str, Any]]) -> History:
                     h.trials[n].published = True
         elif kind == "result" and e["number"] in h.trials:
             t = h.trials[e["number"]]
-            t.state, t.values, t.error = e["state"], e.get("values"), e.get("error")
+            t.state, t.error = e["state"], e.get("error")
+            if e.get("values") is not None:
+                t.values = e["values"]
+                if e.get("budget") is not None:
+                    t.rungs[e["budget"]] = e["values"]
         elif kind == "promote" and e["number"] in h.trials:  # ASHA: on to the next rung
             t = h.trials[e["number"]]
             t.budget, t.state, t.published = e["budget"], RUNNING, False

@@ -61,6 +61,8 @@ def ask(cfg: SearchConfig, trials: list[Trial], n: int, first: int) -> list[tupl
         for t in trials:
             state = {COMPLETE: TrialState.COMPLETE, FAILED: TrialState.FAIL,
                      PRUNED: TrialState.PRUNED}.get(t.state, TrialState.RUNNING)
+            if t.state in (COMPLETE, PRUNED) and t.values:  # ASHA: told its value at its last rung
+                state = TrialState.COMPLETE
             values = t.values if state == TrialState.COMPLETE else None
             study.add_trial(create_trial(state=state, values=values, params=t.raw,
                                          distributions=dists, system_attrs=t.system_attrs))
