@@ -74,3 +74,36 @@ def best_rows(layout: Layout, experiment: str, top: int) -> tuple[Search, Histor
     search = require_search(layout, experiment)
     h = read_history(layout, experiment)
     return search, h, [trial_row(layout, search, t) for t in best_trials(search, h, top)]
+
+
+def search_status(layout: Layout, experiment: str) -> dict[str, Any] | None:
+    """What `status` shows of a search (None if the experiment is not one): its
+    strategy, counts, generation, the best trial so far, and every trial."""
+    search = load_search(layout, experiment)
+    if search is None:
+        return None
+    h = read_history(layout, experiment)
+    state = progress(search, h)
+    best = state.pop("best")
+    return {"strategy": search.cfg.strategy, "metrics": list(search.cfg.metrics),
+            "directions": list(search.cfg.directions), **state,
+            "best": None if best is None else {"number": best.number, "values": best.values,
+                                               "params": best.params, "point": best.point},
+            "trial_details": [{"number": t.number, "generation": t.generation, "state": t.state,
+                               "values": t.values, "params": t.params, "point": t.point,
+                               "budget": t.budget, "error": t.error} for t in h.ordered]}
+
+
+def status_line(name: str, st: dict[str, Any]) -> str:
+    """One line for `status`: the counts, the generation and the best so far."""
+    best = st.get("best")
+    shown = ""
+    if best is not None and best.get("values"):
+        params = ", ".join(f"{k}={v}" for k, v in best["params"].items())
+        shown = f"; best {best['values'][0]:.4g} (trial {best['number']}: {params})"
+    end = " [ended]" if st["finished"] else ""
+    stopped = f" [stopped: {st['stopped']}]" if st.get("stopped") else ""
+    return (f"search {st['strategy']} on {', '.join(st['metrics'])}: "
+            f"{st['complete'] + st['failed'] + st['pruned']}/{st['trials']} trials ended "
+            f"({st['complete']} complete, {st['failed']} failed, {st['pruned']} pruned, {st['running']} running), "
+            f"generation {st['generation']}{shown}{end}{stopped}")
