@@ -126,8 +126,8 @@ def validate(configs: tuple[str, ...]) -> None:
         if exp.search is not None:
             cfg = exp.search
             per_trial = len(exp.datasets) * len(exp.seeds)
-            out.print(f"OK  {exp.file}: experiment {exp.name!r}, a {cfg.strategy} search of {cfg.trials} "
-                      f"trials ({per_trial} groups of {exp.k or 1} runs each), {cfg.parallel} in flight",
+            out.print(f"OK  {exp.file}: experiment {exp.name!r}, a search ({cfg.strategy}) of {cfg.trials} "
+                      f"trials, each {per_trial} group(s) of {exp.k or 1} run(s), {cfg.parallel} in flight",
                       markup=False)
             continue
         runs = expand(exp)

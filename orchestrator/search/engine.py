@@ -187,13 +187,15 @@ def progress(search: Search, h: History) -> dict[str, Any]:
     """Counts, the best trial so far and whether the search has ended."""
     cfg = search.cfg
     running = h.count(RUNNING)
+    in_flight = sum(1 for t in h.trials.values() if t.state == RUNNING and t.published)
     failed = h.count(FAILED)
     stopped = failed > cfg.max_failed_trials
     asked = len(h.trials)
     best = best_trials(search, h, 1)
     generation = max((t.generation for t in h.trials.values()), default=0)
     return {"trials": cfg.trials, "proposed": asked, "complete": h.count(COMPLETE), "failed": failed,
-            "pruned": h.count(PRUNED), "running": running, "generation": generation,
+            "pruned": h.count(PRUNED), "running": in_flight, "queued": running - in_flight,
+            "generation": generation,
             "best": best[0] if best else None,
             "stopped": f"more than max_failed_trials={cfg.max_failed_trials} trials failed" if stopped else None,
             "finished": running == 0 and (stopped or asked >= cfg.trials)
