@@ -110,13 +110,16 @@ def objective_values(search: Search, params: dict[str, Any]) -> list[float]:
     return [score, abs(params["x"])][: len(search.cfg.metrics)]
 
 
-def simulate(search: Search, order: int, journal: Path | None = None) -> list[dict[str, Any]]:
+def simulate(search: Search, order: int, journal: Path | None = None,
+             forget: Any = None) -> list[dict[str, Any]]:
     """Run the search's proposals to the end, finishing trials in an order drawn from
     `order`: some of those in flight at each round, in a shuffled order. Returns each
     trial's params in trial order."""
     rng = random.Random(order)
     entries: list[dict[str, Any]] = []
     for _ in range(10000):
+        if forget is not None:
+            forget()
         new = propose(search, history(entries))
         entries += new
         running = [t for t in history(entries).ordered if t.state == RUNNING]
@@ -149,6 +152,12 @@ def test_the_same_seed_proposes_the_same_points_whatever_order_trials_finish_in(
     runs = [simulate(search, order) for order in (0, 1, 2)]
     assert len(runs[0]) == search.cfg.trials
     assert runs[0] == runs[1] == runs[2]
+    # A process that starts cold at every step (a killed control worker, each step in
+    # another process) proposes the same as one that kept its study.
+    from orchestrator.search import samplers
+
+    cold = simulate(search, 0, forget=samplers.forget)
+    assert cold == runs[0]
     other = search_for(tmp_path, {**block, "seed": 8})
     assert simulate(other, 0) != runs[0]  # the seed matters
 

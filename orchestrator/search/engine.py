@@ -240,7 +240,7 @@ def propose(search: Search, h: History) -> list[dict[str, Any]]:
         from .samplers import ask
 
         return [*promotions, *(_trial_entry(search, first + i, first + i, raw, attrs)
-                               for i, (raw, attrs) in enumerate(ask(cfg, h.ordered, n, first)))]
+                               for i, (raw, attrs) in enumerate(ask(cfg, h.ordered, n, first, search.experiment)))]
     if left <= 0:
         return []
     if cfg.strategy == "evolution":
@@ -268,7 +268,7 @@ def propose(search: Search, h: History) -> list[dict[str, Any]]:
 
     batch = first // max(1, cfg.parallel) if cfg.mode == "batch" else first
     return [_trial_entry(search, first + i, batch, raw, attrs)
-            for i, (raw, attrs) in enumerate(ask(cfg, h.ordered, n, first))]
+            for i, (raw, attrs) in enumerate(ask(cfg, h.ordered, n, first, search.experiment))]
 
 
 def asha_promotions(search: Search, h: History, free: int) -> list[dict[str, Any]]:
@@ -346,14 +346,15 @@ def step(layout: Layout, experiment: str, publish: Publish, live: Any = None,
     journal = layout.search_journal(experiment)
     with file_lock(layout.search_lock(experiment)):
         changed = republish
-        for _ in range(1000):  # until a pass changes nothing (reused points end at once)
-            h = history(read_entries(journal))
+        for _ in range(100_000):  # until a pass changes nothing (reused points end at once)
+            entries = read_entries(journal)
+            h = history(entries)
             results = [r for t in h.ordered if t.state == RUNNING and t.published
                        and (r := _trial_outcome(layout, search, t, live)) is not None]
-            append(journal, results)
-            h = history(read_entries(journal))
-            new = propose(search, h)
-            append(journal, new)  # write-ahead: recorded before anything is published
+            new = propose(search, history(entries + results) if results else h)
+            # One durable write: the results, and the proposals before anything of them
+            # is published (write-ahead).
+            append(journal, results + new)
             h = history(read_entries(journal))
             running = [t for t in h.ordered if t.state == RUNNING]
             inflight = sum(1 for t in running if t.published)
@@ -367,7 +368,10 @@ def step(layout: Layout, experiment: str, publish: Publish, live: Any = None,
                 plans = trial_plans(layout, search, todo, busy)
                 if plans:
                     publish(experiment, plans)
-                append(journal, [{"type": "published", "numbers": [t.number for t in todo], "t": time.time()}])
+                # Not fsynced: lost with a crashed host, it only means publishing again
+                # (a run delivered twice trains once).
+                append(journal, [{"type": "published", "numbers": [t.number for t in todo], "t": time.time()}],
+                       durable=False)
             if results or new or todo:
                 changed = True
                 continue

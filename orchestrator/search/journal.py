@@ -76,8 +76,9 @@ def read_entries(path: Path) -> list[dict[str, Any]]:
     return entries
 
 
-def append(path: Path, entries: list[dict[str, Any]]) -> None:
-    """Append entries as one write (cutting a torn last line first), made durable."""
+def append(path: Path, entries: list[dict[str, Any]], durable: bool = True) -> None:
+    """Append entries as one write (cutting a torn last line first), made durable
+    (fsync, with ORCH_FSYNC) unless `durable` is False."""
     if not entries:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,7 +95,7 @@ def append(path: Path, entries: list[dict[str, Any]]) -> None:
                 os.ftruncate(fd, size)
         os.lseek(fd, size, os.SEEK_SET)
         os.write(fd, data)
-        if FSYNC:
+        if FSYNC and durable:
             os.fsync(fd)
     finally:
         os.close(fd)

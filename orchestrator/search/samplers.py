@@ -18,12 +18,14 @@ proposals, whichever process asks, and again after a kill before they were recor
 from __future__ import annotations
 
 import hashlib
+import json
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 from .config import SearchConfig
 from .journal import COMPLETE, FAILED, PRUNED, Trial
-from .space import optuna_distributions, rounded_raw
+from .space import optuna_distributions
 
 
 def derived_seed(seed: int, number: int) -> int:
@@ -47,29 +49,88 @@ def _sampler(cfg: SearchConfig, seed: int) -> Any:
     raise ValueError(f"no Optuna sampler for strategy {cfg.strategy!r}")
 
 
-def ask(cfg: SearchConfig, trials: list[Trial], n: int, first: int) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """`n` proposals after `trials` (in number order): [(raw values, system attrs)]."""
+@dataclass
+class _Cached:
+    study: Any
+    states: list[Any]  # what the study holds of each trial, by number: its TrialState
+
+
+# One in-memory study per search and process, brought up to date from the journal at
+# each ask: adding 1,000 trials again at every batch cost ~1 ms each (O(trials^2) in
+# all). It holds exactly what a study rebuilt from the journal would (the same params,
+# values, states and system attributes, in trial-number order), so the proposals are
+# the same whether a process has asked before or starts cold (tests check both).
+_studies: dict[str, _Cached] = {}
+
+
+def forget() -> None:
+    """Drop this process's cached studies (the next ask rebuilds from the journal)."""
+    _studies.clear()
+
+
+def _state(t: Trial) -> Any:
+    from optuna.trial import TrialState
+
+    if t.state in (COMPLETE, PRUNED) and t.values:  # ASHA: told its value at its last rung
+        return TrialState.COMPLETE
+    return {FAILED: TrialState.FAIL, PRUNED: TrialState.PRUNED}.get(t.state, TrialState.RUNNING)
+
+
+def _study(cfg: SearchConfig, trials: list[Trial], key: str, dists: dict[str, Any]) -> Any:
     import optuna
     from optuna.trial import TrialState, create_trial
 
+    cached = _studies.get(key)
+    fresh = cached is None or len(cached.states) > len(trials)
+    if not fresh:
+        assert cached is not None
+        for t in trials[: len(cached.states)]:
+            told = cached.states[t.number]
+            if told != _state(t) and told != TrialState.RUNNING:
+                fresh = True  # the journal says otherwise (another search of the name): rebuild
+                break
+    if fresh:
+        study = optuna.create_study(directions=list(cfg.directions), sampler=optuna.samplers.RandomSampler())
+        cached = _studies[key] = _Cached(study, [])
+    assert cached is not None
+    study = cached.study
+    for t in trials:
+        state = _state(t)
+        if t.number < len(cached.states):
+            if cached.states[t.number] != state:  # it ended since: tell the study
+                if state == TrialState.COMPLETE:
+                    study.tell(t.number, t.values)
+                else:
+                    study.tell(t.number, state=state)
+                cached.states[t.number] = state
+            continue
+        study.add_trial(create_trial(state=state, values=t.values if state == TrialState.COMPLETE else None,
+                                     params=t.raw, distributions=dists, system_attrs=t.system_attrs))
+        cached.states.append(state)
+    return study
+
+
+def ask(cfg: SearchConfig, trials: list[Trial], n: int, first: int,
+        key: str = "") -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """`n` proposals after `trials` (in number order): [(raw values, system attrs)].
+    `key`: names the search (its cached study)."""
+    import optuna
+    from optuna.trial import TrialState
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     dists = optuna_distributions(cfg)
-    directions: list[Any] = list(cfg.directions)
+    key = f"{key}:{json.dumps(cfg.identity(), sort_keys=True)}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # experimental-feature and independent-sampling notes
-        study = optuna.create_study(directions=directions, sampler=_sampler(cfg, derived_seed(cfg.seed, first)))
-        for t in trials:
-            state = {COMPLETE: TrialState.COMPLETE, FAILED: TrialState.FAIL,
-                     PRUNED: TrialState.PRUNED}.get(t.state, TrialState.RUNNING)
-            if t.state in (COMPLETE, PRUNED) and t.values:  # ASHA: told its value at its last rung
-                state = TrialState.COMPLETE
-            values = t.values if state == TrialState.COMPLETE else None
-            study.add_trial(create_trial(state=state, values=values, params=t.raw,
-                                         distributions=dists, system_attrs=t.system_attrs))
+        study = _study(cfg, trials, key, dists)
+        study.sampler = _sampler(cfg, derived_seed(cfg.seed, first))
         out = []
         for _ in range(n):
             trial = study.ask(dists)
-            raw = rounded_raw(cfg, trial.params)
+            # Optuna's own values are recorded and told back (the trainer gets them cut
+            # to 4 digits: space.trainer_params), so a study rebuilt from the journal
+            # holds exactly the values this one does.
             attrs = study.get_trials(deepcopy=False)[-1].system_attrs
-            out.append((raw, dict(attrs)))
+            out.append((dict(trial.params), dict(attrs)))
+            _studies[key].states.append(TrialState.RUNNING)
     return out

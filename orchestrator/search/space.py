@@ -99,16 +99,3 @@ def optuna_distributions(cfg: SearchConfig) -> dict[str, Any]:
         else:
             dists[d.name] = FloatDistribution(d.args[0], d.args[1], log=d.kind == "loguniform")
     return dists
-
-
-def rounded_raw(cfg: SearchConfig, raw: dict[str, Any]) -> dict[str, Any]:
-    """Optuna's raw values with floats cut as the trainer gets them (what is told back
-    is what was evaluated)."""
-    out = dict(raw)
-    arch = cfg.architecture
-    if arch is not None and arch.dropout is not None:
-        out["dropout"] = short(float(raw["dropout"]), *arch.dropout)
-    for d in cfg.space:
-        if d.kind in ("uniform", "loguniform"):
-            out[d.name] = short(float(raw[d.name]), d.args[0], d.args[1])
-    return out
