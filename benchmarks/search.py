@@ -67,7 +67,7 @@ def bookkeeping(work: Path, trials: int) -> None:
         save_search(layout, search)
         outside = [0.0]
 
-        def publish(experiment: str, plans: list[Any]) -> None:
+        def publish(experiment: str, plans: list[Any], layout: Any = layout, outside: list[float] = outside) -> None:
             start = time.perf_counter()
             for p in plans:  # the workers' and the control worker's part: not bookkeeping
                 for spec in p.todo:

@@ -90,7 +90,8 @@ def _study(cfg: SearchConfig, trials: list[Trial], key: str, dists: dict[str, An
                 fresh = True  # the journal says otherwise (another search of the name): rebuild
                 break
     if fresh:
-        study = optuna.create_study(directions=list(cfg.directions), sampler=optuna.samplers.RandomSampler())
+        directions: list[Any] = list(cfg.directions)
+        study = optuna.create_study(directions=directions, sampler=optuna.samplers.RandomSampler())
         cached = _studies[key] = _Cached(study, [])
     assert cached is not None
     study = cached.study
