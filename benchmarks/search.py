@@ -162,16 +162,20 @@ def resume(work: Path, trials: int) -> None:
     step(layout, search.experiment, lambda e, p: None)  # records the 4, "publishes" nothing... then:
     journal = layout.search_journal(search.experiment)
     lines = journal.read_bytes().splitlines(keepends=True)
-    journal.write_bytes(b"".join(lines[:-1]))  # ...killed before its `published` entry
+    killed = b"".join(lines[:-1])  # ...killed before its `published` entry
     code = (f"import time, sys; sys.path.insert(0, {str(REPO)!r}); t0 = time.perf_counter()\n"
             "from orchestrator.paths import Layout\nfrom orchestrator.search.engine import step\n"
-            "seen = []\n"
-            f"step(Layout({str(root)!r}), 'bk_random', lambda e, p: seen.append(time.perf_counter() - t0))\n"
-            "print(seen[0] if seen else -1)")
-    times = [float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                  check=True).stdout) for _ in range(3)]
-    print(f"resume: a fresh process publishes the lost batch of a {trials}-trial search after "
-          f"{statistics.median(times):.2f} s (median of 3, imports included; goal: under 1 s)")
+            "t1 = time.perf_counter(); seen = []\n"
+            f"step(Layout({str(root)!r}), 'bk_random', lambda e, p: seen.append(time.perf_counter()))\n"
+            "print(seen[0] - t0 if seen else -1, seen[0] - t1 if seen else -1)")
+    times = []
+    for _ in range(3):
+        journal.write_bytes(killed)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        times.append([float(x) for x in out.split()])
+    whole, own = statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
+    print(f"resume: a fresh process publishes the lost batch of a {trials}-trial search after {whole:.2f} s "
+          f"({own:.2f} s after its imports; median of 3; goal: under 1 s)")
 
 
 def main() -> None:
