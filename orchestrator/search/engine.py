@@ -41,7 +41,10 @@ from .journal import (
     History,
     Trial,
     append,
+    apply,
+    forget_history,
     history,
+    load_history,
     read_entries,
 )
 from .space import name_of, trainer_params
@@ -121,6 +124,7 @@ def load_search(layout: Layout, experiment: str) -> Search | None:
 
 
 def read_history(layout: Layout, experiment: str) -> History:
+    """The search's trials (a fresh copy: callers may keep it)."""
     return history(read_entries(layout.search_journal(experiment)))
 
 
@@ -347,15 +351,20 @@ def step(layout: Layout, experiment: str, publish: Publish, live: Any = None,
     with file_lock(layout.search_lock(experiment)):
         changed = republish
         for _ in range(100_000):  # until a pass changes nothing (reused points end at once)
-            entries = read_entries(journal)
-            h = history(entries)
+            h = load_history(journal)
             results = [r for t in h.ordered if t.state == RUNNING and t.published
                        and (r := _trial_outcome(layout, search, t, live)) is not None]
-            new = propose(search, history(entries + results) if results else h)
-            # One durable write: the results, and the proposals before anything of them
-            # is published (write-ahead).
-            append(journal, results + new)
-            h = history(read_entries(journal))
+            try:
+                for r in results:  # told to the strategy before it is asked (written below)
+                    apply(h, r)
+                new = propose(search, h)
+                # One durable write: the results, and the proposals before anything of
+                # them is published (write-ahead).
+                append(journal, results + new)
+            except BaseException:
+                forget_history(journal)  # it holds results that may not be written
+                raise
+            h = load_history(journal)
             running = [t for t in h.ordered if t.state == RUNNING]
             inflight = sum(1 for t in running if t.published)
             fresh = [t for t in running if not t.published][:max(search.cfg.parallel - inflight, 0)]
@@ -375,11 +384,11 @@ def step(layout: Layout, experiment: str, publish: Publish, live: Any = None,
             if results or new or todo:
                 changed = True
                 continue
-            pruned = pruned_at_end(search, history(read_entries(journal)))
+            pruned = pruned_at_end(search, load_history(journal))
             append(journal, pruned)
             changed = changed or bool(pruned)
             break
-        h = history(read_entries(journal))
+        h = load_history(journal)
         state = progress(search, h)
         if changed:
             write_manifest_of(layout, experiment, search.config_file, search.trainer, all_plans(search, h),

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .config import SearchConfig
@@ -53,6 +53,7 @@ def _sampler(cfg: SearchConfig, seed: int) -> Any:
 class _Cached:
     study: Any
     states: list[Any]  # what the study holds of each trial, by number: its TrialState
+    running: set[int] = field(default_factory=set)  # the numbers it holds as RUNNING
 
 
 # One in-memory study per search and process, brought up to date from the journal at
@@ -81,33 +82,28 @@ def _study(cfg: SearchConfig, trials: list[Trial], key: str, dists: dict[str, An
     from optuna.trial import TrialState, create_trial
 
     cached = _studies.get(key)
-    fresh = cached is None or len(cached.states) > len(trials)
-    if not fresh:
-        assert cached is not None
-        for t in trials[: len(cached.states)]:
-            told = cached.states[t.number]
-            if told != _state(t) and told != TrialState.RUNNING:
-                fresh = True  # the journal says otherwise (another search of the name): rebuild
-                break
-    if fresh:
+    if cached is None or len(cached.states) > len(trials):  # a shorter journal: another search
         directions: list[Any] = list(cfg.directions)
         study = optuna.create_study(directions=directions, sampler=optuna.samplers.RandomSampler())
         cached = _studies[key] = _Cached(study, [])
-    assert cached is not None
     study = cached.study
-    for t in trials:
+    for number in sorted(cached.running):  # those that ended since: told to the study
+        t = trials[number]
         state = _state(t)
-        if t.number < len(cached.states):
-            if cached.states[t.number] != state:  # it ended since: tell the study
-                if state == TrialState.COMPLETE:
-                    study.tell(t.number, t.values)
-                else:
-                    study.tell(t.number, state=state)
-                cached.states[t.number] = state
-            continue
+        if state != TrialState.RUNNING:
+            if state == TrialState.COMPLETE:
+                study.tell(number, t.values)
+            else:
+                study.tell(number, state=state)
+            cached.states[number] = state
+            cached.running.discard(number)
+    for t in trials[len(cached.states):]:  # recorded by another process
+        state = _state(t)
         study.add_trial(create_trial(state=state, values=t.values if state == TrialState.COMPLETE else None,
                                      params=t.raw, distributions=dists, system_attrs=t.system_attrs))
         cached.states.append(state)
+        if state == TrialState.RUNNING:
+            cached.running.add(t.number)
     return study
 
 
@@ -133,5 +129,7 @@ def ask(cfg: SearchConfig, trials: list[Trial], n: int, first: int,
             # holds exactly the values this one does.
             attrs = study.get_trials(deepcopy=False)[-1].system_attrs
             out.append((dict(trial.params), dict(attrs)))
-            _studies[key].states.append(TrialState.RUNNING)
+            cached = _studies[key]
+            cached.running.add(len(cached.states))
+            cached.states.append(TrialState.RUNNING)
     return out
