@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any
@@ -19,23 +20,28 @@ SEARCH_STEP = "tasks.search_step"
 _finished: dict[str, tuple[float, int]] = {}  # experiment -> journal (mtime, size) when it ended
 
 
-def _publish(experiment: str, plans: list[Any]) -> None:
-    from orchestrator.dispatch.canvas import prepare, publish
+@functools.cache
+def _services() -> tuple[Any, Any]:
+    """(Layout, LiveState), made once per process (the watchdog steps every tick)."""
     from orchestrator.livestate import LiveState
     from orchestrator.paths import Layout
 
-    layout = Layout(app.conf.orch_results_root)
-    prepare(layout, LiveState.from_url(app.conf.orch_state_url), experiment, plans)
+    return Layout(app.conf.orch_results_root), LiveState.from_url(app.conf.orch_state_url)
+
+
+def _publish(experiment: str, plans: list[Any]) -> None:
+    from orchestrator.dispatch.canvas import prepare, publish
+
+    layout, live = _services()
+    prepare(layout, live, experiment, plans)
     publish(plans, {s.run_id: s.to_dict() for p in plans for s in p.specs})
 
 
 def run_step(experiment: str, republish: bool = False) -> dict[str, Any]:
-    from orchestrator.livestate import LiveState
-    from orchestrator.paths import Layout
     from orchestrator.search.engine import step
 
-    live = LiveState.from_url(app.conf.orch_state_url)
-    return step(Layout(app.conf.orch_results_root), experiment, _publish, live, republish=republish)
+    layout, live = _services()
+    return step(layout, experiment, _publish, live, republish=republish)
 
 
 @app.task(name=SEARCH_STEP, bind=True, ignore_result=True)
@@ -51,9 +57,7 @@ def after_group(specs: Any) -> None:
     """After a group's callback: a step of its search, if its experiment is one."""
     try:
         experiment = specs[0]["experiment"]
-        from orchestrator.paths import Layout
-
-        if Layout(app.conf.orch_results_root).search_config(experiment).exists():
+        if _services()[0].search_config(experiment).exists():
             app.send_task(SEARCH_STEP, args=(experiment,), queue="control")
     except Exception:  # the group is recorded; the watchdog's chore steps the search too
         log.exception("could not send a search step")
@@ -61,9 +65,7 @@ def after_group(specs: Any) -> None:
 
 def advance_searches() -> list[str]:
     """Watchdog chore: a step for each search under the results root that has not ended."""
-    from orchestrator.paths import Layout
-
-    layout = Layout(app.conf.orch_results_root)
+    layout = _services()[0]
     done: list[str] = []
     for config in sorted(layout.root.glob("*/search/search.json")):
         experiment = config.parent.parent.name

@@ -78,8 +78,15 @@ def best_json(root: Path, name: str, top: int = 3) -> dict[str, Any]:
 
 def test_a_tpe_search_runs_to_the_end_with_the_same_proposals_on_1_and_2_workers(
         sc: FaultCluster, tmp_path: Path) -> None:
-    two = run_cli("submit", str(config(tmp_path, "tpe_two", TPE)), "--wait", env=sc.env(), timeout=180)
+    cfg = config(tmp_path, "tpe_two", TPE)
+    planned = run_cli("plan", str(cfg), "--json", "--results-root", str(sc.root))
+    assert planned.returncode == 0, planned.stderr
+    (plan,) = json.loads(planned.stdout)
+    assert plan["search"]["strategy"] == "tpe" and plan["progress"]["proposed"] == 0
+    two = run_cli("submit", str(cfg), "--wait", env=sc.env(), timeout=180)
     assert two.returncode == 0, two.stderr
+    # `plan` showed the first batch the search then recorded
+    assert [n["params"] for n in plan["next"]] == proposals(sc.root, "tpe_two")[:4]
     local_root = tmp_path / "local"
     one = run_cli("run", str(config(tmp_path, "tpe_one", TPE)), "--workers", "1",
                   "--results-root", str(local_root), timeout=180)
@@ -103,7 +110,18 @@ def test_a_tpe_search_runs_to_the_end_with_the_same_proposals_on_1_and_2_workers
         assert record["metrics"]["reported"]["score"] == pytest.approx(top["score"])
         assert Path(group["metrics.json"]).exists()
 
-    again = run_cli("submit", str(config(tmp_path, "tpe_two", TPE)), "--wait", env=sc.env(), timeout=60)
+    st = json.loads(run_cli("status", "tpe_two", "--json", "--results-root", str(sc.root)).stdout)
+    assert st["search"]["complete"] == 8 and st["search"]["finished"] and len(st["search"]["trial_details"]) == 8
+    assert st["search"]["best"]["number"] == best["trials"][0]["number"]
+    assert st["groups"] == {"DONE": 8}
+    report = run_cli("report", "tpe_two", "--results-root", str(sc.root))
+    assert report.returncode == 0, report.stderr
+    page = (sc.root / "tpe_two" / "report.html").read_text()
+    assert 'id="search"' in page and 'id="search-best"' in page
+    for figure in ("search_best_so_far", "search_vs_x", "search_vs_y", "search_vs_kind"):
+        assert (sc.root / "tpe_two" / "report_files" / f"{figure}.png").stat().st_size > 0
+
+    again = run_cli("submit", str(cfg), "--wait", env=sc.env(), timeout=60)
     assert again.returncode == 0, again.stderr  # already ended: nothing new is proposed
     assert len(proposals(sc.root, "tpe_two")) == 8
 
@@ -140,6 +158,25 @@ def test_a_search_stops_after_max_failed_trials_with_exit_1(sc: FaultCluster, tm
     assert "stopped" in proc.stderr and "max_failed_trials=0" in proc.stderr
     trials = read_history(Layout(sc.root), "allfail").ordered
     assert [t.state for t in trials] == ["FAILED", "FAILED"]  # no batch after the failures
+
+
+def test_a_trial_past_its_timeout_fails_and_the_search_goes_on(sc: FaultCluster, tmp_path: Path) -> None:
+    search = {"strategy": "random", "metric": "reported.score", "trials": 4, "parallel": 2, "seed": 2,
+              "space": {"seconds": {"choice": [0.0, 1.0]}, "x": {"uniform": [-1, 1]}}}
+    doc = yaml.safe_load(config(tmp_path, "straggler", search).read_text())
+    doc["timeout"] = 1.5  # 3 epochs of 1 s: past it
+    path = tmp_path / "straggler.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    proc = run_cli("submit", str(path), "--wait", env=sc.env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    trials = read_history(Layout(sc.root), "straggler").ordered
+    assert len(trials) == 4
+    for t in trials:
+        if t.params["seconds"] == 1.0:
+            assert t.state == "FAILED" and "exceeded its timeout of 1.5 s" in (t.error or ""), t
+        else:
+            assert t.state == "COMPLETE"
+    assert {t.state for t in trials} == {"FAILED", "COMPLETE"}
 
 
 def test_killing_the_control_worker_then_submitting_again_ends_the_same_search(
