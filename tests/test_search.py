@@ -30,10 +30,17 @@ SPACE = {"x": {"uniform": [-4, 4]}, "y": {"uniform": [-4, 4]}, "kind": {"choice"
 TPE = {"strategy": "tpe", "metric": "reported.score", "trials": 8, "parallel": 4, "seed": 11, "space": SPACE}
 
 
+class SearchCluster(FaultCluster):
+    """Short leases and a quick watchdog: a lost run or callback is found in seconds."""
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return super().env(ORCH_LEASE_SECONDS="3", ORCH_WATCHDOG_INTERVAL="0.5", **extra)
+
+
 @pytest.fixture(scope="module")
 def sc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultCluster]:
     """A private Redis, two CPU workers and a control worker (restartable)."""
-    c = FaultCluster(tmp_path_factory.mktemp("search"))
+    c = SearchCluster(tmp_path_factory.mktemp("search"))
     c.start_redis()
     try:
         c.ensure_workers()

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .. import settings
 from ..collect.finalize import finalize_group, mark_group_failed
 from ..collect.status import Status, fold_state, group_record_done, read_group_status
 from ..dispatch.manifest import write_manifest_of
@@ -49,9 +50,11 @@ from .journal import (
 )
 from .space import name_of, trainer_params
 
-# A group whose folds have all ended this long ago but whose chord callback has not
-# recorded it (the control worker died holding it) is finalized by the step itself.
-ADOPT_AFTER_SECONDS = 10.0
+# A group whose folds have all ended this many lease periods ago (ORCH_LEASE_SECONDS)
+# but whose chord callback has not recorded it (the control worker died holding it) is
+# finalized by the step itself. A callback normally comes within a second of its last
+# fold; a dead worker's unacknowledged one would wait for the visibility timeout.
+ADOPT_AFTER_LEASES = 2.0
 Publish = Callable[[str, list[GroupPlan]], None]
 
 
@@ -174,7 +177,7 @@ def _adopt(layout: Layout, specs: list[RunSpec], live: Any) -> bool:
     if not all(state in ended for state, _ in states):
         return False
     last = max(float(r.get("finished_at") or 0) for _, r in states)
-    if time.time() - last < ADOPT_AFTER_SECONDS:
+    if time.time() - last < ADOPT_AFTER_LEASES * float(settings.value("ORCH_LEASE_SECONDS")):
         return False
     if all(state == Status.DONE.value for state, _ in states):
         try:
