@@ -269,3 +269,70 @@ def test_asha_promotes_the_best_third_and_prunes_the_rest(tmp_path: Path) -> Non
     assert best_trials(search, h, 1)[0].values[0] == pytest.approx(every)  # the best survived
     assert spent < 9 * 9 / 2  # less than half the epochs of training every trial fully
     assert all(t.error and "stopped by ASHA" in t.error for t in h.ordered if t.state == "PRUNED")
+
+
+# -- the step over a real results root, without Redis (publish trains in-process) -------
+def _step_setup(tmp_path: Path, block: dict[str, Any]) -> tuple[Any, Search, Any]:
+    from orchestrator.execution.runner import WorkerInfo
+    from orchestrator.paths import Layout
+    from orchestrator.search.engine import save_search
+
+    path = tmp_path / "st.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "experiment": "st", "folds": 2, "params": {"epochs": 2},
+                                    "search": block}))
+    (exp,) = load_experiments([str(path)])
+    layout = Layout(tmp_path / "root")
+    search = search_of(exp)
+    save_search(layout, search)
+    return layout, search, WorkerInfo(name="t@host", device="cpu", gpu=None, host="host")
+
+
+def test_a_step_killed_after_recording_proposals_publishes_the_same_ones_next(tmp_path: Path) -> None:
+    from orchestrator.search.engine import read_history, step
+
+    layout, search, _ = _step_setup(tmp_path, {"strategy": "tpe", "metric": "reported.score", "trials": 8,
+                                                "parallel": 4, "space": SPACE})
+
+    def crash(experiment: str, plans: list[Any]) -> None:
+        raise KeyboardInterrupt  # killed between the journal write and the broker
+
+    with pytest.raises(KeyboardInterrupt):
+        step(layout, "st", crash)
+    recorded = read_history(layout, "st").ordered
+    assert [t.number for t in recorded] == [0, 1, 2, 3] and not any(t.published for t in recorded)
+    published: list[str] = []
+    step(layout, "st", lambda e, plans: published.extend(p.first.point for p in plans))
+    after = read_history(layout, "st").ordered
+    assert [t.point for t in after] == [t.point for t in recorded]  # no new proposal...
+    assert published == [t.point for t in recorded] and all(t.published for t in after)  # ...the same ones
+
+
+def test_a_step_finalizes_a_group_whose_callback_was_lost(tmp_path: Path, monkeypatch: Any) -> None:
+    from orchestrator.collect.status import read_group_status
+    from orchestrator.execution.runner import execute
+    from orchestrator.search.engine import read_history, step
+
+    layout, search, worker = _step_setup(tmp_path, {"strategy": "random", "metric": "reported.score",
+                                                     "trials": 2, "parallel": 2, "space": SPACE})
+
+    def train_only(experiment: str, plans: list[Any]) -> None:  # the chord callbacks never come
+        for p in plans:
+            for spec in p.todo:
+                execute(spec, layout, worker, 1)
+
+    step(layout, "st", train_only)
+    trials = read_history(layout, "st").ordered
+    assert [t.state for t in trials] == ["RUNNING", "RUNNING"]
+    first = search.specs(trials[0])[0]
+    assert read_group_status(layout, first) is None
+    step(layout, "st", train_only)  # too soon: the callback may still come
+    assert read_history(layout, "st").count("RUNNING") == 2
+    monkeypatch.setenv("ORCH_LEASE_SECONDS", "0.2")  # two lease periods have passed
+    import time
+
+    time.sleep(0.5)
+    state = step(layout, "st", train_only)
+    assert state["finished"] and state["complete"] == 2
+    record = read_group_status(layout, first)
+    assert record is not None and record["train_status"] == "DONE"
+    assert read_history(layout, "st").trials[0].values == [record["metrics"]["reported"]["score"]]

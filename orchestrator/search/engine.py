@@ -145,6 +145,9 @@ def _trial_outcome(layout: Layout, search: Search, trial: Trial, live: Any) -> d
         first = specs[0]
         record = read_group_status(layout, first) or {}
         status = record.get("train_status")
+        if status not in (Status.DONE.value, Status.FAILED.value) and _adopt(layout, specs, live):
+            record = read_group_status(layout, first) or {}  # finalized (or failed) just now
+            status = record.get("train_status")
         if status == Status.DONE.value and group_record_done(layout, first, record, sorted(s.run_id for s in specs)):
             found = [metric_value(record, m) for m in search.cfg.metrics]
             if any(v is None for v in found):
@@ -155,10 +158,7 @@ def _trial_outcome(layout: Layout, search: Search, trial: Trial, live: Any) -> d
         if status == Status.FAILED.value:
             failed = record.get("failed") or {}
             return _failed(trial, f"{first.group_name}: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
-        if not _adopt(layout, specs, live):
-            return None
-        values = []  # adopted: read again at the next pass
-        return None
+        return None  # still running
     means = [sum(v[i] for v in values) / len(values) for i in range(len(search.cfg.metrics))]
     return {"type": "result", "number": trial.number, "state": COMPLETE, "values": means,
             "budget": trial.budget}
