@@ -315,8 +315,8 @@ def pruned_at_end(search: Search, h: History) -> list[dict[str, Any]]:
 def trial_plans(layout: Layout, search: Search, trials: list[Trial],
                 skip: set[str] | None = None) -> list[GroupPlan]:
     """What publishing these trials means: per group, what is not DONE yet (a group
-    already DONE, or one FAILED, is not trained again; nor one in `skip`: in flight for
-    another trial with the same point)."""
+    already DONE, or one with a FAILED fold, is not trained again; nor one in `skip`: in
+    flight for another trial with the same point)."""
     out: list[GroupPlan] = []
     seen: set[str] = set(skip or ())
     for trial in trials:
@@ -326,6 +326,10 @@ def trial_plans(layout: Layout, search: Search, trials: list[Trial],
             seen.add(p.first.group_id)
             record = read_group_status(layout, p.first) or {}
             if record.get("train_status") == Status.FAILED.value:
+                continue
+            # A fold that FAILED has ended: its group's error callback records the group
+            # (or a step adopts it); publishing it again would train a failure twice.
+            if not p.fresh and any(fold_state(layout, s)[0] == Status.FAILED.value for s in p.specs):
                 continue
             out.append(p)
     return out
