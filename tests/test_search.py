@@ -211,6 +211,23 @@ def test_killing_the_control_worker_then_submitting_again_ends_the_same_search(
     assert {t.number: t.values for t in read_history(layout, "killed").ordered} == ref
 
 
+def test_a_training_worker_killed_mid_search_loses_nothing(sc: FaultCluster, tmp_path: Path) -> None:
+    search = {**TPE, "strategy": "random", "trials": 4, "parallel": 2, "seed": 9}
+    cfg = config(tmp_path, "trainkill", search, seconds=0.5)
+    assert run_cli("submit", str(cfg), env=sc.env()).returncode == 0
+    entry = next(iter(sc.wait_running("trainkill").values()))
+    victim = sc.worker_named(entry["worker"])
+    sc.kill_worker(victim)  # SIGKILL of the whole worker, mid-run
+    sc.workers[victim].wait(timeout=30)
+    sc.ensure_workers()
+    done = run_cli("submit", str(cfg), "--wait", env=sc.env(), timeout=180)
+    assert done.returncode == 0, done.stderr
+    trials = read_history(Layout(sc.root), "trainkill").ordered
+    assert [t.state for t in trials] == ["COMPLETE"] * 4
+    assert set(evaluations(sc.root, "trainkill", "DONE").values()) == {1}  # each run completed once
+    assert max(evaluations(sc.root, "trainkill").values()) == 2  # the killed attempt, then its successor
+
+
 EVOLUTION = {"strategy": "evolution", "metric": "reported.score", "seed": 4, "space": SPACE,
              "evolution": {"population": 4, "generations": 2, "elitism": 1, "tournament": 2}}
 
