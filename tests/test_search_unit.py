@@ -52,6 +52,8 @@ BAD: list[tuple[str, dict[str, Any], dict[str, Any], str, str]] = [
      "search.architecture", "hidden, activation and dropout params (mlp)"),
     ("asha-bounds", {"asha": {"min_epochs": 9, "max_epochs": 3, "reduction_factor": 3}}, {},
      "search.asha.max_epochs", "above min_epochs"),
+    ("asha-with-cmaes", {"strategy": "cmaes", "asha": {"min_epochs": 1, "max_epochs": 9, "reduction_factor": 3}},
+     {}, "search.asha", "is for random and tpe"),
     ("sweep-and-search", {}, {"sweep": {"grid": {"x": [1.0, 2.0]}}}, "search", "not both"),
     ("no-space", {"space": None}, {}, "search.space", "required"),
 ]
