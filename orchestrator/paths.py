@@ -8,6 +8,7 @@ Nothing else in the project joins result path strings. Layout (README "Results l
         fold_<i>/predictions.csv probabilities.csv ranks.csv metadata.json
         ensemble/oof_predictions.csv holdout_predictions.csv metrics.json
         status/fold_<i>.json status.json
+    <root>/<experiment>/search/search.json journal.jsonl   a search's config and records
 """
 
 from __future__ import annotations
@@ -208,6 +209,21 @@ class Layout:
 
     def final_results_lock(self, experiment: str) -> Path:
         return self.experiment_dir(experiment) / ".final_results.lock"
+
+    # a search's records (orchestrator.search)
+    def search_dir(self, experiment: str) -> Path:
+        return self.experiment_dir(experiment) / "search"
+
+    def search_config(self, experiment: str) -> Path:
+        """The search block and the trial template of the last submission."""
+        return self.search_dir(experiment) / "search.json"
+
+    def search_journal(self, experiment: str) -> Path:
+        """Proposals, publications and results, one JSON entry per line."""
+        return self.search_dir(experiment) / "journal.jsonl"
+
+    def search_lock(self, experiment: str) -> Path:
+        return self.search_dir(experiment) / ".step.lock"
 
     # group level
     def group_root(self, group_dir: str) -> Path:

@@ -39,6 +39,7 @@ from orchestrator.trainers import registry
 
 from . import app
 from .admission import stop_consuming
+from .search import after_group
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,9 @@ def finalize(self: Any, results: Any, specs: list[dict[str, Any]],
              folds: list[int] | None = None) -> dict[str, Any]:
     """Chord body: ensemble outputs, final_results.csv rows, status.json DONE (`specs`
     and `folds`: orchestrator.collect.groupend.group_specs)."""
-    return _group_end().finalize(specs, folds, _delivery(self))
+    result = _group_end().finalize(specs, folds, _delivery(self))
+    after_group(specs)  # a search's next step, if this group is one of its trials
+    return result
 
 
 # bind=True also keeps Celery calling it as a task with the failed task's id (a bound
@@ -161,4 +164,6 @@ def finalize(self: Any, results: Any, specs: list[dict[str, Any]],
 def group_failed(self: Any, task_id: str, specs: list[dict[str, Any]],
                  folds: list[int] | None = None) -> dict[str, Any]:
     """Chord error callback: status.json FAILED with which folds failed and why."""
-    return _group_end().failed(specs, folds, _delivery(self))
+    result = _group_end().failed(specs, folds, _delivery(self))
+    after_group(specs)
+    return result

@@ -66,10 +66,12 @@ def _start_watchdog(sender: Any = None, **_: Any) -> None:
     from orchestrator.cluster.watchdog import Watchdog
     from orchestrator.paths import Layout
 
+    from .search import advance_searches
+
     leases = _leases()
     stalls = StallGuard(leases, Layout(app.conf.orch_results_root), in_flight, _redispatch)
     dog = Watchdog(leases, restore_message, _redispatch, orphans=restore_orphans,
-                   chores=[unpark_unpaused, stalls],
+                   chores=[unpark_unpaused, advance_searches, stalls],
                    name=f"watchdog@{getattr(sender, 'hostname', '?')}")
     _stop.clear()
     threading.Thread(target=dog.run_forever, args=(_stop,), name="orch-watchdog", daemon=True).start()

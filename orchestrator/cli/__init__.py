@@ -22,6 +22,7 @@ from . import (  # noqa: F401  (each registers its commands)
     flower,
     reporting,
     running,
+    searching,
     watching,
     worker,
     workers,

@@ -124,6 +124,13 @@ def validate(configs: tuple[str, ...]) -> None:
       orchestrator validate configs/          # every *.yaml in the folder
     """
     for exp in load_experiments(list(configs)):
+        if exp.search is not None:
+            cfg = exp.search
+            per_trial = len(exp.datasets) * len(exp.seeds)
+            out.print(f"OK  {exp.file}: experiment {exp.name!r}, a search ({cfg.strategy}) of {cfg.trials} "
+                      f"trials, each {per_trial} group(s) of {exp.k or 1} run(s), {cfg.parallel} in flight",
+                      markup=False)
+            continue
         runs = expand(exp)
         n_groups = len({r.group_id for r in runs})
         out.print(f"OK  {exp.file}: experiment {exp.name!r}, {len(runs)} runs in {n_groups} groups",
@@ -171,6 +178,12 @@ def plan(configs: tuple[str, ...], results_root: str | None, as_json: bool) -> N
     """
     layout = Layout(results_root_path(results_root))
     exps = load_experiments(list(configs))
+    searches = [e for e in exps if e.search is not None]
+    if searches:
+        _plan_searches(layout, searches, as_json)
+        exps = [e for e in exps if e.search is None]
+        if not exps:
+            return
     plans = plans_of(exps, layout)
     if as_json:
         data = [{"experiment": name, "totals": totals(p), "runs": plan_rows(layout, p),
@@ -189,6 +202,41 @@ def plan(configs: tuple[str, ...], results_root: str | None, as_json: bool) -> N
         if read_json(layout.paused_marker(name)) is not None:
             out.print(f"{name} is PAUSED: its runs do not start until `orchestrator resume {name}`")
 
+
+
+def _plan_searches(layout: Layout, searches: list[Any], as_json: bool) -> None:
+    """A search's plan: its config, what it has done, and the proposals its next step
+    would make (from its records and seed: the same ones the step will record)."""
+    from ..search.engine import progress, propose, read_history, search_of
+
+    data = []
+    for exp in searches:
+        search = search_of(exp)
+        h = read_history(layout, exp.name)
+        state = progress(search, h)
+        state.pop("best")
+        nxt = [e for e in propose(search, h) if e["type"] in ("trial", "promote")]
+        per_trial = len(search.datasets) * len(search.seeds)
+        data.append({"experiment": exp.name, "search": search.cfg.to_dict(), "progress": state,
+                     "groups_per_trial": per_trial, "runs_per_trial": per_trial * search.template.n_folds,
+                     "next": [{"number": e["number"], "params": e.get("params"), "point": e.get("point"),
+                               "promote_to": e.get("budget") if e["type"] == "promote" else None}
+                              for e in nxt]})
+    if as_json:
+        print_json(data)
+        return
+    for d in data:
+        cfg, st = d["search"], d["progress"]
+        out.print(f"search {d['experiment']}: {cfg['strategy']} ({cfg['mode']}), "
+                  f"{', '.join(f'{m} ({x})' for m, x in zip(cfg['metrics'], cfg['directions'], strict=True))}, "
+                  f"{cfg['trials']} trials, {cfg['parallel']} in flight, seed {cfg['seed']}; each trial "
+                  f"{d['groups_per_trial']} groups, {d['runs_per_trial']} runs", markup=False)
+        out.print(f"so far: {st['proposed']} proposed, {st['complete']} complete, {st['failed']} failed, "
+                  f"{st['pruned']} pruned, {st['running']} running" + (" (ended)" if st["finished"] else ""),
+                  markup=False)
+        rows = [[str(n["number"]), n["point"] or f"promote to {n['promote_to']} epochs"] for n in d["next"]]
+        if rows:
+            print_table(table(["trial", "next proposals"], rows, title=f"next step of {d['experiment']}"))
 
 
 @cli.command()
@@ -222,6 +270,10 @@ def status(experiment: str | None, results_root: str | None, as_json: bool, brok
     for st in data:
         paused = " [yellow]PAUSED[/]" if st["paused"] else ""
         out.print(f"[bold]{st['experiment']}[/]{paused}: groups {st['groups']}, runs {st['runs']}")
+        if st.get("search"):
+            from ..views.search import status_line
+
+            out.print(status_line(st["experiment"], st["search"]), markup=False)
         if experiment is None:
             continue
         rows = [[g["name"] if i == 0 else "", g["state"] if i == 0 else "",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Any, NoReturn
@@ -25,17 +26,35 @@ from .base import (
     results_root_path,
     use_broker,
 )
+from .searching import (
+    save_searches,
+    search_summary,
+    searches_in_flight,
+    start_searches,
+    wait_searches_or_fail,
+)
 
 
-def _submit(exps: list[Experiment], plans: dict[str, list[GroupPlan]], layout: Layout) -> Any:
-    """Publish every experiment's plan, saying what was published; returns the LiveState used."""
+def _submit(exps: list[Experiment], plans: dict[str, list[GroupPlan]], layout: Layout,
+            searches: list[str] | None = None) -> Any:
+    """Publish every experiment's plan, and a step of each search; returns the LiveState used."""
     from ..dispatch.submission import submit_experiments
 
     def report(exp: Experiment, published: dict[str, int]) -> None:
         err.print(f"submitted {exp.name}: {published['runs']} runs in {published['groups']} groups"
                   + (f", {published['finalize_only']} groups to finalize" if published["finalize_only"] else ""))
 
-    return submit_experiments(exps, plans, layout, report)
+    live = submit_experiments(exps, plans, layout, report)
+    if searches:
+        from celery.exceptions import OperationalError
+        from kombu.exceptions import KombuError
+        from redis.exceptions import RedisError
+
+        try:
+            start_searches(searches)
+        except (OperationalError, KombuError, RedisError) as exc:
+            raise EnvironmentProblem(f"cannot reach the broker at {os.environ['ORCH_BROKER_URL']}: {exc}") from None
+    return live
 
 
 def _summary(exps: list[Experiment], layout: Layout) -> int:
@@ -104,14 +123,19 @@ def run(configs: tuple[str, ...], results_root: str | None, broker: str | None, 
     exps = load_experiments(list(configs))
     root = results_root_path(results_root, writable=True)
     layout = Layout(root)
+    searches = [e for e in exps if e.search is not None]
+    exps = [e for e in exps if e.search is None]
+    search_names = [e.name for e in searches]
+    todo_searches = save_searches(searches, layout)
     plans = plans_of(exps, layout)
-    if all(t["groups_to_finalize"] == 0 for t in map(totals, plans.values())):
+    if all(t["groups_to_finalize"] == 0 for t in map(totals, plans.values())) and not todo_searches:
         from ..dispatch.manifest import write_manifest
 
         for exp in exps:  # the summary below (and `status`) describe this submission
             write_manifest(layout, exp, plans[exp.name])
-        err.print("nothing to do: every run and group is already DONE")
-        sys.exit(_summary(exps, layout))
+        err.print("nothing to do: every run and group is already DONE"
+                  + (" and every search has ended" if searches else ""))
+        sys.exit(max(_summary(exps, layout), search_summary(layout, search_names)))
     tracked = [Tracked(e.name, plans[e.name]) for e in exps]
     signal.signal(signal.SIGTERM, _on_sigterm)
     cluster = None
@@ -122,8 +146,10 @@ def run(configs: tuple[str, ...], results_root: str | None, broker: str | None, 
             from ..cluster.gpu import detect
 
             gpus = [g.index for g in detect()]
-            cpu_runs = any(s.queue == "cpu" for ps in plans.values() for p in ps for s in p.todo)
-            used = sorted({s.trainer for ps in plans.values() for p in ps for s in p.todo})
+            cpu_runs = (any(s.queue == "cpu" for ps in plans.values() for p in ps for s in p.todo)
+                        or any(e.resources.gpus <= 0 for e in searches))
+            used = sorted({s.trainer for ps in plans.values() for p in ps for s in p.todo}
+                          | {e.trainer.name for e in searches})
             cluster = LocalCluster(results_root=root, cpu_workers=n_workers, gpus=gpus,
                                    cpu_runs=cpu_runs, loglevel=loglevel, preload=used)
             url = cluster.start()
@@ -132,7 +158,7 @@ def run(configs: tuple[str, ...], results_root: str | None, broker: str | None, 
             if not gpus or cpu_runs:
                 kinds.append(f"{n_workers} CPU workers")
             err.print(f"local mode: redis at {url}, {', '.join(kinds)}, 1 control worker")
-        live = _submit(exps, plans, layout)
+        live = _submit(exps, plans, layout, todo_searches)
 
         def check() -> None:
             if cluster is not None and (dead := cluster.dead()):
@@ -140,23 +166,27 @@ def run(configs: tuple[str, ...], results_root: str | None, broker: str | None, 
                 raise EnvironmentProblem(f"local {name} process exited unexpectedly; its log ends:\n"
                                          f"{cluster.log_tail(name)}")
 
-        wait(live, tracked, err, check=check)
-        code = _summary(exps, layout)  # results first, then the stop
+        if tracked:
+            wait(live, tracked, err, check=check)
+        wait_searches_or_fail(layout, todo_searches, check)
+        code = max(_summary(exps, layout), search_summary(layout, search_names))  # results first, then the stop
         if cluster is not None:
-            cluster.stop(finished=True)
+            cluster.stop(finished=True)  # every group final, every search complete: nothing in flight
             cluster = None
     except KeyboardInterrupt:
         err.print("interrupted: stopping workers")
         if cluster is not None:
             cluster.stop()
             cluster = None
-            _cancel_unfinished(layout, plans, "interrupted (Ctrl-C)")
+            _cancel_unfinished(layout, {**plans, **searches_in_flight(layout, todo_searches)},
+                               "interrupted (Ctrl-C)")
         sys.exit(errors.EXIT_INTERRUPTED)
     except EnvironmentProblem as exc:
         if cluster is not None:  # a local worker or Redis died: nothing will finish now
             cluster.stop()
             cluster = None
-            _cancel_unfinished(layout, plans, f"local cluster failed: {str(exc).splitlines()[0]}")
+            _cancel_unfinished(layout, {**plans, **searches_in_flight(layout, todo_searches)},
+                               f"local cluster failed: {str(exc).splitlines()[0]}")
         raise
     finally:
         if cluster is not None:
@@ -198,14 +228,19 @@ def submit(configs: tuple[str, ...], results_root: str | None, broker: str | Non
     root = results_root_path(results_root, writable=True)
     use_broker(broker, root)
     layout = Layout(root)
+    searches = [e for e in exps if e.search is not None]
+    exps = [e for e in exps if e.search is None]
+    todo_searches = save_searches(searches, layout)
     plans = plans_of(exps, layout)
-    live = _submit(exps, plans, layout)
-    for exp in exps:
+    live = _submit(exps, plans, layout, todo_searches)
+    for exp in exps + searches:
         out.print(exp.name)
     if wait_:
         try:
-            wait(live, [Tracked(e.name, plans[e.name]) for e in exps], err)
+            if exps:
+                wait(live, [Tracked(e.name, plans[e.name]) for e in exps], err)
+            wait_searches_or_fail(layout, todo_searches)
         except KeyboardInterrupt:
             sys.exit(errors.EXIT_INTERRUPTED)
-        sys.exit(_summary(exps, layout))
+        sys.exit(max(_summary(exps, layout), search_summary(layout, [e.name for e in searches])))
 

@@ -176,7 +176,8 @@ def finalize_group(layout: Layout, specs: list[RunSpec], live: LiveState | None 
         for k in names
     }
     metrics = {"oof": scores(oof_y, oof_probs), "ensemble_holdout": scores(hold_y, hold_probs),
-               "folds": fold_summary, "n_folds": len(specs), "classes": classes}
+               "folds": fold_summary, "n_folds": len(specs), "classes": classes,
+               "reported": reported_means([metas[s.fold].get("last_report") for s in specs])}
     atomic_write_json(files["metrics.json"], metrics)
 
     update_final_results(layout, first.experiment, [_row(s, metas[s.fold]) for s in specs])
@@ -184,7 +185,8 @@ def finalize_group(layout: Layout, specs: list[RunSpec], live: LiveState | None 
         "group_id": first.group_id, "experiment": first.experiment, "name": first.group_name,
         "train_status": Status.DONE.value, "run_ids": run_ids,
         "folds": {str(s.fold): Status.DONE.value for s in specs}, "failed": {},
-        "metrics": {"oof": metrics["oof"], "ensemble_holdout": metrics["ensemble_holdout"]},
+        "metrics": {"oof": metrics["oof"], "ensemble_holdout": metrics["ensemble_holdout"],
+                    "reported": metrics["reported"]},
         "files": file_sizes(files), "finished_at": time.time(),
     }
     atomic_write_json(status_path, record)
@@ -192,6 +194,18 @@ def finalize_group(layout: Layout, specs: list[RunSpec], live: LiveState | None 
     if live:
         live.set_group(first.experiment, first.group_id, Status.DONE.value)
     return record
+
+
+def reported_means(reports: list[Any]) -> dict[str, float]:
+    """The mean over folds of each number the trainer reported last (metadata.json's
+    last_report), for the names every fold reported: what a search's `reported.<name>`
+    metric reads (the objective trainer's `score`, say)."""
+    found = [r for r in reports if isinstance(r, dict)]
+    if not found or len(found) != len(reports):
+        return {}
+    names = set.intersection(*({k for k, v in r.items() if isinstance(v, int | float)
+                                and not isinstance(v, bool)} for r in found))
+    return {k: float(np.mean([float(r[k]) for r in found])) for k in sorted(names)}
 
 
 def clear_staging(layout: Layout, spec: RunSpec) -> None:

@@ -210,6 +210,13 @@ def submit(exp: Experiment, plans: list[GroupPlan], layout: Layout, live: LiveSt
     """Publish what the plan says; returns counts of what was published. `add`: the
     groups join the experiment's manifest (add_to_manifest) instead of replacing it."""
     dicts = add_to_manifest(layout, exp, plans) if add else write_manifest(layout, exp, plans)
+    prepare(layout, live, exp.name, plans)
+    return publish(plans, dicts, keep=add)
+
+
+def prepare(layout: Layout, live: LiveState, experiment: str, plans: list[GroupPlan]) -> None:
+    """Before publishing `plans`: their stale records reset (a FAILED or CANCELLED fold
+    is PENDING again) and their live states set."""
     states: dict[str, str] = {}
     for p in plans:
         todo = {s.run_id for s in p.todo}
@@ -226,11 +233,9 @@ def submit(exp: Experiment, plans: list[GroupPlan], layout: Layout, live: LiveSt
                 # on a worker right now and keeps its record until this attempt starts.
                 if old is not None and old.get("status") in (Status.FAILED.value, Status.CANCELLED.value):
                     write_fold_status(layout, s, Status.PENDING, base=old, error=old.get("error"))
-    live.set_runs(exp.name, states)
-    live.clear_groups(exp.name, [p.first.group_id for p in plans if p.action != SKIP])
-    live.set_groups(exp.name, {p.first.group_id: Status.DONE.value for p in plans if p.action == SKIP})
-
-    return publish(plans, dicts, keep=add)
+    live.set_runs(experiment, states)
+    live.clear_groups(experiment, [p.first.group_id for p in plans if p.action != SKIP])
+    live.set_groups(experiment, {p.first.group_id: Status.DONE.value for p in plans if p.action == SKIP})
 
 
 class _Spec(dict):  # type: ignore[type-arg]

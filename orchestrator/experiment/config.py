@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError, DatasetError, Problem, UnknownTrainerError, UnsafeNameError
+from ..search.config import SearchConfig, parse_search
 from ..trainers import Trainer, get_trainer, registry
 from . import datasets
 from .names import NAME_RE, NAME_RULE, check_relative_path, did_you_mean
@@ -34,6 +35,7 @@ TOP_KEYS = {
     "seeds": "list of integer seeds (default [0])",
     "params": "trainer parameters shared by every run",
     "sweep": "grid / zip / random parameter axes",
+    "search": "a search loop instead of a sweep: strategy, metric, trials, space (README)",
     "resources": "{gpus, gpu_memory_gb}",
     "retries": "retries after a failed attempt (default 0)",
     "timeout": "seconds one attempt may take (default: none)",
@@ -66,6 +68,8 @@ class Experiment:
     priority: int
     output: str  # template
     overrides: dict[str, dict[str, Any]]
+    # A search: its points are proposed as it goes; `points` holds one, its fixed params.
+    search: SearchConfig | None = None
 
     def output_for(self, dataset: str) -> str:
         return self.output.format(experiment=self.name, dataset=dataset)
@@ -214,7 +218,12 @@ class _Validator:
         output = self._output()
         params = self._params_block("params", trainer)
         overrides = {d: self._params_block(d, trainer) for d in DEVICES if d in doc}
-        points = self._points(trainer, params)
+        search = None
+        points: list[tuple[str, dict[str, Any]]] | None = []
+        if "search" in doc:  # one point: the fixed params every trial starts from
+            search, points = self._search(trainer, params), [("base", dict(params))]
+        else:
+            points = self._points(trainer, params)
         if name is None or trainer is None or dsets is None or points is None:
             return None
         if not self.problems or all(p.file != self.file for p in self.problems):
@@ -223,7 +232,7 @@ class _Validator:
             name=name, file=self.file, trainer=trainer, datasets=tuple(dsets), k=k,
             validation=validation, holdout=holdout, seeds=tuple(seeds), points=tuple(points),
             resources=resources, retries=retries, timeout=timeout, priority=priority,
-            output=output, overrides=overrides,
+            output=output, overrides=overrides, search=search,
         )
 
     # -- fields ---------------------------------------------------------------------
@@ -422,6 +431,17 @@ class _Validator:
         problem = spec.problem(value)
         if problem:
             self.bad(key, problem)
+
+    def _search(self, trainer: Trainer | None, params: dict[str, Any]) -> SearchConfig | None:
+        if "sweep" in self.doc:
+            self.bad("search", "give either 'sweep' (fixed points) or 'search' (a search loop), not both")
+        search, problems = parse_search(
+            self.doc["search"], None if trainer is None else dict(trainer.params),
+            lambda key, name, value: None if trainer is None else self.check_param(trainer, key, name, value),
+            params)
+        for key, message in problems:
+            self.bad(key, message)
+        return search
 
     def _points(self, trainer: Trainer | None, params: dict[str, Any]) -> list[tuple[str, dict[str, Any]]] | None:
         sweep = self.doc.get("sweep")

@@ -11,6 +11,8 @@ from .spec import RunSpec
 def expand(exp: Experiment) -> list[RunSpec]:
     """Every run of the experiment: dataset x point x seed x fold, in a stable order."""
     runs: list[RunSpec] = []
+    if exp.search is not None:  # its runs come from its trials (orchestrator.search.engine)
+        return runs
     for dataset in exp.datasets:
         for point, params in exp.points:
             for seed in exp.seeds:

@@ -42,9 +42,10 @@ def registry() -> dict[str, Trainer]:
     global _REGISTRY
     if _REGISTRY is None:
         reg: dict[str, Trainer] = {}
-        from . import mlp, prior
+        from . import mlp, objective, prior
 
         _add(reg, mlp.TRAINER, "built-in mlp")
+        _add(reg, objective.TRAINER, "built-in objective")
         _add(reg, prior.TRAINER, "built-in prior")
         for ep in entry_points(group="orchestrator.trainers"):
             if ep.name not in reg:

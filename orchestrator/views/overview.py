@@ -108,6 +108,10 @@ def experiment_status(layout: Layout, experiment: str, with_files: bool = False,
         "runs": dict(run_counts), "groups": dict(group_counts), "group_details": groups_out,
         "paused": paused if isinstance(paused := read_json(layout.paused_marker(experiment)), dict) else None,
     }
+    if layout.search_config(experiment).exists():
+        from .search import search_status
+
+        out["search"] = search_status(layout, experiment)
     if with_files:
         out["final_results"] = str(layout.final_results(experiment))
         out["manifest"] = str(layout.manifest(experiment))

@@ -152,6 +152,8 @@ def _experiment_lines(snap: Snapshot, width: int, limit: int | None, ascii_only:
                   "RUNNING": Text(str(r.running), style="yellow" if r.running else ""), "ETA": eta}
         lines.append(_line(_cell(Text(r.name, style="bold"), name_w), bar(r, bar_w, ascii_only),
                            *(_cell(values[title], w, True) for title, w in columns.items())))
+        if r.search:
+            lines.append(Text(f"  {r.search}"[:width], style="cyan"))
     if len(shown) < len(rows):
         hidden = rows[len(shown):]
         lines.append(Text(f"… and {len(hidden)} more ({sum(1 for r in hidden if r.remaining == 0)} finished)",

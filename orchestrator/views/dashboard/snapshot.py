@@ -40,6 +40,7 @@ class ExperimentRow:
     eta: float | None = None  # seconds left at the observed rate; None: not known yet
     from_files: bool = False  # Redis has no live state of it: counts read from status files
     submitted_at: float = 0.0
+    search: str | None = None  # a search: its trials, generation and best so far, in a line
 
     @property
     def finished(self) -> int:
@@ -219,6 +220,8 @@ class Collector:
             else:
                 row, fails = self._from_live(name, man, states, raw, now)
             failed_total += row.failed
+            if self.layout.search_config(name).exists():
+                row = replace(row, search=_search_line(self.layout, name))
             rows.append(row)
             failures += fails
         rows.sort(key=lambda r: (r.remaining == 0, -r.submitted_at, r.name))
@@ -356,3 +359,15 @@ def _decode_hash(raw: dict[bytes, bytes]) -> dict[str, Any]:
         with contextlib.suppress(ValueError, UnicodeDecodeError):
             found[k.decode()] = json.loads(v)
     return found
+
+
+def _search_line(layout: Layout, name: str) -> str | None:
+    """The search's trials, generation and best so far (its journal is read
+    incrementally: a watch frame costs a stat when nothing changed)."""
+    from ..search import search_status, status_line
+
+    try:
+        st = search_status(layout, name)
+    except (OSError, ValueError, KeyError):
+        return None
+    return None if st is None else status_line(name, {**st, "trial_details": None})

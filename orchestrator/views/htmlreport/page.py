@@ -104,7 +104,7 @@ def _workers_table(data: ReportData) -> str:
 
 
 def render_html(data: ReportData, figures: list[Figure], metric: str = "accuracy", top: int = 10,
-                files_dir: str | None = None) -> str:
+                files_dir: str | None = None, layout: Layout | None = None) -> str:
     """The report page; every value that comes from the results is escaped."""
     figs = {f.slug: f for f in figures}
     groups = Counter(g.state for g in data.groups)
@@ -138,6 +138,10 @@ def render_html(data: ReportData, figures: list[Figure], metric: str = "accuracy
         f"<tr><th>swept</th><td>{_e(', '.join(data.swept) or 'nothing (one point)')}</td></tr>",
         "</table>",
     ]
+    if layout is not None:  # a search: its trials, best so far, scores by parameter
+        from .searchfigs import search_html
+
+        parts.append(search_html(layout, data.experiment, figure))
     if gaps:
         parts.append(f'<h2 id="missing">Not finished or missing ({len(gaps)})</h2><ul class="missing">')
         parts += [f"<li>{_e(line)}</li>" for line in gaps]
@@ -175,6 +179,10 @@ def write_report(layout: Layout, experiment: str, output: Path | None = None,
     """Write the HTML (and each PNG into `<stem>_files/` next to it), atomically."""
     data = collect(layout, experiment)
     figures = make_figures(data, metric)
+    if layout.search_config(experiment).exists():
+        from .searchfigs import search_figures
+
+        figures += search_figures(layout, experiment)
     path = (output or default_output(layout, experiment)).resolve()
     files_dir = path.parent / f"{path.stem}_files"
     images = []
@@ -185,5 +193,5 @@ def write_report(layout: Layout, experiment: str, output: Path | None = None,
     for stale in files_dir.glob("*.png") if files_dir.is_dir() else []:
         if stale not in images:  # a plot the previous report had (a parameter no longer swept)
             stale.unlink(missing_ok=True)
-    atomic_write_text(path, render_html(data, figures, metric, top, files_dir.name))
+    atomic_write_text(path, render_html(data, figures, metric, top, files_dir.name, layout))
     return ReportResult(html=path, images=images, data=data)
