@@ -1,6 +1,6 @@
 """The on-disk layout under the results root, and the one atomic-write helper.
 
-Nothing else in the project joins result path strings. Layout (README "Results layout"):
+Nothing else in the project joins result path strings. Layout (docs/results.md):
 
     <root>/<experiment>/experiment.json          manifest of the last submission
     <root>/<experiment>/final_results.csv        one row per finished run
