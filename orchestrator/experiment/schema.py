@@ -13,6 +13,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ..search.config import (
+    ASHA_KEYS,
+    DIRECTIONS,
+    EVOLUTION_KEYS,
+    MAX_TRIALS,
+    MODES,
+    SEARCH_KEYS,
+    STRATEGIES,
+)
 from ..trainers import Param, Trainer
 from . import datasets
 from .config import TOP_KEYS
@@ -78,6 +87,35 @@ def _distribution() -> dict[str, Any]:
                        "required": [k], "additionalProperties": False} for k, v in kinds.items()]}
 
 
+def _search() -> dict[str, Any]:
+    """The `search:` block (orchestrator.search.config declares it; the validator checks
+    what a schema cannot: metric names, space against the trainer, nsga2's lists)."""
+    count = {"type": "integer", "minimum": 1, "maximum": MAX_TRIALS}
+    one_or_list = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]}
+    pair = {"type": "array", "minItems": 2, "maxItems": 2, "items": {"type": "number"}}
+    properties: dict[str, Any] = {
+        "strategy": {"enum": list(STRATEGIES)},
+        "metric": one_or_list,
+        "direction": {"anyOf": [{"enum": list(DIRECTIONS)},
+                                {"type": "array", "items": {"enum": list(DIRECTIONS)}, "minItems": 1}]},
+        "trials": count, "parallel": count, "seed": {"type": "integer"},
+        "mode": {"enum": list(MODES)},
+        "max_failed_trials": {"type": "integer", "minimum": 0, "maximum": MAX_TRIALS},
+        "space": {"type": "object", "additionalProperties": _distribution()},
+        "architecture": {"type": "object", "additionalProperties": False, "properties": {
+            "layers": pair, "width": pair, "activation": {"type": "array", "minItems": 1}, "dropout": pair}},
+        "evolution": {"type": "object", "additionalProperties": False, "properties": {
+            k: {"type": "number", "minimum": low, "maximum": high, "default": default}
+            for k, (low, high, default) in EVOLUTION_KEYS.items()}},
+        "asha": {"type": "object", "additionalProperties": False,
+                 "properties": {k: {"type": "integer", "minimum": 1} for k in ASHA_KEYS}},
+    }
+    assert set(properties) == set(SEARCH_KEYS)  # one declaration each
+    for key, text in SEARCH_KEYS.items():
+        properties[key].setdefault("description", text)
+    return {"type": "object", "required": ["strategy"], "additionalProperties": False, "properties": properties}
+
+
 def experiment_schema(trainers: Mapping[str, Trainer]) -> dict[str, Any]:
     """The schema of one experiment file, for these trainers (the registry's, usually)."""
     name = {"type": "string", "pattern": NAME_RE.pattern, "description": NAME_RULE}
@@ -123,6 +161,7 @@ def experiment_schema(trainers: Mapping[str, Trainer]) -> dict[str, Any]:
             {"pattern": r"^(?!(.*/)?\.\.(/|$))", "description": "no '..' component"},
             {"pattern": r"^(?:[^{}]|\{experiment\}|\{dataset\})*$",
              "description": "placeholders {experiment} and {dataset} only"}]},
+        "search": _search(),
         **{d: {"type": ["object", "null"]} for d in DEVICES},
     }
     assert set(properties) == set(TOP_KEYS) and set(RANDOM_KEYS) == set(
