@@ -100,6 +100,44 @@ def test_notebook_style_script_on_a_local_cluster_with_a_function_trainer(tmp_pa
     assert out["stopped"] is True and out["redis_after"] == "gone"
 
 
+def test_a_search_block_submitted_as_a_dict_is_waited_on_and_its_best_trials_read(tmp_path: Path) -> None:
+    """An evolution search (4 + 3 trials of the cheap objective) through the API on
+    orch.local(), as `orchestrator submit --wait` runs it: best(3) is what `search best
+    --json` lists, and agrees with the journal and each trial's group status.json."""
+    from orchestrator.paths import Layout, read_json
+    from orchestrator.search.client import best_report
+    from orchestrator.search.engine import metric_value, read_history
+
+    root = tmp_path / "results"
+    proc = _python("api_search_block.py", str(root), env=cli_env(), timeout=150)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["is_search"] is True and out["early"] == 7 and out["done"] is True
+    search = out["status"]["search"]
+    assert search["strategy"] == "evolution" and search["finished"] is True and search["stopped"] is None
+    assert (search["trials"], search["complete"], search["failed"], search["generation"]) == (7, 7, 0, 1)
+    assert set(out["status"]["groups"]) == {"DONE"}  # the trials' groups (a repeated point reuses one)
+    journal = read_history(Layout(root), "evo_py").ordered
+    assert [t.state for t in journal] == ["COMPLETE"] * 7
+    by_number = {t.number: t for t in journal}
+    best = out["best"]
+    expected = sorted(journal, key=lambda t: (-(t.values or [0.0])[0], t.number))[:3]
+    assert [t["number"] for t in best] == [t.number for t in expected]
+    assert [t["score"] for t in best] == [t.values[0] for t in expected if t.values]
+    assert best[0]["number"] == search["best"]["number"]
+    for trial in best:
+        assert trial["state"] == "COMPLETE" and trial["params"] == by_number[trial["number"]].params
+        assert trial["values"] == {"reported.score": trial["score"]}
+        (group,) = trial["groups"]  # one dataset, one seed
+        record = read_json(Path(group["status.json"]))
+        assert record["train_status"] == "DONE"
+        assert metric_value(record, "reported.score") == pytest.approx(trial["score"])
+    assert out["metric_refused"] is True
+    # What `orchestrator search best --json` prints; submitted again: ended, the same.
+    assert best_report(Layout(root), "evo_py", 3)["trials"] == best == out["again_best"]
+    assert out["again"]["finished"] is True and out["again"]["proposed"] == 7
+    assert out["experiments"] == ["evo_py"] and out["optuna"] is False
+
+
 def test_a_worker_stops_at_its_start_when_a_trainer_module_cannot_be_imported(running_cluster: Cluster,
                                                                               tmp_path: Path) -> None:
     env = running_cluster.env(ORCH_TRAINER_MODULES="tests.plugins,tests.no_such_module")

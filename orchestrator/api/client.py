@@ -112,7 +112,11 @@ class Client(Session):
     # -- experiments -----------------------------------------------------------------
     def submit(self, configs: Configs) -> Experiment:
         """Submit one experiment (a path, a dict): `orchestrator submit`. Runs DONE under
-        the results root are skipped. Returns its handle at once; `.wait()` waits."""
+        the results root are skipped. Returns its handle at once; `.wait()` waits.
+
+        A config with a `search:` block starts (or resumes) the search on the control
+        side, as `orchestrator submit` does; `.wait()` waits for it to end and
+        `.best(k)` gives its best trials (docs/api.md, docs/search.md)."""
         exps = self.load(configs)
         if len(exps) != 1:  # before anything is submitted
             raise OrchestratorError(f"submit takes one experiment, {len(exps)} were given "
@@ -124,13 +128,20 @@ class Client(Session):
         return self._submit(self.load(configs))
 
     def _submit(self, exps: list[Validated]) -> list[Experiment]:
+        """As `orchestrator submit`: each search's config recorded, the other experiments'
+        plans published, then a step of each search that has not ended."""
         from ..dispatch.submission import submit_experiments
         from ..experiment.expand import expand
         from ..experiment.plan import make_plan
+        from ..search.client import save_searches, start_searches
 
         self.connect()
-        plans = {e.name: make_plan(self.layout, expand(e)) for e in exps}
-        submit_experiments(exps, plans, self.layout)
+        searches = [e for e in exps if e.search is not None]
+        plain = [e for e in exps if e.search is None]
+        todo = save_searches(searches, self.layout)
+        plans = {e.name: make_plan(self.layout, expand(e)) for e in plain}
+        submit_experiments(plain, plans, self.layout)  # (reaches the broker first, searches or not)
+        start_searches(todo)
         return [Experiment(self, e.name) for e in exps]
 
     def experiment(self, name: str) -> Experiment:

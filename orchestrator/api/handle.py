@@ -53,6 +53,13 @@ class Experiment:
         exp.wait()
         for row in exp.results():
             print(row["point"], row["fold"], row["accuracy"])
+
+    A search (a config with a `search:` block)::
+
+        exp = client.submit("configs/digits_nas.yaml")
+        exp.wait()
+        for trial in exp.best(3):
+            print(trial["number"], trial["score"], trial["params"])
     """
 
     def __init__(self, client: Session, name: str):
@@ -66,17 +73,39 @@ class Experiment:
     def layout(self) -> Layout:
         return self.client.layout
 
+    def is_search(self) -> bool:
+        """Whether this experiment is a search (a `search:` block), once submitted."""
+        return self.layout.search_config(self.name).exists()
+
     # -- reading -------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         """What `orchestrator status NAME --json` prints: counts of runs and groups by
         state, and per group its folds (state, worker, attempt, elapsed, error) and
-        metrics. ExperimentNotFound if nothing was submitted under this name."""
+        metrics. ExperimentNotFound if nothing was submitted under this name.
+
+        A search adds `search` (as `status --json`): strategy, metrics, directions,
+        trials, proposed, complete, failed, pruned, running, queued, generation, best
+        (number, values, params, point), stopped, finished, and `trial_details`. Its
+        groups are those of the trials proposed so far (none before its first step)."""
+        from ..errors import ExperimentNotFound
         from ..views.overview import experiment_status
 
-        return experiment_status(self.layout, self.name)
+        try:
+            return experiment_status(self.layout, self.name)
+        except ExperimentNotFound:
+            if not self.is_search():
+                raise
+        # Submitted, but its first step (which writes the manifest) has not run yet.
+        from ..views.search import search_status
+
+        return {"experiment": self.name, "config": None, "runs": {}, "groups": {}, "group_details": [],
+                "paused": None, "search": search_status(self.layout, self.name)}
 
     def done(self) -> bool:
-        """Whether every group of the last submission is DONE, FAILED or CANCELLED."""
+        """Whether every group of the last submission is DONE, FAILED or CANCELLED; for a
+        search, whether the search has ended (every trial ended, or it stopped)."""
+        if self.is_search():
+            return bool(self._search_progress()["finished"])
         from ..views.overview import group_summaries
 
         return all(g["state"] in FINAL for g in group_summaries(self.layout, self.name))
@@ -118,13 +147,29 @@ class Experiment:
                        for g in st["group_details"]},
         }
 
-    def best(self, k: int = 1, metric: str = "accuracy", on: str = "oof") -> list[dict[str, Any]]:
+    def best(self, k: int = 1, metric: str | None = None, on: str | None = None) -> list[dict[str, Any]]:
         """The `k` best DONE groups (parameter points and seeds) by a metric of their
-        finalize: `on` "oof" (out-of-fold predictions) or "ensemble_holdout"; `metric`
-        accuracy, macro_f1 (higher is better) or log_loss (lower is better). Each: name,
-        group_id, params, metrics."""
+        finalize: `on` "oof" (out-of-fold predictions, the default) or
+        "ensemble_holdout"; `metric` accuracy (the default), macro_f1 (higher is better)
+        or log_loss (lower is better). Each: name, group_id, params, metrics.
+
+        For a search: its `k` best trials by the search's own metric and direction, best
+        first, as `orchestrator search best NAME --top K --json` lists them (`metric`
+        and `on` do not apply): number, generation, state, values (by metric), score
+        (the first metric's value), params, point, error, and groups (each group's
+        `dir`, `status.json`, `metrics.json`)."""
+        if self.is_search():
+            if metric is not None or on is not None:
+                raise ValueError(f"{self.name!r} is a search: its trials are ranked by its own metric "
+                                 "(best(k) without metric= or on=)")
+            from ..search.client import best_report
+
+            trials: list[dict[str, Any]] = best_report(self.layout, self.name, k)["trials"]
+            return trials
         from ..dispatch.manifest import load_manifest
         from ..views.overview import group_summaries
+
+        metric, on = metric or "accuracy", on or "oof"
 
         params = {g["group_id"]: g["runs"][0]["params"] for g in load_manifest(self.layout, self.name)["groups"]}
         scored = [g for g in group_summaries(self.layout, self.name)
@@ -140,10 +185,16 @@ class Experiment:
 
         `progress`: a live bar in a terminal or a notebook (a line on stderr every 5 s
         elsewhere). TimeoutError after `timeout` seconds (the runs go on). A local
-        cluster (orch.local) whose worker died: EnvironmentProblem."""
+        cluster (orch.local) whose worker died: EnvironmentProblem.
+
+        A search: until it has ended (every trial ended, or more than
+        max_failed_trials failed: `status()["search"]["stopped"]` says so), with a
+        progress line on stderr when it changes (as `orchestrator submit --wait`)."""
         from ..views.progress import wait
 
-        if not self.done():
+        if self.is_search():
+            self._wait_search(timeout, progress)
+        elif not self.done():
             live = self.client.live()
             console = _console(progress)
             deadline = None if timeout is None else time.monotonic() + timeout
@@ -162,6 +213,24 @@ class Experiment:
             with contextlib.suppress(_Ended):
                 wait(live, [self.client.tracked(self.name)], console, check=check, lines=progress)
         return self.status()
+
+    def _wait_search(self, timeout: float | None, progress: bool) -> None:
+        from ..views.search import wait_searches
+
+        if self.done():
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        check = self.client.checker(deadline, f"search {self.name!r}")
+        # wait_searches (shared with `submit --wait`) prints its lines on stderr.
+        quiet = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
+        with quiet:
+            wait_searches(self.layout, [self.name], check)
+
+    def _search_progress(self) -> dict[str, Any]:
+        from ..search.engine import progress, read_history
+        from ..views.search import require_search
+
+        return progress(require_search(self.layout, self.name), read_history(self.layout, self.name))
 
     # -- steering ------------------------------------------------------------------
     def cancel(self) -> dict[str, int]:

@@ -7,35 +7,17 @@ from typing import Any
 import click
 
 from .. import errors
-from ..experiment.config import Experiment
 from ..paths import Layout
+from ..search.client import best_report
+from ..search.client import save_searches as save_searches  # (re-exported: `run`, `submit`)
+from ..search.client import start_searches as start
 from .base import cli, err, out, results_root_option, results_root_path
 
 
-def save_searches(exps: list[Experiment], layout: Layout) -> list[str]:
-    """Record each search's config (refused, exit 2, if it changed what its trials mean);
-    returns the names of the searches that have not ended."""
-    if not exps:
-        return []
-    from ..search.engine import progress, read_history, save_search, search_of
-
-    todo = []
-    for exp in exps:
-        search = search_of(exp)
-        save_search(layout, search)
-        if not progress(search, read_history(layout, exp.name))["finished"]:
-            todo.append(exp.name)
-    return todo
-
-
 def start_searches(names: list[str]) -> None:
-    """A step of each search on the control queue, publishing again what is in flight
-    (a submission: the broker may have lost it). Optuna stays out of this process."""
-    from tasks import app
-    from tasks.search import SEARCH_STEP
-
+    """A step of each search on the control queue (orchestrator.search.client); says so."""
+    start(names)
     for name in names:
-        app.send_task(SEARCH_STEP, args=(name, True), queue="control")
         err.print(f"submitted search {name}")
 
 
@@ -114,18 +96,12 @@ def best(experiment: str, results_root: str | None, top: int, as_json: bool) -> 
     Example:
       orchestrator search best digits_nas --top 3 --json | jq '.trials[0].params'
     """
-    from ..search.engine import progress
     from ..views.search import best_rows
     from .experiments import print_json
 
     layout = Layout(results_root_path(results_root))
-    search_, h, rows = best_rows(layout, experiment, top)
     if as_json:
-        state = progress(search_, h)
-        best_ = state.pop("best")
-        print_json({"experiment": experiment, "strategy": search_.cfg.strategy,
-                    "metrics": list(search_.cfg.metrics), "directions": list(search_.cfg.directions),
-                    "progress": {**state, "best_trial": None if best_ is None else best_.number},
-                    "trials": rows})
+        print_json(best_report(layout, experiment, top))
         return
+    search_, _, rows = best_rows(layout, experiment, top)
     _print_rows(experiment, search_.cfg.metrics, rows)

@@ -1,0 +1,67 @@
+"""A search from the submitting side, as opposed to the control side (engine): what
+`orchestrator submit`/`run`, `orchestrator search best` and the Python API
+(orchestrator.api) do with one. Plain Python: no printing; Optuna stays out of it."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..experiment.config import Experiment
+from ..paths import Layout
+
+
+def save_searches(exps: list[Experiment], layout: Layout) -> list[str]:
+    """Record each search's config (refused, exit 2, if it changed what its trials mean);
+    returns the names of the searches that have not ended."""
+    if not exps:
+        return []
+    from .engine import progress, read_history, save_search, search_of
+
+    todo = []
+    for exp in exps:
+        search = search_of(exp)
+        save_search(layout, search)
+        if not progress(search, read_history(layout, exp.name))["finished"]:
+            todo.append(exp.name)
+    return todo
+
+
+def start_searches(names: list[str]) -> None:
+    """A step of each search on the control queue of the broker of ORCH_BROKER_URL
+    (cluster.endpoints.use_broker), publishing again what is in flight (a submission:
+    the broker may have lost it). EnvironmentProblem if the broker cannot be reached."""
+    if not names:
+        return
+    from celery.exceptions import OperationalError
+    from kombu.exceptions import KombuError
+    from redis.exceptions import RedisError
+
+    from tasks import app
+    from tasks.search import SEARCH_STEP
+
+    from ..errors import EnvironmentProblem
+
+    try:
+        for name in names:
+            app.send_task(SEARCH_STEP, args=(name, True), queue="control")
+    except (OperationalError, KombuError, RedisError) as exc:
+        raise EnvironmentProblem(f"cannot reach the broker at {os.environ['ORCH_BROKER_URL']}: {exc}") from None
+
+
+def best_report(layout: Layout, experiment: str, top: int) -> dict[str, Any]:
+    """What `orchestrator search best EXPERIMENT --top TOP --json` prints: the strategy,
+    metrics and directions, the progress (with `best_trial`, a number), and `trials`:
+    the `top` best, best first (orchestrator.views.search.trial_row: number, generation,
+    state, values, score, params, point, error, groups with their files).
+    ExperimentNotFound if `experiment` is not a submitted search."""
+    from ..views.search import best_rows
+    from .engine import progress
+
+    search, h, rows = best_rows(layout, experiment, top)
+    state = progress(search, h)
+    best = state.pop("best")
+    return {"experiment": experiment, "strategy": search.cfg.strategy,
+            "metrics": list(search.cfg.metrics), "directions": list(search.cfg.directions),
+            "progress": {**state, "best_trial": None if best is None else best.number},
+            "trials": rows}
