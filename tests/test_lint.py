@@ -26,6 +26,7 @@ def test_the_public_api_is_mypy_strict_clean() -> None:
     assert (REPO / "orchestrator" / "py.typed").is_file()
     proc = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent",
                            "orchestrator/__init__.py", "orchestrator/api", "orchestrator/trainers/functions.py",
-                           "tests/api_trainers.py", "tests/api_search.py", "tests/api_notebook.py"],
+                           "tests/api_trainers.py", "tests/api_search.py", "tests/api_notebook.py",
+                           "tests/api_search_block.py"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr

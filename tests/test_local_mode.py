@@ -207,8 +207,10 @@ def test_grid_edit_reruns_only_new_points(tmp_path: Path, write_experiment) -> N
 
 
 def test_ctrl_c_stops_everything_and_a_rerun_finishes(tmp_path: Path, write_experiment) -> None:
+    # Runs of 3 s: the SIGINT lands mid-run even on a loaded machine (once the runs end,
+    # `run` exits at once and there is nothing left to interrupt).
     cfg = write_experiment("interrupt", trainer="slow", datasets=["iris"], folds=4,
-                           params={"seconds": 1.0}, sweep={"grid": {"smoothing": [1.0, 2.0]}})
+                           params={"seconds": 3.0}, sweep={"grid": {"smoothing": [1.0, 2.0]}})
     root = tmp_path / "results"
     tmp = tmp_path / "tmp"
     tmp.mkdir()
