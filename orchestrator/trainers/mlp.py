@@ -83,7 +83,7 @@ def preload() -> None:
 
 
 TRAINER = Trainer(
-    name="mlp", version="1", fn=train, preload=preload,
+    name="mlp", version="1", fn=train, preload=preload, ranks=True,
     params={
         "hidden": Param([64], "int_list", minimum=1, help="hidden layer widths, e.g. [64, 32]"),
         "activation": Param("relu", "str", choices=ACTIVATIONS),
