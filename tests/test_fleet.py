@@ -125,7 +125,7 @@ def test_gpus_command_lists_gpus_and_says_plainly_when_there_is_no_driver(fake_m
 
 def test_worker_command_binds_one_gpu_and_passes_exit_when_idle() -> None:
     argv, env = celery_worker_command(gpu=1, exit_when_idle=2.5, environ={"ORCH_EXIT_WHEN_IDLE": "9"})
-    assert argv[argv.index("-Q") + 1] == f"gpu.{SHORT}.1,gpu" and argv[argv.index("-n") + 1] == "gpu1@%h"
+    assert argv[argv.index("-Q") + 1] == f"rank.gpu1@{socket.gethostname()},gpu.{SHORT}.1,gpu" and argv[argv.index("-n") + 1] == "gpu1@%h"
     assert argv[argv.index("-c") + 1] == "1"
     assert (env["CUDA_VISIBLE_DEVICES"], env["CUDA_DEVICE_ORDER"], env["ORCH_DEVICE"], env["ORCH_GPU"]) == \
         ("1", "PCI_BUS_ID", "cuda", "1")

@@ -95,6 +95,10 @@ class TrainContext:
     X_eval: np.ndarray  # validation rows then holdout rows
     n_classes: int
     reporter: Reporter
+    # Set for a data-parallel run (resources.ranks > 1): torch.distributed is initialised
+    # and this is orchestrator.execution.gang.DistInfo (rank, world, backend, checkpoint
+    # load/save for rank 0). None for an ordinary run.
+    dist: Any = None
 
 
 @dataclass(frozen=True)
