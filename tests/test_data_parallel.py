@@ -294,3 +294,40 @@ def test_sigkill_of_a_rank_relaunches_the_run_from_its_checkpoint(gc: GangCluste
     print(f"\nrank 1 SIGKILLed: its attempt stopped {stopped:.1f} s later, the run trained again "
           f"{again:.1f} s later, from epoch {meta['trainer_info']['resumed_from_epoch']}")
     assert stopped <= LOSS_TO_STOP and again <= RELAUNCH_LIMIT
+
+
+@pytest.mark.integration
+def test_sigstop_of_a_rank_stops_its_attempt_within_15s(gc: GangCluster, tmp_path: Path) -> None:
+    """A paused rank blocks its peers' all-reduce; its lapsed lease (and the short collective
+    timeout) stop the attempt within 15 s, not a collective's default 10-30 min. Resumed,
+    the paused rank finds itself fenced and writes nothing; the run ends DONE once."""
+    cfg = write(tmp_path, "dpstop", datasets=["digits"], folds=None, split={"validation": 0.3}, retries=2,
+                params={"epochs": 40, "batch_size": 16, "hidden": [32]})
+    assert run_cli("submit", str(cfg), env=gc.env()).returncode == 0
+    run = expand(load_experiments([str(cfg)])[0])[0]
+
+    def training() -> dict[int, dict[str, Any]] | None:
+        attempt = int(gc.gang(run.run_key).get("attempt") or 0)
+        ranks = gc.ranks(run.run_key, attempt) if attempt else {}
+        return ranks if len(ranks) == 2 and all((r.get("step") or 0) >= 3 for r in ranks.values()) else None
+
+    ranks = wait_for(training, timeout=90, what="both ranks training")
+    first = int(gc.gang(run.run_key)["attempt"])
+    pid = int(ranks[1]["pid"])
+    os.kill(pid, signal.SIGSTOP)
+    paused = time.monotonic()
+    try:
+        wait_for(lambda: 0 not in gc.ranks(run.run_key, first), timeout=LOSS_TO_STOP + 10,
+                 what="rank 0 of the paused attempt to stop")
+        stopped = time.monotonic() - paused
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert "abort" in gc.gang(run.run_key) or int(gc.gang(run.run_key)["attempt"]) > first
+    st = gc.finished("dpstop", timeout=120)
+    group = st["group_details"][0]
+    assert group["state"] == "DONE", group
+    f = group["folds"][0]
+    attempts = {k.decode(): int(v) for k, v in gc.client.hgetall(keys.attempts(f["run_key"])).items()}
+    assert attempts.get("committed") == 1
+    print(f"\nrank 1 SIGSTOPped: rank 0 of its attempt stopped {stopped:.1f} s later")
+    assert stopped <= LOSS_TO_STOP
