@@ -6,6 +6,7 @@ The cluster: three CPU workers and a control worker, each in its own process gro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -173,10 +174,13 @@ class GangCluster:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def stop(self) -> None:
-        for name, proc in self.procs.items():
-            if name != "redis":
-                with_group_cont(proc)
-                stop_process(proc, grace=15)
+        workers = [p for n, p in self.procs.items() if n != "redis" and p.poll() is None]
+        for proc in workers:  # all at once: each hands back what it holds, then exits
+            with_group_cont(proc)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in workers:
+            stop_process(proc, grace=15)
         if "redis" in self.procs:
             stop_process(self.procs["redis"])
 
@@ -257,7 +261,7 @@ def test_two_2_rank_runs_on_three_workers_finish_with_the_single_process_metrics
 @pytest.mark.integration
 def test_sigkill_of_a_rank_relaunches_the_run_from_its_checkpoint(gc: GangCluster, tmp_path: Path) -> None:
     cfg = write(tmp_path, "dpkill", datasets=["digits"], folds=None, split={"validation": 0.3}, retries=2,
-                params={"epochs": 60, "batch_size": 16, "hidden": [32]})
+                params={"epochs": 40, "batch_size": 16, "hidden": [32]})
     assert run_cli("submit", str(cfg), env=gc.env()).returncode == 0
     run = expand(load_experiments([str(cfg)])[0])[0]
 
@@ -302,7 +306,7 @@ def test_sigstop_of_a_rank_stops_its_attempt_within_15s(gc: GangCluster, tmp_pat
     timeout) stop the attempt within 15 s, not a collective's default 10-30 min. Resumed,
     the paused rank finds itself fenced and writes nothing; the run ends DONE once."""
     cfg = write(tmp_path, "dpstop", datasets=["digits"], folds=None, split={"validation": 0.3}, retries=2,
-                params={"epochs": 40, "batch_size": 16, "hidden": [32]})
+                params={"epochs": 30, "batch_size": 16, "hidden": [32]})
     assert run_cli("submit", str(cfg), env=gc.env()).returncode == 0
     run = expand(load_experiments([str(cfg)])[0])[0]
 
@@ -313,6 +317,8 @@ def test_sigstop_of_a_rank_stops_its_attempt_within_15s(gc: GangCluster, tmp_pat
 
     ranks = wait_for(training, timeout=90, what="both ranks training")
     first = int(gc.gang(run.run_key)["attempt"])
+    shown = run_cli("status", "dpstop", env=gc.env()).stdout  # one line per fold, its ranks under it
+    assert "gang training" in shown and "  rank 0 " in shown and "  rank 1 " in shown, shown
     pid = int(ranks[1]["pid"])
     os.kill(pid, signal.SIGSTOP)
     paused = time.monotonic()
@@ -331,3 +337,19 @@ def test_sigstop_of_a_rank_stops_its_attempt_within_15s(gc: GangCluster, tmp_pat
     assert attempts.get("committed") == 1
     print(f"\nrank 1 SIGSTOPped: rank 0 of its attempt stopped {stopped:.1f} s later")
     assert stopped <= LOSS_TO_STOP
+
+
+@pytest.mark.integration
+def test_a_gang_larger_than_the_workers_waits_saying_why_and_holds_no_slot(gc: GangCluster, tmp_path: Path) -> None:
+    cfg = write(tmp_path, "dpbig", folds=None, split={"validation": 0.3}, resources={"gpus": 0, "ranks": 4})
+    assert run_cli("submit", str(cfg), env=gc.env()).returncode == 0
+    run = expand(load_experiments([str(cfg)])[0])[0]
+    wait_for(lambda: "needs 4 workers that take ranks (cpu), 3 registered" in (gc.gang(run.run_key).get("why") or ""),
+             timeout=30, what="the gang to say why it waits")
+    assert "needs 4 workers that take ranks (cpu), 3 registered" in run_cli("status", "dpbig", env=gc.env()).stdout
+    for _ in range(10):  # while it waits (tried again every few seconds), it holds nothing
+        assert list(gc.client.scan_iter("orch:slot:*")) == []
+        time.sleep(0.2)
+    assert run_cli("cancel", "dpbig", env=gc.env()).returncode == 0
+    st = gc.finished("dpbig", timeout=30)
+    assert st["group_details"][0]["folds"][0]["state"] == "CANCELLED"

@@ -362,3 +362,25 @@ def checkpoint_io(path: Path | None, check: Callable[[], None]) -> tuple[Callabl
 
 def checkpoint_every() -> int:
     return int(settings.value("ORCH_CHECKPOINT_EVERY"))
+
+
+def gang_views(client: Any, run_keys: list[str]) -> dict[str, dict[str, Any]]:
+    """For `status` and `watch`: each data-parallel run's gang (state, attempt, why it
+    waits) and the ranks of its current attempt (worker, host, GPU, step, last beat)."""
+    pipe = client.pipeline(transaction=False)
+    for key in run_keys:
+        pipe.hgetall(keys.gang(key))
+    out: dict[str, dict[str, Any]] = {}
+    for key, raw in zip(run_keys, pipe.execute(), strict=True):
+        if not raw:
+            continue
+        g = {_text(k): _text(v) for k, v in raw.items()}
+        attempt, world = int(g.get("attempt") or 0), int(g.get("world") or 0)
+        ranks = []
+        if attempt and world:
+            for r, value in enumerate(client.mget([keys.rank(key, attempt, r) for r in range(world)])):
+                with contextlib.suppress(ValueError, TypeError):
+                    ranks.append(json.loads(value))
+        out[key] = {"state": g.get("state"), "attempt": attempt or None, "world": world or None,
+                    "why": g.get("why") or None, "abort": g.get("abort"), "ranks": ranks}
+    return out
