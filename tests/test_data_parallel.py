@@ -25,9 +25,9 @@ import yaml
 from orchestrator import keys
 from orchestrator.cluster.local import free_port, spawn, stop_process
 from orchestrator.execution.gang import Gang, GangNotReady
+from orchestrator.execution.runner import WorkerInfo, execute
 from orchestrator.experiment.config import load_experiments
 from orchestrator.experiment.expand import expand
-from orchestrator.execution.runner import WorkerInfo, execute
 from orchestrator.paths import Layout
 
 from .conftest import cli_env, run_cli, wait_for

@@ -378,7 +378,7 @@ def gang_views(client: Any, run_keys: list[str]) -> dict[str, dict[str, Any]]:
         attempt, world = int(g.get("attempt") or 0), int(g.get("world") or 0)
         ranks = []
         if attempt and world:
-            for r, value in enumerate(client.mget([keys.rank(key, attempt, r) for r in range(world)])):
+            for value in client.mget([keys.rank(key, attempt, r) for r in range(world)]):
                 with contextlib.suppress(ValueError, TypeError):
                     ranks.append(json.loads(value))
         out[key] = {"state": g.get("state"), "attempt": attempt or None, "world": world or None,

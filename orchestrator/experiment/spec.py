@@ -8,10 +8,10 @@ InvalidSpecError naming the field and what would be valid (docs/security.md).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
-import dataclasses
 import math
 import re
 import sys
