@@ -319,6 +319,8 @@ def test_sigstop_of_a_rank_stops_its_attempt_within_15s(gc: GangCluster, tmp_pat
     first = int(gc.gang(run.run_key)["attempt"])
     shown = run_cli("status", "dpstop", env=gc.env()).stdout  # one line per fold, its ranks under it
     assert "gang training" in shown and "  rank 0 " in shown and "  rank 1 " in shown, shown
+    frame = run_cli("watch", "dpstop", "--once", env=gc.env()).stdout  # each rank's worker names its run
+    assert "[rank 0/2]" in frame and "[rank 1/2]" in frame, frame
     pid = int(ranks[1]["pid"])
     os.kill(pid, signal.SIGSTOP)
     paused = time.monotonic()

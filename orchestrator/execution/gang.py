@@ -264,7 +264,8 @@ class RankWatch:
 
     def __init__(self, gang: Gang, rank: int, worker: str, host: str, gpu: str | None):
         self.gang, self.rank, self.worker = gang, rank, worker
-        self.record: dict[str, Any] = {"rank": rank, "worker": worker, "host": host, "gpu": gpu,
+        self.record: dict[str, Any] = {"rank": rank, "world": gang.world, "name": gang.run.name,
+                                       "worker": worker, "host": host, "gpu": gpu,
                                        "pid": os.getpid(), "attempt": gang.attempt, "step": None,
                                        "started": time.time()}
         self.stop_why: str | None = None
