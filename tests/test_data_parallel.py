@@ -270,16 +270,16 @@ def test_sigkill_of_a_rank_relaunches_the_run_from_its_checkpoint(gc: GangCluste
     """A 3-rank run on the three workers; rank 1 SIGKILLed mid-training: the attempt stops,
     the run trains again (all three ranks, a new attempt) from its checkpoint, DONE once."""
     cfg = write(tmp_path, "dpkill", datasets=["digits"], folds=None, split={"validation": 0.3}, retries=2,
-                params={"epochs": 40, "batch_size": 16, "hidden": [32]}, resources={"gpus": 0, "ranks": 3})
+                params={"epochs": 24, "batch_size": 32, "hidden": [32]}, resources={"gpus": 0, "ranks": 3})
     assert run_cli("submit", str(cfg), env=gc.env()).returncode == 0
     run = expand(load_experiments([str(cfg)])[0])[0]
 
     def training_past_checkpoint() -> dict[int, dict[str, Any]] | None:
         attempt = int(gc.gang(run.run_key).get("attempt") or 0)
         ranks = gc.ranks(run.run_key, attempt) if attempt else {}
-        return ranks if len(ranks) == 3 and all((r.get("step") or 0) >= 12 for r in ranks.values()) else None
+        return ranks if len(ranks) == 3 and all((r.get("step") or 0) >= 7 for r in ranks.values()) else None
 
-    ranks = wait_for(training_past_checkpoint, timeout=90, what="both ranks past epoch 12")
+    ranks = wait_for(training_past_checkpoint, timeout=90, what="every rank past epoch 7 (a checkpoint at 5)")
     first = int(gc.gang(run.run_key)["attempt"])
     os.kill(int(ranks[1]["pid"]), signal.SIGKILL)
     killed = time.monotonic()
@@ -316,7 +316,7 @@ def test_sigstop_of_a_rank_stops_its_attempt_within_15s(gc: GangCluster, tmp_pat
     timeout) stop the attempt within 15 s, not a collective's default 10-30 min. Resumed,
     the paused rank finds itself fenced and writes nothing; the run ends DONE once."""
     cfg = write(tmp_path, "dpstop", datasets=["digits"], folds=None, split={"validation": 0.3}, retries=2,
-                params={"epochs": 30, "batch_size": 16, "hidden": [32]})
+                params={"epochs": 20, "batch_size": 32, "hidden": [32]})
     assert run_cli("submit", str(cfg), env=gc.env()).returncode == 0
     run = expand(load_experiments([str(cfg)])[0])[0]
 
