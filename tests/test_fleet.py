@@ -278,8 +278,9 @@ def test_workers_up_list_restart_down(fleet_redis: str, fake_machine: Any, tmp_p
         rows = {r["name"]: r for r in json.loads(run_cli("workers", "list", "--json", env=env).stdout)}
         assert set(rows) == {f"gpu1@{HOST}", f"cpu1@{HOST}"}
         g, c = rows[f"gpu1@{HOST}"], rows[f"cpu1@{HOST}"]
-        assert (g["gpu"], g["device"], g["host"], sorted(g["queues"])) == (1, "cuda", HOST, ["gpu", f"gpu.{SHORT}.1"])
-        assert (c["gpu"], c["device"], c["queues"], c["state"]) == (None, "cpu", ["cpu"], "idle")
+        assert (g["gpu"], g["device"], g["host"], sorted(g["queues"])) == (1, "cuda", HOST, ["gpu", f"gpu.{SHORT}.1",
+                                                                                         f"rank.gpu1@{HOST}"])
+        assert (c["gpu"], c["device"], c["queues"], c["state"]) == (None, "cpu", ["cpu", f"rank.cpu1@{HOST}"], "idle")  # sorted
         assert g["heartbeat_age"] < 5 and c["current_runs"] == []
         worker_env = psutil.Process(g["pid"]).environ()  # the worker really got its GPU
         assert (worker_env["CUDA_VISIBLE_DEVICES"], worker_env["CUDA_DEVICE_ORDER"]) == ("1", "PCI_BUS_ID")
