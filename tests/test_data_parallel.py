@@ -138,6 +138,31 @@ def test_a_gang_larger_than_the_workers_says_why_and_holds_nothing(tmp_path: Pat
     assert list(client.scan_iter("orch:slot:*")) == []
 
 
+def test_nothing_trains_until_all_ranks_joined_and_a_newer_attempt_fences_the_old_one(
+        tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.execution.gang import RankWatch
+
+    monkeypatch.setenv("ORCH_GANG_JOIN_SECONDS", "1")
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    _register(client, ["w1", "w2"])
+    run = expand(load_experiments([str(write(tmp_path, "bar", folds=None, split={"validation": 0.3}))])[0])[0]
+    old = Gang(client, run, 1)
+    assert old.reserve("w1", "cpu") == ["w1", "w2"]
+    watch = RankWatch(old, 0, "w1", "h", None).start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(GangNotReady, match="only 1 of 2 ranks joined within 1 s"):
+            watch.wait_all()  # rank 1 never came: the bounded barrier gives up
+        assert 1.0 <= time.monotonic() - started < 3.0
+        old.release(["w1", "w2"])
+        Gang(client, run, 2).reserve("w1", "cpu")  # the run's next attempt
+        watch.beat()
+        assert watch.stop_why == "attempt 2 of the run has replaced attempt 1"
+    finally:
+        watch.close()
+
+
 # --- real workers -----------------------------------------------------------------------
 
 class GangCluster:
