@@ -235,7 +235,8 @@ class Collector:
         """The ranks of data-parallel runs now training, by worker (their rank leases)."""
         found = list(self.client.scan_iter(f"{keys.PREFIX}:rank:*", count=1000))
         out: dict[str, dict[str, Any]] = {}
-        for raw in self.client.mget(found) if found else []:
+        values: list[Any] = list(self.client.mget(found)) if found else []  # type: ignore[arg-type]
+        for raw in values:
             rec = _json(raw)
             if isinstance(rec, dict) and isinstance(rec.get("worker"), str):
                 out[rec["worker"]] = rec
