@@ -330,6 +330,11 @@ def test_sigkill_of_a_rank_relaunches_the_run_from_its_checkpoint(gc: GangCluste
     attempts = {k.decode(): int(v) for k, v in gc.client.hgetall(keys.attempts(f["run_key"])).items()}
     assert attempts.get("committed") == 1  # outputs once
     assert meta["trainer_info"]["ranks"] == 3
+    # Resumed from its checkpoint (model, optimizer, shuffling and RNG state), the run ends
+    # where an uninterrupted one ends: the same run in one process, within the tolerance.
+    (want,) = single_process_metrics(cfg, tmp_path)
+    for metric, value in want.items():
+        assert abs(meta["metrics"][metric] - value) <= METRIC_TOLERANCE, (metric, meta["metrics"], want)
     print(f"\nrank 1 of 3 SIGKILLed: its attempt stopped {stopped:.1f} s later, the run trained again "
           f"{again:.1f} s later, from epoch {meta['trainer_info']['resumed_from_epoch']}")
     assert stopped <= LOSS_TO_STOP and again <= RELAUNCH_LIMIT
