@@ -25,6 +25,11 @@ outputs go; see orchestrator.execution.leases for the lease protocol):
     orch:deadletters                   refused messages, with their reasons
     orch:evaluation:<run_key>          `Client.evaluate` published the run (unix time): another
                                        client evaluating the same run waits on it instead
+    orch:slot:<worker>                 a data-parallel gang's reservation of a worker (PX ttl)
+    orch:gang:<run_key>                hash: the gang's attempt, world, state, why it waits
+    orch:rank:<run_key>:<attempt>:<r>  a rank's lease and heartbeat (JSON, PX ttl)
+    orch:ddp:<run_key>:<attempt>:*     the torch.distributed store of one attempt
+    rank.<worker>                      the queue only that worker takes: a gang's rank tasks
 """
 
 from __future__ import annotations
@@ -105,6 +110,26 @@ def gpu_wait(worker: str) -> str:
 
 def evaluation(run_key: str) -> str:
     return f"{PREFIX}:evaluation:{run_key}"
+def slot(worker: str) -> str:
+    return f"{PREFIX}:slot:{worker}"
+
+
+def gang(run_key: str) -> str:
+    return f"{PREFIX}:gang:{run_key}"
+
+
+def rank(run_key: str, attempt: int, rank: int) -> str:
+    return f"{PREFIX}:rank:{run_key}:{attempt}:{rank}"
+
+
+def ddp_prefix(run_key: str, attempt: int) -> str:
+    """A fresh torch.distributed store per attempt: an old attempt's keys never meet a new one."""
+    return f"{PREFIX}:ddp:{run_key}:{attempt}:"
+
+
+def rank_queue(worker: str) -> str:
+    """The queue only `worker` consumes (first): the rank tasks of gangs it joins."""
+    return f"rank.{worker}"
 
 
 def worker(name: str) -> str:

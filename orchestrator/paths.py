@@ -268,6 +268,10 @@ class Layout:
         the folder): hidden, so no partial file is ever at an output's name."""
         return self.staging_root(spec) / f"fold_{spec.fold}.{check_name(tag, 'attempt tag')}"
 
+    def checkpoint(self, spec: RunSpec) -> Path:
+        """A data-parallel run's last checkpoint (rank 0 writes it; a relaunch resumes)."""
+        return self.group_dir(spec) / ".checkpoints" / f"fold_{spec.fold}.pt"
+
     def logs_dir(self, spec: RunSpec) -> Path:
         return self.group_dir(spec) / "logs"
 

@@ -162,6 +162,22 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     _s("ORCH_WORKER_HEARTBEAT", "seconds", 5.0, "`5`",
        "seconds between a worker's registry heartbeats (`workers list`); its key expires after 3",
        minimum=0.0, above=True, maximum=3600.0),
+    _s("ORCH_GANG_JOIN_SECONDS", "seconds", 30.0, "`30`",
+       "how long the ranks of a data-parallel run wait for all of theirs to join; then the gang's "
+       "slot reservation is released and the run tried again later (docs/data-parallel.md)",
+       minimum=1.0, maximum=3600.0),
+    _s("ORCH_GANG_RETRY_SECONDS", "seconds", 3.0, "`3`",
+       "how soon a data-parallel run that could not reserve its workers tries again",
+       minimum=0.1, maximum=3600.0),
+    _s("ORCH_GANG_LEASE_SECONDS", "seconds", 5.0, "`5`",
+       "a rank's lease lives this long without a heartbeat (renewed every fifth of it); its "
+       "peers stop when one lapses", minimum=1.0, maximum=600.0),
+    _s("ORCH_GANG_COLLECTIVE_TIMEOUT", "seconds", 10.0, "`10`",
+       "torch.distributed timeout of one collective (all-reduce) of a data-parallel run: a rank "
+       "stuck behind a paused peer gives up after this", minimum=1.0, maximum=3600.0),
+    _s("ORCH_CHECKPOINT_EVERY", "int", 5, "`5`",
+       "a data-parallel run saves a checkpoint every this many epochs (rank 0), and a relaunch "
+       "resumes from the last one", minimum=1, maximum=1_000_000),
     _s("ORCH_STATE_DIR", "path", None, "`~/.local/state/orchestrator`",
        "supervisor state of `workers up` (pid, status, logs)"),
     _s("ORCH_EXIT_WHEN_IDLE", "seconds", None, "set by `worker --exit-when-idle`",

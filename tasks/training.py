@@ -39,6 +39,7 @@ from orchestrator.trainers import registry
 
 from . import app
 from .admission import stop_consuming
+from .ranks import send_rank
 from .search import after_group
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,8 @@ def _services() -> Services:
         return SharedSink(layout)
 
     return Services(layout=layout, leases=leases, live=LiveState.from_url(app.conf.orch_state_url),
-                    shares=Shares(leases.client), sink=sink, timeouts=(SoftTimeLimitExceeded,))
+                    shares=Shares(leases.client), sink=sink, timeouts=(SoftTimeLimitExceeded,),
+                    send_rank=send_rank)
 
 
 @functools.cache

@@ -125,7 +125,7 @@ def test_gpus_command_lists_gpus_and_says_plainly_when_there_is_no_driver(fake_m
 
 def test_worker_command_binds_one_gpu_and_passes_exit_when_idle() -> None:
     argv, env = celery_worker_command(gpu=1, exit_when_idle=2.5, environ={"ORCH_EXIT_WHEN_IDLE": "9"})
-    assert argv[argv.index("-Q") + 1] == f"gpu.{SHORT}.1,gpu" and argv[argv.index("-n") + 1] == "gpu1@%h"
+    assert argv[argv.index("-Q") + 1] == f"rank.gpu1@{socket.gethostname()},gpu.{SHORT}.1,gpu" and argv[argv.index("-n") + 1] == "gpu1@%h"
     assert argv[argv.index("-c") + 1] == "1"
     assert (env["CUDA_VISIBLE_DEVICES"], env["CUDA_DEVICE_ORDER"], env["ORCH_DEVICE"], env["ORCH_GPU"]) == \
         ("1", "PCI_BUS_ID", "cuda", "1")
@@ -278,8 +278,9 @@ def test_workers_up_list_restart_down(fleet_redis: str, fake_machine: Any, tmp_p
         rows = {r["name"]: r for r in json.loads(run_cli("workers", "list", "--json", env=env).stdout)}
         assert set(rows) == {f"gpu1@{HOST}", f"cpu1@{HOST}"}
         g, c = rows[f"gpu1@{HOST}"], rows[f"cpu1@{HOST}"]
-        assert (g["gpu"], g["device"], g["host"], sorted(g["queues"])) == (1, "cuda", HOST, ["gpu", f"gpu.{SHORT}.1"])
-        assert (c["gpu"], c["device"], c["queues"], c["state"]) == (None, "cpu", ["cpu"], "idle")
+        assert (g["gpu"], g["device"], g["host"], sorted(g["queues"])) == (1, "cuda", HOST, ["gpu", f"gpu.{SHORT}.1",
+                                                                                         f"rank.gpu1@{HOST}"])
+        assert (c["gpu"], c["device"], c["queues"], c["state"]) == (None, "cpu", ["cpu", f"rank.cpu1@{HOST}"], "idle")  # sorted
         assert g["heartbeat_age"] < 5 and c["current_runs"] == []
         worker_env = psutil.Process(g["pid"]).environ()  # the worker really got its GPU
         assert (worker_env["CUDA_VISIBLE_DEVICES"], worker_env["CUDA_DEVICE_ORDER"]) == ("1", "PCI_BUS_ID")

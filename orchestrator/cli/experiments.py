@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -261,6 +262,7 @@ def status(experiment: str | None, results_root: str | None, as_json: bool, brok
     names = [experiment] if experiment else experiments(layout)
     lookup = _in_flight(broker)
     data = [experiment_status(layout, n, with_files=as_json, in_flight=lookup) for n in names]
+    _add_gangs(data, broker)
     if as_json:
         print_json(data if experiment is None else data[0])
         return
@@ -276,12 +278,51 @@ def status(experiment: str | None, results_root: str | None, as_json: bool, brok
             out.print(status_line(st["experiment"], st["search"]), markup=False)
         if experiment is None:
             continue
-        rows = [[g["name"] if i == 0 else "", g["state"] if i == 0 else "",
-                 str(f["fold"]), f["state"], f["worker"] or "-", str(f["attempt"] or "-"),
-                 f"{f['elapsed']:.1f}s" if f["elapsed"] is not None else "-", (f["error"] or "")[:60]]
-                for g in st["group_details"] for i, f in enumerate(g["folds"])]
+        rows = []
+        for g in st["group_details"]:
+            for i, f in enumerate(g["folds"]):
+                rows.append([g["name"] if i == 0 else "", g["state"] if i == 0 else "",
+                             str(f["fold"]), f["state"], f["worker"] or "-", str(f["attempt"] or "-"),
+                             f"{f['elapsed']:.1f}s" if f["elapsed"] is not None else "-", (f["error"] or "")[:60]])
+                rows += _rank_rows(f)
         print_table(table(["group", "state", "fold", "run state", "worker", "attempt", "elapsed", "error"],
                           rows, edge=False))
+
+
+def _add_gangs(data: list[dict[str, Any]], broker: str | None) -> None:
+    """Each data-parallel fold's gang from the cluster's Redis (fold["gang"]), if reachable."""
+    folds = [f for st in data for g in st["group_details"] for f in g["folds"] if f.get("ranks")]
+    if not folds or not broker:
+        return
+    import redis as redis_lib
+
+    from ..cluster.registry import state_url
+    from ..execution.gang import gang_views
+
+    try:
+        views = gang_views(keys.client(state_url(broker), "command"), [f["run_key"] for f in folds])
+    except redis_lib.RedisError:
+        return
+    for f in folds:
+        if (view := views.get(f["run_key"])) is not None:
+            f["gang"] = view
+
+
+def _rank_rows(fold: dict[str, Any]) -> list[list[str]]:
+    """The lines under a data-parallel fold: its gang's state, then one per rank."""
+    gang = fold.get("gang")
+    if fold.get("ranks") is None or gang is None or fold["state"] in ("DONE", "FAILED", "CANCELLED"):
+        return []
+    why = gang.get("why") if gang.get("state") == "waiting" else gang.get("abort")
+    rows = [["", "", "", f"  gang {gang.get('state')}", f"{fold['ranks']} ranks", str(gang.get("attempt") or "-"),
+             "", (why or "")[:60]]]
+    now = time.time()
+    for r in gang.get("ranks", []):
+        beat = f"beat {now - float(r['beat']):.1f}s ago" if r.get("beat") else ""
+        where = f"{r.get('host')}" + (f" GPU {r['gpu']}" if r.get("gpu") else "")
+        rows.append(["", "", "", f"  rank {r.get('rank')}", str(r.get("worker")), str(r.get("attempt")),
+                     f"step {r.get('step') if r.get('step') is not None else '-'}", f"{where} {beat}"])
+    return rows
 
 
 

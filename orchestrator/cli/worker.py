@@ -9,7 +9,8 @@ from collections.abc import Mapping
 
 import click
 
-from .. import errors
+from .. import errors, keys
+from ..cluster import registry
 from ..execution import transfer
 from .base import cli
 
@@ -60,6 +61,10 @@ def celery_worker_command(gpu: int | None = None, cpu: bool = False, accept_gpu_
         env["ORCH_EXIT_WHEN_IDLE"] = f"{exit_when_idle:g}"  # read by tasks/idle.py
     else:
         env.pop("ORCH_EXIT_WHEN_IDLE", None)
+    if gpu is not None or cpu:
+        # First, the queue only this worker takes: a data-parallel gang that reserved it
+        # sends it its rank there (orchestrator.execution.gang).
+        queues.insert(0, keys.rank_queue(registry.node_name(name or default_name)))
     procs = concurrency if (concurrency and gpu is None and not cpu) else 1
     argv = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", ",".join(queues),
             "-c", str(procs), "-P", "prefork", "-n", name or default_name, "-E",

@@ -43,10 +43,13 @@ from ..livestate import LiveState
 from ..paths import Layout
 from .admission import Need, Shares, worker_gpus
 from .deadletters import DeadLetters
+from .gang import Gang, GangNotReady, retry_seconds
 from .leases import Claim, LeaseGuard, Leases
+from .ranks import Send, leading
 from .returns import ReturnSink
 from .runlogs import LOG_TTL, capture, read_tail
 from .runner import (
+    SharedSink,
     Sink,
     WorkerInfo,
     execute,
@@ -141,6 +144,8 @@ class Services:
     sink: Callable[[], Sink]  # a fresh sink per attempt (return mode: its scratch folder)
     # Exceptions that mean "the run exceeded its timeout" (Celery's soft time limit).
     timeouts: tuple[type[BaseException], ...] = ()
+    # Sends a data-parallel run's rank task (queue, kwargs); None: this process cannot.
+    send_rank: Send | None = None
 
 
 def backoff(retries: int) -> float:
@@ -265,13 +270,28 @@ class _Attempt:
                                 f"OOM kill or lost host); gave up after {lost_limit} retries")
                 self.failed(claim, why, guard)
                 return GiveUp(why)
-            log_path = self.sink.run_log(run, claim.attempt)
+            gang: Gang | None = None
             with guard:
+                if run.resources.ranks > 1:  # a data-parallel run: reserve its gang first
+                    gang = Gang(svc.leases.client, run, claim.attempt)
+                    if svc.send_rank is None:
+                        raise GangNotReady("this process cannot send rank tasks")
+                    workers = gang.reserve(worker.name, worker.device)
+                log_path = self.sink.run_log(run, claim.attempt)
                 after_oom = worker.device == "cuda" and bool(svc.leases.attempts(run.run_key).get("oom"))
                 with capture(log_path):
-                    result = execute(run, svc.layout, worker, claim.attempt, svc.live, guard,
-                                     lost=claim.lost, after_oom=after_oom, sink=self.sink, found=found,
-                                     marked=mark)
+                    if gang is None:
+                        result = execute(run, svc.layout, worker, claim.attempt, svc.live, guard,
+                                         lost=claim.lost, after_oom=after_oom, sink=self.sink, found=found,
+                                         marked=mark)
+                    else:
+                        assert svc.send_rank is not None
+                        point = svc.layout.checkpoint(run) if isinstance(self.sink, SharedSink) else None
+                        with leading(gang, workers, worker, svc.send_rank, point,
+                                     lambda: guard.check(fresh=False)) as (dist, watch):
+                            result = execute(run, svc.layout, worker, claim.attempt, svc.live, guard,
+                                             lost=claim.lost, after_oom=after_oom, sink=self.sink,
+                                             found=found, marked=mark, dist=dist, watch=watch)
                 committed, done = not result.get("skipped") or bool(result.get("adopted")), True
                 return Finished(result)
         except RunStopped as stop:
@@ -283,6 +303,9 @@ class _Attempt:
             # Write nothing, report nothing (the chord counts that attempt).
             log.warning("%s: attempt %d stops without writing: %s", run.name, claim.attempt, stop)
             return HandBack(str(stop))
+        except GangNotReady as exc:  # nothing trained, nothing held: try again later
+            log.warning("%s: attempt %d waits for its gang: %s", run.name, claim.attempt, exc)
+            return RetryLater(retry_seconds(), exc)
         except (UnknownTrainerError, InvalidSpecError, PayloadTooLarge) as exc:  # retrying cannot help
             self.failed(claim, exc, guard)
             return GiveUp(exc)

@@ -200,14 +200,16 @@ def is_cuda_oom(exc: BaseException) -> bool:
 def execute(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
             live: LiveState | None = None, guard: Guard | None = None,
             lost: int = 0, after_oom: bool = False, sink: Sink | None = None,
-            found: tuple[str, dict[str, Any]] | None = None, marked: bool = False) -> dict[str, Any]:
+            found: tuple[str, dict[str, Any]] | None = None, marked: bool = False,
+            dist: Any = None, watch: Any = None) -> dict[str, Any]:
     """Train one run and commit its outputs (to `sink`, by default the results root);
     returns its summary. Raises on failure, and RunStopped (after removing what it
     wrote) when the guard says it may not commit. `live` gets the IN_PROGRESS mark and
     the progress reports (unless `marked`: the caller set IN_PROGRESS there already);
     the caller marks the run DONE there (train_run: in the round trip that releases the
     lease). `found`: the fold's (state, record) if the caller has just read it, under
-    the lease."""
+    the lease. `dist` and `watch`: rank 0 of a data-parallel run (orchestrator.execution.ranks):
+    the trainer gets `dist`, and stops when the gang's watch says so."""
     sink = sink or SharedSink(layout)
     state, current = found or sink.fold_state(spec)
     if state == Status.DONE.value:  # a redelivered or resubmitted run that already finished
@@ -229,13 +231,17 @@ def execute(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
 
     table = datasets.load(spec.dataset)
     split = datasets.split(table, spec)
-    reporter = Reporter(should_stop=guard.stop_reason,
-                        on_report=_progress_sender(live, spec, worker) if live else None)
+    on_report = _progress_sender(live, spec, worker) if live else None
+    should_stop = guard.stop_reason
+    if watch is not None:  # rank 0: its step goes into its rank lease; a lost peer stops it
+        should_stop = _either(guard.stop_reason, lambda: watch.stop_why)
+        on_report = _also(on_report, lambda last: watch.step(last.get("epoch")))
+    reporter = Reporter(should_stop=should_stop, on_report=on_report)
     eval_rows = np.concatenate([split.val, split.holdout])
     result = trainer.fn(TrainContext(
         params=params, device=worker.device, seed=spec.seed, fold=spec.fold, run_name=spec.name,
         X_train=table.X[split.train], y_train=table.y[split.train], X_eval=table.X[eval_rows],
-        n_classes=len(table.classes), reporter=reporter,
+        n_classes=len(table.classes), reporter=reporter, dist=dist,
     ))
     probs = np.asarray(result.probabilities, dtype=np.float64)
     if probs.shape != (len(eval_rows), len(table.classes)):
@@ -270,6 +276,19 @@ def execute(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
                       history=end_attempt(record, "DONE", finished))
     return {"run_id": spec.run_id, "name": spec.name, "status": Status.DONE.value,
             "metrics": metrics, "worker": worker.name}
+
+
+def _either(a: Callable[[], str | None], b: Callable[[], str | None]) -> Callable[[], str | None]:
+    return lambda: a() or b()
+
+
+def _also(first: Callable[[dict[str, Any]], None] | None,
+          then: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    def both(last: dict[str, Any]) -> None:
+        then(last)
+        if first is not None:
+            first(last)
+    return both
 
 
 def progress_interval() -> float:

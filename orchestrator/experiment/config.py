@@ -21,7 +21,7 @@ from ..search.config import SearchConfig, parse_search
 from ..trainers import Trainer, get_trainer, registry
 from . import datasets
 from .names import NAME_RE, NAME_RULE, check_relative_path, did_you_mean
-from .spec import DEVICES, SEED_MAX, DatasetRef, Resources, gpus_problem
+from .spec import BACKENDS, DEVICES, RANKS_MAX, SEED_MAX, DatasetRef, Resources, gpus_problem
 from .sweep import SweepError, axis_keys, expand_points
 
 TOP_KEYS = {
@@ -36,7 +36,7 @@ TOP_KEYS = {
     "params": "trainer parameters shared by every run",
     "sweep": "grid / zip / random parameter axes",
     "search": "a search loop instead of a sweep: strategy, metric, trials, space (README)",
-    "resources": "{gpus, gpu_memory_gb}",
+    "resources": "{gpus, gpu_memory_gb, ranks, backend}",
     "retries": "retries after a failed attempt (default 0)",
     "timeout": "seconds one attempt may take (default: none)",
     "priority": "0 (lowest) to 9 (highest), default 5",
@@ -211,7 +211,7 @@ class _Validator:
         k, validation = self._folds()
         holdout = self._fraction("holdout", 0.2, low_inclusive=True)
         seeds = self._seeds()
-        resources = self._resources()
+        resources = self._resources(trainer)
         retries = self._int("retries", 0, minimum=0, maximum=100)
         timeout = self._timeout()
         priority = self._int("priority", 5, minimum=0, maximum=9)
@@ -359,15 +359,16 @@ class _Validator:
             self.bad("seeds", f"has repeated seeds: {value!r}")
         return list(value)
 
-    def _resources(self) -> Resources:
+    def _resources(self, trainer: Trainer | None) -> Resources:
         value = self.doc.get("resources", {})
         if not isinstance(value, dict):
-            self.bad("resources", "must be a mapping like {gpus: 1, gpu_memory_gb: 4}")
+            self.bad("resources", "must be a mapping like {gpus: 1, gpu_memory_gb: 4, ranks: 2}")
             return Resources()
+        valid = ["gpus", "gpu_memory_gb", "ranks", "backend"]
         for k in value:
-            if k not in ("gpus", "gpu_memory_gb"):
-                self.bad(f"resources.{k}", f"unknown key{did_you_mean(str(k), ['gpus', 'gpu_memory_gb'])}; "
-                                           "valid: gpus, gpu_memory_gb")
+            if k not in valid:
+                self.bad(f"resources.{k}", f"unknown key{did_you_mean(str(k), valid)}; "
+                                           f"valid: {', '.join(valid)}")
         gpus = value.get("gpus", 1)
         if gpus_problem(gpus) is not None:  # the rule every worker applies too
             self.bad("resources.gpus", "must be 0 (CPU), a share of one GPU up to 1 (0.25, 0.5, 1), or "
@@ -377,7 +378,27 @@ class _Validator:
         if mem is not None and (not _is_num(mem) or mem <= 0):
             self.bad("resources.gpu_memory_gb", f"must be a positive number of GiB, got {mem!r}")
             mem = None
-        return Resources(gpus=float(gpus), gpu_memory_gb=None if mem is None else float(mem))
+        ranks, backend = value.get("ranks", 1), value.get("backend", "auto")
+        if not _is_int(ranks) or not 1 <= ranks <= RANKS_MAX:
+            self.bad("resources.ranks", f"must be an integer from 1 to {RANKS_MAX} (data-parallel "
+                                        f"processes, one per worker), got {ranks!r}")
+            ranks = 1
+        elif ranks > 1 and trainer is not None and not trainer.ranks:
+            able = sorted(t.name for t in registry().values() if t.ranks)
+            self.bad("resources.ranks", f"trainer {trainer.name!r} does not support ranks (data-parallel "
+                                        f"training); trainers that do: {', '.join(able) or 'none'}")
+            ranks = 1
+        if backend not in BACKENDS:
+            self.bad("resources.backend", f"must be one of {', '.join(BACKENDS)} (auto: nccl on GPUs, "
+                                          f"gloo on CPUs), got {backend!r}")
+            backend = "auto"
+        elif backend == "nccl" and gpus == 0:
+            self.bad("resources.backend", "nccl needs GPUs (resources.gpus > 0); use gloo or auto on CPUs")
+            backend = "auto"
+        if ranks > 1 and isinstance(gpus, int | float) and gpus > 1:
+            self.bad("resources.gpus", f"a data-parallel run takes at most one GPU per rank, got {gpus!r}")
+        return Resources(gpus=float(gpus), gpu_memory_gb=None if mem is None else float(mem),
+                         ranks=int(ranks), backend=str(backend))
 
     def _timeout(self) -> float | None:
         value = self.doc.get("timeout")

@@ -26,7 +26,7 @@ from ..trainers import Param, Trainer
 from . import datasets
 from .config import TOP_KEYS
 from .names import NAME_RE, NAME_RULE
-from .spec import DEVICES, MAX_GPUS, MIN_GPU_SHARE, SEED_MAX
+from .spec import BACKENDS, DEVICES, MAX_GPUS, MIN_GPU_SHARE, RANKS_MAX, SEED_MAX
 from .sweep import DISTRIBUTIONS, RANDOM_KEYS, SWEEP_KEYS
 
 SCHEMA_ID = "https://gpu-orchestrator.invalid/experiment.schema.json"
@@ -152,7 +152,11 @@ def experiment_schema(trainers: Mapping[str, Trainer]) -> dict[str, Any]:
             "gpus": {"anyOf": [{"const": 0}, {"type": "number", "minimum": MIN_GPU_SHARE, "maximum": 1},
                                {"type": "integer", "minimum": 2, "maximum": MAX_GPUS}],
                      "default": 1},
-            "gpu_memory_gb": {"type": "number", "exclusiveMinimum": 0}}},
+            "gpu_memory_gb": {"type": "number", "exclusiveMinimum": 0},
+            "ranks": {"type": "integer", "minimum": 1, "maximum": RANKS_MAX, "default": 1,
+                      "description": "data-parallel ranks: N workers train the run together"},
+            "backend": {"enum": list(BACKENDS), "default": "auto",
+                        "description": "torch.distributed backend: auto is nccl on GPUs, gloo on CPUs"}}},
         "retries": {"type": "integer", "minimum": 0, "maximum": 100, "default": 0},
         "timeout": {"type": "number", "exclusiveMinimum": 0},
         "priority": {"type": "integer", "minimum": 0, "maximum": 9, "default": 5},

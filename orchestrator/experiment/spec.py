@@ -8,6 +8,7 @@ InvalidSpecError naming the field and what would be valid (docs/security.md).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -61,10 +62,24 @@ class DatasetRef:
         return {"source": "csv", "name": self.name, "sha256": self.sha256, "target": self.target}
 
 
+BACKENDS = ("auto", "gloo", "nccl")
+RANKS_MAX = 1024
+
+
 @dataclass(frozen=True)
 class Resources:
     gpus: float = 1.0  # GPUs per run; 0 sends the run to the `cpu` queue
     gpu_memory_gb: float | None = None  # GPU memory the run needs (admission: issue 4)
+    # Data-parallel ranks (docs/data-parallel.md): 1 is an ordinary run; N > 1 a gang of
+    # N rank tasks on N distinct workers, `gpus` each, meeting under torch.distributed.
+    ranks: int = 1
+    backend: str = "auto"  # auto (nccl on GPUs, gloo on CPUs), gloo or nccl
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"gpus": self.gpus, "gpu_memory_gb": self.gpu_memory_gb}
+        if self.ranks != 1 or self.backend != "auto":  # an ordinary run's message is as before
+            out.update(ranks=self.ranks, backend=self.backend)
+        return out
 
 
 @dataclass(frozen=True)
@@ -169,7 +184,7 @@ class RunSpec:
             "fold": self.fold, "k": self.k, "validation": self.validation,
             "holdout": self.holdout, "output": self.output,
             "overrides": {d: dict(v) for d, v in self.overrides.items()},
-            "resources": {"gpus": res.gpus, "gpu_memory_gb": res.gpu_memory_gb},
+            "resources": res.to_dict(),
             "retries": self.retries, "timeout": self.timeout, "priority": self.priority,
         }
 
@@ -268,6 +283,7 @@ _SPEC_KEYS = (
 )
 _DATASET_KEYS = ("name", "source", "path", "target", "sha256")
 _RESOURCE_KEYS = ("gpus", "gpu_memory_gb")
+_GANG_KEYS = ("ranks", "backend")  # present only in a data-parallel run's message
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -438,6 +454,15 @@ def _dataset(value: object) -> DatasetRef:
 
 
 def _resources(value: object) -> Resources:
+    if isinstance(value, dict) and ("ranks" in value or "backend" in value):
+        res = _object(value, "resources", (*_RESOURCE_KEYS, *_GANG_KEYS))
+        ranks, backend = res["ranks"], res["backend"]
+        if type(ranks) is not int or not 1 <= ranks <= RANKS_MAX:
+            raise _fail("resources.ranks", f"an integer from 1 to {RANKS_MAX}", ranks)
+        if backend not in BACKENDS:
+            raise _fail("resources.backend", " or ".join(BACKENDS), backend)
+        return dataclasses.replace(_resources({k: res[k] for k in _RESOURCE_KEYS}), ranks=ranks,
+                                   backend=backend)
     res = _object(value, "resources", _RESOURCE_KEYS)
     if problem := gpus_problem(res["gpus"]):
         raise InvalidSpecError(f"resources.gpus {problem}")

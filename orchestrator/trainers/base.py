@@ -95,6 +95,10 @@ class TrainContext:
     X_eval: np.ndarray  # validation rows then holdout rows
     n_classes: int
     reporter: Reporter
+    # Set for a data-parallel run (resources.ranks > 1): torch.distributed is initialised
+    # and this is orchestrator.execution.gang.DistInfo (rank, world, backend, checkpoint
+    # load/save for rank 0). None for an ordinary run.
+    dist: Any = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,9 @@ class Trainer:
     # Optional warm-up a worker's pool child runs once at start (e.g. `import torch`),
     # so the first run does not pay for it. Must not initialise CUDA.
     preload: Callable[[], None] | None = None
+    # Whether `fn` trains data-parallel when TrainContext.dist is set (resources.ranks > 1):
+    # a run asking ranks of a trainer that does not is refused at validation (exit 2).
+    ranks: bool = False
 
     def resolve(self, stated: Mapping[str, Any]) -> dict[str, Any]:
         return {**{k: p.default for k, p in self.params.items()}, **stated}

@@ -8,6 +8,7 @@ docs/reliability.md).
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from .. import settings
 from .base import Param, TrainContext, Trainer, TrainResult
@@ -55,27 +56,100 @@ def train(ctx: TrainContext) -> TrainResult:
     n, bs = len(y), int(p["batch_size"])
     start = time.perf_counter()
     loss_value = float("nan")
-    for epoch in range(1, int(p["epochs"]) + 1):
+    first, resumed = 1, None
+    if ctx.dist is not None:  # data-parallel: every rank starts from rank 0's checkpoint
+        state = _load_checkpoint(ctx.dist)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            generator.set_state(state["generator"])
+            torch.set_rng_state(state["rng"])
+            first = resumed = int(state["epoch"]) + 1
+    for epoch in range(first, int(p["epochs"]) + 1):
         model.train()
         order = torch.randperm(n, generator=generator).to(device)
         total = 0.0
         for i in range(0, n, bs):
             batch = order[i : i + bs]
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(X_dev[batch]), y_dev[batch])
-            loss.backward()
+            if ctx.dist is None:
+                loss = loss_fn(model(X_dev[batch]), y_dev[batch])
+                loss.backward()
+                total += float(loss.detach()) * len(batch)
+            else:
+                total += _data_parallel_step(ctx.dist, model, X_dev, y_dev, batch)
             opt.step()
-            total += float(loss.detach()) * len(batch)
         loss_value = total / n
         ctx.reporter.report(epoch=epoch, train_loss=loss_value)
+        if (ctx.dist is not None and ctx.dist.rank == 0 and epoch % ctx.dist.checkpoint_every == 0
+                and epoch < int(p["epochs"])):
+            _save_checkpoint(ctx.dist, {"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch,
+                                        "generator": generator.get_state(), "rng": torch.get_rng_state()})
     model.eval()
     with torch.no_grad():
         probs = torch.softmax(model(X_eval), dim=1).double().cpu().numpy()
     return TrainResult(
         probabilities=np.asarray(probs),
         params_count=sum(int(t.numel()) for t in model.parameters()),
-        info={"final_train_loss": loss_value, "fit_seconds": time.perf_counter() - start},
+        info={"final_train_loss": loss_value, "fit_seconds": time.perf_counter() - start,
+              **({"ranks": ctx.dist.world, "backend": ctx.dist.backend, "resumed_from_epoch": resumed}
+                 if ctx.dist is not None else {})},
     )
+
+
+def _data_parallel_step(dist_info: Any, model: Any, X: Any, y: Any, batch: Any) -> float:
+    """One step of the global batch `batch`, this rank's share of it (every world-th row,
+    as DistributedSampler deals them): the loss summed over its rows and divided by the
+    global batch size, the gradients summed over all ranks in one all-reduce. So the
+    step is the single-process step on the same batch (up to float summation order),
+    whatever the number of ranks. Returns the batch's summed loss (all ranks)."""
+    import torch
+    import torch.distributed as tdist
+    from torch import nn
+
+    mine = batch[dist_info.rank :: dist_info.world]
+    params = list(model.parameters())
+    if len(mine):
+        loss_sum = nn.functional.cross_entropy(model(X[mine]), y[mine], reduction="sum")
+        (loss_sum / len(batch)).backward()
+        loss_part = loss_sum.detach().reshape(1)
+    else:  # a last batch smaller than the world: this rank adds nothing
+        loss_part = torch.zeros(1, device=X.device)
+    grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in params]
+    flat = torch.cat([*(g.reshape(-1) for g in grads), loss_part])
+    tdist.all_reduce(flat)
+    offset = 0
+    for q in params:
+        size = q.numel()
+        q.grad = flat[offset : offset + size].view_as(q).clone()
+        offset += size
+    return float(flat[-1])
+
+
+def _save_checkpoint(dist_info: Any, state: dict[str, Any]) -> None:
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    dist_info.save(buf.getvalue())
+
+
+def _load_checkpoint(dist_info: Any) -> dict[str, Any] | None:
+    """Rank 0 reads the last checkpoint and broadcasts it: ranks on hosts without the
+    results root resume from the same state."""
+    import io
+
+    import torch
+    import torch.distributed as tdist
+
+    state = None
+    if dist_info.rank == 0 and (raw := dist_info.load()) is not None:
+        state = torch.load(io.BytesIO(raw), weights_only=True)
+    box = [state]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def preload() -> None:
@@ -83,7 +157,7 @@ def preload() -> None:
 
 
 TRAINER = Trainer(
-    name="mlp", version="1", fn=train, preload=preload,
+    name="mlp", version="1", fn=train, preload=preload, ranks=True,
     params={
         "hidden": Param([64], "int_list", minimum=1, help="hidden layer widths, e.g. [64, 32]"),
         "activation": Param("relu", "str", choices=ACTIVATIONS),

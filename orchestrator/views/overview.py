@@ -84,6 +84,8 @@ def experiment_status(layout: Layout, experiment: str, with_files: bool = False,
                 "error": record.get("error") if state != Status.DONE.value else None,
                 "finished_at": finished,
             }
+            if spec.resources.ranks > 1:  # a data-parallel run: `status` adds its ranks
+                fold["ranks"] = spec.resources.ranks
             if with_files:
                 fold["files"] = {k: str(v) for k, v in layout.fold_files(spec).items()}
                 fold["status_file"] = str(layout.fold_status(spec))

@@ -230,9 +230,20 @@ class Collector:
         active = {k: v for k, v in _decode_hash(active_raw).items()
                   if isinstance(v, dict) and v.get("token") and isinstance(v.get("worker"), str)}
         progress = _decode_hash(progress_raw)
-        return Snapshot(self.url, str(self.layout.root), now, rows,
-                        self._workers(records, active, progress, now), failures[:MAX_FAILURES],
+        workers = _with_ranks(self._workers(records, active, progress, now), self._ranks())
+        return Snapshot(self.url, str(self.layout.root), now, rows, workers, failures[:MAX_FAILURES],
                         failed_total, self.focus)
+
+    def _ranks(self) -> dict[str, dict[str, Any]]:
+        """The ranks of data-parallel runs now training, by worker (their rank leases)."""
+        found = list(self.client.scan_iter(f"{keys.PREFIX}:rank:*", count=1000))
+        out: dict[str, dict[str, Any]] = {}
+        values: list[Any] = list(self.client.mget(found)) if found else []  # type: ignore[arg-type]
+        for raw in values:
+            rec = _json(raw)
+            if isinstance(rec, dict) and isinstance(rec.get("worker"), str):
+                out[rec["worker"]] = rec
+        return out
 
     def _from_live(self, name: str, man: _Manifest, states: dict[str, str | None],
                    raw: dict[bytes, bytes], now: float) -> tuple[ExperimentRow, list[FailureRow]]:
@@ -320,6 +331,27 @@ class Collector:
                        run_started=float(started) if isinstance(started, (int, float)) else None,
                        attempt=info.get("attempt") if isinstance(info.get("attempt"), int) else None,
                        progress=report, more_runs=len(held) - 1)
+
+
+def _with_ranks(rows: list[WorkerRow], ranks: dict[str, dict[str, Any]]) -> list[WorkerRow]:
+    """A worker training a rank of a data-parallel run says so: rank 0 holds the run (its
+    row names it already), ranks 1..N-1 hold no run lease, so their row gets the run here."""
+    out = []
+    for row in rows:
+        rec = ranks.get(row.name)
+        if rec is None:
+            out.append(row)
+            continue
+        tag = f"[rank {rec.get('rank')}/{rec.get('world') or '?'}] "  # first: names get shortened
+        if row.run is not None:
+            out.append(replace(row, run=tag + row.run))
+        else:
+            step = rec.get("step")
+            out.append(replace(row, run=tag + str(rec.get("name") or "?"),
+                               run_started=rec.get("started") if isinstance(rec.get("started"), float) else None,
+                               attempt=rec.get("attempt") if isinstance(rec.get("attempt"), int) else None,
+                               progress={"epoch": step} if step is not None else {}))
+    return out
 
 
 def _json(value: bytes | None) -> Any:

@@ -1,0 +1,397 @@
+"""Data-parallel runs (resources.ranks): validation, the gang's reservation script, and
+real gangs of `celery worker` processes meeting through a real redis-server (gloo on CPU).
+
+The cluster: three CPU workers and a control worker, each in its own process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import yaml
+
+from orchestrator import keys
+from orchestrator.cluster.local import free_port, spawn, stop_process
+from orchestrator.execution.gang import Gang, GangNotReady
+from orchestrator.execution.runner import WorkerInfo, execute
+from orchestrator.experiment.config import load_experiments
+from orchestrator.experiment.expand import expand
+from orchestrator.paths import Layout
+
+from .conftest import cli_env, run_cli, wait_for
+
+WORKERS = ("cpu1", "cpu2", "cpu3")
+# Metrics of a 2-rank run against the same run in one process (same global batches): the
+# steps are the same up to float summation order, so the metrics agree to this.
+METRIC_TOLERANCE = 1e-3
+LOSS_TO_STOP = 15.0  # a rank lost: every rank of its attempt stopped within this (seconds)
+RELAUNCH_LIMIT = 30.0  # ... and the run trains again from its checkpoint within this
+
+
+def write(tmp_path: Path, name: str, **fields: Any) -> Path:
+    doc = {"experiment": name, "trainer": "mlp", "datasets": ["iris"], "folds": 2,
+           "params": {"epochs": 30, "batch_size": 16, "hidden": [16]},
+           "resources": {"gpus": 0, "ranks": 2}, **fields}
+    doc = {k: v for k, v in doc.items() if v is not None}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+# --- validation ---------------------------------------------------------------------
+
+def test_ranks_of_a_trainer_that_does_not_support_them_exit_2(tmp_path: Path) -> None:
+    cfg = write(tmp_path, "bad", trainer="prior", params={},
+                resources={"gpus": 0, "ranks": 2, "backend": "nccl", "rank": 1})
+    proc = run_cli("validate", str(cfg))
+    assert proc.returncode == 2
+    assert "resources.ranks: trainer 'prior' does not support ranks" in proc.stderr
+    assert "resources.rank: unknown key (did you mean 'ranks'?)" in proc.stderr
+    assert "resources.backend: nccl needs GPUs" in proc.stderr
+    ok = run_cli("validate", str(write(tmp_path, "good")))
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_a_ranked_spec_round_trips_and_ordinary_messages_are_unchanged(tmp_path: Path) -> None:
+    from orchestrator.experiment.spec import RunSpec
+
+    run = expand(load_experiments([str(write(tmp_path, "rt"))])[0])[0]
+    data = run.to_dict()
+    assert data["resources"] == {"gpus": 0.0, "gpu_memory_gb": None, "ranks": 2, "backend": "auto"}
+    assert RunSpec.from_dict(json.loads(json.dumps(data))) == run
+    plain = expand(load_experiments([str(write(tmp_path, "plain", resources={"gpus": 0}))])[0])[0]
+    assert plain.to_dict()["resources"] == {"gpus": 0.0, "gpu_memory_gb": None}
+    assert plain.run_id == run.run_id  # ranks change how a run trains, not what it is
+
+
+# --- the reservation script, against a real Redis --------------------------------------
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port, folder = free_port(), tmp_path_factory.mktemp("redis")
+    proc = spawn([shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                  "--dir", str(folder), "--save", "", "--appendonly", "no"], dict(os.environ), folder / "out")
+    client = redis.Redis(port=port)
+    wait_for(lambda: _pings(client), timeout=20, what="redis-server")
+    yield f"redis://127.0.0.1:{port}/0"
+    stop_process(proc)
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+def _register(client: redis.Redis, names: list[str]) -> None:
+    from orchestrator.cluster.registry import WorkerRecord, register
+
+    for n in names:
+        register(client, WorkerRecord(name=n, host="h", pid=1, gpu=None, device="cpu",
+                                      queues=[keys.rank_queue(n), "cpu"], state="idle", started=0.0,
+                                      heartbeat=time.time()), 60)
+
+
+def test_two_gangs_of_two_on_three_slots_never_hold_each_other(tmp_path: Path, redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    _register(client, ["w1", "w2", "w3"])
+    runs = expand(load_experiments([str(write(tmp_path, "dl"))])[0])  # two folds: two 2-rank runs
+    a, b = Gang(client, runs[0], 1), Gang(client, runs[1], 1)
+    for run, worker in ((runs[0], "w1"), (runs[1], "w2")):  # each leader holds its run's lease
+        client.hset(keys.ACTIVE, run.run_key, json.dumps({"worker": worker}))
+    # Both leaders have started (on w1 and w2) and reserve at the same moment: one takes two
+    # slots, the other holds none (not one slot waiting for a second), so nothing deadlocks.
+    got_a = a.reserve("w1", "cpu")
+    with pytest.raises(GangNotReady, match="needs 2 free workers at once, 1 free") as why:
+        b.reserve("w2", "cpu")
+    assert got_a == ["w1", "w3"]
+    held = {k.decode(): client.get(k).decode() for k in client.scan_iter("orch:slot:*")}
+    assert sorted(held.values()) == [a.holder, a.holder], held  # b holds nothing
+    assert client.hget(keys.gang(runs[1].run_key), "why").decode() == str(why.value)
+    a.release(got_a)
+    assert list(client.scan_iter("orch:slot:*")) == []
+    client.hdel(keys.ACTIVE, runs[0].run_key)
+    assert b.reserve("w2", "cpu") == ["w2", "w1"]  # once a's gang ends, b's fills
+
+
+def test_a_gang_larger_than_the_workers_says_why_and_holds_nothing(tmp_path: Path, redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    _register(client, ["w1", "w2", "w3"])
+    run = expand(load_experiments([str(write(tmp_path, "big", resources={"gpus": 0, "ranks": 5}))])[0])[0]
+    with pytest.raises(GangNotReady, match=r"needs 5 workers that take ranks \(cpu\), 3 registered"):
+        Gang(client, run, 1).reserve("w1", "cpu")
+    assert list(client.scan_iter("orch:slot:*")) == []
+
+
+def test_nothing_trains_until_all_ranks_joined_and_a_newer_attempt_fences_the_old_one(
+        tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.execution.gang import RankWatch
+
+    monkeypatch.setenv("ORCH_GANG_JOIN_SECONDS", "1")
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    _register(client, ["w1", "w2"])
+    run = expand(load_experiments([str(write(tmp_path, "bar", folds=None, split={"validation": 0.3}))])[0])[0]
+    old = Gang(client, run, 1)
+    assert old.reserve("w1", "cpu") == ["w1", "w2"]
+    watch = RankWatch(old, 0, "w1", "h", None).start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(GangNotReady, match="only 1 of 2 ranks joined within 1 s"):
+            watch.wait_all()  # rank 1 never came: the bounded barrier gives up
+        assert 1.0 <= time.monotonic() - started < 3.0
+        old.release(["w1", "w2"])
+        Gang(client, run, 2).reserve("w1", "cpu")  # the run's next attempt
+        watch.beat()
+        assert watch.stop_why == "attempt 2 of the run has replaced attempt 1"
+    finally:
+        watch.close()
+
+
+# --- real workers -----------------------------------------------------------------------
+
+class GangCluster:
+    def __init__(self, base: Path):
+        self.base, self.port = base, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.root, self.logs = base / "results", base / "logs"
+        self.logs.mkdir(parents=True)
+        self.client = redis.Redis.from_url(self.url, socket_timeout=5)
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return cli_env(ORCH_BROKER_URL=self.url, ORCH_RESULTS_ROOT=str(self.root), ORCH_CHECKPOINT_EVERY="5",
+                       **extra)
+
+    def start(self) -> None:
+        folder = self.base / "redis"
+        folder.mkdir()
+        self.procs["redis"] = spawn([shutil.which("redis-server") or "redis-server", "--port", str(self.port),
+                                     "--bind", "127.0.0.1", "--dir", str(folder), "--save", "",
+                                     "--appendonly", "no"], dict(os.environ), folder / "out")
+        wait_for(lambda: _pings(self.client), timeout=20, what="redis-server")
+        base = [sys.executable, "-m", "orchestrator", "worker", "--loglevel", "INFO"]
+        for n in WORKERS:
+            self.procs[n] = spawn([*base, "--cpu", "--name", f"{n}@%h"], self.env(), self.logs / f"{n}.log")
+        self.procs["control"] = spawn([*base, "--control"], self.env(), self.logs / "control.log")
+        wait_for(lambda: all("ready." in self.log(n) for n in (*WORKERS, "control")), timeout=90,
+                 what="workers to be ready")
+        wait_for(lambda: len(list(self.client.scan_iter("orch:worker:*"))) == 4, timeout=30,
+                 what="workers to register")
+
+    def log(self, name: str) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        workers = [p for n, p in self.procs.items() if n != "redis" and p.poll() is None]
+        for proc in workers:  # all at once: each hands back what it holds, then exits
+            with_group_cont(proc)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in workers:
+            stop_process(proc, grace=15)
+        if "redis" in self.procs:
+            stop_process(self.procs["redis"])
+
+    def status(self, name: str) -> dict[str, Any]:
+        proc = run_cli("status", name, "--json", env=self.env())
+        assert proc.returncode == 0, proc.stderr
+        return dict(json.loads(proc.stdout))
+
+    def finished(self, name: str, timeout: float) -> dict[str, Any]:
+        """Polled from the status files in this process (a `status` command per poll costs
+        a second of CPU), then as `status --json` says it."""
+        from orchestrator.views.overview import experiment_status
+
+        def final() -> bool:
+            if not Layout(self.root).manifest(name).exists():
+                return False
+            st = experiment_status(Layout(self.root), name)
+            return all(g["state"] in ("DONE", "FAILED", "CANCELLED") for g in st["group_details"])
+
+        wait_for(final, timeout=timeout, what=f"{name} to finish")
+        return self.status(name)
+
+    def ranks(self, run_key: str, attempt: int) -> dict[int, dict[str, Any]]:
+        out = {}
+        for k in self.client.scan_iter(f"orch:rank:{run_key}:{attempt}:*"):
+            raw = self.client.get(k)
+            if raw:
+                rec = json.loads(raw)
+                out[int(rec["rank"])] = rec
+        return out
+
+    def gang(self, run_key: str) -> dict[str, str]:
+        return {k.decode(): v.decode() for k, v in self.client.hgetall(keys.gang(run_key)).items()}
+
+
+def with_group_cont(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def gc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GangCluster]:
+    c = GangCluster(tmp_path_factory.mktemp("gangs"))
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+def single_process_metrics(cfg: Path, tmp_path: Path) -> list[dict[str, float]]:
+    """The same runs trained in this process, one rank, no cluster."""
+    runs = expand(load_experiments([str(cfg)])[0])
+    layout = Layout(tmp_path / "single")
+    return [execute(r, layout, WorkerInfo("here", "cpu", None), 1)["metrics"] for r in runs]
+
+
+@pytest.mark.integration
+def test_two_2_rank_runs_on_three_workers_finish_with_the_single_process_metrics(
+        gc: GangCluster, tmp_path: Path) -> None:
+    """Two folds, each a 2-rank gang, on three workers: the 3-slot scenario end to end
+    (one gang trains while the other waits, holding nothing), then one finalize."""
+    cfg = write(tmp_path, "dp2")
+    start = time.monotonic()
+    assert run_cli("submit", str(cfg), env=gc.env()).returncode == 0
+    st = gc.finished("dp2", timeout=120)
+    took = time.monotonic() - start
+    group = st["group_details"][0]
+    assert group["state"] == "DONE" and group["counts"] == {"DONE": 2}, group
+    expected = single_process_metrics(cfg, tmp_path)
+    for f, want in zip(group["folds"], expected, strict=True):
+        meta = json.loads(Path(f["files"]["metadata.json"]).read_text())
+        assert meta["trainer_info"]["ranks"] == 2 and meta["trainer_info"]["backend"] == "gloo"
+        attempts = {k.decode(): int(v) for k, v in gc.client.hgetall(keys.attempts(f["run_key"])).items()}
+        assert attempts.get("committed") == 1
+        for metric, value in want.items():
+            assert abs(meta["metrics"][metric] - value) <= METRIC_TOLERANCE, (metric, meta["metrics"], want)
+        assert not (Path(f["files"]["metadata.json"]).parents[1] / ".checkpoints" / f"fold_{f['fold']}.pt").exists()
+    assert list(gc.client.scan_iter("orch:slot:*")) == []  # every reservation released
+    print(f"\n2 folds x 2 ranks on 3 workers: DONE in {took:.1f} s")
+
+
+@pytest.mark.integration
+def test_sigkill_of_a_rank_relaunches_the_run_from_its_checkpoint(gc: GangCluster, tmp_path: Path) -> None:
+    """A 3-rank run on the three workers; rank 1 SIGKILLed mid-training: the attempt stops,
+    the run trains again (all three ranks, a new attempt) from its checkpoint, DONE once."""
+    cfg = write(tmp_path, "dpkill", datasets=["digits"], folds=None, split={"validation": 0.3}, retries=2,
+                params={"epochs": 24, "batch_size": 32, "hidden": [32]}, resources={"gpus": 0, "ranks": 3})
+    assert run_cli("submit", str(cfg), env=gc.env()).returncode == 0
+    run = expand(load_experiments([str(cfg)])[0])[0]
+
+    def training_past_checkpoint() -> dict[int, dict[str, Any]] | None:
+        attempt = int(gc.gang(run.run_key).get("attempt") or 0)
+        ranks = gc.ranks(run.run_key, attempt) if attempt else {}
+        return ranks if len(ranks) == 3 and all((r.get("step") or 0) >= 7 for r in ranks.values()) else None
+
+    ranks = wait_for(training_past_checkpoint, timeout=90, what="every rank past epoch 7 (a checkpoint at 5)")
+    first = int(gc.gang(run.run_key)["attempt"])
+    os.kill(int(ranks[1]["pid"]), signal.SIGKILL)
+    killed = time.monotonic()
+
+    def survivors_stopped() -> bool:  # rank 0's lease goes when its attempt ends
+        return 0 not in gc.ranks(run.run_key, first)
+
+    wait_for(survivors_stopped, timeout=LOSS_TO_STOP + 5, what="rank 0 of the attempt to stop")
+    stopped = time.monotonic() - killed
+
+    def relaunched() -> bool:
+        g = gc.gang(run.run_key)
+        return int(g.get("attempt") or 0) > first and g.get("state") in ("training", "done")
+
+    wait_for(relaunched, timeout=RELAUNCH_LIMIT + 10, what="the relaunch to train")
+    again = time.monotonic() - killed
+    st = gc.finished("dpkill", timeout=120)
+    group = st["group_details"][0]
+    assert group["state"] == "DONE", group
+    f = group["folds"][0]
+    meta = json.loads(Path(f["files"]["metadata.json"]).read_text())
+    assert meta["trainer_info"]["resumed_from_epoch"] and meta["trainer_info"]["resumed_from_epoch"] > 5, meta
+    attempts = {k.decode(): int(v) for k, v in gc.client.hgetall(keys.attempts(f["run_key"])).items()}
+    assert attempts.get("committed") == 1  # outputs once
+    assert meta["trainer_info"]["ranks"] == 3
+    # Resumed from its checkpoint (model, optimizer, shuffling and RNG state), the run ends
+    # where an uninterrupted one ends: the same run in one process, within the tolerance.
+    (want,) = single_process_metrics(cfg, tmp_path)
+    for metric, value in want.items():
+        assert abs(meta["metrics"][metric] - value) <= METRIC_TOLERANCE, (metric, meta["metrics"], want)
+    print(f"\nrank 1 of 3 SIGKILLed: its attempt stopped {stopped:.1f} s later, the run trained again "
+          f"{again:.1f} s later, from epoch {meta['trainer_info']['resumed_from_epoch']}")
+    assert stopped <= LOSS_TO_STOP and again <= RELAUNCH_LIMIT
+
+
+@pytest.mark.integration
+def test_sigstop_of_a_rank_stops_its_attempt_within_15s(gc: GangCluster, tmp_path: Path) -> None:
+    """A paused rank blocks its peers' all-reduce; its lapsed lease (and the short collective
+    timeout) stop the attempt within 15 s, not a collective's default 10-30 min. Resumed,
+    the paused rank finds itself fenced and writes nothing; the run ends DONE once."""
+    cfg = write(tmp_path, "dpstop", datasets=["digits"], folds=None, split={"validation": 0.3}, retries=2,
+                params={"epochs": 20, "batch_size": 32, "hidden": [32]})
+    assert run_cli("submit", str(cfg), env=gc.env()).returncode == 0
+    run = expand(load_experiments([str(cfg)])[0])[0]
+
+    def training() -> dict[int, dict[str, Any]] | None:
+        attempt = int(gc.gang(run.run_key).get("attempt") or 0)
+        ranks = gc.ranks(run.run_key, attempt) if attempt else {}
+        return ranks if len(ranks) == 2 and all((r.get("step") or 0) >= 3 for r in ranks.values()) else None
+
+    ranks = wait_for(training, timeout=90, what="both ranks training")
+    first = int(gc.gang(run.run_key)["attempt"])
+    shown = run_cli("status", "dpstop", env=gc.env()).stdout  # one line per fold, its ranks under it
+    assert "gang training" in shown and "  rank 0 " in shown and "  rank 1 " in shown, shown
+    frame = run_cli("watch", "dpstop", "--once", env=gc.env()).stdout  # each rank's worker names its run
+    assert "[rank 0/2]" in frame and "[rank 1/2]" in frame, frame
+    pid = int(ranks[1]["pid"])
+    os.kill(pid, signal.SIGSTOP)
+    paused = time.monotonic()
+    try:
+        wait_for(lambda: 0 not in gc.ranks(run.run_key, first), timeout=LOSS_TO_STOP + 10,
+                 what="rank 0 of the paused attempt to stop")
+        stopped = time.monotonic() - paused
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert "abort" in gc.gang(run.run_key) or int(gc.gang(run.run_key)["attempt"]) > first
+    st = gc.finished("dpstop", timeout=120)
+    group = st["group_details"][0]
+    assert group["state"] == "DONE", group
+    f = group["folds"][0]
+    attempts = {k.decode(): int(v) for k, v in gc.client.hgetall(keys.attempts(f["run_key"])).items()}
+    assert attempts.get("committed") == 1
+    print(f"\nrank 1 SIGSTOPped: rank 0 of its attempt stopped {stopped:.1f} s later")
+    assert stopped <= LOSS_TO_STOP
+
+
+@pytest.mark.integration
+def test_a_gang_larger_than_the_workers_waits_saying_why_and_holds_no_slot(gc: GangCluster, tmp_path: Path) -> None:
+    cfg = write(tmp_path, "dpbig", folds=None, split={"validation": 0.3}, resources={"gpus": 0, "ranks": 4})
+    assert run_cli("submit", str(cfg), env=gc.env()).returncode == 0
+    run = expand(load_experiments([str(cfg)])[0])[0]
+    wait_for(lambda: "needs 4 workers that take ranks (cpu), 3 registered" in (gc.gang(run.run_key).get("why") or ""),
+             timeout=30, what="the gang to say why it waits")
+    assert "needs 4 workers that take ranks (cpu), 3 registered" in run_cli("status", "dpbig", env=gc.env()).stdout
+    for _ in range(10):  # while it waits (tried again every few seconds), it holds nothing
+        assert list(gc.client.scan_iter("orch:slot:*")) == []
+        time.sleep(0.2)
+    assert run_cli("cancel", "dpbig", env=gc.env()).returncode == 0
+    st = gc.finished("dpbig", timeout=30)
+    assert st["group_details"][0]["folds"][0]["state"] == "CANCELLED"
