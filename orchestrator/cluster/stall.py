@@ -14,7 +14,8 @@ is in flight (no lease held, no unacknowledged message of it) for STALL_LEASES l
 periods, is published again from the results root: each group that the status files say
 is not final, its folds not yet committed (canvas.redispatch, as after a Redis data
 loss). Committed folds are not repeated; a fresh chord finalizes the group once, and the
-old one, short of its lost part, never fires. Experiments that are paused are left alone.
+old one, short of its lost part, never fires. Experiments that are paused are left alone, and so are searches: their steps adopt their
+own lost groups.
 An experiment found open but with nothing to publish is not looked at again until its
 live state changes.
 """
@@ -91,6 +92,8 @@ class StallGuard:
         prefix = keys.exp_runs("")[: -len(suffix)]
         for key in self.client.scan_iter(match=f"{prefix}*{suffix}", count=5000):
             name = key.decode()[len(prefix):-len(suffix)]
+            if self.layout.search_dir(name).is_dir():
+                continue  # a search's steps adopt its own lost groups (orchestrator.search.engine)
             pipe = self.client.pipeline(transaction=False)
             pipe.hgetall(keys.exp_runs(name))
             pipe.hgetall(keys.exp_groups(name))
