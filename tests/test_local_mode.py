@@ -214,9 +214,11 @@ def test_ctrl_c_stops_everything_and_a_rerun_finishes(tmp_path: Path, write_expe
     root = tmp_path / "results"
     tmp = tmp_path / "tmp"
     tmp.mkdir()
+    # SIGINT at its default in the child whatever this test process inherited (a child
+    # that starts with SIGINT ignored never raises KeyboardInterrupt).
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", str(cfg), "--results-root", str(root)],
                             cwd=REPO, env=cli_env(TMPDIR=str(tmp)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         def done_count() -> int:
             try:
@@ -227,8 +229,10 @@ def test_ctrl_c_stops_everything_and_a_rerun_finishes(tmp_path: Path, write_expe
         wait_for(lambda: done_count() >= 2, timeout=90, what="two runs to finish")
         children = psutil.Process(proc.pid).children(recursive=True)
         assert len(children) >= 4  # redis, 2 workers, control (and their pool children)
+        sent_at, done_then = time.monotonic(), done_count()
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
+        stderr += f"\n(test: SIGINT sent {time.monotonic() - sent_at:.1f} s before the exit, {done_then} runs done then)"
     finally:
         if proc.poll() is None:
             proc.kill()
