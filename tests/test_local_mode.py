@@ -297,3 +297,32 @@ def test_a_finished_run_exits_at_once_and_leaves_no_process_and_no_folder(tmp_pa
     _, alive = psutil.wait_procs(list(seen.values()), timeout=5)
     assert alive == [], f"left running: {[p.cmdline() for p in alive]}"
     assert list(tmp.iterdir()) == []  # no orchestrator-local-* folder
+
+
+def test_a_run_killed_with_sigkill_leaves_no_worker_behind(tmp_path: Path, write_experiment) -> None:
+    """`kill -9` of `orchestrator run`: its private Redis and its workers die with it (a
+    worker given SIGTERM would wait forever in its cold shutdown on the dead Redis)."""
+    cfg = write_experiment("killed9", trainer="slow", datasets=["iris"], folds=4, params={"seconds": 3.0})
+    root = tmp_path / "results"
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", str(cfg), "--results-root", str(root)],
+                            cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: any(r.get("status") == "IN_PROGRESS" for r in _records_or_none(root, "killed9")),
+                 timeout=90, what="a run to be training")
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 4  # redis, 2 workers, control (and their pool processes)
+        proc.kill()
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert alive == [], f"left running: {[p.cmdline() for p in alive]}"
+
+
+def _records_or_none(root: Path, experiment: str) -> list[dict]:
+    try:
+        return list(fold_records(root, experiment).values())
+    except Exception:  # no manifest yet
+        return []

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,17 +37,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _die_with_parent() -> None:
-    os.setsid()
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+def _die_with_parent(sig: int) -> Callable[[], None]:
+    def setup() -> None:
+        os.setsid()
+        if sys.platform.startswith("linux"):
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(1, sig)  # PR_SET_PDEATHSIG
+
+    return setup
 
 
-def spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+def spawn(argv: list[str], env: dict[str, str], log: Path, deathsig: int = signal.SIGTERM) -> subprocess.Popen[bytes]:
+    """Start `argv` in its own session, logging to `log`; it gets `deathsig` when this
+    process dies (Linux)."""
     with open(log, "ab") as fh:
         return subprocess.Popen(argv, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent(deathsig))
 
 
 def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: float = 10.0) -> None:
@@ -128,7 +134,10 @@ class LocalCluster:
         (self.workdir / "tmp").mkdir()
         env["TMPDIR"] = str(self.workdir / "tmp")
         for name, argv in self.worker_commands().items():
-            self.processes[name] = spawn(argv, env, self.workdir / f"{name}.log")
+            # SIGKILL if this process dies (kill -9 of `run`): a cold shutdown would wait
+            # forever on the private Redis, which dies with it. Their pool processes
+            # exit when their worker's pipe closes.
+            self.processes[name] = spawn(argv, env, self.workdir / f"{name}.log", deathsig=signal.SIGKILL)
         return self.broker_url
 
     def worker_commands(self) -> dict[str, list[str]]:
