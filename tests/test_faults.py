@@ -218,6 +218,14 @@ def reassigned_after(fc: FaultCluster, name: str, fold: int, since: float) -> fl
     return min(later) - since
 
 
+def pop_queued(fc: FaultCluster, queue: str) -> bytes | None:
+    """Take the oldest message off `queue` as a worker's BRPOP would (kombu's priority
+    lists: `queue`, `queue:N`); None if it holds none."""
+    keys = [k for k in fc.client.scan_iter(match=f"{queue}*")
+            if k == queue.encode() or k.startswith(f"{queue}:".encode())]
+    return next((raw for k in keys if (raw := fc.client.rpop(k))), None)
+
+
 def the_run(fc: FaultCluster, name: str) -> tuple[str, dict[str, Any]]:
     """The run of fold 0 once it is training (in experiments made with short_fold=1,
     the other fold ends at once, so another worker is free to take fold 0 over)."""
@@ -572,12 +580,7 @@ def test_a_message_whose_taker_died_before_starting_it_is_handed_on_before_the_g
     cfg = experiment(tmp_path, "f_taken", seconds=0.5, folds=2)
     proc = submit(fc, cfg)
     assert proc.returncode == 0, proc.stderr
-
-    def popped() -> bytes | None:  # kombu's priority lists of the cpu queue: cpu, cpu:N
-        keys = [k for k in fc.client.scan_iter(match="cpu*") if k == b"cpu" or k.startswith(b"cpu:")]
-        return next((raw for k in keys if (raw := fc.client.rpop(k))), None)
-
-    raw = wait_for(popped, timeout=30, what="the run's message on the cpu queue")
+    raw = wait_for(lambda: pop_queued(fc, "cpu"), timeout=30, what="the run's message on the cpu queue")
     payload = json.loads(raw)
     payload["properties"]["orch_taker"] = ["ghost@nowhere", 4242]  # no such worker is up
     tag, info = payload["properties"]["delivery_tag"], payload["properties"]["delivery_info"]
@@ -607,12 +610,7 @@ def test_a_message_lost_between_the_pop_and_its_delivery_is_published_again(
         with_group_kill(fc.workers[name])
     cfg = experiment(tmp_path, "f_lost", seconds=0.6, folds=2)  # (group ids differ by content)
     assert submit(fc, cfg).returncode == 0
-
-    def popped() -> bytes | None:
-        keys = [k for k in fc.client.scan_iter(match="cpu*") if k == b"cpu" or k.startswith(b"cpu:")]
-        return next((raw for k in keys if (raw := fc.client.rpop(k))), None)
-
-    wait_for(popped, timeout=30, what="a message of f_lost to lose")  # gone, as in a dead worker's socket
+    wait_for(lambda: pop_queued(fc, "cpu"), timeout=30, what="a message of f_lost to lose")  # gone, as in a dead worker's socket
     lost_at = time.time()
     fc.ensure_workers()
     st = audit(fc, "f_lost", folds=2, timeout=150)  # DONE, each fold committed once, finalized once

@@ -22,16 +22,16 @@ live state changes.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import cast
 
 from .. import keys
 from ..collect.status import Status
 from ..dispatch.manifest import load_manifest
 from ..execution.leases import Leases
+from ..livestate import status_of
 from ..paths import Layout
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class StallGuard:
             pipe.hgetall(keys.exp_runs(name))
             pipe.hgetall(keys.exp_groups(name))
             runs, groups = cast(list[dict[bytes, bytes]], pipe.execute())
-            final_runs = sum(1 for v in runs.values() if _status(v) in FINAL)
+            final_runs = sum(1 for v in runs.values() if status_of(v) in FINAL)
             final_groups = sum(1 for v in groups.values() if v.decode() in FINAL)
             seen = (len(runs), final_runs, final_groups)
             if final_runs < len(runs) or final_groups < self._groups(name):
@@ -110,11 +110,4 @@ class StallGuard:
             return len(load_manifest(self.layout, name).get("groups", []))
         except Exception:  # no manifest here (another results root): not this guard's
             return 0
-
-
-def _status(raw: bytes) -> Any:
-    try:
-        return json.loads(raw).get("status")
-    except (ValueError, AttributeError):
-        return None
 
