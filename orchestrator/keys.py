@@ -83,6 +83,11 @@ def group_finalized(group_id: str) -> str:
     return f"{PREFIX}:group:{group_id}:finalized"
 
 
+def group_finalizing(group_id: str) -> str:
+    """The lock one finalize of a group holds while it writes (livestate.finalizing)."""
+    return f"{PREFIX}:group:{group_id}:finalizing"
+
+
 def log(run_key: str, attempt: int) -> str:
     return f"{PREFIX}:log:{run_key}:{attempt}"
 

@@ -318,3 +318,45 @@ def test_fold_outputs_are_the_bytes_csv_writer_wrote(tmp_path: Path, classes: li
     _write_outputs(tmp_path / "fold", table, rows, 9, probs, {"x": 1})
     for name, text in _old_fold_outputs(table, rows, 9, probs).items():
         assert (tmp_path / "fold" / name).read_bytes() == text.encode(), name
+
+
+def test_two_finalizes_of_one_group_at_once_write_it_once(group: tuple[Layout, list[RunSpec]],
+                                                         redis_url: str) -> None:
+    """The chord body and a finalize-only task (a second client published it while the
+    body was on its way: tests/test_api.py found both ran) finalize one group at the
+    same moment: they take the group's lock in turn, one writes, the other finds the
+    group DONE and writes nothing. The audit counter says 1, the outputs are intact."""
+    import threading
+
+    import redis
+
+    from orchestrator import keys
+    from orchestrator.collect.groupend import GroupEnd
+    from orchestrator.execution.attempt import Delivery
+    from orchestrator.execution.returns import Returns
+    from orchestrator.livestate import LiveState
+
+    layout, specs = group
+    client = redis.Redis.from_url(redis_url)
+    ends = [GroupEnd(layout, LiveState(client), Returns(client), 1 << 20) for _ in range(2)]
+    wire = [specs[0].to_dict()], [s.fold for s in specs]
+    start, results, errors = threading.Barrier(2), [], []
+
+    def finalize(end: GroupEnd, n: int) -> None:
+        start.wait()
+        try:
+            results.append(end.finalize(*wire, Delivery(task_id=f"t{n}", task="tasks.finalize")))
+        except Exception as exc:  # pragma: no cover - shown by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=finalize, args=(end, n)) for n, end in enumerate(ends)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and [r["train_status"] for r in results] == ["DONE", "DONE"]
+    assert int(client.get(keys.group_finalized(specs[0].group_id)) or 0) == 1
+    assert not client.exists(keys.group_finalizing(specs[0].group_id))  # released
+    check(layout, specs)  # outputs as the reference computes them
+    rows = [r for r in csv.DictReader(open(layout.final_results(specs[0].experiment)))]
+    assert sorted(r["run_id"] for r in rows) == sorted(s.run_id for s in specs)

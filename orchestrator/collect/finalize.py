@@ -112,6 +112,8 @@ def finalize_group(layout: Layout, specs: list[RunSpec], live: LiveState | None 
         if live:
             live.set_group(first.experiment, first.group_id, Status.DONE.value)
         return existing
+    if live:
+        live.count_finalize(first.group_id)
     if paths is None:
         paths = group_paths(layout, specs)
     if states is None:

@@ -78,10 +78,10 @@ class GroupEnd:
     def finalize(self, specs: Any, folds: Any, delivery: Delivery) -> dict[str, Any]:
         """Chord body: ensemble outputs, final_results.csv rows, status.json DONE."""
         group = self.accept(specs, folds, delivery)
-        self.live.count_finalize(group[0].group_id)
         try:
-            paths = group_paths(self.layout, group)  # built once, for collect and finalize
-            record = finalize_group(self.layout, group, self.live, self.collect(group, paths), paths)
+            with self.live.finalizing(group[0].group_id):  # one finalize of a group at a time
+                paths = group_paths(self.layout, group)  # built once, for collect and finalize
+                record = finalize_group(self.layout, group, self.live, self.collect(group, paths), paths)
         except Exception as exc:
             # Recorded here, with its reason: the chord error callback only learns a task id.
             mark_group_failed(self.layout, group, reason=f"{type(exc).__name__}: {exc}", live=self.live)
