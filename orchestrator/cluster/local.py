@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -73,7 +75,8 @@ def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace
         proc.wait(timeout=10)
 
 
-def start_redis(workdir: Path, port: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
+def launch_redis(workdir: Path, port: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """Start a private redis-server (see wait_redis); returns it and its URL."""
     exe = shutil.which("redis-server")
     if exe is None:
         raise EnvironmentProblem(INSTALL_HINT)
@@ -82,21 +85,30 @@ def start_redis(workdir: Path, port: int | None = None) -> tuple[subprocess.Pope
     argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
             "--save", "", "--appendonly", "no", "--protected-mode", "yes",
             "--maxmemory-policy", "noeviction", "--logfile", str(workdir / "redis.log")]
-    proc = spawn(argv, dict(os.environ), workdir / "redis.out")
-    url = f"redis://127.0.0.1:{port}/0"
+    return spawn(argv, dict(os.environ), workdir / "redis.out"), f"redis://127.0.0.1:{port}/0"
+
+
+def wait_redis(proc: subprocess.Popen[bytes], url: str, workdir: Path) -> None:
+    """Until the Redis of launch_redis answers; EnvironmentProblem if it does not start."""
     client = keys.client(url, "command")
     deadline = time.monotonic() + 15
     while True:
         try:
             client.ping()
-            return proc, url
+            return
         except redis.ConnectionError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 stop_process(proc)
                 log = (workdir / "redis.log")
                 tail = log.read_text()[-500:] if log.exists() else ""
-                raise EnvironmentProblem(f"redis-server did not start on port {port}:\n{tail}") from None
-            time.sleep(0.05)
+                raise EnvironmentProblem(f"redis-server did not start at {url}:\n{tail}") from None
+            time.sleep(0.02)
+
+
+def start_redis(workdir: Path, port: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    proc, url = launch_redis(workdir, port)
+    wait_redis(proc, url, workdir)
+    return proc, url
 
 
 @dataclass
@@ -119,13 +131,17 @@ class LocalCluster:
     env: dict[str, str] = field(default_factory=dict)  # on top of this process's, for every worker
 
     def start(self) -> str:
+        """Start Redis and the workers' fork server (orchestrator.cluster.forkserver), which
+        imports what the workers need once, while this process goes on, then forks them."""
         self.workdir = Path(tempfile.mkdtemp(prefix="orchestrator-local-"))
-        redis_proc, self.broker_url = start_redis(self.workdir / "redis")
+        redis_proc, self.broker_url = launch_redis(self.workdir / "redis")
         self.processes["redis"] = redis_proc
         env = {**os.environ, "ORCH_BROKER_URL": self.broker_url,
                "ORCH_RESULT_BACKEND": self.broker_url, "ORCH_STATE_URL": self.broker_url,
                "ORCH_RESULTS_ROOT": str(self.results_root),
                "ORCH_RESULTS_TRANSFER": "shared",  # one host: every worker sees the root
+               # Cold stop on SIGTERM (read by billiard at import, so for all of them).
+               "REMAP_SIGTERM": "SIGQUIT",
                **self.env}
         if self.preload is not None:
             env["ORCH_PRELOAD_TRAINERS"] = ",".join(self.preload)
@@ -133,34 +149,71 @@ class LocalCluster:
         # the working folder, which the stop removes: a killed pool leaves them behind.
         (self.workdir / "tmp").mkdir()
         env["TMPDIR"] = str(self.workdir / "tmp")
-        for name, argv in self.worker_commands().items():
-            # SIGKILL if this process dies (kill -9 of `run`): a cold shutdown would wait
-            # forever on the private Redis, which dies with it. Their pool processes
-            # exit when their worker's pipe closes.
-            self.processes[name] = spawn(argv, env, self.workdir / f"{name}.log", deathsig=signal.SIGKILL)
+        plan = self.workdir / "forkserver.json"
+        plan.write_text(json.dumps(self.fork_plan(env)))
+        # SIGKILL if this process dies (kill -9 of `run`), and so its workers (their
+        # PDEATHSIG): a cold shutdown would wait forever on the private Redis, which dies
+        # with it. Their pool processes exit when their worker's pipe closes.
+        self.processes["workers"] = spawn([sys.executable, "-m", "orchestrator.cluster.forkserver", str(plan)],
+                                          env, self.workdir / "forkserver.log", deathsig=signal.SIGKILL)
+        wait_redis(redis_proc, self.broker_url, self.workdir / "redis")
         return self.broker_url
 
-    def worker_commands(self) -> dict[str, list[str]]:
-        """Name -> command line of every worker this cluster runs."""
-        base = [sys.executable, "-m", "orchestrator", "worker", "--loglevel", self.loglevel]
-        workers: dict[str, list[str]] = {}
+    def roles(self) -> dict[str, dict[str, Any]]:
+        """Name -> the arguments of `orchestrator worker` (as keywords) of every worker."""
+        workers: dict[str, dict[str, Any]] = {}
         for index in self.gpus:
-            workers[f"gpu{index}"] = [*base, "--gpu", str(index)]
+            workers[f"gpu{index}"] = {"gpu": index}
         if not self.gpus or self.cpu_runs:
             # Without GPUs, CPU slots take the `gpu` queue too, so every run runs.
-            extra = [] if self.gpus else ["--accept-gpu-runs"]
             for i in range(1, self.cpu_workers + 1):
-                workers[f"cpu{i}"] = [*base, "--cpu", *extra, "--name", f"cpu{i}@%h"]
-        workers["control"] = [*base, "--control"]
+                workers[f"cpu{i}"] = {"cpu": True, "accept_gpu_runs": not self.gpus, "name": f"cpu{i}@%h"}
+        workers["control"] = {"control": True}
         return workers
 
+    def worker_commands(self) -> dict[str, list[str]]:
+        """Name -> the `orchestrator worker` command line that starts the same worker."""
+        base = [sys.executable, "-m", "orchestrator", "worker", "--loglevel", self.loglevel]
+        flags = {"gpu": lambda v: ["--gpu", str(v)], "cpu": lambda v: ["--cpu"] if v else [],
+                 "accept_gpu_runs": lambda v: ["--accept-gpu-runs"] if v else [],
+                 "name": lambda v: ["--name", v], "control": lambda v: ["--control"] if v else []}
+        return {name: [*base, *(a for k, v in role.items() for a in flags[k](v))]
+                for name, role in self.roles().items()}
+
+    def fork_plan(self, env: dict[str, str]) -> dict[str, Any]:
+        """The fork server's plan: per worker its `celery` arguments and environment changes."""
+        from ..cli.worker import celery_worker_command
+
+        assert self.workdir is not None
+        workers: list[dict[str, Any]] = []
+        for name, role in self.roles().items():
+            argv, wenv = celery_worker_command(**role, loglevel=self.loglevel, environ=env)
+            changes: dict[str, str | None] = {k: v for k, v in wenv.items() if env.get(k) != v}
+            changes.update({k: None for k in env if k not in wenv})
+            workers.append({"name": name, "argv": argv[argv.index("celery") + 1:], "env": changes,
+                            "log": str(self.workdir / f"{name}.log")})
+        return {"broker": self.broker_url, "workers": workers,
+                "preload": any(w["env"].get("ORCH_PRELOAD", env.get("ORCH_PRELOAD")) == "1" for w in workers),
+                "pids": str(self.workdir / "pids.json"), "exits": str(self.workdir / "exits")}
+
+    def worker_pids(self) -> dict[str, int]:
+        """Name -> pid (and process group) of each forked worker; {} before they are forked."""
+        path = self.workdir / "pids.json" if self.workdir is not None else None
+        if path is None or not path.exists():
+            return {}
+        return {k: int(v) for k, v in json.loads(path.read_text()).items()}
+
     def dead(self) -> list[str]:
-        """Names of children that exited on their own."""
-        return [n for n, p in self.processes.items() if p.poll() is not None]
+        """Names of workers (or of `redis`, `workers`: the fork server) that exited on their own."""
+        exits = self.workdir / "exits" if self.workdir is not None else None
+        ended = [line.split()[0] for line in exits.read_text().splitlines() if line.strip()] \
+            if exits is not None and exits.exists() else []
+        return ended + [n for n, p in self.processes.items() if p.poll() is not None]
 
     def log_tail(self, name: str, chars: int = 1500) -> str:
         assert self.workdir is not None
-        path = self.workdir / ("redis/redis.log" if name == "redis" else f"{name}.log")
+        file = {"redis": "redis/redis.log", "workers": "forkserver.log"}.get(name, f"{name}.log")
+        path = self.workdir / file
         return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
     def stop(self, finished: bool = False) -> None:
@@ -168,14 +221,24 @@ class LocalCluster:
         final, so nothing is in flight and nothing in this private Redis outlives it:
         the process groups are killed at once (a cold shutdown of three Celery workers
         took 3-7 s after the summary). Else (Ctrl-C, a failure) workers stop cold, handing
-        back what they hold, as `workers down` does."""
-        workers = [p for n, p in self.processes.items() if n != "redis"]
+        back what they hold, as `workers down` does. The fork server reaps them all and
+        exits once none is left: its end is the end of every worker and pool process."""
         sig = signal.SIGKILL if finished else signal.SIGTERM
-        for proc in workers:  # signal all first: they shut down in parallel
+        pids = self.worker_pids()
+        for pid in pids.values():  # signal all first: they shut down in parallel
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-        for proc in workers:
-            stop_process(proc, sig, grace=15)
+                os.killpg(pid, sig)
+        server = self.processes.get("workers")
+        if server is not None:
+            if not pids:  # still importing, or forking: its workers die with it (PDEATHSIG)
+                stop_process(server, signal.SIGKILL)
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                for pid in pids.values():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(pid, signal.SIGKILL)
+                stop_process(server, signal.SIGKILL, grace=10)
         if "redis" in self.processes:
             stop_process(self.processes["redis"], sig, grace=5)
         if self.workdir is not None and not settings.value("ORCH_KEEP_LOCAL_LOGS"):
