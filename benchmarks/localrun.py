@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """How fast `orchestrator run` (local mode) starts and stops, for two trees side by side.
 
-    python benchmarks/localrun.py [--before REF] [--after REF] [--repeat 5] [--skip-iris]
+    python benchmarks/localrun.py [--before REF] [--after REF] [--repeat 5] [--skip-iris] [--skip-up]
 
 Each tree is a `git archive` of its ref, compiled as scripts/install.sh compiles it.
 Per repeat, alternating the trees, `orchestrator run --workers 2` of
@@ -9,7 +9,11 @@ Per repeat, alternating the trees, `orchestrator run --workers 2` of
   iris   configs/iris_kfold.yaml (10 runs of the `mlp` trainer)
 with a fresh results root, timed from the command: the first run started (the earliest
 `started_at` in the status files), the last run done (the latest `finished_at`), the
-process's exit, and "last done -> exit". Prints the medians per tree.
+process's exit, and "last done -> exit"; and
+  up     `orchestrator workers up --cpu 2` on a fresh Redis: from the command until both
+         workers consume (two clients of that Redis blocked in BRPOP on their queues),
+         and until the command returns (it waits for both to register)
+Prints the medians per tree and the load average.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import cast
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -61,12 +66,50 @@ def one(tree: Path, config: Path, work: Path) -> dict[str, float]:
             "exit": end - start, "last done -> exit": end - finished, "runs": len(records)}
 
 
+def up(tree: Path, work: Path) -> dict[str, float]:
+    """`workers up --cpu 2` against a fresh Redis, then `workers down`."""
+    import redis
+
+    sys.path.insert(0, str(REPO))
+    from orchestrator.cluster.local import start_redis, stop_process
+
+    folder = work / "up"
+    shutil.rmtree(folder, ignore_errors=True)
+    redis_proc, url = start_redis(folder / "redis")
+    client = redis.Redis.from_url(url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
+    env.update(PYTHONPATH=str(tree), ORCH_TRAINER_MODULES="tests.plugins", PYTHONDONTWRITEBYTECODE="1")
+    state = ["--state-dir", str(folder / "state")]
+    try:
+        start = time.time()
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "workers", "up", "--cpu", "2", "--broker", url,
+                                 "--results-root", str(folder / "results"), *state], cwd=tree, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        consuming = returned = None
+        while consuming is None or returned is None:
+            if returned is None and proc.poll() is not None:
+                returned = time.time()
+            if consuming is None and sum(c.get("cmd") == "brpop" for c in cast("list[dict[str, str]]", client.client_list())) >= 2:
+                consuming = time.time()
+            if time.time() - start > 120:
+                raise SystemExit(f"workers up did not start two consuming workers: {proc.stderr}")
+            time.sleep(0.02)
+        if proc.returncode != 0:
+            raise SystemExit(f"workers up failed ({proc.returncode})")
+        return {"all consuming": consuming - start, "command returned": returned - start}
+    finally:
+        subprocess.run([sys.executable, "-m", "orchestrator", "workers", "down", *state], cwd=tree, env=env,
+                       capture_output=True, timeout=120)
+        stop_process(redis_proc)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--before", default="HEAD~1")
     p.add_argument("--after", default="HEAD")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--skip-iris", action="store_true")
+    p.add_argument("--skip-up", action="store_true")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="localrun-"))
     try:
@@ -74,22 +117,26 @@ def main() -> int:
                  for i, ref in enumerate((args.before, args.after))}
         sweep = work / "sweep100.yaml"
         sweep.write_text(SWEEP)
-        cases = {"sweep": sweep} | ({} if args.skip_iris else {"iris": None})
+        cases: dict[str, Path | None] = {"sweep": sweep} | ({} if args.skip_iris else {"iris": None})
+        if not args.skip_up:
+            cases["up"] = None
         found: dict[tuple[str, str], list[dict[str, float]]] = {}
         print(f"load average at the start: {os.getloadavg()}")
         for i in range(args.repeat):
             for case, config in cases.items():
                 for ref, tree in trees.items():
                     cfg = config or tree / "configs" / "iris_kfold.yaml"
-                    figures = one(tree, cfg, work)
+                    figures = up(tree, work) if case == "up" else one(tree, cfg, work)
                     found.setdefault((case, ref), []).append(figures)
                     print(f"[{i + 1}/{args.repeat}] {case:5} {ref:10} " +
                           ", ".join(f"{k} {v:.2f}" for k, v in figures.items() if k != "runs"), flush=True)
         print(f"\nmedians of {args.repeat} (seconds from the command); load average at the end: {os.getloadavg()}")
-        keys = ["first run started", "last run done", "exit", "last done -> exit"]
-        print(f"{'case':6} {'tree':12} " + " ".join(f"{k:>18}" for k in keys))
-        for (case, ref), runs in found.items():
-            print(f"{case:6} {ref:12} " + " ".join(f"{statistics.median(r[k] for r in runs):18.2f}" for k in keys))
+        for case in cases:
+            keys = [k for k in found[case, args.before][0] if k != "runs"]
+            print(f"{case:6} {'tree':12} " + " ".join(f"{k:>18}" for k in keys))
+            for ref in trees:
+                runs = found[case, ref]
+                print(f"{'':6} {ref:12} " + " ".join(f"{statistics.median(r[k] for r in runs):18.2f}" for k in keys))
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)
