@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 import click
 
-from .. import errors, keys
+from .. import errors, keys, settings
 from ..cluster import registry
 from ..execution import transfer
 from .base import cli
@@ -163,4 +163,13 @@ def worker(gpu: int | None, cpu: bool, accept_gpu_runs: bool, control: bool, nam
 
         registry()  # TrainerModuleError: a module of ORCH_TRAINER_MODULES that cannot be imported
     sys.stdout.flush()
+    if settings.value("ORCH_POOL_START_METHOD", env) == "fork":
+        # Celery in this process, not a second interpreter that imports it all again (and
+        # in a worker `workers up` forks from its supervisor, all of it is loaded already).
+        # A pool started by spawn would run this module again in each pool process.
+        from ..cluster.forkserver import celery_main
+
+        os.environ.clear()
+        os.environ.update(env)
+        sys.exit(celery_main(argv[argv.index("celery") + 1:]))
     os.execve(sys.executable, argv, env)

@@ -30,6 +30,7 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +93,11 @@ def wait_for_broker(url: str, timeout: float = 15.0) -> None:
             client.close()
 
 
-def fork_worker(worker: dict[str, Any]) -> int:
-    """Fork one worker; in the child, run `celery <argv>` and never return."""
+def fork_child(run: Callable[[], int | None], env: Mapping[str, str | None], log: str,
+               deathsig: int = signal.SIGKILL, replace_env: bool = False) -> int:
+    """Fork; in the child: its own session, `deathsig` when this process dies, output to
+    `log`, `env` applied (None: removed; `replace_env`: the whole environment), then
+    `run()`, whose result (or SystemExit) is its exit code. Returns the child's pid."""
     parent = os.getpid()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -103,25 +107,24 @@ def fork_worker(worker: dict[str, Any]) -> int:
     code = 1
     try:
         os.setsid()
-        _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        _prctl(1, deathsig)  # PR_SET_PDEATHSIG
         if os.getppid() != parent:  # this process died before the prctl
             os._exit(1)
-        log = os.open(worker["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
-        os.close(log)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        os.close(out)
         os.close(null)
-        for key, value in worker["env"].items():
+        if replace_env:
+            os.environ.clear()
+        for key, value in env.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        sys.argv = ["celery", *worker["argv"]]
-        from celery.bin.celery import main as celery_main
-
-        code = celery_main()
+        code = run() or 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException:
@@ -133,6 +136,38 @@ def fork_worker(worker: dict[str, Any]) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def celery_main(args: list[str]) -> int:
+    """`celery ARGS` in this process (the environment as it is now)."""
+    sys.argv = ["celery", *args]
+    from celery.bin.celery import main as celery_cli
+
+    return celery_cli()
+
+
+def fork_worker(worker: dict[str, Any]) -> int:
+    """Fork one worker of a plan: `celery <argv>` with its environment changes."""
+    return fork_child(lambda: celery_main(worker["argv"]), worker["env"], worker["log"])
+
+
+class Forked:
+    """A child of fork_child, as much of subprocess.Popen as a supervisor uses."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                self.returncode = -1  # reaped elsewhere: gone, its code unknown
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
 
 
 def reap(pids: dict[str, int], exits: Path) -> int:

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, cast
 
 from .. import settings
+from . import warm
+from .forkserver import Forked
 from .local import spawn
 from .registry import node_name, this_host
 
@@ -150,7 +152,7 @@ class ChildState(str, Enum):
 @dataclass
 class Child:
     command: WorkerCommand
-    proc: subprocess.Popen[bytes] | None = None
+    proc: subprocess.Popen[bytes] | Forked | None = None
     state: ChildState = ChildState.WAITING
     started: float = 0.0
     next_start: float = 0.0
@@ -172,6 +174,9 @@ class Supervisor:
     backoff_base: float = 1.0  # first restart delay; doubles per consecutive fast crash
     backoff_max: float = 60.0
     kill_after: float = 60.0  # SIGKILL what is still running this long after SIGTERM
+    # Fork `orchestrator worker` commands from this process, which imports what they
+    # need once (orchestrator.cluster.warm), instead of starting each in a new interpreter.
+    warm: bool = True
     children: list[Child] = field(default_factory=list)
     _stop: str = ""  # "", "drain" or "now"
 
@@ -180,12 +185,16 @@ class Supervisor:
 
     def _start(self, child: Child) -> None:
         self.state.logs.mkdir(parents=True, exist_ok=True)
-        child.proc = spawn(child.command.argv, self.env, self.state.logs / f"{child.command.label}.log")
+        log = self.state.logs / f"{child.command.label}.log"
+        if self.warm and child.command.argv[1:4] == ["-m", "orchestrator", "worker"]:
+            child.proc = warm.start(child.command.argv[3:], self.env, log, self.commands)
+        else:
+            child.proc = spawn(child.command.argv, self.env, log)
         child.state, child.started = ChildState.RUNNING, time.monotonic()
         self.log(f"started {child.command.label} ({node_name(child.command.node)}) pid {child.proc.pid}")
 
     def _reap(self, child: Child, now: float) -> None:
-        assert child.proc is not None
+        assert child.proc is not None and child.proc.returncode is not None
         code = child.proc.returncode
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(child.proc.pid, signal.SIGKILL)  # pool children of a killed main process
