@@ -163,13 +163,22 @@ def worker(gpu: int | None, cpu: bool, accept_gpu_runs: bool, control: bool, nam
 
         registry()  # TrainerModuleError: a module of ORCH_TRAINER_MODULES that cannot be imported
     sys.stdout.flush()
-    if settings.value("ORCH_POOL_START_METHOD", env) == "fork":
+    if in_process(argv, env):
         # Celery in this process, not a second interpreter that imports it all again (and
         # in a worker `workers up` forks from its supervisor, all of it is loaded already).
-        # A pool started by spawn would run this module again in each pool process.
         from ..cluster.forkserver import celery_main
 
         os.environ.clear()
         os.environ.update(env)
         sys.exit(celery_main(argv[argv.index("celery") + 1:]))
     os.execve(sys.executable, argv, env)
+
+
+def in_process(argv: list[str], env: Mapping[str, str]) -> bool:
+    """Whether `orchestrator worker` runs this Celery command in its own process rather
+    than exec'ing it. Not for GPU workers: a process's /proc/PID/environ is the one it
+    was exec'd with, and there CUDA_VISIBLE_DEVICES must show which GPU it owns. Not when
+    the pool starts by spawn either: each pool process would run this module again."""
+    if settings.value("ORCH_POOL_START_METHOD", env) != "fork":
+        return False
+    return not env.get("CUDA_VISIBLE_DEVICES")

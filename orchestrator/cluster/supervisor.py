@@ -186,7 +186,7 @@ class Supervisor:
     def _start(self, child: Child) -> None:
         self.state.logs.mkdir(parents=True, exist_ok=True)
         log = self.state.logs / f"{child.command.label}.log"
-        if self.warm and child.command.argv[1:4] == ["-m", "orchestrator", "worker"]:
+        if self.warm and warm.forkable(child.command.argv):
             child.proc = warm.start(child.command.argv[3:], self.env, log, self.commands)
         else:
             child.proc = spawn(child.command.argv, self.env, log)

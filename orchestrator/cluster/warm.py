@@ -1,13 +1,13 @@
-"""`orchestrator worker` commands forked from a warm supervisor (`workers up`).
+"""CPU and control workers forked from a warm supervisor (`workers up`).
 
-The supervisor imports what its workers need once, before it starts the first one
-(Celery, the app's task modules, scikit-learn and, for training workers, the trainers'
+The supervisor imports what these workers need once, before it starts the first one
+(Celery, the app's task modules, scikit-learn and, for CPU workers, the trainers'
 preloads such as torch: imports only, CUDA stays uninitialised, design invariant 5),
-then forks each worker, and each restart, from itself: a worker starts with all of it
-loaded instead of importing it in a new interpreter (~2.4 s of CPU per worker, and
-`import torch` on GPU hosts). The child runs the same `orchestrator worker` command,
-with the supervisor's environment for it, and Celery in its own process
-(orchestrator.cli.worker), so signals and `workers down` work as before.
+then forks each of them, and each restart, from itself: a worker starts with all of it
+loaded instead of importing it in two new interpreters (~2.4 s of CPU per worker).
+The child runs the same `orchestrator worker` command, with the supervisor's
+environment for it, and Celery in its own process (orchestrator.cli.worker), so
+signals and `workers down` work as before. GPU workers are still exec'd (forkable).
 """
 
 from __future__ import annotations
@@ -23,7 +23,14 @@ from typing import Any
 from .forkserver import Forked, fork_child, preload
 
 _loaded = False
-TRAINING_FLAGS = ("--gpu", "--cpu", "--gpus")
+GPU_FLAGS = ("--gpu", "--gpus")
+
+
+def forkable(argv: list[str]) -> bool:
+    """An `orchestrator worker` command for the CPU or `control`. GPU workers are exec'd as
+    before: /proc/PID/environ (what `ps e` and tools show) is the environment a process was
+    exec'd with, and a GPU worker's must name its CUDA_VISIBLE_DEVICES."""
+    return argv[1:4] == ["-m", "orchestrator", "worker"] and not any(f in argv for f in GPU_FLAGS)
 
 
 def load(env: Mapping[str, str], commands: Sequence[Any]) -> None:
@@ -35,7 +42,7 @@ def load(env: Mapping[str, str], commands: Sequence[Any]) -> None:
     _loaded = True
     # Read by billiard at import: what each worker would get (orchestrator.cli.worker).
     os.environ["REMAP_SIGTERM"] = env.get("REMAP_SIGTERM", "SIGQUIT")
-    trains = any(flag in c.argv for c in commands for flag in TRAINING_FLAGS)
+    trains = any(forkable(c.argv) and "--cpu" in c.argv for c in commands)
     try:
         preload(trains and env.get("ORCH_PRELOAD", "1") not in ("0", "false", "no"))
     except Exception:
