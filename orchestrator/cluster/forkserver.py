@@ -22,6 +22,7 @@ invariant 5); each training worker forks its own pool process, which trains.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib
 import json
@@ -49,30 +50,53 @@ def _prctl(option: int, value: int) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(option, value)
 
 
-def preload(trainers: bool) -> None:
-    """Import what every worker needs; `trainers`: each (selected) trainer's preload too."""
+def preload(trainers: bool, only: str | None = None) -> None:
+    """Import what every worker needs; `trainers`: each trainer's preload too (those named
+    in `only`, comma-separated; default ORCH_PRELOAD_TRAINERS, else every one)."""
+    preload_base()
+    if trainers:
+        preload_trainers(only if only is not None else os.environ.get("ORCH_PRELOAD_TRAINERS"))
+
+
+def preload_base() -> None:
+    """Celery, the app's task modules, scikit-learn's first-use work, the trainer registry."""
     for name in CELERY_MODULES:
         importlib.import_module(name)
     import tasks
 
     for name in tasks.MODULES:
         importlib.import_module(name)
-    from orchestrator import settings
     from orchestrator.experiment.datasets import warm_up
     from orchestrator.trainers import registry
 
     warm_up()
+    with contextlib.suppress(Exception):  # each training worker says why in its log and stops
+        registry()
+
+
+def preload_trainers(only: str | None) -> None:
+    """The trainers' preloads (imports only: CUDA stays uninitialised)."""
+    from orchestrator.trainers import registry
+
+    names = None if not only else {n.strip() for n in only.split(",")}
     try:
         found = registry()
-    except Exception:  # each training worker says why in its log and stops (tasks.training)
+    except Exception:  # (tasks.training: the worker stops with the reason in its log)
         return
-    only = settings.value("ORCH_PRELOAD_TRAINERS")
     for trainer in found.values():
-        if trainers and trainer.preload is not None and (only is None or trainer.name in only):
+        if trainer.preload is not None and (names is None or trainer.name in names):
             try:
                 trainer.preload()
             except Exception:  # the worker logs it when it preloads again (at no cost then)
                 traceback.print_exc()
+
+
+def read_plan(path: Path) -> dict[str, Any]:
+    """The plan, once there: `orchestrator run` starts this server before it has one
+    (orchestrator.cluster.prestart) and writes it atomically."""
+    while not path.exists():
+        time.sleep(0.01)
+    return dict(json.loads(path.read_text()))
 
 
 def wait_for_broker(url: str, timeout: float = 15.0) -> None:
@@ -130,9 +154,13 @@ def fork_child(run: Callable[[], int | None], env: Mapping[str, str | None], log
     except BaseException:
         traceback.print_exc()
     finally:
-        import logging
+        # What the interpreter's exit would do, without returning into the parent's code:
+        # the exit functions (a worker's cold shutdown removes its registry record there,
+        # tasks.fleet; logging flushes), then the exit.
+        import atexit
 
-        logging.shutdown()
+        with contextlib.suppress(BaseException):
+            atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -186,9 +214,11 @@ def reap(pids: dict[str, int], exits: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    plan = json.loads(Path(args[0]).read_text())
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
-    preload(bool(plan["preload"]))
+    preload_base()
+    plan = read_plan(Path(args[0]))
+    if plan["preload"]:
+        preload_trainers(plan.get("trainers"))
     wait_for_broker(plan["broker"])
     pids = {worker["name"]: fork_worker(worker) for worker in plan["workers"]}
     done = Path(plan["pids"])

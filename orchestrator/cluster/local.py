@@ -11,7 +11,6 @@ Redis behind.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import shutil
@@ -21,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,8 @@ import redis
 
 from .. import keys, settings
 from ..errors import EnvironmentProblem
+from . import prestart
+from .spawning import _die_with_parent, spawn  # noqa: F401  (_die_with_parent: benchmarks/dispatch.py)
 
 INSTALL_HINT = ("redis-server was not found on PATH. Install it (Debian/Ubuntu: "
                 "`sudo apt-get install redis-server`; macOS: `brew install redis`), "
@@ -40,24 +40,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _die_with_parent(sig: int) -> Callable[[], None]:
-    def setup() -> None:
-        os.setsid()
-        if sys.platform.startswith("linux"):
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            libc.prctl(1, sig)  # PR_SET_PDEATHSIG
-
-    return setup
-
-
-def spawn(argv: list[str], env: dict[str, str], log: Path, deathsig: int = signal.SIGTERM) -> subprocess.Popen[bytes]:
-    """Start `argv` in its own session, logging to `log`; it gets `deathsig` when this
-    process dies (Linux)."""
-    with open(log, "ab") as fh:
-        return subprocess.Popen(argv, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent(deathsig))
 
 
 def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: float = 10.0) -> None:
@@ -135,8 +117,14 @@ class LocalCluster:
 
     def start(self) -> str:
         """Start Redis and the workers' fork server (orchestrator.cluster.forkserver), which
-        imports what the workers need once, while this process goes on, then forks them."""
-        self.workdir = Path(tempfile.mkdtemp(prefix="orchestrator-local-"))
+        imports what the workers need once, while this process goes on, then forks them.
+        (`orchestrator run` started that server first thing: cluster.prestart.)"""
+        early = prestart.adopt() if not self.env else None  # (the API's trainers: its own)
+        if early is not None:
+            server, self.workdir, server_env = early
+            self.processes["workers"] = server
+        else:
+            self.workdir = Path(tempfile.mkdtemp(prefix="orchestrator-local-"))
         redis_proc, self.broker_url = launch_redis(self.workdir / "redis")
         self.processes["redis"] = redis_proc
         env = {**os.environ, "ORCH_BROKER_URL": self.broker_url,
@@ -144,7 +132,7 @@ class LocalCluster:
                "ORCH_RESULTS_ROOT": str(self.results_root),
                "ORCH_RESULTS_TRANSFER": "shared",  # one host: every worker sees the root
                # Cold stop on SIGTERM (read by billiard at import, so for all of them).
-               "REMAP_SIGTERM": "SIGQUIT",
+               "REMAP_SIGTERM": os.environ.get("REMAP_SIGTERM", "SIGQUIT"),
                **self.env}
         if self.preload is not None:
             env["ORCH_PRELOAD_TRAINERS"] = ",".join(self.preload)
@@ -152,13 +140,16 @@ class LocalCluster:
         # the working folder, which the stop removes: a killed pool leaves them behind.
         (self.workdir / "tmp").mkdir()
         env["TMPDIR"] = str(self.workdir / "tmp")
-        plan = self.workdir / "forkserver.json"
-        plan.write_text(json.dumps(self.fork_plan(env)))
-        # SIGKILL if this process dies (kill -9 of `run`), and so its workers (their
-        # PDEATHSIG): a cold shutdown would wait forever on the private Redis, which dies
-        # with it. Their pool processes exit when their worker's pipe closes.
-        self.processes["workers"] = spawn([sys.executable, "-m", "orchestrator.cluster.forkserver", str(plan)],
-                                          env, self.workdir / "forkserver.log", deathsig=signal.SIGKILL)
+        plan = self.workdir / prestart.PLAN
+        tmp = plan.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.fork_plan(env, server_env if early is not None else env)))
+        os.replace(tmp, plan)  # an early server waits for it
+        if early is None:
+            # SIGKILL if this process dies (kill -9 of `run`), and so its workers (their
+            # PDEATHSIG): a cold shutdown would wait forever on the private Redis, which
+            # dies with it. Their pool processes exit when their worker's pipe closes.
+            self.processes["workers"] = spawn([sys.executable, "-m", "orchestrator.cluster.forkserver", str(plan)],
+                                              env, self.workdir / "forkserver.log", deathsig=signal.SIGKILL)
         commands = self.worker_commands()
         for name in self.exec_workers():  # GPU workers: exec'd, as `workers up` does (cluster.warm)
             self.processes[name] = spawn(commands[name], env, self.workdir / f"{name}.log", deathsig=signal.SIGKILL)
@@ -191,8 +182,9 @@ class LocalCluster:
         whose /proc/PID/environ must show their CUDA_VISIBLE_DEVICES (cluster.warm)."""
         return [name for name, role in self.roles().items() if "gpu" in role]
 
-    def fork_plan(self, env: dict[str, str]) -> dict[str, Any]:
-        """The fork server's plan: per worker its `celery` arguments and environment changes."""
+    def fork_plan(self, env: dict[str, str], server_env: dict[str, str]) -> dict[str, Any]:
+        """The fork server's plan: per worker its `celery` arguments, and its environment
+        (`env` and that of celery_worker_command) as changes to `server_env`, the server's."""
         from ..cli.worker import celery_worker_command
 
         assert self.workdir is not None
@@ -201,11 +193,11 @@ class LocalCluster:
             if name in self.exec_workers():
                 continue
             argv, wenv = celery_worker_command(**role, loglevel=self.loglevel, environ=env)
-            changes: dict[str, str | None] = {k: v for k, v in wenv.items() if env.get(k) != v}
-            changes.update({k: None for k in env if k not in wenv})
+            changes: dict[str, str | None] = {k: v for k, v in wenv.items() if server_env.get(k) != v}
+            changes.update({k: None for k in server_env if k not in wenv})
             workers.append({"name": name, "argv": argv[argv.index("celery") + 1:], "env": changes,
                             "log": str(self.workdir / f"{name}.log")})
-        return {"broker": self.broker_url, "workers": workers,
+        return {"broker": self.broker_url, "workers": workers, "trainers": env.get("ORCH_PRELOAD_TRAINERS"),
                 "preload": any(w["env"].get("ORCH_PRELOAD", env.get("ORCH_PRELOAD")) == "1" for w in workers),
                 "pids": str(self.workdir / "pids.json"), "exits": str(self.workdir / "exits")}
 
