@@ -27,3 +27,31 @@ def test_cpu_runs_on_a_gpu_machine_get_cpu_workers(tmp_path: Path) -> None:
     cmds = LocalCluster(tmp_path, gpus=[0], cpu_workers=1, cpu_runs=True).worker_commands()
     assert sorted(cmds) == ["control", "cpu1", "gpu0"]
     assert "--accept-gpu-runs" not in _queues(cmds["cpu1"])  # GPU runs stay on the GPU
+
+
+def test_cpu_and_control_workers_are_forked_gpu_workers_execd(tmp_path: Path) -> None:
+    cluster = LocalCluster(tmp_path, gpus=[0], cpu_workers=1, cpu_runs=True, preload=["prior"])
+    cluster.workdir, cluster.broker_url = tmp_path, "redis://127.0.0.1:1/0"
+    server_env = {"PATH": "/bin", "ORCH_TRAINER_MODULES": "tests.plugins"}
+    env = {**server_env, "ORCH_BROKER_URL": cluster.broker_url, "ORCH_PRELOAD_TRAINERS": "prior"}
+    plan = cluster.fork_plan(env, server_env)
+    assert cluster.exec_workers() == ["gpu0"]  # its /proc/PID/environ names its GPU
+    forked = {w["name"]: w for w in plan["workers"]}
+    assert sorted(forked) == ["control", "cpu1"]
+    cpu, control = forked["cpu1"], forked["control"]
+    assert cpu["argv"][:3] == ["-A", "tasks", "worker"] and "cpu" in cpu["argv"][cpu["argv"].index("-Q") + 1]
+    assert cpu["env"]["ORCH_DEVICE"] == "cpu" and cpu["env"]["CUDA_VISIBLE_DEVICES"] == ""
+    assert cpu["env"]["ORCH_BROKER_URL"] == cluster.broker_url  # what the server lacks, as changes
+    assert control["env"]["ORCH_PRELOAD"] == "0"
+    assert plan["preload"] is True and plan["trainers"] == "prior"
+
+
+def test_only_a_local_run_starts_the_fork_server_early() -> None:
+    from orchestrator.cluster.prestart import wanted
+
+    assert wanted(["orchestrator", "run", "x.yaml"], {})
+    assert not wanted(["orchestrator", "run", "x.yaml", "--broker", "redis://h:6379/0"], {})
+    assert not wanted(["orchestrator", "run", "x.yaml", "--broker=redis://h:6379/0"], {})
+    assert not wanted(["orchestrator", "run", "x.yaml"], {"ORCH_BROKER_URL": "redis://h:6379/0"})
+    assert not wanted(["orchestrator", "run", "--help"], {})
+    assert not wanted(["orchestrator", "submit", "x.yaml"], {})
