@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """How fast `orchestrator run` (local mode) starts and stops, for two trees side by side.
 
-    python benchmarks/localrun.py [--before REF] [--after REF] [--repeat 5] [--skip-iris] [--skip-up]
+    python benchmarks/localrun.py [--before REF] [--after REF] [--repeat 5] [--cases sweep,iris,up]
 
 Each tree is a `git archive` of its ref, compiled as scripts/install.sh compiles it.
 Per repeat, alternating the trees, `orchestrator run --workers 2` of
@@ -13,6 +13,8 @@ process's exit, and "last done -> exit"; and
   up     `orchestrator workers up --cpu 2` on a fresh Redis: from the command until both
          workers consume (two clients of that Redis blocked in BRPOP on their queues),
          and until the command returns (it waits for both to register)
+  worker (only with --cases worker) one `orchestrator worker --cpu` as the test suite's
+         clusters start theirs: from the command until its log says it is ready
 Prints the medians per tree and the load average.
 """
 
@@ -103,13 +105,38 @@ def up(tree: Path, work: Path) -> dict[str, float]:
         stop_process(redis_proc)
 
 
+def worker(tree: Path, work: Path) -> dict[str, float]:
+    """One `orchestrator worker --cpu` against a fresh Redis, until it logs that it is ready."""
+    sys.path.insert(0, str(REPO))
+    from orchestrator.cluster.local import spawn, start_redis, stop_process
+
+    folder = work / "worker"
+    shutil.rmtree(folder, ignore_errors=True)
+    redis_proc, url = start_redis(folder / "redis")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
+    env.update(PYTHONPATH=str(tree), ORCH_TRAINER_MODULES="tests.plugins", PYTHONDONTWRITEBYTECODE="1",
+               ORCH_BROKER_URL=url, ORCH_RESULTS_ROOT=str(folder / "results"))
+    log = folder / "worker.log"
+    try:
+        start = time.time()
+        proc = spawn([sys.executable, "-m", "orchestrator", "worker", "--cpu", "--loglevel", "INFO"], env, log)
+        while "ready." not in (log.read_text(errors="replace") if log.exists() else ""):
+            if proc.poll() is not None or time.time() - start > 120:
+                raise SystemExit(f"the worker did not start: {log.read_text(errors='replace')[-1500:]}")
+            time.sleep(0.02)
+        ready = time.time() - start
+        stop_process(proc)
+        return {"ready": ready}
+    finally:
+        stop_process(redis_proc)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--before", default="HEAD~1")
     p.add_argument("--after", default="HEAD")
     p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--skip-iris", action="store_true")
-    p.add_argument("--skip-up", action="store_true")
+    p.add_argument("--cases", default="sweep,iris,up", help="of sweep, iris, up, worker")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="localrun-"))
     try:
@@ -117,16 +144,15 @@ def main() -> int:
                  for i, ref in enumerate((args.before, args.after))}
         sweep = work / "sweep100.yaml"
         sweep.write_text(SWEEP)
-        cases: dict[str, Path | None] = {"sweep": sweep} | ({} if args.skip_iris else {"iris": None})
-        if not args.skip_up:
-            cases["up"] = None
+        cases: dict[str, Path | None] = {c: sweep if c == "sweep" else None for c in args.cases.split(",")}
         found: dict[tuple[str, str], list[dict[str, float]]] = {}
         print(f"load average at the start: {os.getloadavg()}")
         for i in range(args.repeat):
             for case, config in cases.items():
                 for ref, tree in trees.items():
                     cfg = config or tree / "configs" / "iris_kfold.yaml"
-                    figures = up(tree, work) if case == "up" else one(tree, cfg, work)
+                    measure = {"up": up, "worker": worker}.get(case)
+                    figures = measure(tree, work) if measure else one(tree, cfg, work)
                     found.setdefault((case, ref), []).append(figures)
                     print(f"[{i + 1}/{args.repeat}] {case:5} {ref:10} " +
                           ", ".join(f"{k} {v:.2f}" for k, v in figures.items() if k != "runs"), flush=True)
