@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import importlib
 import json
 import os
@@ -97,6 +98,16 @@ def read_plan(path: Path) -> dict[str, Any]:
     while not path.exists():
         time.sleep(0.01)
     return dict(json.loads(path.read_text()))
+
+
+def freeze() -> None:
+    """Everything imported so far out of the garbage collector's reach: Celery collects
+    before it forks each pool process (celery#2927), and over this heap that full
+    collection took 0.28 s of every worker's start (cProfile, a load of 8); the pages of
+    the frozen objects also stay shared with the workers instead of being copied when the
+    collector touches them."""
+    gc.collect()
+    gc.freeze()
 
 
 def wait_for_broker(url: str, timeout: float = 15.0) -> None:
@@ -219,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = read_plan(Path(args[0]))
     if plan["preload"]:
         preload_trainers(plan.get("trainers"))
+    freeze()
     wait_for_broker(plan["broker"])
     pids = {worker["name"]: fork_worker(worker) for worker in plan["workers"]}
     done = Path(plan["pids"])

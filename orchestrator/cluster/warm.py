@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .forkserver import Forked, fork_child, preload
+from .forkserver import Forked, fork_child, freeze, preload
 
 _loaded = False
 GPU_FLAGS = ("--gpu", "--gpus")
@@ -47,6 +47,7 @@ def load(env: Mapping[str, str], commands: Sequence[Any]) -> None:
         preload(trains and env.get("ORCH_PRELOAD", "1") not in ("0", "false", "no"))
     except Exception:
         traceback.print_exc()
+    freeze()
 
 
 def start(args: list[str], env: Mapping[str, str], log: Path, commands: Sequence[Any]) -> Forked:
