@@ -50,6 +50,8 @@ def test_only_a_local_run_starts_the_fork_server_early() -> None:
     from orchestrator.cluster.prestart import wanted
 
     assert wanted(["orchestrator", "run", "x.yaml"], {})
+    assert wanted(["/venv/lib/python3.11/site-packages/orchestrator/__main__.py", "run", "x.yaml"], {})
+    assert not wanted(["pytest", "run"], {})  # importing the CLI elsewhere starts nothing
     assert not wanted(["orchestrator", "run", "x.yaml", "--broker", "redis://h:6379/0"], {})
     assert not wanted(["orchestrator", "run", "x.yaml", "--broker=redis://h:6379/0"], {})
     assert not wanted(["orchestrator", "run", "x.yaml"], {"ORCH_BROKER_URL": "redis://h:6379/0"})

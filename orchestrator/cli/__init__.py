@@ -10,12 +10,16 @@ import atexit
 import gc
 import sys
 
-import click
-from rich.markup import escape
+from ..cluster import prestart
 
-from .. import errors, settings
-from ..errors import OrchestratorError
-from . import (  # noqa: F401  (each registers its commands)
+prestart.start(sys.argv)  # `orchestrator run` in local mode: its workers' fork server, now
+
+import click  # noqa: E402
+from rich.markup import escape  # noqa: E402
+
+from .. import errors, settings  # noqa: E402
+from ..errors import OrchestratorError  # noqa: E402
+from . import (  # noqa: E402, F401  (each registers its commands)
     control,
     deadletters,
     experiments,
@@ -27,7 +31,7 @@ from . import (  # noqa: F401  (each registers its commands)
     worker,
     workers,
 )
-from .base import cli, err
+from .base import cli, err  # noqa: E402
 
 __all__ = ["cli", "main"]
 

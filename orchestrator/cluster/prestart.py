@@ -1,8 +1,8 @@
 """`orchestrator run` without a broker: the workers' fork server starts first thing.
 
 It imports for ~2 s of CPU (orchestrator.cluster.forkserver) and needs nothing from the
-command until it forks, so `python -m orchestrator run` starts it before it imports
-its own CLI, loads the configs and builds the plan; LocalCluster adopts it and hands it
+command until it forks, so `orchestrator run` starts it before it imports the rest of
+its CLI (orchestrator.cli, first lines), loads the configs and builds the plan; LocalCluster adopts it and hands it
 its plan. Not adopted (nothing to do, an error, --help), it is stopped and its folder
 removed when the command exits. Only the standard library here: this runs before any
 other import.
@@ -29,7 +29,8 @@ _early: tuple[subprocess.Popen[bytes], Path, dict[str, str]] | None = None
 def wanted(argv: list[str], env: Mapping[str, str]) -> bool:
     """`orchestrator run ...` in local mode (no --broker, no ORCH_BROKER_URL, no --help)."""
     args = argv[1:]
-    return (args[:1] == ["run"] and not env.get("ORCH_BROKER_URL")
+    command = os.path.basename(argv[0]) if argv else ""  # the console script, or python -m orchestrator
+    return (command in ("orchestrator", "__main__.py") and args[:1] == ["run"] and not env.get("ORCH_BROKER_URL")
             and not any(a in ("-h", "--help") or a.startswith("--broker") for a in args))
 
 
