@@ -41,15 +41,18 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 240)
     return proc
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
-    """Poll `condition` until it returns something truthy; fail the test after `timeout`."""
+def wait_for(condition: Callable[[], Any], timeout: float = 60, what: str = "condition",
+             seen: Callable[[], Any] | None = None) -> Any:
+    """Poll `condition` until it returns something truthy; fail the test after `timeout`,
+    saying what `seen()` returns then (the state the condition looked at), if given."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+            pytest.fail(f"timed out after {timeout}s waiting for {what}"
+                        + (f"; seen: {seen()!r}" if seen else ""))
         time.sleep(0.1)
 
 

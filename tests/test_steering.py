@@ -61,7 +61,9 @@ def test_pause_lets_running_runs_finish_and_holds_the_rest_until_resume(
     assert proc.returncode == 0 and "paused; running runs finish" in proc.stdout, proc.stderr
     # The two running runs finish; the two others wait, parked, and do not start.
     wait_for(lambda: parked(running_cluster, name) == 2 and fold_states(running_cluster, name).count("DONE") == 2,
-             timeout=60, what="2 runs DONE and 2 parked")
+             timeout=60, what="2 runs DONE and 2 parked",
+             seen=lambda: (parked(running_cluster, name), fold_states(running_cluster, name),
+                           active(running_cluster, name)))
     assert active(running_cluster, name) == {}
     text = run_cli("status", name, env=running_cluster.env()).stdout
     assert f"{name} PAUSED" in text
