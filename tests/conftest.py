@@ -22,6 +22,21 @@ from orchestrator.cluster.local import spawn, start_redis, stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Modules whose fixtures start a cluster once per module (Redis and several workers:
+# 10-20 s each). Under `--dist loadgroup` (pyproject.toml) each runs all its tests in one
+# test process, so its cluster starts once, not once in each of the three processes that
+# `load` would spread its tests over. Every other test is spread one by one.
+CLUSTER_MODULES = ("test_acl", "test_data_parallel", "test_faults", "test_hostile", "test_multihost",
+                   "test_report", "test_return_mode", "test_search", "test_watch")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the items
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2] if item.module else ""
+        if module in CLUSTER_MODULES:
+            item.add_marker(pytest.mark.xdist_group(module))
+
 
 def cli_env(**extra: str) -> dict[str, str]:
     """Environment for orchestrator subprocesses: test trainers, wide terminal, no broker."""
@@ -69,12 +84,31 @@ def write_experiment(tmp_path: Path) -> Callable[..., Path]:
     return write
 
 
+def _redis(folder: Path) -> Iterator[str]:
+    proc, url = start_redis(folder)
+    try:
+        yield url
+    finally:
+        stop_process(proc)
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A private redis-server for the whole session."""
-    proc, url = start_redis(tmp_path_factory.mktemp("redis"))
-    yield url
-    stop_process(proc)
+    """A private redis-server for the whole session (of this test process)."""
+    yield from _redis(tmp_path_factory.mktemp("redis"))
+
+
+@pytest.fixture(scope="module")
+def module_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private redis-server for one module: its registry and queues hold only what
+    that module's tests put there."""
+    yield from _redis(tmp_path_factory.mktemp("module-redis"))
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty redis-server for one test."""
+    yield from _redis(tmp_path / "redis")
 
 
 @dataclass
