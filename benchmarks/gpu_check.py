@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -459,18 +460,25 @@ def main() -> int:
     if args.packed < 2 or args.memory_runs < 2 or args.repeat < 1:
         p.error("--packed and --memory-runs must be 2 or more, --repeat 1 or more")
 
-    tmp = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    return drive("gpu_check", args, Check, Check.run)
+
+
+def drive(name: str, args: argparse.Namespace, kind: type[Check], body: Callable[[Any], None],
+          need_gpu: bool = True) -> int:
+    """Run `body` on a `kind` check in a temporary folder, then stop every process, write
+    --json and print the verdict. Exit status: 0 every check held, 1 one did not (or
+    something broke), 2 no usable GPU (when `need_gpu`), 130 Ctrl-C."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"{name}_"))
     procs = Procs()
-    check = Check(args, tmp, procs)
+    check = kind(args, tmp, procs)
     try:
-        target = check.detect()
-        if target is None:
-            print(f"gpu_check: no usable GPU {args.gpu} here; run this on a machine with an NVIDIA GPU",
+        if need_gpu and check.detect() is None:
+            print(f"{name}: no usable GPU {args.gpu} here; run this on a machine with an NVIDIA GPU",
                   file=sys.stderr)
             return 2
-        check.run()
+        body(check)
     except BenchmarkError as exc:
-        print(f"gpu_check: {exc}", file=sys.stderr)
+        print(f"{name}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -483,8 +491,8 @@ def main() -> int:
             log(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    print("gpu_check: " + ("every check held" if not check.failures
-                           else f"{len(check.failures)} check(s) failed: " + "; ".join(check.failures)))
+    print(f"{name}: " + ("every check held" if not check.failures
+                         else f"{len(check.failures)} check(s) failed: " + "; ".join(check.failures)))
     return 0 if not check.failures else 1
 
 

@@ -30,10 +30,8 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -43,8 +41,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.dispatch import BenchmarkError, Procs, base_env  # noqa: E402
-from benchmarks.gpu_check import Check, Sampler  # noqa: E402
+from benchmarks.dispatch import base_env  # noqa: E402
+from benchmarks.gpu_check import Check, Sampler, drive  # noqa: E402
 from orchestrator import keys  # noqa: E402
 
 
@@ -187,32 +185,7 @@ def main() -> int:
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = p.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="gpu_ddp_"))
-    procs = Procs()
-    check = DDPCheck(args, tmp, procs)
-    try:
-        if not args.cpu and check.detect() is None:
-            print(f"gpu_ddp: no usable GPU {args.gpu} here; run this on a machine with an NVIDIA GPU "
-                  f"(or rehearse with --cpu)", file=sys.stderr)
-            return 2
-        check.data_parallel()
-    except BenchmarkError as exc:
-        print(f"gpu_ddp: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        procs.stop()
-        if args.json:
-            args.json.write_text(json.dumps({"figures": check.figures, "failures": check.failures},
-                                            indent=2, default=str))
-        if args.keep:
-            print(f"kept {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-    print("gpu_ddp: " + ("every check held" if not check.failures
-                         else f"{len(check.failures)} check(s) failed: " + "; ".join(check.failures)))
-    return 0 if not check.failures else 1
+    return drive("gpu_ddp", args, DDPCheck, DDPCheck.data_parallel, need_gpu=not args.cpu)
 
 
 if __name__ == "__main__":
