@@ -132,6 +132,11 @@ def test_a_search_block_submitted_as_a_dict_is_waited_on_and_its_best_trials_rea
         assert record["train_status"] == "DONE"
         assert metric_value(record, "reported.score") == pytest.approx(trial["score"])
     assert out["metric_refused"] is True
+    # Client.plan before the submit: the search and the proposals its first step made.
+    planned = out["plan"]["search"]
+    assert out["plan"]["totals"] == {} and planned["search"]["strategy"] == "evolution"
+    assert planned["progress"]["proposed"] == 0 and planned["runs_per_trial"] == 1
+    assert [(n["number"], n["params"]) for n in planned["next"]] == [(t.number, t.params) for t in journal[:4]]
     # What `orchestrator search best --json` prints; submitted again: ended, the same.
     assert best_report(Layout(root), "evo_py", 3)["trials"] == best == out["again_best"]
     assert out["again"]["finished"] is True and out["again"]["proposed"] == 7

@@ -208,21 +208,9 @@ def plan(configs: tuple[str, ...], results_root: str | None, as_json: bool) -> N
 def _plan_searches(layout: Layout, searches: list[Any], as_json: bool) -> None:
     """A search's plan: its config, what it has done, and the proposals its next step
     would make (from its records and seed: the same ones the step will record)."""
-    from ..search.engine import progress, propose, read_history, search_of
+    from ..search.client import search_plan
 
-    data = []
-    for exp in searches:
-        search = search_of(exp)
-        h = read_history(layout, exp.name)
-        state = progress(search, h)
-        state.pop("best")
-        nxt = [e for e in propose(search, h) if e["type"] in ("trial", "promote")]
-        per_trial = len(search.datasets) * len(search.seeds)
-        data.append({"experiment": exp.name, "search": search.cfg.to_dict(), "progress": state,
-                     "groups_per_trial": per_trial, "runs_per_trial": per_trial * search.template.n_folds,
-                     "next": [{"number": e["number"], "params": e.get("params"), "point": e.get("point"),
-                               "promote_to": e.get("budget") if e["type"] == "promote" else None}
-                              for e in nxt]})
+    data = [search_plan(layout, exp) for exp in searches]
     if as_json:
         print_json(data)
         return

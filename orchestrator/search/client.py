@@ -65,3 +65,22 @@ def best_report(layout: Layout, experiment: str, top: int) -> dict[str, Any]:
             "metrics": list(search.cfg.metrics), "directions": list(search.cfg.directions),
             "progress": {**state, "best_trial": None if best is None else best.number},
             "trials": rows}
+
+
+def search_plan(layout: Layout, exp: Experiment) -> dict[str, Any]:
+    """A search's plan (`orchestrator plan`, `Client.plan`): its config, what it has done,
+    and the proposals its next step would make (from its records and seed: the same ones
+    the step will record)."""
+    from .engine import progress, propose, read_history, search_of
+
+    search = search_of(exp)
+    h = read_history(layout, exp.name)
+    state = progress(search, h)
+    state.pop("best")
+    nxt = [e for e in propose(search, h) if e["type"] in ("trial", "promote")]
+    per_trial = len(search.datasets) * len(search.seeds)
+    return {"experiment": exp.name, "search": search.cfg.to_dict(), "progress": state,
+            "groups_per_trial": per_trial, "runs_per_trial": per_trial * search.template.n_folds,
+            "next": [{"number": e["number"], "params": e.get("params"), "point": e.get("point"),
+                      "promote_to": e.get("budget") if e["type"] == "promote" else None}
+                     for e in nxt]}
