@@ -96,6 +96,11 @@ def test_notebook_style_script_on_a_local_cluster_with_a_function_trainer(tmp_pa
     assert fn["state"] == "DONE" and 0.8 < fn["accuracy"] <= 1.0, fn  # centroids do learn iris
     meta = json.loads((Path(fn["dir"]) / "fold_0" / "metadata.json").read_text())
     assert meta["spec"]["trainer"] == "centroid_fn" and meta["spec"]["params"] == {"temperature": 0.5}
+    dp = out["ranks"]
+    meta = json.loads((Path(dp["dir"]) / "fold_0" / "metadata.json").read_text())
+    assert dp["state"] == "DONE" and meta["spec"]["resources"]["ranks"] == 2, meta
+    info = meta.get("trainer_info", {})
+    assert (info.get("ranks"), info.get("backend")) == (2, "gloo"), meta
     assert out["processes"] == ["control", "cpu1", "cpu2", "redis"]
     assert out["stopped"] is True and out["redis_after"] == "gone"
 
