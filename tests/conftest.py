@@ -26,16 +26,26 @@ REPO = Path(__file__).resolve().parents[1]
 # 10-20 s each). Under `--dist loadgroup` (pyproject.toml) each runs all its tests in one
 # test process, so its cluster starts once, not once in each of the three processes that
 # `load` would spread its tests over. Every other test is spread one by one.
-CLUSTER_MODULES = ("test_acl", "test_data_parallel", "test_faults", "test_hostile", "test_multihost",
-                   "test_report", "test_return_mode", "test_search", "test_watch")
+# Longest first (their seconds in a full run): they are handed out in this order.
+CLUSTER_MODULES = ("test_faults", "test_search", "test_data_parallel", "test_multihost", "test_return_mode",
+                   "test_acl", "test_hostile", "test_report", "test_watch")
+
+
+def _module(item: pytest.Item) -> str:
+    module = getattr(item, "module", None)
+    return module.__name__.rpartition(".")[2] if module else ""
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the items
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the cluster modules' tests as one xdist group each, and hand those long
+    groups out first (longest work first: the short single tests then fill the gaps
+    instead of a long group starting last and running on alone)."""
     for item in items:
-        module = item.module.__name__.rpartition(".")[2] if item.module else ""
-        if module in CLUSTER_MODULES:
-            item.add_marker(pytest.mark.xdist_group(module))
+        if _module(item) in CLUSTER_MODULES:
+            item.add_marker(pytest.mark.xdist_group(_module(item)))
+    order = {name: i for i, name in enumerate(CLUSTER_MODULES)}
+    items.sort(key=lambda item: order.get(_module(item), len(order)))  # stable within a module
 
 
 def cli_env(**extra: str) -> dict[str, str]:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -19,6 +20,7 @@ import redis
 import orchestrator as orch
 from orchestrator import keys
 from orchestrator.cluster.local import stop_process
+from orchestrator.views.progress import NotebookLine
 
 from .conftest import REPO, Cluster, cli_env, wait_for
 
@@ -315,3 +317,49 @@ def test_an_experiment_is_paused_resumed_and_cancelled_from_python(running_clust
     assert client.experiment("steer_py").done()
     with pytest.raises(orch.ExperimentNotFound):
         client.experiment("no_such_experiment")
+
+
+def test_wait_in_a_real_notebook_shows_one_progress_line_updated_in_place(tmp_path: Path) -> None:
+    """A Jupyter kernel (nbclient, ipykernel) runs a notebook that submits to orch.local()
+    and waits with progress=True. Without ipywidgets rich's live bar shows nothing in a
+    notebook, so the wait keeps one display output up to date by its display id: at the
+    end it holds the whole bar and every run; no warning, no error."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    root = tmp_path / "results"
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell("import orchestrator as orch"),
+        nbformat.v4.new_code_cell(
+            f"with orch.local(workers=2, results_root={str(root)!r}) as client:\n"
+            "    exp = client.submit({'experiment': 'nbbar', 'trainer': 'slow', 'datasets': ['iris'],\n"
+            "                         'folds': 4, 'params': {'seconds': 0.5}, 'resources': {'gpus': 0}})\n"
+            "    status = exp.wait(timeout=120)\n"
+            "status['runs']"),
+    ]
+    env = cli_env(ORCH_TRAINER_MODULES="tests.plugins")
+    saved = dict(os.environ)
+    os.environ.update(env)  # the kernel starts with this process's environment
+    updates: list[str] = []
+
+    class Client(nbclient.NotebookClient):  # type: ignore[misc,name-defined]
+        def process_message(self, msg: dict[str, Any], cell: Any, cell_index: int) -> Any:
+            if msg["msg_type"] == "update_display_data":
+                updates.append(msg["content"]["data"]["text/plain"])
+            return super().process_message(msg, cell, cell_index)
+
+    try:
+        Client(nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    outputs = nb.cells[1].outputs
+    shown = [o for o in outputs if o.output_type == "display_data"]
+    assert len(shown) == 1, outputs  # one output, updated in place
+    text = shown[0].data["text/plain"]
+    assert len(updates) >= 2 and updates[-1] == text, updates  # updated in place as runs ended
+    assert text.startswith("training ") and "4/4 runs (4 done, 0 failed, 0 running)" in text, text
+    assert "█" * NotebookLine.WIDTH in text, text
+    result = [o for o in outputs if o.output_type == "execute_result"]
+    assert result and result[0].data["text/plain"] == "{'DONE': 4}", outputs
+    assert not [o for o in outputs if o.output_type in ("error", "stream") and "ipywidgets" in str(o)], outputs
