@@ -12,6 +12,7 @@ outputs go; see orchestrator.execution.leases for the lease protocol):
     orch:cancel:<experiment>           unix time of the last `orchestrator cancel`
     orch:paused:<experiment>           present while the experiment is paused
     parked.<experiment>                the queue (a kombu list) of a paused experiment's runs
+    orch:parked                        hash experiment -> time a run of it was last parked
     orch:exp:<experiment>:runs|groups  live states (hash) for progress bars and `watch`
     orch:progress                      hash run_key -> the run's latest trainer report
     orch:group:<group_id>:finalized    finalize executions of a group (audits: 1)
@@ -42,6 +43,7 @@ if TYPE_CHECKING:  # redis is imported where a client is made: `validate` and `p
 PREFIX = "orch"
 ACTIVE = f"{PREFIX}:active"
 WAITING = f"{PREFIX}:waiting"
+PARKED = f"{PREFIX}:parked"
 EPOCH = f"{PREFIX}:epoch"
 PROGRESS = f"{PREFIX}:progress"
 WATCHDOG_LOCK = f"{PREFIX}:watchdog:lock"

@@ -53,8 +53,9 @@ def committed_once(cluster: Cluster, name: str) -> None:
 def test_pause_lets_running_runs_finish_and_holds_the_rest_until_resume(
         running_cluster: Cluster, write_experiment: Any) -> None:
     name = "paused_exp"
+    # 6 s runs: `pause` must land while the first two train (a CLI start under load: seconds).
     cfg = write_experiment(name, trainer="slow", datasets=["iris"], folds=4,
-                           params={"seconds": 3.0}, resources={"gpus": 0})
+                           params={"seconds": 6.0}, resources={"gpus": 0})
     assert run_cli("submit", str(cfg), env=running_cluster.env()).returncode == 0
     wait_for(lambda: len(active(running_cluster, name)) == 2, timeout=60, what="2 runs training")
     proc = run_cli("pause", name, env=running_cluster.env())
