@@ -160,6 +160,19 @@ _TIMEOUTS: dict[str, dict[str, object]] = {
 }
 
 
+def celery_url(url: str) -> str:
+    """`url` as kombu and Celery's Redis result backend spell it. redis-py (every client
+    this project makes) reads a Unix socket as unix:///path?db=N; kombu and Celery know
+    only redis+socket:///path?virtual_host=N (kombu: "No such transport: unix")."""
+    if not url.startswith("unix://"):
+        return url
+    from urllib.parse import parse_qsl, urlencode, urlsplit
+
+    parts = urlsplit(url)
+    query = urlencode([("virtual_host" if k == "db" else k, v) for k, v in parse_qsl(parts.query)])
+    return f"redis+socket://{parts.path}" + (f"?{query}" if query else "")
+
+
 def client(url: str, kind: Kind = "service") -> redis.Redis:
     """A Redis client for `url` (redis://, rediss:// with TLS, unix://), `kind` as above."""
     import redis
