@@ -1,0 +1,172 @@
+"""The weight store and the experience stream of roles, against a real redis-server:
+torn reads, fencing, K kept + best, a version over Redis's 512 MB value limit, and the
+stream's bound and exactly-once hand-over across a learner and an actor restart."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+import redis
+
+from orchestrator.roles.experience import GROUP, ExperienceStream
+from orchestrator.roles.weights import MiB, Fenced, WeightStore
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def client(redis_url: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_url)
+
+
+@pytest.fixture
+def lease(client: redis.Redis) -> tuple[str, str]:
+    key, token = f"orch:lease:test-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    client.set(key, token)
+    return key, token
+
+
+def _payload(version_seed: int, size: int) -> bytes:
+    # Every byte says which publish it belongs to: a torn read would mix values.
+    return bytes([version_seed % 251]) * size
+
+
+def test_readers_never_see_a_torn_version(client: redis.Redis, lease: tuple[str, str]) -> None:
+    store = WeightStore(client, f"torn{uuid.uuid4().hex[:6]}", keep=2, chunk_bytes=256 * 1024)
+    key, token = lease
+    stop = threading.Event()
+    reads: list[int] = []
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        mine = WeightStore(redis.Redis(connection_pool=client.connection_pool), store.experiment,
+                           keep=2, chunk_bytes=256 * 1024)
+        while not stop.is_set():
+            try:
+                got = mine.fetch()  # verifies every chunk's and the version's checksum
+                if got is None:
+                    continue
+                seed = got.meta["seed"]
+                assert got.data == _payload(seed, len(got.data)), "bytes of two publishes mixed"
+                reads.append(got.number)
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    published = []
+    for seed in range(1, 41):  # sizes vary: versions of 1 to 8 chunks
+        published.append(store.publish(_payload(seed, (1 + seed % 8) * 256 * 1024 - seed), token, key,
+                                       step=seed, info={"seed": seed}))
+    deadline = time.monotonic() + 20
+    while len(set(reads)) < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert not errors, errors
+    assert len(reads) >= 20 and len(set(reads)) >= 5, (len(reads), set(reads))
+    assert set(reads) <= set(published)
+    assert store.versions() == published[-2:]  # keep=2, no best marked
+    store.clear()
+
+
+def test_a_zombie_publishes_nothing(client: redis.Redis, lease: tuple[str, str]) -> None:
+    store = WeightStore(client, f"zombie{uuid.uuid4().hex[:6]}", chunk_bytes=MiB)
+    key, token = lease
+    first = store.publish(b"a" * (3 * MiB), token, key, step=10)
+    client.set(key, "the-successor's-token")  # the watchdog handed the instance on
+    with pytest.raises(Fenced):
+        store.publish(b"b" * (3 * MiB), token, key, step=20)
+    assert store.latest() == first and store.versions() == [first]
+    got = store.fetch()
+    assert got is not None and got.step == 10 and got.data == b"a" * (3 * MiB)
+    leftovers = [k for k in client.scan_iter(f"{store.prefix}:v:*") if not k.decode().startswith(f"{store.prefix}:v:{first}:")]
+    assert leftovers == []  # the fenced version's chunks are gone, not left to expire
+    store.clear()
+
+
+def test_keeps_the_last_k_and_the_best(client: redis.Redis, lease: tuple[str, str]) -> None:
+    store = WeightStore(client, f"keep{uuid.uuid4().hex[:6]}", keep=2, chunk_bytes=1000)
+    key, token = lease
+    vs = [store.publish(bytes([i]) * 2500, token, key, step=i) for i in range(1, 4)]
+    assert store.mark_best(vs[1], 0.8) and not store.mark_best(vs[2], 0.7)
+    vs += [store.publish(bytes([i]) * 2500, token, key, step=i) for i in range(4, 7)]
+    assert store.versions() == [vs[1], vs[4], vs[5]]
+    for gone in (vs[0], vs[2], vs[3]):
+        assert store.fetch(gone) is None
+        assert not list(client.scan_iter(f"{store.prefix}:v:{gone}:*"))
+    best = store.fetch(vs[1])
+    assert best is not None and best.data == bytes([2]) * 2500
+    store.clear()
+
+
+def test_a_version_over_512_mb_works(client: redis.Redis, lease: tuple[str, str]) -> None:
+    store = WeightStore(client, f"big{uuid.uuid4().hex[:6]}", keep=1, chunk_bytes=64 * MiB)
+    key, token = lease
+    data = bytes(range(256)) * (600 * MiB // 256)
+    version = store.publish(data, token, key, step=1)
+    got = store.fetch(version)
+    assert got is not None and len(got.data) == 600 * MiB and got.data == data
+    assert got.meta["chunks"] == 10
+    del got, data
+    store.clear()
+
+
+def test_stream_is_bounded_and_loses_nothing_across_restarts(client: redis.Redis, lease: tuple[str, str]) -> None:
+    """Actors add numbered samples; a learner reads, publishes (acknowledging what it
+    trained on) and restarts twice without publishing what it read last. Every sample
+    ends up in exactly one published version; the stream never held more than its bound."""
+    exp = f"xp{uuid.uuid4().hex[:6]}"
+    stream = ExperienceStream(client, exp, maxlen=300)
+    store = WeightStore(client, exp)
+    key, token = lease
+    total, batch = 1200, 40
+    added: list[int] = []
+    stop = threading.Event()
+    longest = [0]
+
+    def actor(start: int) -> None:
+        mine = ExperienceStream(redis.Redis(connection_pool=client.connection_pool), exp, maxlen=300)
+        n = start
+        while n < start + total // 2:
+            samples = [{"n": n + i} for i in range(batch)]
+            if mine.add(samples, wait=0.5):
+                added.extend(s["n"] for s in samples)
+                n += batch
+            # An actor that dies between batches (or inside a script) adds all or nothing.
+            longest[0] = max(longest[0], mine.length())
+
+    actors = [threading.Thread(target=actor, args=(k * 100_000,)) for k in range(2)]
+    for t in actors:
+        t.start()
+    trained: list[int] = []  # samples inside published versions
+    for life in range(3):  # two restarts: the reader is made again, nothing published of its last reads
+        reader = stream.reader("learner.0")
+        consumed: list[tuple[str, int]] = []
+        rounds = 0
+        while len(trained) < total and rounds < (8 if life < 2 else 10_000):
+            entries = reader.read(count=50, block_ms=200)
+            consumed += [(e.id, e.sample["n"]) for e in entries]
+            rounds += 1
+            if len(consumed) >= 100 or (entries == [] and consumed):
+                store.publish(b"w", token, key, step=len(trained),
+                              acks=(stream.key, GROUP, [i for i, _ in consumed]))
+                stream.trim()
+                trained += [n for _, n in consumed]
+                consumed = []
+            longest[0] = max(longest[0], stream.length())
+        # life 0 and 1 end here with `consumed` read but never published: a crash
+    stop.set()
+    for t in actors:
+        t.join(30)
+    assert sorted(trained) == sorted(added) and len(added) == total  # none lost, none twice
+    assert longest[0] <= 300
+    assert stream.pending() == 0
+    store.clear()
+    stream.reset()
