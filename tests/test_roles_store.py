@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from orchestrator.roles.experience import GROUP, ExperienceStream
-from orchestrator.roles.weights import MiB, Fenced, WeightStore
+from orchestrator.roles.weights import Fenced, MiB, WeightStore
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,15 @@ import click
 
 from ..cluster.endpoints import redis_errors
 from ..paths import Layout
-from .base import broker_option, cli, cluster_paths, out, results_root_option, results_root_path, use_broker
+from .base import (
+    broker_option,
+    cli,
+    cluster_paths,
+    out,
+    results_root_option,
+    results_root_path,
+    use_broker,
+)
 
 
 @cli.group()

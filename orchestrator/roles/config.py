@@ -115,7 +115,7 @@ def parse_roles(doc: Any, file: str = "<dict>") -> RolesExperiment:
         seed = 0
     for role in roles:
         batch = role.settings.get("games")
-        if role.kind == "actor" and _int(batch) and batch * 9 > maxlen:
+        if role.kind == "actor" and isinstance(batch, int) and batch * 9 > maxlen:
             bad(f"roles.{role.name}.settings.games", f"a batch of {batch} games (up to {batch * 9} samples) "
                                                      f"cannot fit experience.maxlen {maxlen}")
     if problems:

@@ -37,7 +37,7 @@ from .experience import ExperienceStream
 from .files import RolesFiles
 from .registry import get_role
 from .spec import RoleSpec
-from .weights import MiB, Fenced, WeightStore
+from .weights import Fenced, MiB, WeightStore
 
 log = logging.getLogger(__name__)
 BEAT_EVERY = 1.0  # seconds between heartbeats of a role (a state change beats at once)

@@ -9,28 +9,12 @@ message naming anything else is refused before any code is imported for it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any
 
 from ..errors import UnknownTrainerError
-from ..trainers.base import Param
+from .role import KINDS, Role
 
-KINDS = ("learner", "actor", "evaluator")
-
-
-@dataclass(frozen=True)
-class Role:
-    name: str  # registered name, e.g. "tictactoe.learner"
-    kind: str  # one of KINDS
-    fn: Callable[[Any], None]
-    settings: Mapping[str, Param]
-    description: str = ""
-
-    def resolve(self, stated: Mapping[str, Any]) -> dict[str, Any]:
-        return {**{k: p.default for k, p in self.settings.items()}, **stated}
-
+__all__ = ["KINDS", "Role", "UnknownRoleError", "get_role", "registry"]
 
 class UnknownRoleError(UnknownTrainerError):
     """A role function name that is not registered on this process."""

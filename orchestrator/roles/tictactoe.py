@@ -25,7 +25,7 @@ import numpy as np
 
 from ..trainers.base import Param
 from . import ttt_game as game
-from .registry import Role
+from .role import Role
 
 log = logging.getLogger(__name__)
 MAX_SAMPLES_READ = 2048
@@ -52,7 +52,7 @@ def learner(ctx: Any) -> None:
     net = torch.nn.Sequential(torch.nn.Linear(18, game.HIDDEN), torch.nn.Tanh(),
                               torch.nn.Linear(game.HIDDEN, game.HIDDEN), torch.nn.Tanh(),
                               torch.nn.Linear(game.HIDDEN, 1), torch.nn.Tanh()).to(device)
-    layers = (net[0], net[2], net[4])
+    layers: tuple[Any, ...] = (net[0], net[2], net[4])
     names = (("w1", "b1"), ("w2", "b2"), ("w3", "b3"))
 
     def load(params: game.Params) -> None:

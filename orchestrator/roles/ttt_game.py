@@ -55,7 +55,7 @@ def values(params: Params, x: np.ndarray) -> np.ndarray:
 
 def to_bytes(params: Params) -> bytes:
     buf = io.BytesIO()
-    np.savez(buf, **params)
+    np.savez(buf, **params)  # type: ignore[arg-type]
     return buf.getvalue()
 
 
