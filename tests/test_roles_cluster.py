@@ -111,7 +111,7 @@ def test_the_example_learns_to_its_target(cluster: RolesCluster) -> None:
     """configs/roles_tictactoe.yaml: the evaluator's record of the final version shows
     at least 90% of games won or drawn against a random player."""
     started = time.monotonic()
-    proc = run_cli("roles", "submit", str(REPO / "configs" / "roles_tictactoe.yaml"), env=cluster.env())
+    proc = run_cli("submit", str(REPO / "configs" / "roles_tictactoe.yaml"), env=cluster.env())
     assert proc.returncode == 0, proc.stderr
     exp = "ttt_selfplay"
     status = cluster.root / exp / "roles" / "status.json"
@@ -120,7 +120,7 @@ def test_the_example_learns_to_its_target(cluster: RolesCluster) -> None:
     wait_for(lambda: all(b["state"] == "stopped" for b in cluster.beats(exp).values())
              and len(cluster.beats(exp)) == 4, timeout=30, what="every role to stop")
     took = time.monotonic() - started
-    shown = run_cli("roles", "status", exp, "--json", env=cluster.env())
+    shown = run_cli("status", exp, "--json", env=cluster.env())  # the usual commands show roles
     data = json.loads(shown.stdout)
     last = data["evaluations"][-1]
     assert last["step"] == 400, last
@@ -129,7 +129,7 @@ def test_the_example_learns_to_its_target(cluster: RolesCluster) -> None:
     published = int(cluster.client.get(f"{store.prefix}:seq"))
     assert [m["version"] for m in cluster.checkpoints(exp)] == list(range(1, published + 1))
     assert len(store.versions()) <= 4  # keep 3, and the best
-    report = run_cli("roles", "report", exp, env=cluster.env())
+    report = run_cli("report", exp, env=cluster.env())
     assert report.returncode == 0 and (cluster.root / exp / "roles" / "winrate.png").stat().st_size > 1000
     print(f"\nexample: {took:.0f} s to the step budget; final version {last['version']}: "
           f"win {last['win_random']:.2f} draw {last['draw_random']:.2f} vs random\n" + report.stdout)
@@ -232,7 +232,7 @@ def test_pause_stops_the_actors_and_resume_lets_them_go(cluster: RolesCluster, l
     assert run_cli("resume", long_exp, env=cluster.env()).returncode == 0
     wait_for(lambda: (cluster.beats(long_exp)["actor.0"].get("games") or 0) > (games or 0), timeout=30,
              what="the actor to produce again")
-    shown = run_cli("roles", "status", long_exp, env=cluster.env())
+    shown = run_cli("watch", long_exp, "--once", env=cluster.env())
     assert "learner.0" in shown.stdout and "games_per_s" in shown.stdout, shown.stdout
     print("\n" + shown.stdout)
 

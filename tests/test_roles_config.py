@@ -36,6 +36,8 @@ def test_the_example_config_is_valid() -> None:
 
     exp = load_roles(REPO / "configs" / "roles_tictactoe.yaml")
     assert exp.learner.function == "tictactoe.learner" and sum(r.count for r in exp.roles) == 4
+    proc = run_cli("roles", "validate", str(REPO / "configs" / "roles_tictactoe.yaml"))
+    assert proc.returncode == 0 and "4 role instances" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_specs_with_device_overrides_round_trip() -> None:
@@ -82,7 +84,7 @@ def test_every_mistake_is_reported_at_once_with_exit_2(tmp_path: Path) -> None:
         "weights": {"keep": 0}}
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(doc))
-    proc = run_cli("roles", "validate", str(path))
+    proc = run_cli("validate", str(path))
     assert proc.returncode == 2, proc.stdout + proc.stderr
     for key in ("experiment", "roles.learner.settings.steps", "roles.actor.function", "roles.actor.count",
                 "roles.evaluator.colour", "weights.keep"):

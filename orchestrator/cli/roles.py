@@ -58,6 +58,55 @@ def validate_roles(configs: tuple[str, ...]) -> None:
         raise ConfigError(problems)
 
 
+def is_roles_experiment(root: str | None, experiment: str | None) -> bool:
+    """Whether `experiment` (under the results root) was submitted as a roles experiment:
+    then `status`, `watch` and `report` show its roles."""
+    if not experiment:
+        return False
+    from ..paths import read_json
+
+    try:
+        manifest = read_json(Layout(results_root_path(root)).manifest(experiment))
+    except Exception:  # noqa: BLE001 (an unsafe name, no root: the usual command reports it)
+        return False
+    return isinstance(manifest, dict) and manifest.get("kind") == "roles"
+
+
+def split_roles_configs(configs: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """(the other configs, the roles experiment files) of a command line."""
+    from ..roles.config import is_roles_file
+
+    roles_files = [c for c in configs if is_roles_file(c)]
+    return [c for c in configs if c not in roles_files], roles_files
+
+
+def submit_roles_files(paths: list[str], results_root: str | None, broker: str) -> None:
+    import os
+
+    from .. import keys
+    from ..errors import ConfigError
+    from ..roles.config import load_roles
+    from ..roles.submit import submit_roles
+
+    exps, problems = [], []
+    for path in paths:
+        try:
+            exps.append(load_roles(path))
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(problems)
+    root = results_root_path(results_root, writable=True)
+    use_broker(broker, root)
+    from tasks.roles import send_role
+
+    url = os.environ["ORCH_STATE_URL"]
+    for exp in exps:
+        with redis_errors(url):
+            ids = submit_roles(exp, Layout(root), keys.client(url), send_role)
+        out.print(f"{exp.name}: {len(ids)} role instances started", markup=False)
+
+
 @roles.command("submit")
 @click.argument("config", type=click.Path())
 @results_root_option
@@ -69,23 +118,11 @@ def submit_roles_cmd(config: str, results_root: str | None, broker: str | None) 
     Example:
       ORCH_BROKER_URL=redis://head:6379/0 orchestrator roles submit configs/roles_tictactoe.yaml
     """
-    from .. import errors, keys
-    from ..roles.config import load_roles
-    from ..roles.submit import submit_roles
+    from .. import errors
 
     if not broker:
         raise errors.OrchestratorError("no broker configured: pass --broker redis://HOST:6379/0 or set ORCH_BROKER_URL")
-    exp = load_roles(config)
-    root = results_root_path(results_root, writable=True)
-    use_broker(broker, root)
-    import os
-
-    from tasks.roles import send_role
-
-    url = os.environ["ORCH_STATE_URL"]
-    with redis_errors(url):
-        ids = submit_roles(exp, Layout(root), keys.client(url), send_role)
-    out.print(f"{exp.name}: {len(ids)} role instances started", markup=False)
+    submit_roles_files([config], results_root, broker)
 
 
 def _status(experiment: str, results_root: str | None, broker: str | None) -> tuple[dict, Layout]:  # type: ignore[type-arg]
@@ -110,6 +147,10 @@ def status_roles(experiment: str, as_json: bool, results_root: str | None, broke
     Example:
       orchestrator roles status ttt_selfplay --json
     """
+    show_status(experiment, as_json, results_root, broker)
+
+
+def show_status(experiment: str, as_json: bool, results_root: str | None, broker: str | None) -> None:
     from ..views.roles import status_lines
 
     data, _ = _status(experiment, results_root, broker)
@@ -132,6 +173,10 @@ def watch_roles(experiment: str, interval: float, once: bool, results_root: str 
     Example:
       orchestrator roles watch ttt_selfplay
     """
+    show_watch(experiment, interval, once, results_root, broker)
+
+
+def show_watch(experiment: str, interval: float, once: bool, results_root: str | None, broker: str | None) -> None:
     from ..views.roles import status_lines
 
     while True:
@@ -155,6 +200,10 @@ def report_roles(experiment: str, results_root: str | None, broker: str | None) 
     Example:
       orchestrator roles report ttt_selfplay
     """
+    show_report(experiment, results_root, broker)
+
+
+def show_report(experiment: str, results_root: str | None, broker: str | None) -> None:
     from ..roles.files import RolesFiles
     from ..views.roles import plot_scores, status_lines
 
