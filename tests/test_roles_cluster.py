@@ -108,10 +108,10 @@ def _running(c: RolesCluster, exp: str, instance: str, after_attempt: int = 0, n
 
 
 def test_the_example_learns_to_its_target(cluster: RolesCluster) -> None:
-    """configs/roles_tictactoe.yaml: the evaluator's record of the final version shows
+    """configs/roles/tictactoe.yaml: the evaluator's record of the final version shows
     at least 90% of games won or drawn against a random player."""
     started = time.monotonic()
-    proc = run_cli("submit", str(REPO / "configs" / "roles_tictactoe.yaml"), env=cluster.env())
+    proc = run_cli("submit", str(REPO / "configs" / "roles" / "tictactoe.yaml"), env=cluster.env())
     assert proc.returncode == 0, proc.stderr
     exp = "ttt_selfplay"
     status = cluster.root / exp / "roles" / "status.json"

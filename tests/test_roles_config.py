@@ -34,9 +34,9 @@ def _problems(doc: Any) -> dict[str, str]:
 def test_the_example_config_is_valid() -> None:
     from orchestrator.roles.config import load_roles
 
-    exp = load_roles(REPO / "configs" / "roles_tictactoe.yaml")
+    exp = load_roles(REPO / "configs" / "roles" / "tictactoe.yaml")
     assert exp.learner.function == "tictactoe.learner" and sum(r.count for r in exp.roles) == 4
-    proc = run_cli("roles", "validate", str(REPO / "configs" / "roles_tictactoe.yaml"))
+    proc = run_cli("roles", "validate", str(REPO / "configs" / "roles" / "tictactoe.yaml"))
     assert proc.returncode == 0 and "4 role instances" in proc.stdout, proc.stdout + proc.stderr
 
 

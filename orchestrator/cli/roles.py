@@ -27,7 +27,7 @@ def roles() -> None:
 
     \b
     Example:
-      orchestrator roles submit configs/roles_tictactoe.yaml --broker redis://head:6379/0
+      orchestrator roles submit configs/roles/tictactoe.yaml --broker redis://head:6379/0
       orchestrator roles watch ttt_selfplay
     """
 
@@ -39,7 +39,7 @@ def validate_roles(configs: tuple[str, ...]) -> None:
 
     \b
     Example:
-      orchestrator roles validate configs/roles_tictactoe.yaml
+      orchestrator roles validate configs/roles/tictactoe.yaml
     """
     from ..errors import ConfigError
     from ..roles.config import load_roles
@@ -116,7 +116,7 @@ def submit_roles_cmd(config: str, results_root: str | None, broker: str | None) 
 
     \b
     Example:
-      ORCH_BROKER_URL=redis://head:6379/0 orchestrator roles submit configs/roles_tictactoe.yaml
+      ORCH_BROKER_URL=redis://head:6379/0 orchestrator roles submit configs/roles/tictactoe.yaml
     """
     from .. import errors
 

@@ -1,4 +1,4 @@
-"""The built-in roles example: tic-tac-toe learned by self-play (configs/roles_tictactoe.yaml).
+"""The built-in roles example: tic-tac-toe learned by self-play (configs/roles/tictactoe.yaml).
 
 - `tictactoe.actor`: plays `games` self-play games at a time with the latest weights
   (epsilon-greedy over the value network's afterstate scores) and adds every afterstate
