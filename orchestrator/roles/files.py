@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +46,17 @@ class RolesFiles:
         got = read_json(self.status_path())
         return got if isinstance(got, dict) else None
 
-    def write_checkpoint(self, version: int, data: bytes | memoryview, meta: dict[str, Any]) -> Path:
+    def write_checkpoint(self, version: int, data: bytes | memoryview, meta: dict[str, Any]) -> Callable[[], None]:
+        """The version's file and its meta; returns what removes them (a refused flip)."""
         path = self.checkpoint(version)
         atomic_write_bytes(path, bytes(data))
         atomic_write_json(path.with_suffix(".json"), meta)
-        return path
+
+        def remove() -> None:
+            for p in (path, path.with_suffix(".json")):
+                p.unlink(missing_ok=True)
+
+        return remove
 
     def write_evaluations(self, rows: list[dict[str, Any]]) -> None:
         buf = io.StringIO()

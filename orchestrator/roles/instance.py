@@ -151,18 +151,18 @@ class RoleContext:
     # -- the learner's ----------------------------------------------------------------
     def publish(self, data: bytes | memoryview, step: int, ack_ids: Sequence[str] = ()) -> int:
         """Publish a version under this attempt's lease (raises Fenced for a zombie),
-        acknowledging `ack_ids` of the experience stream with it; then its checkpoint file."""
+        acknowledging `ack_ids` of the experience stream with it. Its checkpoint file is
+        written before the pointer flips: every version that ever became current has one."""
         self.experience.ensure_group()
         from .experience import GROUP
 
         version = self.weights.publish(
             data, self.guard.token, keys.lease(self.instance), step=step,
             info={"attempt": self.attempt, "worker": self.worker},
-            acks=(self.experience.key, GROUP, list(ack_ids)) if ack_ids else None)
+            acks=(self.experience.key, GROUP, list(ack_ids)) if ack_ids else None,
+            checkpoint=lambda number, meta: self.files.write_checkpoint(number, data, meta))
         if ack_ids:
             self.experience.trim()
-        meta = self.weights.meta(version) or {"version": version, "step": step}
-        self.files.write_checkpoint(version, data, meta)
         return version
 
     def end(self, why: str) -> None:

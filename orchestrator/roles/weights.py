@@ -140,10 +140,14 @@ class WeightStore:
     # -- writing ----------------------------------------------------------------------
     def publish(self, data: bytes | bytearray | memoryview, token: str, lease_key: str,
                 step: int = 0, info: dict[str, Any] | None = None,
-                acks: tuple[str, str, Sequence[str]] | None = None) -> int:
+                acks: tuple[str, str, Sequence[str]] | None = None,
+                checkpoint: Callable[[int, dict[str, Any]], Callable[[], None]] | None = None) -> int:
         """Publish `data` as the next version, under the lease `lease_key` holding
         `token`; returns the version number. `acks` = (stream, group, ids): experience
-        entries acknowledged in the same step (trained on by this version). Raises
+        entries acknowledged in the same step (trained on by this version).
+        `checkpoint(version, meta)` runs after the chunks are written and before the
+        pointer flips (so every version that becomes current has its file, whenever the
+        publisher dies); it returns what undoes it, called if the flip is refused. Raises
         Fenced when the lease is not the token's (nothing becomes visible)."""
         view = memoryview(data).cast("B")
         size = len(view)
@@ -161,12 +165,15 @@ class WeightStore:
                 "algorithm": CHECKSUM, "chunk_checksums": sums, "checksum": version_checksum(sums),
                 "step": int(step), "published_at": time.time(), **(info or {})}
         stream, group, ids = acks if acks is not None else ("", "", ())
+        undo = checkpoint(version, meta) if checkpoint is not None else None
         code = int(cast(int, self._flip(
             keys=[lease_key, self.pointer_key, f"{self.prefix}:versions", self.meta_key(version),
                   stream or f"{self.prefix}:none", *chunk_keys],
             args=[token, version, json.dumps(meta), self.ready_channel, group if stream else "", *ids])))
         if code != 1:
             self.client.delete(*chunk_keys)  # never visible: drop at once rather than expire
+            if undo is not None:
+                undo()
             if code == 0:
                 raise Fenced(f"version {version} not published: the lease {lease_key} is not this publisher's")
             raise RuntimeError(f"version {version} not published (code {code})")
