@@ -115,6 +115,10 @@ def test_the_example_learns_to_its_target(cluster: RolesCluster) -> None:
     assert proc.returncode == 0, proc.stderr
     exp = "ttt_selfplay"
     status = cluster.root / exp / "roles" / "status.json"
+    wait_for(lambda: len(cluster.client.hgetall(rkeys.evals(exp))) >= 8, timeout=120, what="8 scored versions")
+    running = run_cli("watch", exp, "--once", env=cluster.env())
+    assert "learner.0" in running.stdout and "games_per_s" in running.stdout, running.stdout
+    print("\n$ orchestrator watch ttt_selfplay --once\n" + running.stdout)
     wait_for(lambda: status.exists() and json.loads(status.read_text())["state"] == "DONE", timeout=300,
              what="the example to end at its step budget")
     wait_for(lambda: all(b["state"] == "stopped" for b in cluster.beats(exp).values())

@@ -45,12 +45,14 @@ def roles_status(client: redis.Redis, layout: Layout, experiment: str) -> dict[s
                           **{k: v for k, v in beat.items() if k.endswith("_per_s") or k in (
                               "games", "samples", "steps", "evaluated", "version")}})
     store = WeightStore(client, experiment)
+    kept = store.versions()
     latest = store.latest()
     meta = store.meta(latest) if latest is not None else None
     raw_state = {k.decode(): v.decode() for k, v in
                  cast(dict[bytes, bytes], client.hgetall(rkeys.state(experiment))).items()}
     stream = ExperienceStream(client, experiment)
-    evals = [evaluations(client, experiment)[v] for v in sorted(evaluations(client, experiment))]
+    scored = evaluations(client, experiment)
+    evals = [scored[v] for v in sorted(scored)]
     actors = [i for i in instances if i["kind"] == "actor" and i["state"] in ("running", "waiting: stream full")]
     learner = next((i for i in instances if i["kind"] == "learner"), {})
     best = store.best()
@@ -58,7 +60,7 @@ def roles_status(client: redis.Redis, layout: Layout, experiment: str) -> dict[s
         "experiment": experiment, "status": (RolesFiles(layout, experiment).status() or {}).get("state"),
         "ended": raw_state.get("ended"), "paused": bool(client.exists(keys.paused(experiment))),
         "instances": instances,
-        "weights": {"version": latest, "step": meta.get("step") if meta else None, "kept": store.versions(),
+        "weights": {"version": latest, "step": meta.get("step") if meta else None, "kept": kept,
                     "best": None if best is None else {"version": best[0], "score": best[1]}},
         "throughput": {"games_per_s": round(sum(float(i.get("games_per_s") or 0) for i in actors), 1),
                        "samples_per_s": round(sum(float(i.get("samples_per_s") or 0) for i in actors), 1),
