@@ -170,3 +170,27 @@ def test_stream_is_bounded_and_loses_nothing_across_restarts(client: redis.Redis
     assert stream.pending() == 0
     store.clear()
     stream.reset()
+
+
+def test_entries_a_zombie_read_are_taken_back(client: redis.Redis, lease: tuple[str, str]) -> None:
+    """A zombie learner (same consumer name) reads entries after the live learner's
+    reader passed its history: the live reader takes them back once they are idle, so
+    they neither stay pending (holding back the trim until the bound stops the actors)
+    nor are lost; what the live reader returned itself is never returned twice."""
+    exp = f"stray{uuid.uuid4().hex[:6]}"
+    stream = ExperienceStream(client, exp, maxlen=1000)
+    live = stream.reader("learner.0")
+    live.RECHECK_S = 0.3  # type: ignore[misc]
+    assert stream.add([{"n": i} for i in range(10)])
+    first = live.read(count=5)  # past its history: now reading new entries
+    zombie = ExperienceStream(redis.Redis(connection_pool=client.connection_pool), exp).reader("learner.0")
+    zombie._history = None  # a zombie that woke up mid-loop reads new entries only
+    stolen = zombie.read(count=3)
+    assert [e.sample["n"] for e in first] == [0, 1, 2, 3, 4] and [e.sample["n"] for e in stolen] == [5, 6, 7]
+    time.sleep(0.4)
+    seen = [e.sample["n"] for e in first]
+    deadline = time.monotonic() + 5
+    while len(seen) < 10 and time.monotonic() < deadline:
+        seen += [e.sample["n"] for e in live.read(count=10, block_ms=100)]
+    assert sorted(seen) == list(range(10)), seen
+    stream.reset()

@@ -126,11 +126,18 @@ class ExperienceStream:
 
 class Reader:
     """The learner's side: `read` returns its own pending entries first (those read but
-    not acknowledged before a restart), then new ones."""
+    not acknowledged before a restart), then new ones. Every RECHECK_S it also takes
+    back entries pending longer than that which it never returned itself: those a
+    zombie of the same instance read after this reader had passed its history (left
+    pending, they would hold the trim back until the bound stopped the actors)."""
+
+    RECHECK_S = 5.0
 
     def __init__(self, stream: ExperienceStream, consumer: str):
         self.stream, self.consumer = stream, consumer
         self._history: str | None = "0"
+        self.outstanding: set[str] = set()  # returned by `read`, not yet acknowledged
+        self._checked = time.monotonic()
         self._claim_others()
 
     def _claim_others(self) -> None:
@@ -145,6 +152,11 @@ class Reader:
                 return
 
     def read(self, count: int = 256, block_ms: int = 0) -> list[Entry]:
+        entries = self._read(count, block_ms)
+        self.outstanding.update(e.id for e in entries)
+        return entries
+
+    def _read(self, count: int, block_ms: int) -> list[Entry]:
         client, key = self.stream.client, self.stream.key
         if self._history is not None:
             reply = client.xreadgroup(GROUP, self.consumer, {key: self._history}, count=count)
@@ -153,15 +165,34 @@ class Reader:
                 self._history = entries[-1].id
                 return entries
             self._history = None
+        if time.monotonic() - self._checked >= self.RECHECK_S:
+            self._checked = time.monotonic()
+            if stray := self._stray(count):
+                return stray
         reply = client.xreadgroup(GROUP, self.consumer, {key: ">"}, count=count,
                                   block=block_ms or None)
         return _entries(reply)
+
+    def _stray(self, count: int) -> list[Entry]:
+        """Entries pending (under any consumer) for RECHECK_S or longer that this reader
+        never returned; claimed to it."""
+        client, key = self.stream.client, self.stream.key
+        reply = cast(list[Any], client.xautoclaim(key, GROUP, self.consumer,
+                                                  min_idle_time=int(self.RECHECK_S * 1000),
+                                                  start_id="0-0", count=count))
+        found = _entries([(key, reply[1])]) if len(reply) > 1 else []
+        return [e for e in found if e.id not in self.outstanding]
+
+    def acknowledged(self, ids: Sequence[str]) -> None:
+        """`ids` were acknowledged (with a weight publish)."""
+        self.outstanding.difference_update(ids)
 
     def ack(self, ids: Sequence[str]) -> int:
         """Acknowledge `ids` outside a weight publish (benchmarks), then trim."""
         if not ids:
             return 0
         n = int(cast(int, self.stream.client.xack(self.stream.key, GROUP, *ids)))
+        self.acknowledged(ids)
         self.stream.trim()
         return n
 

@@ -108,6 +108,7 @@ def learner(ctx: Any) -> None:
             step += 1
             if step % int(s["publish_every"]) == 0 or step == int(s["steps"]):
                 version = ctx.publish(game.to_bytes(params()), step=step, ack_ids=pending)
+                reader.acknowledged(pending)
                 pending = []
         ctx.beat("running", steps=step, samples=consumed, version=version)
     if step >= int(s["steps"]) and ctx.running():
