@@ -59,17 +59,17 @@ def validate_roles(configs: tuple[str, ...]) -> None:
 
 
 def is_roles_experiment(root: str | None, experiment: str | None) -> bool:
-    """Whether `experiment` (under the results root) was submitted as a roles experiment:
-    then `status`, `watch` and `report` show its roles."""
+    """Whether `experiment` (under the results root) was submitted as a roles experiment
+    (its roles/status.json: one stat, not a read of a manifest that may hold 100,000
+    runs): then `status`, `watch` and `report` show its roles."""
     if not experiment:
         return False
-    from ..paths import read_json
+    from ..roles.files import RolesFiles
 
     try:
-        manifest = read_json(Layout(results_root_path(root)).manifest(experiment))
-    except Exception:  # noqa: BLE001 (an unsafe name, no root: the usual command reports it)
+        return RolesFiles(Layout(results_root_path(root)), experiment).status_path().is_file()
+    except Exception:  # noqa: BLE001 (an unsafe name: the usual command reports it)
         return False
-    return isinstance(manifest, dict) and manifest.get("kind") == "roles"
 
 
 def split_roles_configs(configs: tuple[str, ...]) -> tuple[list[str], list[str]]:

@@ -132,6 +132,9 @@ class RoleContext:
         now = time.time()
         if state == self._state and now - self._beat_at < BEAT_EVERY:
             return
+        why = self.guard.stop_reason()
+        if why is not None and not why.startswith("cancelled"):
+            return  # fenced: the record is the next attempt's now
         self._beat_at, self._state = now, state
         rates = {}
         for key, value in stats.items():
