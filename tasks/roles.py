@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import redis
 from celery.exceptions import Reject
 
 from orchestrator import keys
@@ -20,6 +21,7 @@ from orchestrator.roles.spec import ROLE_TASK
 from . import app
 
 ROLE_RETRIES = 3  # a role function that raises is started again this many times
+BACKOFF_MAX_S = 60.0  # Redis unreachable: the instance starts again after 1, 2, 4 ... 60 s
 
 
 @functools.cache
@@ -41,6 +43,9 @@ def role_run(self: Any, spec: dict[str, Any]) -> dict[str, Any]:
     if isinstance(outcome, HandBack):
         raise Reject(outcome.reason, requeue=True)
     assert isinstance(outcome, Failed)
+    retries = int(self.request.retries or 0)
+    if outcome.transient or isinstance(outcome.error, redis.RedisError):  # not the role's fault: no cap, backoff
+        raise self.retry(exc=outcome.error, countdown=min(BACKOFF_MAX_S, 2.0 ** retries), max_retries=None)
     raise self.retry(exc=outcome.error, countdown=2)
 
 

@@ -61,9 +61,12 @@ class HandBack:
 
 @dataclass(frozen=True)
 class Failed:
-    """The role function raised: retry the message (Celery caps the retries)."""
+    """The role function raised: retry the message (Celery caps the retries), or
+    (`transient`: Redis unreachable, the instance's own last attempt not yet lapsed)
+    retry with backoff, uncapped."""
 
     error: BaseException
+    transient: bool = False
 
 
 Outcome = Done | HandBack | Failed
@@ -199,13 +202,23 @@ def evaluations(client: redis.Redis, experiment: str) -> dict[int, dict[str, Any
 
 def run_instance(client: redis.Redis, layout: Layout, payload: Any, worker: str, device: str,
                  task_id: str) -> Outcome:
-    """One delivery of a role task: validate, claim, run the role function, release."""
+    """One delivery of a role task: validate, claim, run the role function, release.
+    Redis unreachable before the role starts: Failed (the task retries with backoff)."""
     try:
         spec = RoleSpec.from_dict(payload)
         role = get_role(spec.function)
     except (InvalidSpecError, UnknownTrainerError) as exc:
         log.warning("refused a role task: %s", exc)
         return Done({"status": "REFUSED", "why": str(exc)})
+    try:
+        return _attempt(client, layout, spec, role, worker, device, task_id)
+    except redis.RedisError as exc:
+        log.warning("%s: Redis unreachable (%s); trying again later", spec.name, exc)
+        return Failed(exc, transient=True)
+
+
+def _attempt(client: redis.Redis, layout: Layout, spec: RoleSpec, role: Any, worker: str, device: str,
+             task_id: str) -> Outcome:
     exp = spec.experiment
     if (why := ended(client, exp)) is not None:
         return Done({"status": "ENDED", "why": why})
@@ -219,6 +232,8 @@ def run_instance(client: redis.Redis, layout: Layout, payload: Any, worker: str,
             "task_id": task_id, "role": spec.role, "kind": "role"}
     got = leases.claim(ikey, info)
     if not isinstance(got, Claim):
+        if got.get("task_id") == task_id:  # this message's last attempt, whose end Redis missed
+            return Failed(RuntimeError(f"{spec.name}: its last attempt's lease has not lapsed yet"), transient=True)
         return Done({"status": "DUPLICATE", "holder": got.get("worker")})
     guard = LeaseGuard(leases, ikey, got, info, exp, spec.submitted_at)
     files = RolesFiles(layout, exp)
@@ -239,13 +254,16 @@ def run_instance(client: redis.Redis, layout: Layout, payload: Any, worker: str,
         log.exception("%s attempt %d failed", spec.name, got.attempt)
         outcome = Failed(exc)
     why = guard.stop_reason()
-    if why is not None and not why.startswith("cancelled"):
-        entry = leases.active().get(ikey, {})
-        if entry.get("handed_back") and entry.get("revoked_token") == guard.token:
-            outcome = HandBack(f"{spec.name} handed back")
-    if why is not None and why.startswith("cancelled"):
-        files.write_status({"experiment": exp, "state": "CANCELLED", "why": why, "ended_at": time.time()})
-    ctx.beat({Done: "stopped", HandBack: "handed back", Failed: "failed"}[type(outcome)])
-    leases.release(ikey, guard.token)  # (changes nothing once fenced or handed back)
+    try:  # Redis may be what failed: the end of the attempt is then the lease's lapse
+        if why is not None and not why.startswith("cancelled"):
+            entry = leases.active().get(ikey, {})
+            if entry.get("handed_back") and entry.get("revoked_token") == guard.token:
+                outcome = HandBack(f"{spec.name} handed back")
+        if why is not None and why.startswith("cancelled"):
+            files.write_status({"experiment": exp, "state": "CANCELLED", "why": why, "ended_at": time.time()})
+        ctx.beat({Done: "stopped", HandBack: "handed back", Failed: "failed"}[type(outcome)])
+        leases.release(ikey, guard.token)  # (changes nothing once fenced or handed back)
+    except redis.RedisError as exc:
+        log.warning("%s attempt %d: could not record its end (%s)", spec.name, got.attempt, exc)
     log.info("%s attempt %d: %s", spec.name, got.attempt, outcome)
     return outcome
