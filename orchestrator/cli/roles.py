@@ -179,9 +179,10 @@ def watch_roles(experiment: str, interval: float, once: bool, results_root: str 
 def show_watch(experiment: str, interval: float, once: bool, results_root: str | None, broker: str | None) -> None:
     from ..views.roles import status_lines
 
+    once = once or not out.is_terminal  # into a pipe: one frame, as `watch` does
     while True:
         data, _ = _status(experiment, results_root, broker)
-        if not once and out.is_terminal:
+        if not once:
             out.clear()
         out.print("\n".join(status_lines(data)), markup=False)
         if once or data.get("status") in ("DONE", "CANCELLED"):
