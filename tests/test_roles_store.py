@@ -262,3 +262,65 @@ def test_an_actor_killed_mid_stream_loses_and_repeats_nothing(redis_url: str, cl
     assert stream.pending() == 0
     store.clear()
     stream.reset()
+
+
+def test_the_acl_users_may_do_what_roles_need(tmp_path: Path) -> None:
+    """deploy/redis-users.acl loaded into a private Redis (plain TCP: tests/test_acl.py
+    covers TLS): the worker user publishes and fetches weights, adds to and reads the
+    stream, and hears the ready channel; the control user reads what `status` reads;
+    the submitter creates the stream's group. Nothing of it is denied (ACL LOG)."""
+    import hashlib
+    import shutil
+    import subprocess
+
+    from orchestrator.cluster.local import free_port, spawn, stop_process
+    from orchestrator.roles.experience import ExperienceStream as Stream
+
+    from .conftest import REPO, wait_for
+
+    users = ("admin", "worker", "control", "submitter", "flower")
+    passwords = {u: f"{u}-{uuid.uuid4().hex[:8]}" for u in users}
+    text = (REPO / "deploy" / "redis-users.acl").read_text()
+    for user, password in passwords.items():
+        text = text.replace(f"#{user.upper()}_PASSWORD_SHA256", "#" + hashlib.sha256(password.encode()).hexdigest())
+    acl = tmp_path / "users.acl"
+    acl.write_text(text)
+    port = free_port()
+    exe = shutil.which("redis-server")
+    assert exe
+    proc: subprocess.Popen[bytes] = spawn([exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path),
+                                           "--save", "", "--appendonly", "no", "--aclfile", str(acl),
+                                           "--logfile", str(tmp_path / "redis.log")], dict(os.environ), tmp_path / "out")
+
+    def as_user(user: str) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=port, username=user, password=passwords[user], socket_timeout=5)
+
+    def up() -> bool:
+        try:
+            return bool(as_user("admin").ping())
+        except redis.ConnectionError:
+            return False
+
+    try:
+        wait_for(up, timeout=15, what="the ACL redis-server")
+        admin, worker, control, submitter = (as_user(u) for u in ("admin", "worker", "control", "submitter"))
+        Stream(submitter, "acl").ensure_group()
+        key = "orch:lease:role.acl.learner.0"
+        worker.set(key, "tok")
+        store = WeightStore(worker, "acl", keep=1, chunk_bytes=1000)
+        stream = Stream(worker, "acl", maxlen=100)
+        assert stream.add([{"n": 1}, {"n": 2}])
+        reader = stream.reader("learner.0")
+        entries = reader.read(count=10)
+        heard = threading.Thread(target=lambda: store.wait_newer(None, timeout=5))
+        heard.start()
+        v = store.publish(b"x" * 2500, "tok", key, step=1, acks=(stream.key, GROUP, [e.id for e in entries]))
+        heard.join(10)
+        stream.trim()
+        assert store.fetch(v) is not None and store.mark_best(v, 1.0)
+        assert Stream(control, "acl").length() == 0 and Stream(control, "acl").pending() == 0
+        assert WeightStore(control, "acl").latest() == v
+        denied = admin.acl_log(count=100)
+        assert denied == [], denied
+    finally:
+        stop_process(proc)
