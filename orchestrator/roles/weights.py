@@ -27,16 +27,19 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
 
-from . import rkeys
+from . import rkeys, wire
 
 MiB = 1 << 20
 DEFAULT_CHUNK = 8 * MiB
+# Versions up to this size are returned as bytes (one copy); bigger ones as the bytearray
+# they were read into (no copy of hundreds of MB).
+STAGE_COPY_MAX = 16 * MiB
 STAGE_TTL_S = 600  # chunks of a version that was never flipped (a zombie's, a crash) expire
 CHECKSUM = "sha256"
 
@@ -90,7 +93,7 @@ class Version:
     """One published version, read whole and verified."""
 
     number: int
-    data: bytes
+    data: bytes | bytearray
     meta: dict[str, Any]
 
     @property
@@ -155,11 +158,9 @@ class WeightStore:
         bounds = [(i, min(i + self.chunk_bytes, size)) for i in range(0, size, self.chunk_bytes)] or [(0, 0)]
         # Hash on the pool while the chunks go out on the socket (both release the GIL).
         digests = [self._pool.submit(_digest, view[a:b]) for a, b in bounds]
-        pipe = self.client.pipeline(transaction=False)
         chunk_keys = [self.chunk_key(version, i) for i in range(len(bounds))]
-        for key, (a, b) in zip(chunk_keys, bounds, strict=True):
-            pipe.set(key, view[a:b], ex=STAGE_TTL_S)
-        pipe.execute()
+        wire.set_many(self.client, [(k, view[a:b]) for k, (a, b) in zip(chunk_keys, bounds, strict=True)],
+                      STAGE_TTL_S)
         sums = [f.result() for f in digests]
         meta = {"version": version, "size": size, "chunks": len(bounds), "chunk_bytes": self.chunk_bytes,
                 "algorithm": CHECKSUM, "chunk_checksums": sums, "checksum": version_checksum(sums),
@@ -252,22 +253,17 @@ class WeightStore:
         meta = self._meta(number)
         if meta is None:
             return None
-        n = int(meta["chunks"])
-        pipe = self.client.pipeline(transaction=False)
-        for i in range(n):
-            pipe.get(self.chunk_key(number, i))
-        chunks = cast(list[bytes | None], pipe.execute())
-        if any(c is None for c in chunks):
+        n, size, step = int(meta["chunks"]), int(meta["size"]), int(meta["chunk_bytes"])
+        sizes = [min(step, size - i * step) for i in range(n)] if size else [0]
+        hashing: dict[int, Future[str]] = {}
+        buf = wire.get_into(self.client, [self.chunk_key(number, i) for i in range(n)], sizes,
+                            on_chunk=lambda i, chunk: hashing.__setitem__(i, self._pool.submit(_digest, chunk)))
+        sums = [hashing[i].result() for i in sorted(hashing)]  # (also when the read failed)
+        if buf is None:
             return None  # pruned while we read: the caller reads the new pointer
-        parts = cast(list[bytes], chunks)
-        sums = list(self._pool.map(_digest, parts))
         if sums != meta["chunk_checksums"] or version_checksum(sums) != meta["checksum"]:
             raise ChecksumMismatch(f"version {number} of {self.experiment}: checksum mismatch")
-        data = parts[0] if n == 1 else b"".join(parts)
-        if len(data) != int(meta["size"]):
-            raise ChecksumMismatch(f"version {number} of {self.experiment}: {len(data)} bytes, "
-                                   f"meta says {meta['size']}")
-        return Version(number, data, meta)
+        return Version(number, bytes(buf) if size <= STAGE_COPY_MAX else buf, meta)
 
     def wait_newer(self, than: int | None, timeout: float, stop: Callable[[], bool] | None = None,
                    poll: float = 0.5) -> int | None:
