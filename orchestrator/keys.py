@@ -31,6 +31,8 @@ outputs go; see orchestrator.execution.leases for the lease protocol):
     orch:rank:<run_key>:<attempt>:<r>  a rank's lease and heartbeat (JSON, PX ttl)
     orch:ddp:<run_key>:<attempt>:*     the torch.distributed store of one attempt
     rank.<worker>                      the queue only that worker takes: a gang's rank tasks
+    orch:roles:* orch:w:* orch:xp:*    roles experiments: state, weights, experience
+                                       (orchestrator.roles.rkeys lists them)
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from . import (  # noqa: F401  (each registers its commands)
     experiments,
     flower,
     reporting,
+    roles,
     running,
     searching,
     watching,

@@ -124,7 +124,14 @@ def validate(configs: tuple[str, ...]) -> None:
     Example:
       orchestrator validate configs/          # every *.yaml in the folder
     """
-    for exp in load_experiments(list(configs)):
+    from .roles import split_roles_configs, validate_roles
+
+    others, roles_files = split_roles_configs(configs)
+    if roles_files:  # `roles:` experiments (docs/roles.md)
+        click.get_current_context().invoke(validate_roles, configs=tuple(roles_files))
+        if not others:
+            return
+    for exp in load_experiments(list(others)):
         if exp.search is not None:
             cfg = exp.search
             per_trial = len(exp.datasets) * len(exp.seeds)
@@ -245,7 +252,11 @@ def status(experiment: str | None, results_root: str | None, as_json: bool, brok
     """
     from ..dispatch.manifest import experiments
     from ..views.overview import experiment_status
+    from .roles import is_roles_experiment, show_status
 
+    if is_roles_experiment(results_root, experiment):  # its roles, from the cluster's Redis
+        show_status(str(experiment), as_json, results_root, broker)
+        return
     layout = Layout(results_root_path(results_root))
     names = [experiment] if experiment else experiments(layout)
     lookup = _in_flight(broker)
