@@ -23,8 +23,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from .asha import told
 from .config import SearchConfig
-from .journal import COMPLETE, FAILED, PRUNED, Trial
+from .journal import COMPLETE, PRUNED, RUNNING, Trial
 from .space import optuna_distributions
 
 
@@ -69,12 +70,14 @@ def forget() -> None:
     _studies.clear()
 
 
-def _state(t: Trial) -> Any:
+def _told(cfg: SearchConfig, t: Trial) -> tuple[Any, list[float] | None]:
+    """(Optuna's TrialState, values) of what the study is told of `t` (asha.told: a
+    PRUNED trial's values are its last rung value, also its one intermediate value)."""
     from optuna.trial import TrialState
 
-    if t.state in (COMPLETE, PRUNED) and t.values:  # ASHA: told its value at its last rung
-        return TrialState.COMPLETE
-    return {FAILED: TrialState.FAIL, PRUNED: TrialState.PRUNED}.get(t.state, TrialState.RUNNING)
+    state, values = told(cfg, t)
+    return {COMPLETE: TrialState.COMPLETE, PRUNED: TrialState.PRUNED,
+            RUNNING: TrialState.RUNNING}.get(state, TrialState.FAIL), values
 
 
 def _study(cfg: SearchConfig, trials: list[Trial], key: str, dists: dict[str, Any]) -> Any:
@@ -89,18 +92,23 @@ def _study(cfg: SearchConfig, trials: list[Trial], key: str, dists: dict[str, An
     study = cached.study
     for number in sorted(cached.running):  # those that ended since: told to the study
         t = trials[number]
-        state = _state(t)
+        state, values = _told(cfg, t)
         if state != TrialState.RUNNING:
             if state == TrialState.COMPLETE:
-                study.tell(number, t.values)
+                study.tell(number, values)
             else:
+                if state == TrialState.PRUNED and values:  # its last rung value, as Optuna's own pruning
+                    trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+                    study._storage.set_trial_intermediate_value(trial_id, max(t.rungs), values[0])
                 study.tell(number, state=state)
             cached.states[number] = state
             cached.running.discard(number)
     for t in trials[len(cached.states):]:  # recorded by another process
-        state = _state(t)
-        study.add_trial(create_trial(state=state, values=t.values if state == TrialState.COMPLETE else None,
-                                     params=t.raw, distributions=dists, system_attrs=t.system_attrs))
+        state, values = _told(cfg, t)
+        inter = {max(t.rungs): values[0]} if state == TrialState.PRUNED and values else None
+        study.add_trial(create_trial(state=state, values=values if state != TrialState.RUNNING else None,
+                                     params=t.raw, distributions=dists, system_attrs=t.system_attrs,
+                                     intermediate_values=inter))
         cached.states.append(state)
         if state == TrialState.RUNNING:
             cached.running.add(t.number)
