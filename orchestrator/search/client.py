@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from ..experiment.config import Experiment
@@ -29,8 +30,11 @@ def save_searches(exps: list[Experiment], layout: Layout) -> list[str]:
 
 def start_searches(names: list[str]) -> None:
     """A step of each search on the control queue of the broker of ORCH_BROKER_URL
-    (cluster.endpoints.use_broker), publishing again what is in flight (a submission:
-    the broker may have lost it). EnvironmentProblem if the broker cannot be reached."""
+    (cluster.endpoints.use_broker), publishing again what was in flight before now (a
+    submission: the broker may have lost it; what a step publishes from now on, e.g. the
+    watchdog's as soon as search.json appears, is not sent twice: a duplicate delivery
+    would hold a worker, waiting on the lease, for as long as the run trains).
+    EnvironmentProblem if the broker cannot be reached."""
     if not names:
         return
     from celery.exceptions import OperationalError
@@ -44,7 +48,7 @@ def start_searches(names: list[str]) -> None:
 
     try:
         for name in names:
-            app.send_task(SEARCH_STEP, args=(name, True), queue="control")
+            app.send_task(SEARCH_STEP, args=(name, time.time()), queue="control")
     except (OperationalError, KombuError, RedisError) as exc:
         raise EnvironmentProblem(f"cannot reach the broker at {os.environ['ORCH_BROKER_URL']}: {exc}") from None
 

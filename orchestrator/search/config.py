@@ -24,7 +24,7 @@ SEARCH_KEYS = {
     "trials": "how many trials (not for evolution: population and generations say it)",
     "parallel": "trials in flight at once (default 4)",
     "seed": "the strategy's seed (default 0)",
-    "mode": "batch (default: deterministic) or async (random, tpe: fill free slots at once)",
+    "mode": "batch (default: deterministic) or async (random, tpe: fill free slots at once; the default with asha)",
     "max_failed_trials": "the search stops once more trials than this failed (default: trials)",
     "space": "parameter distributions, as sweep.random.space",
     "architecture": "mlp layers: {layers: [min, max], width: [min, max], activation: [...], dropout: [low, high]}",
@@ -242,7 +242,10 @@ def parse_search(block: Any, trainer_params: dict[str, Any] | None,
     if not _int(seed) or not 0 <= seed < 2**32:
         c.bad("seed", f"must be an integer from 0 to {2**32 - 1}, got {seed!r}")
         seed = 0
-    mode = block.get("mode", "batch")
+    # ASHA decides from the order reports arrive in, so a batch would buy no determinism:
+    # random and tpe then fill a slot as soon as a trial is pruned (async) by default.
+    asha_async = isinstance(block.get("asha"), dict) and strategy in ASYNC_STRATEGIES
+    mode = block.get("mode", "async" if asha_async else "batch")
     if mode not in MODES:
         c.bad("mode", f"must be batch or async, got {mode!r}")
     elif mode == "async" and strategy in STRATEGIES and strategy not in ASYNC_STRATEGIES:

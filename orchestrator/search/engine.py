@@ -313,10 +313,13 @@ def all_plans(search: Search, h: History) -> list[GroupPlan]:
 
 
 def step(layout: Layout, experiment: str, publish: Publish, live: Any = None,
-         republish: bool = False) -> dict[str, Any]:
+         republish: bool | float = False) -> dict[str, Any]:
     """One idempotent step of the search (see the module docstring); returns its
     progress. `republish`: publish again every trial in flight (a submission: the
-    broker may have lost their messages; a run delivered twice still trains once)."""
+    broker may have lost their messages; a run delivered twice still trains once);
+    a time: those published before it (a submission's own time: what a step published
+    since is in the broker, and a second delivery of it would hold a worker waiting)."""
+    before = (float("inf") if republish is True else float(republish)) if republish else None
     search = load_search(layout, experiment)
     if search is None:
         return {}
@@ -325,7 +328,7 @@ def step(layout: Layout, experiment: str, publish: Publish, live: Any = None,
     # for the next step, at most a watchdog interval away).
     reports = rungs.read(live, experiment) if search.cfg.asha is not None and live is not None else {}
     with file_lock(layout.search_lock(experiment)):
-        changed = republish
+        changed = bool(republish)
         for _ in range(100_000):  # until a pass changes nothing (reused points end at once)
             h = load_history(journal)
             live_trials = [t for t in h.ordered if t.state == RUNNING and t.published]
@@ -352,8 +355,9 @@ def step(layout: Layout, experiment: str, publish: Publish, live: Any = None,
             running = [t for t in h.ordered if t.state == RUNNING]
             inflight = sum(1 for t in running if t.published)
             fresh = [t for t in running if not t.published][:max(search.cfg.parallel - inflight, 0)]
-            todo = ([t for t in running if t.published] if republish else []) + fresh
-            republish = False
+            todo = ([t for t in running if t.published and t.published_at < before]
+                    if before is not None else []) + fresh
+            before = None
             if todo:
                 numbers = {t.number for t in todo}
                 busy = {s.group_id for t in running if t.published and t.number not in numbers

@@ -37,6 +37,7 @@ class Trial:
     point: str
     system_attrs: dict[str, Any] = field(default_factory=dict)  # Optuna's, told back
     published: bool = False
+    published_at: float = 0.0  # when it was last published (the `published` entry's time)
     state: str = RUNNING
     values: list[float] | None = None
     error: str | None = None
@@ -165,7 +166,7 @@ def apply(h: History, e: dict[str, Any]) -> None:
     elif kind == "published":
         for n in e["numbers"]:
             if n in h.trials:
-                h.trials[n].published = True
+                h.trials[n].published, h.trials[n].published_at = True, float(e.get("t") or 0.0)
     elif kind == "result" and e["number"] in h.trials:
         t = h.trials[e["number"]]
         t.state, t.error = e["state"], e.get("error")
