@@ -55,6 +55,11 @@ class _Cached:
     study: Any
     states: list[Any]  # what the study holds of each trial, by number: its TrialState
     running: set[int] = field(default_factory=set)  # the numbers it holds as RUNNING
+    # TPE's IntersectionSearchSpace: incremental over the study's trials, so kept with the
+    # study rather than rebuilt from all of them by each batch's fresh sampler (~1/5 of
+    # an ask at 1,000 trials). A pure function of the trials: a cold process computes
+    # the same search space, and so the same proposals.
+    search_space: Any = None
 
 
 # One in-memory study per search and process, brought up to date from the journal at
@@ -129,6 +134,11 @@ def ask(cfg: SearchConfig, trials: list[Trial], n: int, first: int,
         warnings.simplefilter("ignore")  # experimental-feature and independent-sampling notes
         study = _study(cfg, trials, key, dists)
         study.sampler = _sampler(cfg, derived_seed(cfg.seed, first))
+        cached = _studies[key]
+        if hasattr(study.sampler, "_search_space"):  # TPE (a private attribute: only a cache)
+            if cached.search_space is None:
+                cached.search_space = study.sampler._search_space
+            study.sampler._search_space = cached.search_space
         out = []
         for _ in range(n):
             trial = study.ask(dists)
