@@ -441,3 +441,46 @@ def test_a_step_finalizes_a_group_whose_callback_was_lost(tmp_path: Path, monkey
     record = read_group_status(layout, first)
     assert record is not None and record["train_status"] == "DONE"
     assert read_history(layout, "st").trials[0].values == [record["metrics"]["reported"]["score"]]
+
+
+class _FakeRedis:
+    """What rungs.sender and rungs.read use of a Redis client."""
+
+    def __init__(self) -> None:
+        self.hashes: dict[str, dict[bytes, bytes]] = {}
+
+    def pipeline(self, transaction: bool = False) -> _FakeRedis:
+        return self
+
+    def hset(self, key: str, field: str, value: str) -> None:
+        self.hashes.setdefault(key, {})[field.encode()] = value.encode()
+
+    def expire(self, key: str, ttl: int) -> None:
+        pass
+
+    def execute(self) -> None:
+        pass
+
+    def hgetall(self, key: str) -> dict[bytes, bytes]:
+        return dict(self.hashes.get(key, {}))
+
+
+def test_rung_reports_are_sent_at_the_rungs_only_and_read_back_checked(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from orchestrator.search import rungs
+
+    search = search_for(tmp_path, {**GOOD, "trials": 1, "asha": ASHA})
+    spec = search.specs(history(propose(search, history([]))).ordered[0])[0]
+    live = SimpleNamespace(client=_FakeRedis())
+    send = rungs.sender(live, spec)
+    for epoch in range(1, 10):
+        send({"epoch": epoch, "score": epoch / 10, "note": "text", "flag": True, "bad": float("nan")})
+    send({"epoch": "3", "score": 1.0})  # not an epoch number: ignored
+    key = f"orch:rungs:{spec.experiment}"
+    assert sorted(live.client.hashes[key]) == [f"{spec.run_id}:1".encode(), f"{spec.run_id}:3".encode()]
+    live.client.hashes[key][b"../../etc:1"] = b'{"score": 1}'  # forged or broken entries
+    live.client.hashes[key][b"0123456789abcdef:2"] = b"not json"
+    live.client.hashes[key][b"0123456789abcdef:4"] = b'["a list"]'
+    assert rungs.read(live, spec.experiment) == {(spec.run_id, 1): {"epoch": 1.0, "score": 0.1},
+                                                 (spec.run_id, 3): {"epoch": 3.0, "score": 0.3}}
