@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Search figures (docs/search.md, issue 17).
 
-    python benchmarks/search.py [--trials 1000] [--part bookkeeping,tpe,asha,resume]
+    python benchmarks/search.py [--trials 1000]
+        [--part bookkeeping,tpe,asha,asha-digits,determinism,resume]
 
 - bookkeeping: a `random` and a `tpe` search of `trials` trials, one fold each, driven by
   the real step (orchestrator.search.engine.step) in this process against a temporary
@@ -12,8 +13,15 @@
 - tpe: TPE against random on the objective trainer's known function (in-process
   proposals, no training): the trials each needs to reach random's best after 200.
   Goal: TPE in a third or fewer.
-- asha: ASHA against full budgets on the objective function: the best score found and
-  the epochs spent. Goal: the same best within 1% at a third or less of the epochs.
+- asha, asha-digits: ASHA (decided from the reports at the rungs: asha.judge) against
+  training every trial to max_epochs, on the objective (81 random trials) and on digits
+  with `mlp` (27 random trials, ranked at the rungs by train_loss): the best final score
+  and the epochs spent. Each trial is trained once, in this process, to max_epochs and
+  its per-epoch reports replayed through the engine's proposals and asha.judge on 4
+  lockstep workers (see _replay_asha). Goal: the same best within 1% at
+  a third or less of the epochs.
+- determinism: `orchestrator run` (local mode) of one batch-mode TPE search with 1, 2
+  and 4 workers: the same proposals in the same order.
 - resume: a cold step (a fresh process, nothing cached) over the journal of a killed
   `trials`-trial search: the time until its new proposals are published. Goal: under 1 s.
 """
@@ -92,34 +100,27 @@ def _simulate(search: Any, score: Any) -> list[tuple[Any, float]]:
 
     entries: list[dict[str, Any]] = []
     scored = []
-    epochs = 0
     while True:
         new = propose(search, history(entries))
         entries += new
         running = [t for t in history(entries).ordered if t.state == RUNNING]
         if not running:
-            break
+            return scored
         for t in running:
-            value, spent = score(t)
-            epochs += spent
-            entries.append({"type": "result", "number": t.number, "state": "COMPLETE", "values": [value],
-                            "budget": t.budget})
+            value = score(t)
+            entries.append({"type": "result", "number": t.number, "state": "COMPLETE", "values": [value]})
             scored.append((t, value))
-    from orchestrator.search.engine import pruned_at_end
-
-    entries += pruned_at_end(search, history(entries))
-    return scored + [(None, float(epochs))]
 
 
 def tpe_vs_random(work: Path) -> None:
     from orchestrator.trainers.objective import expected_score
 
-    def score(t: Any) -> tuple[float, int]:
-        return expected_score(t.params["x"], t.params["y"], t.params["kind"], 3), 3
+    def score(t: Any) -> float:
+        return expected_score(t.params["x"], t.params["y"], t.params["kind"], 3)
 
-    rnd = _simulate(_search(_config(work, "r200", "random", 200, 4)), score)[:-1]
+    rnd = _simulate(_search(_config(work, "r200", "random", 200, 4)), score)
     target = max(v for _, v in rnd)
-    tpe = _simulate(_search(_config(work, "t200", "tpe", 200, 4)), score)[:-1]
+    tpe = _simulate(_search(_config(work, "t200", "tpe", 200, 4)), score)
     reached = next((i + 1 for i, (_, v) in enumerate(tpe) if v >= target), None)
     print(f"tpe vs random: random's best after 200 trials {target:.4f}; TPE reaches it after "
           f"{reached} trials ({'goal met' if reached and reached <= 200 / 3 else 'goal NOT met'}: "
