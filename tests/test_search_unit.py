@@ -335,7 +335,7 @@ def test_asha_goes_on_only_in_the_top_third_of_a_rung() -> None:
     assert goes_on(0.2, [0.7, 0.6, 0.5, 0.4, 0.3, 0.2], 3, False)  # minimize
 
 
-@pytest.mark.parametrize("name", ["tpe", "cmaes", "evolution", "nsga2"])
+@pytest.mark.parametrize("name", ["tpe", "tpe-batch", "cmaes", "evolution", "nsga2"])
 def test_asha_goes_on_top_of_every_strategy(name: str, tmp_path: Path) -> None:
     """Pruned trials are told to the strategy (tpe: PRUNED with their last rung value;
     cmaes and evolution: that value as their result; nsga2: failed), the search ends,
@@ -345,8 +345,8 @@ def test_asha_goes_on_top_of_every_strategy(name: str, tmp_path: Path) -> None:
     from orchestrator.search.asha import told
 
     block = {"metric": "reported.score", "space": SPACE, "seed": 7, "asha": ASHA, **STRATEGIES.get(name, {})}
-    if name == "tpe":
-        block.update(strategy="tpe", trials=24, parallel=4)
+    if name.startswith("tpe"):
+        block.update(strategy="tpe", trials=24, parallel=4, mode=name.removeprefix("tpe-") if "-" in name else "async")
     search = search_for(tmp_path, block)
     entries, _ = simulate_asha(search, 1)
     h = history(entries)
@@ -354,10 +354,16 @@ def test_asha_goes_on_top_of_every_strategy(name: str, tmp_path: Path) -> None:
     pruned = [t for t in h.ordered if t.state == "PRUNED"]
     assert pruned and h.count("COMPLETE")
     state, values = told(search.cfg, pruned[0])
-    expected = {"tpe": ("PRUNED", [pruned[0].rungs[pruned[0].budget or 0]]), "nsga2": ("FAILED", None)}
-    assert (state, values) == expected.get(name, ("COMPLETE", [pruned[0].rungs[pruned[0].budget or 0]]))
+    last = [pruned[0].rungs[pruned[0].budget or 0]]
+    expected = {"tpe": ("PRUNED", last), "tpe-batch": ("PRUNED", last), "nsga2": ("FAILED", None)}
+    assert (state, values) == expected.get(name, ("COMPLETE", last))
     cold, _ = simulate_asha(search, 1, forget=samplers.forget)
     assert [e.get("params") for e in cold] == [e.get("params") for e in entries]
+    if search.cfg.mode == "batch":  # the same pruning and proposals whatever order runs report in
+        for order in (2, 3):
+            other = history(simulate_asha(search, order)[0])
+            assert [(t.params, t.state, t.rungs) for t in other.ordered] == \
+                [(t.params, t.state, t.rungs) for t in h.ordered]
 
 
 def test_report_at_travels_in_the_message_only_when_set(tmp_path: Path) -> None:

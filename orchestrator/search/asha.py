@@ -17,8 +17,18 @@ for its decision; no other process, message or state is added. Each decision is 
 function of the journal (the rung values in the order they were recorded) and is written
 to it, with the rung value, before any run is stopped (write-ahead, as proposals are):
 a step killed in between stops the runs at the next step; a decision is never taken
-twice. Which trials are pruned depends on the order in which rung values were recorded,
-so ASHA is asynchronous: not reproducible across worker counts (docs/search.md).
+twice.
+
+Determinism. In `mode: async` (random and tpe; their default with ASHA) a trial is
+judged as soon as its runs reported a rung, against the values recorded there so far:
+which trials are pruned depends on the order reports arrive in, so such a search is not
+reproducible across runs or worker counts. In batch mode (evolution, cmaes, nsga2, and
+random or tpe with `mode: batch`), trial k is judged at a rung once every earlier trial
+still running has reported it (or ended), against the values of the earlier trials
+only: a function of the trials' own reports (seeded training) and their numbers, so the
+same seed prunes the same trials and proposes the same points with any number of
+workers, in whatever order trials finish. The price: a trial may train a little past a
+rung while it waits for an earlier one (docs/search.md).
 
 How a pruned trial is told to the strategy: random and TPE (Optuna) get TrialState.PRUNED
 with its last rung value as an intermediate value (TPE ranks pruned trials by it);
@@ -58,10 +68,8 @@ def judge(cfg: SearchConfig, h: History, run_ids: dict[int, list[str]], reports:
     asha = cfg.asha
     assert asha is not None
     maximize = asha.direction == "maximize"
-    at: dict[int, list[float]] = {}  # rung -> the values recorded there, in journal order
-    for t in h.trials.values():
-        for epoch, value in t.rungs.items():
-            at.setdefault(epoch, []).append(value)
+    ordered = cfg.mode == "batch"
+    running = sorted(n for n, t in h.trials.items() if t.state == RUNNING)
     out: list[dict[str, Any]] = []
     for number in sorted(run_ids):
         t = h.trials[number]
@@ -73,10 +81,16 @@ def judge(cfg: SearchConfig, h: History, run_ids: dict[int, list[str]], reports:
             found = [reports.get((rid, epoch), {}).get(asha.name) for rid in run_ids[number]]
             if not found or any(v is None for v in found):
                 break  # not every run has reported this rung (yet)
+            if ordered and number not in ended and any(
+                    h.trials[j].state == RUNNING and epoch not in h.trials[j].rungs and j not in ended
+                    for j in running if j < number):
+                break  # batch mode: judged once every earlier trial still running has reached the rung
             value = sum(v for v in found if v is not None) / len(found)
             entry: dict[str, Any] = {"type": "rung", "number": number, "epoch": epoch, "value": value}
-            values = at.setdefault(epoch, [])
-            values.append(value)
+            # Compared with the values recorded at the rung so far; in batch mode, with
+            # those of the earlier trials only (the same whatever order reports come in).
+            values = [u.rungs[epoch] for u in h.trials.values()
+                      if epoch in u.rungs and (not ordered or u.number < number)] + [value]
             out.append(entry)
             apply(h, entry)
             if number not in ended and not goes_on(value, values, asha.reduction_factor, maximize):

@@ -242,8 +242,9 @@ def parse_search(block: Any, trainer_params: dict[str, Any] | None,
     if not _int(seed) or not 0 <= seed < 2**32:
         c.bad("seed", f"must be an integer from 0 to {2**32 - 1}, got {seed!r}")
         seed = 0
-    # ASHA decides from the order reports arrive in, so a batch would buy no determinism:
-    # random and tpe then fill a slot as soon as a trial is pruned (async) by default.
+    # With ASHA, random and tpe fill a slot as soon as a trial is pruned (async) unless
+    # `mode: batch` asks for determinism (orchestrator.search.asha: batch mode judges in
+    # trial order).
     asha_async = isinstance(block.get("asha"), dict) and strategy in ASYNC_STRATEGIES
     mode = block.get("mode", "async" if asha_async else "batch")
     if mode not in MODES:

@@ -324,9 +324,6 @@ def step(layout: Layout, experiment: str, publish: Publish, live: Any = None,
     if search is None:
         return {}
     journal = layout.search_journal(experiment)
-    # ASHA: the rung reports the search's runs sent (read once a step; later ones wait
-    # for the next step, at most a watchdog interval away).
-    reports = rungs.read(live, experiment) if search.cfg.asha is not None and live is not None else {}
     with file_lock(layout.search_lock(experiment)):
         changed = bool(republish)
         for _ in range(100_000):  # until a pass changes nothing (reused points end at once)
@@ -334,6 +331,9 @@ def step(layout: Layout, experiment: str, publish: Publish, live: Any = None,
             live_trials = [t for t in h.ordered if t.state == RUNNING and t.published]
             outcomes = {t.number: r for t in live_trials
                         if (r := _trial_outcome(layout, search, t, live)) is not None}
+            # ASHA: the rung reports of the search's runs, read after the outcomes: a run
+            # found ended has sent all its reports (later ones wait for the next step).
+            reports = rungs.read(live, experiment) if search.cfg.asha is not None and live is not None else {}
             try:
                 judged = (asha.judge(search.cfg, h, {t.number: [s.run_id for s in search.specs(t)]
                                                      for t in live_trials}, reports, set(outcomes))
