@@ -247,35 +247,51 @@ def _digits_config(work: Path, trials: int) -> Path:
     return path
 
 
-def determinism(work: Path, strategy: str = "tpe", trials: int = 12) -> None:
+def determinism(work: Path, asha: bool = False) -> None:
     """`orchestrator run` (local mode: a private Redis, N CPU workers and a control
-    worker) of one batch-mode search with 1, 2 and 4 workers: the proposals, in trial
-    order, must be the same. Each run's trials take 0.05-0.3 s (random `seconds`), so
-    they finish in different orders."""
+    worker) of one search with 1, 2 and 4 workers: the proposals (and with ASHA, which
+    trials were pruned at which rung), in trial order, must be the same. A batch-mode TPE
+    search of 12 trials of 3 epochs of 0-0.1 s; with `asha`, an evolution of 4 x 3
+    generations with ASHA (9 epochs of 0.1-0.3 s, rungs 1 and 3; a 0.5 s watchdog and a
+    3 s lease, so that decisions land mid-run)."""
     import os
 
     from orchestrator.paths import Layout
     from orchestrator.search.engine import read_history
 
-    path = _config(work, "det", strategy, trials, 4)
-    # The same search, each trial 3 epochs of 0-0.1 s: trials finish in different orders.
-    path.write_text(path.read_text().replace(SPACE, SPACE[:-1] + ", seconds: {uniform: [0.0, 0.1]}}"))
+    name = "det_asha" if asha else "det"
+    if asha:
+        path = _config(work, name, "evolution", 0, 4, epochs="", extra=(
+            "  asha: {min_epochs: 1, max_epochs: 9, reduction_factor: 3}\n"
+            "  evolution: {population: 4, generations: 3, elitism: 1, tournament: 2}\n"))
+        text = path.read_text().replace("  trials: 0\n", "").replace("  parallel: 4\n", "")
+        path.write_text(text.replace(SPACE, SPACE[:-1] + ", seconds: {uniform: [0.1, 0.3]}}"))
+        env = {"ORCH_WATCHDOG_INTERVAL": "0.5", "ORCH_LEASE_SECONDS": "3"}
+    else:
+        path = _config(work, name, "tpe", 12, 4)
+        # Each trial 3 epochs of 0-0.1 s: trials finish in different orders.
+        path.write_text(path.read_text().replace(SPACE, SPACE[:-1] + ", seconds: {uniform: [0.0, 0.1]}}"))
+        env = {}
     seen = {}
     for n in (1, 2, 4):
-        root = work / f"det-{n}"
+        root = work / f"{name}-{n}"
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "orchestrator", "run", str(path), "--workers", str(n),
                                "--results-root", str(root)], capture_output=True, text=True, cwd=REPO,
-                              env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
+                              env={**os.environ, "PYTHONPATH": str(REPO), **env}, timeout=600)
         if proc.returncode != 0:
             print(f"determinism: run with {n} workers failed: {proc.stderr[-2000:]}")
             return
-        seen[n] = [t.params for t in read_history(Layout(root), "det").ordered]
-        print(f"determinism: {strategy}, {trials} trials (batches of 4) with {n} workers: "
+        trials = read_history(Layout(root), name).ordered
+        seen[n] = [(t.params, t.state, t.budget if t.state == "PRUNED" else None) for t in trials]
+        pruned = [(t.number, t.budget) for t in trials if t.state == "PRUNED"]
+        print(f"determinism: {'evolution with ASHA' if asha else 'batch TPE'}, {len(trials)} trials, {n} workers: "
               f"{time.perf_counter() - start:.1f} s; first three proposals "
-              f"{[{k: v for k, v in p.items() if k != 'seconds'} for p in seen[n][:3]]}")
+              f"{[{k: v for k, v in p.items() if k != 'seconds'} for p, _, _ in seen[n][:3]]}"
+              + (f"; pruned (trial, rung): {pruned}" if asha else ""))
     same = seen[1] == seen[2] == seen[4]
-    print(f"determinism: the same {len(seen[1])} proposals in the same order with 1, 2 and 4 workers: {same}")
+    print(f"determinism: the same {len(seen[1])} proposals{', prunings' if asha else ''} in the same order "
+          f"with 1, 2 and 4 workers: {same}")
 
 
 def resume(work: Path, trials: int) -> None:
@@ -313,7 +329,7 @@ def resume(work: Path, trials: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=1000)
-    ap.add_argument("--part", default="bookkeeping,tpe,asha,asha-digits,determinism,resume")
+    ap.add_argument("--part", default="bookkeeping,tpe,asha,asha-digits,determinism,determinism-asha,resume")
     args = ap.parse_args()
     parts = args.part.split(",")
     with tempfile.TemporaryDirectory() as tmp:
@@ -328,6 +344,8 @@ def main() -> None:
             asha_vs_full(work, "digits")
         if "determinism" in parts:
             determinism(work)
+        if "determinism-asha" in parts:
+            determinism(work, asha=True)
         if "resume" in parts:
             resume(work, args.trials)
 
