@@ -73,24 +73,26 @@ def bookkeeping(work: Path, trials: int) -> None:
         layout = Layout(root)
         search = _search(_config(work, f"bk_{strategy}", strategy, trials, 4))
         save_search(layout, search)
-        outside = [0.0]
+        outside = [0.0, 0.0]  # wall, CPU
 
         def publish(experiment: str, plans: list[Any], layout: Any = layout, outside: list[float] = outside) -> None:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             for p in plans:  # the workers' and the control worker's part: not bookkeeping
                 for spec in p.todo:
                     execute(spec, layout, worker, 1)
                 for specs in groups(p.specs):
                     finalize_group(layout, specs)
             outside[0] += time.perf_counter() - start
+            outside[1] += time.process_time() - cpu
 
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         while not step(layout, search.experiment, publish).get("finished"):
             pass
-        total = time.perf_counter() - start
-        own = total - outside[0]
+        own = time.perf_counter() - start - outside[0]
+        own_cpu = time.process_time() - cpu - outside[1]  # what a loaded machine's waits do not inflate
         print(f"bookkeeping {strategy:6s}: {trials} trials, {own:.2f} s of step time "
-              f"= {1000 * own / trials:.2f} ms per proposal (training and finalize: {outside[0]:.1f} s)")
+              f"= {1000 * own / trials:.2f} ms per proposal, {1000 * own_cpu / trials:.2f} ms of CPU "
+              f"(training and finalize: {outside[0]:.1f} s)")
 
 
 def _simulate(search: Any, score: Any) -> list[tuple[Any, float]]:
