@@ -8,7 +8,8 @@ pruned trial's runs (control side to worker).
   lets through (runner._progress_sender keeps one a second, the latest only). The
   search's next step reads them (orchestrator.search.asha decides).
 - A pruned trial's runs are stopped as a cancel stops a run, but one run at a time:
-  each fold not ended is recorded CANCELLED with the reason (so a redelivered or queued
+  each fold not ended is recorded CANCELLED with the reason, under the results root and
+  in Redis's fold record that return-mode workers read (so a redelivered or queued
   message of it reports CANCELLED without training), then the lease of an attempt
   training it is revoked: its renewal thread sees that within a quarter lease, and the
   trainer stops at its next report, writing nothing; the worker takes its next run.
@@ -88,14 +89,20 @@ def stop(layout: Any, live: Any, specs: list[RunSpec], why: str) -> int:
     Returns how many attempts were told to stop."""
     from ..collect.status import Status, fold_state, write_fold_status
     from ..execution.leases import Leases
+    from ..execution.returns import Returns
 
     ended = (Status.DONE.value, Status.FAILED.value, Status.CANCELLED.value)
     now = time.time()
     marked = {}
+    returns = Returns(live.client)
     for spec in specs:
         state, record = fold_state(layout, spec)
         if state not in ended:
-            write_fold_status(layout, spec, Status.CANCELLED, base=record or None, error=why, finished_at=now)
+            record = write_fold_status(layout, spec, Status.CANCELLED, base=record or None, error=why,
+                                       finished_at=now)
+            # A worker without the results root (return mode) reads the fold's record
+            # from Redis: it must find the run CANCELLED there too.
+            returns.write_record(spec, record)
             marked[spec.run_id] = Status.CANCELLED.value
     # After the records: an attempt that claims the run from now on finds it CANCELLED;
     # one that claimed it before holds a lease, which is revoked here.
