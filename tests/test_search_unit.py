@@ -383,13 +383,15 @@ def test_report_at_travels_in_the_message_only_when_set(tmp_path: Path) -> None:
 
 
 # -- the step over a real results root, without Redis (publish trains in-process) -------
-def _step_setup(tmp_path: Path, block: dict[str, Any]) -> tuple[Any, Search, Any]:
+def _step_setup(tmp_path: Path, block: dict[str, Any],
+                params: dict[str, Any] | None = None) -> tuple[Any, Search, Any]:
     from orchestrator.execution.runner import WorkerInfo
     from orchestrator.paths import Layout
     from orchestrator.search.engine import save_search
 
     path = tmp_path / "st.yaml"
-    path.write_text(yaml.safe_dump({**BASE, "experiment": "st", "folds": 2, "params": {"epochs": 2},
+    path.write_text(yaml.safe_dump({**BASE, "experiment": "st", "folds": 2,
+                                    "params": {"epochs": 2} if params is None else params,
                                     "search": block}))
     (exp,) = load_experiments([str(path)])
     layout = Layout(tmp_path / "root")
@@ -490,3 +492,41 @@ def test_rung_reports_are_sent_at_the_rungs_only_and_read_back_checked(tmp_path:
     live.client.hashes[key][b"0123456789abcdef:4"] = b'["a list"]'
     assert rungs.read(live, spec.experiment) == {(spec.run_id, 1): {"epoch": 1.0, "score": 0.1},
                                                  (spec.run_id, 3): {"epoch": 3.0, "score": 0.3}}
+
+
+def test_an_asha_step_killed_before_stopping_a_pruned_trial_stops_it_at_the_next_step(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    """The PRUNED result is durable before the runs are told to stop; a step killed in
+    between (here: the stop raises) leaves the trial PRUNED, and the next step stops its
+    runs and records `stopped`; later steps do not stop them again."""
+    from orchestrator.search import engine
+    from orchestrator.search.engine import read_history, step
+
+    layout, search, _ = _step_setup(tmp_path, {"strategy": "random", "metric": "reported.score", "trials": 2,
+                                               "parallel": 2, "space": SPACE, "asha": ASHA}, params={})
+    step(layout, "st", lambda e, plans: None)  # both trials published, nothing trains here
+    trials = read_history(layout, "st").ordered
+    assert [t.published for t in trials] == [True, True]
+    reports = {(s.run_id, 1): {"score": 0.5 - 0.1 * t.number} for t in trials for s in search.specs(t)}
+    monkeypatch.setattr(engine.rungs, "read", lambda live, experiment: reports)
+    stopped: list[list[str]] = []
+
+    def killed(layout: Any, live: Any, specs: list[Any], why: str) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine.rungs, "stop", killed)
+    with pytest.raises(KeyboardInterrupt):
+        step(layout, "st", lambda e, plans: None, live=object())
+    h = read_history(layout, "st")
+    assert h.trials[0].state == "RUNNING" and h.trials[0].rungs == {1: 0.5}
+    assert h.trials[1].state == "PRUNED" and not h.trials[1].stopped and h.trials[1].rungs == {1: 0.4}
+    assert "pruned by ASHA at epoch 1: reported.score 0.4 is not in the top 1/3 of the 2" in (h.trials[1].error or "")
+
+    monkeypatch.setattr(engine.rungs, "stop",
+                        lambda layout, live, specs, why: stopped.append([s.run_id for s in specs]) or 0)
+    step(layout, "st", lambda e, plans: None, live=object())
+    assert stopped == [[s.run_id for s in search.specs(h.trials[1])]]
+    assert read_history(layout, "st").trials[1].stopped
+    step(layout, "st", lambda e, plans: None, live=object())
+    assert len(stopped) == 1  # idempotent: stopped once
+    assert len([e for e in read_entries(layout.search_journal("st")) if e["type"] == "rung"]) == 2  # judged once
