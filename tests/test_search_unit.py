@@ -481,11 +481,13 @@ def test_rung_reports_are_sent_at_the_rungs_only_and_read_back_checked(tmp_path:
     search = search_for(tmp_path, {**GOOD, "trials": 1, "asha": ASHA})
     spec = search.specs(history(propose(search, history([]))).ordered[0])[0]
     live = SimpleNamespace(client=_FakeRedis())
-    send = rungs.sender(live, spec)
+    nudged: list[str] = []
+    send = rungs.sender(live, spec, nudge=nudged.append)
     for epoch in range(1, 10):
         send({"epoch": epoch, "score": epoch / 10, "note": "text", "flag": True, "bad": float("nan")})
     send({"epoch": "3", "score": 1.0})  # not an epoch number: ignored
     key = f"orch:rungs:{spec.experiment}"
+    assert nudged == [spec.experiment] * 2  # a step asked for at each rung
     assert sorted(live.client.hashes[key]) == [f"{spec.run_id}:1".encode(), f"{spec.run_id}:3".encode()]
     live.client.hashes[key][b"../../etc:1"] = b'{"score": 1}'  # forged or broken entries
     live.client.hashes[key][b"0123456789abcdef:2"] = b"not json"

@@ -11,9 +11,12 @@ SuccessiveHalvingPruner does the same). A trial that does not is recorded PRUNED
 the rung and the value, and its runs are stopped (rungs.stop).
 
 Where it runs: in the search step (engine.step), under the search's lock, on the
-records the step already reads. The step runs after every group of the search ends and
-from the watchdog every ORCH_WATCHDOG_INTERVAL, so a rung report waits at most that long
-for its decision; no other process, message or state is added. Each decision is a
+records the step already reads, rather than in a task of its own: a decision needs the
+journal and the lock anyway, and the step already records, proposes (a pruned trial's
+slot is filled in the same write) and recovers after a kill. The worker that wrote a
+rung report asks for a step (rungs.step_soon); the steps after every group and from the
+watchdog every ORCH_WATCHDOG_INTERVAL judge it should that message be lost. No other
+process or state is added. Each decision is a
 function of the journal (the rung values in the order they were recorded) and is written
 to it, with the rung value, before any run is stopped (write-ahead, as proposals are):
 a step killed in between stops the runs at the next step; a decision is never taken

@@ -36,10 +36,21 @@ MAX_VALUES = 32  # numbers kept of one report
 _FIELD = re.compile(r"^([0-9a-f]{16}):([0-9]{1,7})$")
 
 
-def sender(live: Any, spec: RunSpec) -> Callable[[dict[str, Any]], None]:
-    """The worker's side: a Reporter hook writing the reports at `spec.report_at`.
-    Redis trouble never stops the training (the trial is then not judged at that rung:
-    it trains on, which costs epochs, never a wrong result)."""
+def step_soon(experiment: str) -> None:
+    """A step of the search on the control queue (tasks.search_step), so that a rung
+    report is judged now rather than at the watchdog's next step."""
+    from tasks import app
+    from tasks.search import SEARCH_STEP
+
+    app.send_task(SEARCH_STEP, args=(experiment,), queue="control")
+
+
+def sender(live: Any, spec: RunSpec,
+           nudge: Callable[[str], None] | None = step_soon) -> Callable[[dict[str, Any]], None]:
+    """The worker's side: a Reporter hook writing the reports at `spec.report_at`, then
+    asking for a step of the search (`nudge`). Redis or broker trouble never stops the
+    training (the trial is then judged at the watchdog's next step, or, without its
+    report, not at that rung: it trains on, which costs epochs, never a wrong result)."""
     epochs = frozenset(spec.report_at)
     key = keys.rungs(spec.experiment)
 
@@ -54,6 +65,8 @@ def sender(live: Any, spec: RunSpec) -> Callable[[dict[str, Any]], None]:
             pipe.hset(key, f"{spec.run_id}:{epoch}", json.dumps(values))
             pipe.expire(key, TTL_SECONDS)
             pipe.execute()
+            if nudge is not None:
+                nudge(spec.experiment)
 
     return send
 
