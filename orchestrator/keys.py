@@ -15,6 +15,7 @@ outputs go; see orchestrator.execution.leases for the lease protocol):
     orch:parked                        hash experiment -> time a run of it was last parked
     orch:exp:<experiment>:runs|groups  live states (hash) for progress bars and `watch`
     orch:progress                      hash run_key -> the run's latest trainer report
+    orch:rungs:<experiment>            hash "<run_id>:<epoch>" -> a run's report at an ASHA rung
     orch:group:<group_id>:finalized    finalize executions of a group (audits: 1)
     orch:log:<run_key>:<attempt>       the tail of an attempt's log, for other hosts
     orch:fold:<run_key>                return mode: the fold's status record
@@ -81,6 +82,10 @@ def exp_runs(experiment: str) -> str:
 
 def exp_groups(experiment: str) -> str:
     return f"{PREFIX}:exp:{experiment}:groups"
+
+
+def rungs(experiment: str) -> str:
+    return f"{PREFIX}:rungs:{experiment}"
 
 
 def group_finalized(group_id: str) -> str:

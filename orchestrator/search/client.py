@@ -5,10 +5,15 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from ..experiment.config import Experiment
 from ..paths import Layout
+
+# When this process began saving each search: a watchdog's step may publish its first
+# trials as soon as search.json appears, and start_searches must not publish them again.
+_saved_at: dict[str, float] = {}
 
 
 def save_searches(exps: list[Experiment], layout: Layout) -> list[str]:
@@ -20,6 +25,7 @@ def save_searches(exps: list[Experiment], layout: Layout) -> list[str]:
 
     todo = []
     for exp in exps:
+        _saved_at[exp.name] = time.time()
         search = search_of(exp)
         save_search(layout, search)
         if not progress(search, read_history(layout, exp.name))["finished"]:
@@ -29,8 +35,11 @@ def save_searches(exps: list[Experiment], layout: Layout) -> list[str]:
 
 def start_searches(names: list[str]) -> None:
     """A step of each search on the control queue of the broker of ORCH_BROKER_URL
-    (cluster.endpoints.use_broker), publishing again what is in flight (a submission:
-    the broker may have lost it). EnvironmentProblem if the broker cannot be reached."""
+    (cluster.endpoints.use_broker), publishing again what was in flight before this
+    submission saved the search (the broker may have lost it; what a step published
+    since, e.g. the watchdog's as soon as search.json appeared, is not sent twice: a
+    duplicate delivery would hold a worker, waiting on the lease, as long as the run trains).
+    EnvironmentProblem if the broker cannot be reached."""
     if not names:
         return
     from celery.exceptions import OperationalError
@@ -44,7 +53,7 @@ def start_searches(names: list[str]) -> None:
 
     try:
         for name in names:
-            app.send_task(SEARCH_STEP, args=(name, True), queue="control")
+            app.send_task(SEARCH_STEP, args=(name, _saved_at.get(name, time.time())), queue="control")
     except (OperationalError, KombuError, RedisError) as exc:
         raise EnvironmentProblem(f"cannot reach the broker at {os.environ['ORCH_BROKER_URL']}: {exc}") from None
 
