@@ -13,10 +13,11 @@ import logging
 import os
 from typing import Any
 
+from orchestrator.search.rungs import SEARCH_STEP
+
 from . import app
 
 log = logging.getLogger(__name__)
-SEARCH_STEP = "tasks.search_step"
 _finished: dict[str, tuple[float, int]] = {}  # experiment -> journal (mtime, size) when it ended
 
 

@@ -516,7 +516,7 @@ def test_an_asha_step_killed_before_stopping_a_pruned_trial_stops_it_at_the_next
     def killed(layout: Any, live: Any, specs: list[Any], why: str) -> int:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine.rungs, "stop", killed)
+    monkeypatch.setattr(engine.prune, "stop", killed)
     with pytest.raises(KeyboardInterrupt):
         step(layout, "st", lambda e, plans: None, live=object())
     h = read_history(layout, "st")
@@ -524,7 +524,7 @@ def test_an_asha_step_killed_before_stopping_a_pruned_trial_stops_it_at_the_next
     assert h.trials[1].state == "PRUNED" and not h.trials[1].stopped and h.trials[1].rungs == {1: 0.4}
     assert "pruned by ASHA at epoch 1: reported.score 0.4 is not in the top 1/3 of the 2" in (h.trials[1].error or "")
 
-    monkeypatch.setattr(engine.rungs, "stop",
+    monkeypatch.setattr(engine.prune, "stop",
                         lambda layout, live, specs, why: stopped.append([s.run_id for s in specs]) or 0)
     step(layout, "st", lambda e, plans: None, live=object())
     assert stopped == [[s.run_id for s in search.specs(h.trials[1])]]

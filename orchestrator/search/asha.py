@@ -8,7 +8,7 @@ value there is their mean, recorded in the journal (`rung`), and the trial goes 
 if that value is in the top 1/eta of the values recorded at that rung so far, itself
 included. With fewer than eta values, only the best so far goes on (Optuna's
 SuccessiveHalvingPruner does the same). A trial that does not is recorded PRUNED, with
-the rung and the value, and its runs are stopped (rungs.stop).
+the rung and the value, and its runs are stopped (prune.stop).
 
 Where it runs: in the search step (engine.step), under the search's lock, on the
 records the step already reads, rather than in a task of its own: a decision needs the

@@ -47,9 +47,9 @@ def start_searches(names: list[str]) -> None:
     from redis.exceptions import RedisError
 
     from tasks import app
-    from tasks.search import SEARCH_STEP
 
     from ..errors import EnvironmentProblem
+    from .rungs import SEARCH_STEP
 
     try:
         for name in names:

@@ -32,7 +32,7 @@ from ..experiment.expand import groups
 from ..experiment.plan import SKIP, GroupPlan, make_plan
 from ..experiment.spec import DatasetRef, RunSpec
 from ..paths import Layout, atomic_write_json, file_lock, read_json
-from . import asha, evolution, rungs
+from . import asha, evolution, prune, rungs
 from .config import SearchConfig
 from .journal import (
     COMPLETE,
@@ -273,7 +273,7 @@ def _stop_pruned(layout: Layout, search: Search, h: History, live: Any, journal:
     if not todo or live is None:
         return
     for t in todo:
-        rungs.stop(layout, live, search.specs(t), (t.error or "pruned by ASHA")[:500])
+        prune.stop(layout, live, search.specs(t), (t.error or "pruned by ASHA")[:500])
     append(journal, [{"type": "stopped", "numbers": [t.number for t in todo], "t": time.time()}], durable=False)
 
 

@@ -1,6 +1,6 @@
 """ASHA's two messages between a run and the control side, over the Redis of the live
-state: a run's report at a rung epoch (worker to control side), and the stop of a
-pruned trial's runs (control side to worker).
+state: a run's report at a rung epoch (worker to control side: here), and the stop of a
+pruned trial's runs (control side to worker: orchestrator.search.prune).
 
 - A run whose spec has `report_at` (the rungs of its search's ASHA) writes the
   trainer's report at each of those epochs to `orch:rungs:<experiment>`, field
@@ -23,7 +23,6 @@ import contextlib
 import json
 import math
 import re
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -34,13 +33,15 @@ TTL_SECONDS = 7 * 24 * 3600
 MAX_FIELDS = 100_000  # what a step reads of the hash at most (it is untrusted input)
 MAX_VALUES = 32  # numbers kept of one report
 _FIELD = re.compile(r"^([0-9a-f]{16}):([0-9]{1,7})$")
+# The Celery task that advances a search (tasks/search.py): named here, in plain Python,
+# so that a worker's runner can ask for a step without importing the task modules.
+SEARCH_STEP = "tasks.search_step"
 
 
 def step_soon(experiment: str) -> None:
     """A step of the search on the control queue (tasks.search_step), so that a rung
     report is judged now rather than at the watchdog's next step."""
     from tasks import app
-    from tasks.search import SEARCH_STEP
 
     app.send_task(SEARCH_STEP, args=(experiment,), queue="control")
 
@@ -94,43 +95,3 @@ def read(live: Any, experiment: str) -> Reports:
             str(k): float(v) for k, v in list(data.items())[:MAX_VALUES]
             if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
     return out
-
-
-def stop(layout: Any, live: Any, specs: list[RunSpec], why: str) -> int:
-    """Stop these runs (a pruned trial's): each fold not ended is recorded CANCELLED
-    with `why`, then the lease of any attempt training it is revoked. Idempotent.
-    Returns how many attempts were told to stop."""
-    from ..collect.status import Status, fold_state, write_fold_status
-    from ..execution.leases import Leases
-    from ..execution.returns import Returns
-
-    ended = (Status.DONE.value, Status.FAILED.value, Status.CANCELLED.value)
-    now = time.time()
-    marked = {}
-    returns = Returns(live.client)
-    for spec in specs:
-        state, record = fold_state(layout, spec)
-        if state not in ended:
-            record = write_fold_status(layout, spec, Status.CANCELLED, base=record or None, error=why,
-                                       finished_at=now)
-            # A worker without the results root (return mode) reads the fold's record
-            # from Redis: it must find the run CANCELLED there too.
-            returns.write_record(spec, record)
-            marked[spec.run_id] = Status.CANCELLED.value
-    # After the records: an attempt that claims the run from now on finds it CANCELLED;
-    # one that claimed it before holds a lease, which is revoked here.
-    leases = Leases(live.client)
-    active = leases.active()
-    stopped = 0
-    for spec in specs:
-        entry = active.get(spec.run_key) or {}
-        if entry.get("token"):
-            stopped += leases.revoke(spec.run_key, entry["token"], why=why)
-    if marked:
-        by_exp: dict[str, dict[str, str]] = {}
-        for spec in specs:
-            if spec.run_id in marked:
-                by_exp.setdefault(spec.experiment, {})[spec.run_id] = marked[spec.run_id]
-        for experiment, states in by_exp.items():
-            live.set_runs(experiment, states)
-    return stopped
