@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 JOIN_POLL_SECONDS = 0.05
 SLOT_TTL_FLOOR_MS = 60_000  # a reservation whose ranks never arrive lapses by itself
 GANG_TTL_SECONDS = 7 * 24 * 3600
+LOST_TTL_SECONDS = 600  # a lost rank's worker is passed over until it beats again, at most this long
 
 # KEYS: slot keys of the leader's worker, then of every candidate; ARGV: holder, n, ttl
 # ms. The leader's slot must be free (or its own); then n-1 free candidates; all or none.
@@ -163,11 +164,14 @@ class Gang:
         for raw in self.client.hvals(keys.ACTIVE):
             with contextlib.suppress(ValueError, TypeError):
                 busy.add(json.loads(raw).get("worker"))
-        me = next((r for r in list_workers(self.client) if r.name == leader), None)
+        records = list_workers(self.client)
+        me = next((r for r in records if r.name == leader), None)
         here = me.host if me else None
-        found = [r for r in list_workers(self.client)
+        found = [r for r in records
                  if r.name != leader and keys.rank_queue(r.name) in r.queues and r.device == device
                  and r.name not in busy]
+        lost = self.client.mget([lost_key(r.name) for r in found]) if found else []
+        found = [r for r, at in zip(found, lost, strict=True) if not _lost_since(at, r.heartbeat)]
         found.sort(key=lambda r: (r.host != here, r.name))
         return [r.name for r in found]
 
@@ -215,6 +219,18 @@ class Gang:
         with contextlib.suppress(Exception):
             self._abort(keys=[self.key], args=[self.attempt, why])
 
+    def mark_lost(self, ranks: list[int]) -> None:
+        """The workers of ranks whose lease lapsed are passed over by reservations until
+        their registry heartbeat is newer than the loss: a host cut off stays registered
+        for up to three heartbeats, and a gang that reserved it would wait for the join
+        bound (ORCH_GANG_JOIN_SECONDS) for a rank that never comes."""
+        with contextlib.suppress(Exception):
+            workers = json.loads(self.client.hget(self.key, "workers") or "[]")
+            now = time.time()
+            for r in ranks:
+                if 0 <= r < len(workers) and isinstance(workers[r], str):
+                    self.client.set(lost_key(workers[r]), repr(now), ex=LOST_TTL_SECONDS)
+
     def beat(self, rank: int, worker: str, record: dict[str, Any], peers: bool) -> tuple[str, str]:
         """Renew this rank's lease and slot; ('ok', '') or (what, why) it must stop."""
         others = [keys.rank(self.run.run_key, self.attempt, r) for r in range(self.world) if r != rank]
@@ -226,6 +242,7 @@ class Gang:
         if what != "ok":
             return what, _text(reply[1])
         if missing := [names[int(_text(i))] for i in reply[1:]]:
+            self.mark_lost(missing)
             return "lost", f"rank {', '.join(map(str, missing))} lost its lease (killed, paused or cut off)"
         return "ok", ""
 
@@ -240,6 +257,19 @@ class Gang:
         with contextlib.suppress(Exception):
             self.client.delete(keys.rank(self.run.run_key, self.attempt, rank))
             self.release([worker])
+
+
+def lost_key(worker: str) -> str:
+    """When a rank of `worker` was last lost (Gang.mark_lost)."""
+    return f"{keys.PREFIX}:gang-lost:{worker}"
+
+
+def _lost_since(at: Any, heartbeat: float) -> bool:
+    """Lost at `at` (unix time, as stored) and not heard of since."""
+    try:
+        return at is not None and float(_text(at)) >= heartbeat
+    except ValueError:
+        return False
 
 
 def join_seconds() -> float:
@@ -367,7 +397,8 @@ def checkpoint_every() -> int:
 
 def gang_views(client: Any, run_keys: list[str]) -> dict[str, dict[str, Any]]:
     """For `status` and `watch`: each data-parallel run's gang (state, attempt, why it
-    waits) and the ranks of its current attempt (worker, host, GPU, step, last beat)."""
+    waits) and the ranks of its current attempt (worker, host, GPU, step, last beat).
+    Two round trips, whatever the number of runs."""
     pipe = client.pipeline(transaction=False)
     for key in run_keys:
         pipe.hgetall(keys.gang(key))
@@ -376,12 +407,17 @@ def gang_views(client: Any, run_keys: list[str]) -> dict[str, dict[str, Any]]:
         if not raw:
             continue
         g = {_text(k): _text(v) for k, v in raw.items()}
-        attempt, world = int(g.get("attempt") or 0), int(g.get("world") or 0)
-        ranks = []
-        if attempt and world:
-            for value in client.mget([keys.rank(key, attempt, r) for r in range(world)]):
-                with contextlib.suppress(ValueError, TypeError):
-                    ranks.append(json.loads(value))
-        out[key] = {"state": g.get("state"), "attempt": attempt or None, "world": world or None,
-                    "why": g.get("why") or None, "abort": g.get("abort"), "ranks": ranks}
+        with contextlib.suppress(ValueError):
+            attempt, world = int(g.get("attempt") or 0), int(g.get("world") or 0)
+            out[key] = {"state": g.get("state"), "attempt": attempt or None, "world": world or None,
+                        "why": g.get("why") or None, "abort": g.get("abort"), "ranks": []}
+    pipe = client.pipeline(transaction=False)
+    asked = [key for key, v in out.items() if v["attempt"] and v["world"]]
+    for key in asked:
+        pipe.mget([keys.rank(key, out[key]["attempt"], r) for r in range(min(out[key]["world"], 1024))])
+    for key, values in zip(asked, pipe.execute() if asked else [], strict=True):
+        for value in values:
+            with contextlib.suppress(ValueError, TypeError):
+                if isinstance(rec := json.loads(value), dict):
+                    out[key]["ranks"].append(rec)
     return out

@@ -122,8 +122,9 @@ def run_rank(client: Any, payload: Any, hostname: str) -> dict[str, Any]:
         return {"rank": rank, "status": "STOPPED", "why": str(exc)}
     except Exception as exc:  # noqa: BLE001 (a rank's failure is the gang's: rank 0 reports it)
         why = watch.stop_why or f"{type(exc).__name__}: {exc}"
-        gang.abort(f"rank {rank} stopped: {why}")
+        # Said first: cut off from Redis, the abort below waits for its socket timeout.
         log.warning("rank %d of %s (attempt %d) stops: %s", rank, run.name, attempt, why)
+        gang.abort(f"rank {rank} stopped: {why}")
         return {"rank": rank, "status": "STOPPED", "why": why}
     finally:
         watch.close()
