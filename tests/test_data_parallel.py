@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -161,6 +162,37 @@ def test_nothing_trains_until_all_ranks_joined_and_a_newer_attempt_fences_the_ol
         assert watch.stop_why == "attempt 2 of the run has replaced attempt 1"
     finally:
         watch.close()
+
+
+def test_a_lost_ranks_worker_is_passed_over_until_it_beats_again(tmp_path: Path, redis_url: str) -> None:
+    """A host cut off stays registered for up to three heartbeats: the relaunch must not
+    reserve it (its rank would never come; the gang would wait for the join bound)."""
+    from orchestrator.cluster.registry import WorkerRecord, register
+    from orchestrator.execution.gang import RankWatch
+
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    _register(client, ["w1", "w2", "w3"])
+    run = expand(load_experiments([str(write(tmp_path, "lost", folds=None, split={"validation": 0.3}))])[0])[0]
+    old = Gang(client, run, 1)
+    assert old.reserve("w1", "cpu") == ["w1", "w2"]
+    watch = RankWatch(old, 0, "w1", "h", None)
+    watch.all_joined = True  # rank 1 (on w2) joined, then its lease lapsed: no key
+    watch.beat()
+    assert watch.stop_why == "rank 1 lost its lease (killed, paused or cut off)"
+    assert client.hget(keys.gang(run.run_key), "abort").decode() == watch.stop_why
+    old.release(["w1", "w2"])
+    client.delete(keys.rank(run.run_key, 1, 0))
+    assert Gang(client, run, 2).reserve("w1", "cpu") == ["w1", "w3"]  # w2 passed over, though free
+    Gang(client, run, 2).release(["w1", "w3"])
+    _register(client, ["w3"])
+    client.set(keys.slot("w3"), "someone else", px=60_000)  # only w2 is free now
+    with pytest.raises(GangNotReady, match="needs 2 free workers at once, 1 free"):
+        Gang(client, run, 3).reserve("w1", "cpu")
+    register(client, WorkerRecord(name="w2", host="h", pid=1, gpu=None, device="cpu",  # w2 beats again
+                                  queues=[keys.rank_queue("w2"), "cpu"], state="idle", started=0.0,
+                                  heartbeat=time.time() + 0.01), 60)
+    assert Gang(client, run, 4).reserve("w1", "cpu") == ["w1", "w2"]
 
 
 # --- real workers -----------------------------------------------------------------------
@@ -360,8 +392,14 @@ def test_sigstop_of_a_rank_stops_its_attempt_within_15s(gc: GangCluster, tmp_pat
     first = int(gc.gang(run.run_key)["attempt"])
     shown = run_cli("status", "dpstop", env=gc.env()).stdout  # one line per fold, its ranks under it
     assert "gang training" in shown and "  rank 0 " in shown and "  rank 1 " in shown, shown
-    frame = run_cli("watch", "dpstop", "--once", env=gc.env()).stdout  # each rank's worker names its run
+    frame = run_cli("watch", "dpstop", "--once", env=gc.env(COLUMNS="80")).stdout  # each rank's worker names its run
     assert "[rank 0/2]" in frame and "[rank 1/2]" in frame, frame
+    # ... and the run has its ranks under it: worker, host, GPU, step, last beat, attempt.
+    assert re.search(rf"· gang training · attempt {first} · 2 ranks", frame), frame
+    for r in (0, 1):
+        assert re.search(rf"  rank {r}\s+{re.escape(ranks[r]['worker'][:8])}\S*\s+\S+\s+-\s+step \d+\s+\d+\.\ds\s+{first}\b",
+                         frame), frame
+    print(f"\n`watch dpstop --once` at 80 columns:\n{frame}")
     pid = int(ranks[1]["pid"])
     os.kill(pid, signal.SIGSTOP)
     paused = time.monotonic()

@@ -58,6 +58,7 @@ def leading(gang: Gang, workers: list[str], worker: WorkerInfo, send: Send, chec
         gang.set_state("training")
         load, save = checkpoint_io(checkpoint, check)
         with process_group(gang, 0, backend):
+            log.info("%s attempt %d: all %d ranks met (%s)", run.name, gang.attempt, gang.world, backend)
             try:
                 yield DistInfo(0, gang.world, backend, checkpoint_every(), load, save), watch
             except Exception as exc:
@@ -111,6 +112,7 @@ def run_rank(client: Any, payload: Any, hostname: str) -> dict[str, Any]:
                             on_report=lambda last: watch.step(last.get("epoch")))
         eval_rows = np.concatenate([split.val, split.holdout])
         with process_group(gang, rank, backend):
+            log.info("%s attempt %d: rank %d met the others (%s)", run.name, attempt, rank, backend)
             trainer.fn(TrainContext(
                 params=params, device=worker.device, seed=run.seed, fold=run.fold, run_name=run.name,
                 X_train=table.X[split.train], y_train=table.y[split.train], X_eval=table.X[eval_rows],

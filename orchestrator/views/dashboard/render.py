@@ -252,7 +252,7 @@ def _gang_lines(snap: Snapshot, width: int, limit: int | None) -> list[Text]:
         lines.append(_gang_line(g, width, prefix))
         for r in g.ranks:
             beat = "?" if r.beat_age is None else (f"{r.beat_age:.1f}s" if r.beat_age < 60 else duration(r.beat_age))
-            values = [f"  rank {r.rank}", r.worker, r.host or "?", r.gpu if r.gpu is not None else "-",
+            values: list[str | Text] = [f"  rank {r.rank}", r.worker, r.host or "?", r.gpu if r.gpu is not None else "-",
                       f"step {r.step}" if r.step is not None else "joining",
                       Text(beat, style="bold red" if r.late else ""), str(r.attempt or "?")]
             lines.append(_line(*(_cell(v, w, right) for v, (_, w, right) in zip(values, columns, strict=True))))
