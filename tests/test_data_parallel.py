@@ -97,11 +97,11 @@ def _pings(client: redis.Redis) -> bool:
         return False
 
 
-def _register(client: redis.Redis, names: list[str]) -> None:
+def _register(client: redis.Redis, names: list[str], device: str = "cpu") -> None:
     from orchestrator.cluster.registry import WorkerRecord, register
 
     for n in names:
-        register(client, WorkerRecord(name=n, host="h", pid=1, gpu=None, device="cpu",
+        register(client, WorkerRecord(name=n, host="h", pid=1, gpu=None, device=device,
                                       queues=[keys.rank_queue(n), "cpu"], state="idle", started=0.0,
                                       heartbeat=time.time()), 60)
 
@@ -193,6 +193,65 @@ def test_a_lost_ranks_worker_is_passed_over_until_it_beats_again(tmp_path: Path,
                                   queues=[keys.rank_queue("w2"), "cpu"], state="idle", started=0.0,
                                   heartbeat=time.time() + 0.01), 60)
     assert Gang(client, run, 4).reserve("w1", "cpu") == ["w1", "w2"]
+
+
+def test_a_rank_whose_gpu_lacks_the_runs_memory_is_refused_and_the_gang_waits_saying_why(
+        tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ranks 1..N-1 go through rank 0's GPU admission (memory by NVML, the GPU's share):
+    a rank refused ends its attempt before anything trains, and its leader waits (tried
+    again later, not one of the run's retries), saying why. NVML faked (tests/fake_nvml.py)."""
+    from orchestrator.cluster import gpu
+    from orchestrator.execution.admission import Shares
+    from orchestrator.execution.gang import RankWatch
+    from orchestrator.execution.ranks import not_admitted, run_rank
+
+    from .fake_nvml import FakeNVML
+    from .test_gpu_admission import machine
+
+    monkeypatch.setenv("ORCH_DEVICE", "cuda")
+    monkeypatch.setenv("ORCH_GPU", "0")
+    monkeypatch.setenv("ORCH_GANG_JOIN_SECONDS", "10")
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    _register(client, ["w1", "w2"], device="cuda")
+    run = expand(load_experiments([str(write(tmp_path, "gpuadm", folds=None, split={"validation": 0.3},
+                                             resources={"gpus": 1, "gpu_memory_gb": 4, "ranks": 2,
+                                                        "backend": "gloo"}))])[0])[0]
+    leader = Gang(client, run, 1)
+    assert leader.reserve("w1", "cuda") == ["w1", "w2"]
+    watch = RankWatch(leader, 0, "w1", "h", "0").start()
+    gpu.use_nvml(FakeNVML(machine([1000])))
+    try:
+        out = run_rank(client, {"spec": run.to_dict(), "rank": 1, "attempt": 1, "backend": "gloo"}, "w2")
+        assert out == {"rank": 1, "status": "NOT_ADMITTED",
+                       "why": "on w2: GPU 0 has 1000 MiB free, the run needs 4096 MiB"}, out
+        started = time.monotonic()
+        with pytest.raises(GangNotReady, match="not admitted: rank 1 on w2: GPU 0 has 1000 MiB free"):
+            watch.wait_all()  # the leader learns it at its next beat, not at the join bound
+        assert time.monotonic() - started < 5
+        g = {k.decode(): v.decode() for k, v in client.hgetall(keys.gang(run.run_key)).items()}
+        assert g["state"] == "waiting" and g["why"].startswith("not admitted: rank 1 on w2"), g
+        leader.release(["w1", "w2"])
+        with pytest.raises(GangNotReady, match="needs 2 free workers at once, 1 free"):
+            Gang(client, run, 2).reserve("w1", "cuda")  # w2 passed over until it beats again
+        # Memory enough: admitted; but a whole GPU each (gpus: 1), and rank 0 holds this one.
+        gpu.use_nvml(FakeNVML(machine([8000])))
+        here = WorkerInfo("w2", "cuda", "0")
+        assert not_admitted(client, run, here) is None
+        client.set(keys.lease(run.run_key), "token")  # rank 0's lease: its share counts
+        assert Shares(client).acquire(here.host, [0], run.run_key, 1.0)
+        assert not_admitted(client, run, here) == "on w2: its GPU share is taken by other runs"
+        half = expand(load_experiments([str(write(tmp_path, "gpuhalf", folds=None, split={"validation": 0.3},
+                                                  resources={"gpus": 0.5, "ranks": 2, "backend": "gloo"}))])[0])[0]
+        client.set(keys.lease(half.run_key), "token")
+        client.delete(keys.gpu_share(here.host, 0))
+        assert Shares(client).acquire(here.host, [0], half.run_key, 0.5)
+        assert not_admitted(client, half, here) is None  # two half shares: rank 0's and this one fit
+        monkeypatch.setenv("ORCH_DEVICE", "cpu")
+        assert not_admitted(client, run, WorkerInfo("w2", "cpu", None)) is None  # CPU workers: no admission
+    finally:
+        gpu.use_nvml(None)
+        watch.close()
 
 
 # --- real workers -----------------------------------------------------------------------

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 JOIN_POLL_SECONDS = 0.05
 SLOT_TTL_FLOOR_MS = 60_000  # a reservation whose ranks never arrive lapses by itself
 GANG_TTL_SECONDS = 7 * 24 * 3600
+NOT_ADMITTED = "not admitted:"  # how a rank's refusal (GPU admission) starts in the gang's abort
 LOST_TTL_SECONDS = 600  # a lost rank's worker is passed over until it beats again, at most this long
 
 # KEYS: slot keys of the leader's worker, then of every candidate; ARGV: holder, n, ttl
@@ -219,6 +220,14 @@ class Gang:
         with contextlib.suppress(Exception):
             self._abort(keys=[self.key], args=[self.attempt, why])
 
+    def refuse(self, rank: int, worker: str, why: str) -> None:
+        """Rank `rank` was not admitted to `worker`'s GPU: the attempt ends before training
+        (its leader raises GangNotReady: tried again later, not a failure), and `worker` is
+        passed over until its next registry heartbeat."""
+        with contextlib.suppress(Exception):
+            self._abort(keys=[self.key], args=[self.attempt, f"{NOT_ADMITTED} rank {rank} {why}"])
+            self.client.set(lost_key(worker), repr(time.time()), ex=LOST_TTL_SECONDS)
+
     def mark_lost(self, ranks: list[int]) -> None:
         """The workers of ranks whose lease lapsed are passed over by reservations until
         their registry heartbeat is newer than the loss: a host cut off stays registered
@@ -342,6 +351,8 @@ class RankWatch:
         self.gang.join(self.rank)
         deadline = time.monotonic() + join_seconds()
         while (n := self.gang.joined()) < self.gang.world:
+            if self.stop_why is not None and self.stop_why.startswith(NOT_ADMITTED):
+                raise self.gang.waiting(self.stop_why)  # nothing trained: tried again later
             if self.stop_why is not None:
                 raise GangLost(self.stop_why)
             if time.monotonic() > deadline:

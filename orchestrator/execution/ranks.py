@@ -79,6 +79,25 @@ def leading(gang: Gang, workers: list[str], worker: WorkerInfo, send: Send, chec
         gang.release(workers)
 
 
+def not_admitted(client: Any, run: RunSpec, worker: WorkerInfo) -> str | None:
+    """GPU admission of a rank r >= 1, as rank 0 had it (orchestrator.execution.admission):
+    on a GPU worker, a GPU of this worker has the run's memory free (NVML) and room for its
+    share (`resources.gpus`: a whole GPU each when 1). Why not, or None. The share is
+    checked, not taken: rank 0 holds the run's entry, and ranks hold the run's slots."""
+    from .admission import Need, Shares, free_memory_mb, worker_gpus
+
+    mine = worker_gpus() if worker.device == "cuda" and run.resources.gpus > 0 else []
+    if not mine:
+        return None
+    need = Need.of(run)
+    if Shares(client).room(worker.host, mine, need):
+        return None
+    free = free_memory_mb(mine)
+    short = [f"GPU {i} has {f} MiB free" for i in mine if (f := free[i]) is not None and f < need.memory_mb]
+    return (f"on {worker.name}: " + ("; ".join(short) + f", the run needs {need.memory_mb} MiB" if short
+                                     else "its GPU share is taken by other runs"))
+
+
 def _collective_error(exc: BaseException) -> bool:
     """A torch.distributed error (a peer's connection closed, a collective timed out)."""
     text = f"{type(exc).__name__} {exc}".lower()
@@ -100,6 +119,10 @@ def run_rank(client: Any, payload: Any, hostname: str) -> dict[str, Any]:
         log.warning("refused a rank task: %s", exc)
         return {"status": "REFUSED", "why": str(exc)}
     gang = Gang(client, run, attempt)
+    if (why := not_admitted(client, run, worker)) is not None:
+        gang.refuse(rank, worker.name, why)
+        log.warning("rank %d of %s (attempt %d) refused: %s", rank, run.name, attempt, why)
+        return {"rank": rank, "status": "NOT_ADMITTED", "why": why}
     watch = RankWatch(gang, rank, worker.name, worker.host, worker.gpu).start()
     log.info("%s attempt %d: rank %d of %d started on %s", run.name, attempt, rank, gang.world, worker.name)
     try:
