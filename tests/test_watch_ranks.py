@@ -54,7 +54,10 @@ def test_each_rank_is_a_line_under_its_run_with_host_gpu_step_beat_and_attempt()
     at = lines.index(run)
     assert re.fullmatch(r"  rank 0\s+cpu3@node-a\s+node-a\s+-\s+step 11\s+0\.4s\s+1", lines[at + 1].rstrip()), lines[at + 1]
     assert re.fullmatch(r"  rank 1\s+cpu1@node-b\s+node-b\s+0\s+step 9\s+7\.2s\s+1", lines[at + 2].rstrip()), lines[at + 2]
-    assert "[rank 1/2]" in line_with(text, "cpu1@node-b  ")  # the worker rows still say which rank they train
+    # The worker rows still say which rank they train: the tag whole, the run name cut after it.
+    assert "[rank 1/2] digits/base/seed=0 " in line_with(text, "cpu1@node-b  ")
+    narrow = frame_text(snapshot(), 50, 24)
+    assert "[rank 1/2] " in line_with(narrow, "cpu1@node-b") and max(map(len, lines_of(narrow))) <= 50
 
 
 def test_a_waiting_or_aborted_gang_says_why_and_short_terminals_cut_the_ranks() -> None:

@@ -203,8 +203,12 @@ def _worker_lines(snap: Snapshot, width: int, limit: int | None) -> list[Text]:
         gpu = str(r.gpu) if r.gpu is not None else {"control": "ctl", "cpu": "cpu"}.get(r.device, "?")
         state = "stop" if r.state == "stopping" else r.state
         if r.run:
-            name = r.run[len(prefix):] if prefix and r.run.startswith(prefix) else r.run
-            run = shorten(name, run_w - (3 if r.more_runs else 0)) + (f" +{r.more_runs}" if r.more_runs else "")
+            # A rank's tag (snapshot._with_ranks) stays whole; the run name after it is cut.
+            tag, name = ("", r.run) if not r.run.startswith("[rank ") or "] " not in r.run else \
+                (r.run[:r.run.index("] ") + 2], r.run[r.run.index("] ") + 2:])
+            name = name[len(prefix):] if prefix and name.startswith(prefix) else name
+            room = run_w - len(tag) - (3 if r.more_runs else 0)
+            run = tag + shorten(name, max(1, room)) + (f" +{r.more_runs}" if r.more_runs else "")
             prog = describe_progress(r.progress, prog_w)
             elapsed = duration(snap.taken_at - r.run_started) if r.run_started else "?"
         else:
