@@ -254,6 +254,29 @@ def test_a_rank_whose_gpu_lacks_the_runs_memory_is_refused_and_the_gang_waits_sa
         watch.close()
 
 
+def test_a_rank_that_cannot_renew_its_lease_for_a_whole_lease_stops_itself(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cut off from Redis, a rank cannot hear that its peers aborted the attempt; once its
+    own lease has lapsed (no renewal for a whole lease) it stops by itself."""
+    from orchestrator.execution.gang import RankWatch
+
+    monkeypatch.setenv("ORCH_GANG_LEASE_SECONDS", "1")
+    run = expand(load_experiments([str(write(tmp_path, "cut", folds=None, split={"validation": 0.3}))])[0])[0]
+    nowhere = redis.Redis(port=free_port(), socket_connect_timeout=0.2, socket_timeout=0.2)
+    watch = RankWatch(Gang(nowhere, run, 1), 1, "w2", "h", None)
+    started = time.monotonic()
+    watch.beat()
+    assert watch.stop_why is None  # one failed beat is not a lapsed lease
+
+    def stopped() -> str | None:
+        watch.beat()
+        return watch.stop_why
+
+    why = wait_for(stopped, timeout=5, what="the rank to stop itself")
+    assert why.startswith("cut off from Redis for ") and why.endswith("its rank lease lapsed"), why
+    assert 1.0 < time.monotonic() - started < 3.0
+
+
 # --- real workers -----------------------------------------------------------------------
 
 class GangCluster:

@@ -17,8 +17,11 @@ nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,6 +63,9 @@ def dh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MultiHostCluster]:
         finally:
             for name in list(c.cut_off):
                 c.restore(name)
+            for proc in c.workers.values():  # all at once: each hands back what it holds, then exits
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
             c.stop()
 
 
@@ -129,6 +135,7 @@ def test_a_host_cut_off_stops_its_attempt_and_the_run_relaunches_on_the_others(
         wait_for(lambda: stopped_line in dh.log(victim)[seen_before:], timeout=LOSS_TO_STOP + 10,
                  what="the cut-off rank 1 to stop", seen=lambda: dh.log(victim)[seen_before:][-2000:])
         rank1_stopped = time.time() - cut_at
+        said = dh.log(victim)[seen_before:].split(stopped_line, 1)[1].split("\n", 1)[0].strip(": ")
 
         def relaunched() -> dict[int, dict[str, Any]] | None:
             g = gang(dh, run_key)
@@ -173,7 +180,7 @@ def test_a_host_cut_off_stops_its_attempt_and_the_run_relaunches_on_the_others(
     assert dh.client.hget(keys.attempts(run_key), "committed") == b"1"
     print(f"\n2 ranks on {hosts[0]} and {hosts[1]}: both past epoch 7 {trained - submitted:.1f} s after submit; "
           f"{hosts[1]} cut off: rank 0 stopped after {rank0_stopped:.1f} s, the cut-off rank 1 after "
-          f"{rank1_stopped:.1f} s; attempt {second} trained on {sorted(survivors)} after {again:.1f} s, "
+          f"{rank1_stopped:.1f} s ({said[:90]}); attempt {second} trained on {sorted(survivors)} after {again:.1f} s, "
           f"resumed from epoch {meta['trainer_info']['resumed_from_epoch']}; committed once, by attempt {second}; "
           f"nothing written after the link came back")
     assert rank0_stopped <= LOSS_TO_STOP and rank1_stopped <= LOSS_TO_STOP, (rank0_stopped, rank1_stopped)

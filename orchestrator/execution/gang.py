@@ -7,7 +7,9 @@ attempt becomes rank 0, the leader. It holds the run's lease as every run does, 
    N-1 other free workers that can take ranks (`orch:slot:<worker>`), or none at all;
    a gang that cannot fill holds nothing and tries again later (RetryLater), saying why
    in `orch:gang:<run_key>`. So two gangs can never each hold part of what the other
-   needs (two 2-rank jobs on 3 slots: one reserves two, the other holds none).
+   needs (two 2-rank jobs on 3 slots: one reserves two, the other holds none). A worker
+   whose rank was lost is passed over until its registry heartbeat is newer than the
+   loss (a host cut off stays registered for three heartbeats).
 2. **Send the ranks.** Rank r's task goes to `rank.<worker>`, the queue only that worker
    takes, first. Ranks are numbered at the rendezvous: 0 the leader, 1..N-1 in the
    order the slots were taken.
@@ -21,7 +23,8 @@ attempt becomes rank 0, the leader. It holds the run's lease as every run does, 
 5. **Watch.** Each rank's heartbeat also checks its peers' leases and the gang record:
    a lapsed peer (killed, paused, cut off), or a newer attempt of the run (fencing),
    marks the gang aborted and stops this rank at its next report, or at the collective
-   timeout if it is blocked in one. The leader's failure then counts as one of the
+   timeout if it is blocked in one. A rank that could not renew its own lease for a
+   whole lease (cut off from Redis) stops too. The leader's failure then counts as one of the
    run's `retries`; the relaunch resumes from the last checkpoint.
 
 Nothing here knows Celery: the leader sends rank tasks through a function it is given.
@@ -309,6 +312,7 @@ class RankWatch:
                                        "started": time.time()}
         self.stop_why: str | None = None
         self.all_joined = False
+        self.renewed = time.monotonic()  # the last beat that reached Redis
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"rank{rank}-watch", daemon=True)
 
@@ -324,7 +328,13 @@ class RankWatch:
             what, why = self.gang.beat(self.rank, self.worker, self.record, self.all_joined)
         except Exception as exc:  # Redis unreachable: the lease lapses, the peers stop
             log.warning("rank %d heartbeat failed: %s", self.rank, exc)
+            # Unrenewed for a whole lease, this rank's lease is gone: its peers abort the
+            # attempt (they see it lost), so it stops too, without hearing so (cut off).
+            if (silent := time.monotonic() - self.renewed) > lease_ms() / 1000 and self.stop_why is None:
+                self.stop_why = f"cut off from Redis for {silent:.0f} s: its rank lease lapsed"
+                log.warning("rank %d of %s stops: %s", self.rank, self.gang.run.name, self.stop_why)
             return
+        self.renewed = time.monotonic()
         if what != "ok" and self.stop_why is None:
             self.stop_why = why
             if what == "lost":
