@@ -503,6 +503,46 @@ def test_sigstop_of_a_rank_stops_its_attempt_within_15s(gc: GangCluster, tmp_pat
 
 
 @pytest.mark.integration
+def test_watch_in_a_real_terminal_shows_each_rank_under_its_run(gc: GangCluster, tmp_path: Path) -> None:
+    """`orchestrator watch` in a real pseudo-terminal (tmux, 80x24, as tests/test_watch.py):
+    a training 2-rank run with its gang line and one line per rank (worker, host, GPU,
+    step, last beat, attempt); q quits with the terminal restored. Then `cancel` ends it."""
+    from .test_watch import Tmux, watch_script
+
+    cfg = write(tmp_path, "dpwatch", datasets=["digits"], folds=None, split={"validation": 0.3},
+                params={"epochs": 400, "batch_size": 32, "hidden": [32]})
+    assert run_cli("submit", str(cfg), env=gc.env()).returncode == 0
+    run = expand(load_experiments([str(cfg)])[0])[0]
+
+    def training() -> dict[int, dict[str, Any]] | None:
+        attempt = int(gc.gang(run.run_key).get("attempt") or 0)
+        ranks = gc.ranks(run.run_key, attempt) if attempt else {}
+        return ranks if len(ranks) == 2 and all((r.get("step") or 0) >= 1 for r in ranks.values()) else None
+
+    ranks = wait_for(training, timeout=90, what="both ranks training")
+    attempt = int(gc.gang(run.run_key)["attempt"])
+    tmux = Tmux(f"orch-dpwatch-{time.monotonic_ns()}")
+    try:
+        tmux.start(watch_script(tmp_path / "watch.sh", gc.env(), "dpwatch", "--interval", "0.5"))
+        rows = [re.compile(rf"  rank {r}\s+{re.escape(ranks[r]['worker'][:8])}\S*\s+\S+\s+-\s+step \d+\s+\d+\.\ds\s+"
+                           rf"{attempt}\b") for r in (0, 1)]
+        screen = tmux.wait_screen(lambda s: all(row.search(s) for row in rows) and "gang training" in s,
+                                  timeout=40, what="the screen to show both ranks under the run")
+        lines = screen.rstrip("\n").split("\n")
+        assert len(lines) <= 24 and max(len(line) for line in lines) <= 80, screen
+        assert re.search(rf"· gang training · attempt {attempt} · 2 ranks", screen), screen
+        tmux("send-keys", "-t", "w", "q")
+        after = tmux.wait_screen(lambda s: "watch exited" in s, timeout=15, what="watch to exit on q")
+        assert "tty restored" in after and "watch exited 0" in after, after
+    finally:
+        tmux.kill()
+    print(f"\n`watch dpwatch` in tmux (80x24):\n{screen}")
+    assert run_cli("cancel", "dpwatch", env=gc.env()).returncode == 0
+    st = gc.finished("dpwatch", timeout=60)
+    assert st["group_details"][0]["folds"][0]["state"] == "CANCELLED"
+
+
+@pytest.mark.integration
 def test_a_gang_larger_than_the_workers_waits_saying_why_and_holds_no_slot(gc: GangCluster, tmp_path: Path) -> None:
     cfg = write(tmp_path, "dpbig", folds=None, split={"validation": 0.3}, resources={"gpus": 0, "ranks": 4})
     assert run_cli("submit", str(cfg), env=gc.env()).returncode == 0
