@@ -277,6 +277,15 @@ def test_a_rank_that_cannot_renew_its_lease_for_a_whole_lease_stops_itself(
     assert 1.0 < time.monotonic() - started < 3.0
 
 
+def test_ranks_meet_on_the_interface_toward_redis_only_when_redis_is_on_another_host() -> None:
+    """Redis on loopback or a unix socket: one host, left to gloo (tests/test_data_parallel_hosts.py
+    has the other case for real)."""
+    from orchestrator.execution.store import route_interface
+
+    assert route_interface(redis.Redis(host="127.0.0.1", port=free_port())) is None
+    assert route_interface(redis.Redis(unix_socket_path="/nonexistent/redis.sock")) is None
+
+
 # --- real workers -----------------------------------------------------------------------
 
 class GangCluster:

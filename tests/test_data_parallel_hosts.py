@@ -3,9 +3,10 @@
 Three worker hosts (network namespaces, each its own hostname) and a hub with Redis and
 the control worker (tests/netns.py; test_multihost's cluster on its own names and
 subnet). A 2-rank run: one worker per host, so its ranks are on two hosts and gloo meets
-across the bridge: each rank publishes the address of its host's interface
-(GLOO_SOCKET_IFNAME=eth0: the host names resolve nowhere) and a port of its choosing
-through the Redis store, and the other rank connects to that address.
+across the bridge. The host names resolve nowhere and no interface is named
+(GLOO_SOCKET_IFNAME unset): each rank finds the interface its host reaches Redis through
+(orchestrator.execution.store.route_interface), publishes that address and a port of its
+choosing through the Redis store, and the other rank connects to it.
 
 Then rank 1's host loses its link (its veth on the hub goes down): every rank of that
 attempt stops within 15 s (rank 0 when its heartbeat finds rank 1's lease lapsed and its
@@ -52,8 +53,7 @@ RELAUNCH_LIMIT = 30.0  # ... and the run trains again from its checkpoint within
 @pytest.fixture(scope="module")
 def dh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MultiHostCluster]:
     with NET.owned("multi-host data-parallel test"):
-        c = MultiHostCluster(tmp_path_factory.mktemp("dphosts"), NET, ORCH_CHECKPOINT_EVERY="5",
-                             GLOO_SOCKET_IFNAME="eth0")
+        c = MultiHostCluster(tmp_path_factory.mktemp("dphosts"), NET, ORCH_CHECKPOINT_EVERY="5")
         try:
             c.start_redis()
             c.ensure_workers()
@@ -122,6 +122,8 @@ def test_a_host_cut_off_stops_its_attempt_and_the_run_relaunches_on_the_others(
     assert hosts[0] != hosts[1], hosts  # the rendezvous crossed hosts: gloo over the bridge
     victim = dh.worker_named(first_ranks[1]["worker"])
     assert NET.hosts[victim].hostname == hosts[1]
+    found = f"rank 1: gloo over eth0 ({NET.hosts[victim].addr}, the address this host reaches Redis from)"
+    assert found in dh.log(victim), dh.log(victim)[-3000:]  # found, not configured
     seen_before = len(dh.log(victim))
     stopped_line = f"rank 1 of {first_ranks[1]['name']} (attempt {first}) stops"
 

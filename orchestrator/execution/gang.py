@@ -379,8 +379,15 @@ def process_group(gang: Gang, rank: int, backend: str) -> Iterator[None]:
 
     import torch.distributed as dist
 
-    from .store import RedisStore
+    from .store import RedisStore, route_interface
 
+    # Across hosts, the ranks meet on the interface their host reaches Redis through,
+    # unless the operator named one (GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME).
+    variable = "GLOO_SOCKET_IFNAME" if backend == "gloo" else "NCCL_SOCKET_IFNAME"
+    if variable not in os.environ and (found := route_interface(gang.client)) is not None:
+        os.environ[variable] = found[0]
+        log.info("%s rank %d: %s over %s (%s, the address this host reaches Redis from)",
+                 gang.run.name, rank, backend, *found)
     timeout = float(settings.value("ORCH_GANG_COLLECTIVE_TIMEOUT"))
     store = RedisStore(gang.client, gang.prefix + "s/", timeout=max(timeout, join_seconds()))
     dist.init_process_group(backend, store=store, rank=rank, world_size=gang.world,
