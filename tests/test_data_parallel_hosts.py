@@ -13,7 +13,8 @@ attempt stops within 15 s (rank 0 when its heartbeat finds rank 1's lease lapsed
 all-reduce times out; rank 1, cut off, when its all-reduce times out), and the run trains
 again, from its checkpoint, on the two other hosts within 30 s of the cut. Its outputs
 are written once, by the new attempt; once the link is back, the cut-off rank writes
-nothing.
+nothing. Then the same with rank 0's host cut off: the watchdog hands the run on (its
+lease lapsed), and the fenced leader, back, writes nothing but its own attempt's log.
 """
 
 from __future__ import annotations
@@ -69,9 +70,10 @@ def dh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MultiHostCluster]:
             c.stop()
 
 
-def experiment(folder: Path, name: str) -> Path:
+def experiment(folder: Path, name: str, epochs: int = 30) -> Path:
+    """Other epochs: another group_id (audit counts each group's finalizes)."""
     doc = {"experiment": name, "trainer": "mlp", "datasets": ["digits"], "split": {"validation": 0.3},
-           "retries": 2, "params": {"epochs": 30, "batch_size": 32, "hidden": [32]},
+           "retries": 2, "params": {"epochs": epochs, "batch_size": 32, "hidden": [32]},
            "resources": {"gpus": 0, "ranks": 2}}
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -185,5 +187,81 @@ def test_a_host_cut_off_stops_its_attempt_and_the_run_relaunches_on_the_others(
           f"{rank1_stopped:.1f} s ({said[:90]}); attempt {second} trained on {sorted(survivors)} after {again:.1f} s, "
           f"resumed from epoch {meta['trainer_info']['resumed_from_epoch']}; committed once, by attempt {second}; "
           f"nothing written after the link came back")
+    assert rank0_stopped <= LOSS_TO_STOP and rank1_stopped <= LOSS_TO_STOP, (rank0_stopped, rank1_stopped)
+    assert again <= RELAUNCH_LIMIT, again
+
+
+def test_rank_0s_host_cut_off_its_run_is_handed_on_and_the_fenced_leader_writes_nothing(
+        dh: MultiHostCluster, tmp_path: Path) -> None:
+    """The leader's host is cut off: rank 1 sees rank 0's lease lapse and stops; the
+    cut-off rank 0 stops at its all-reduce's timeout; the watchdog hands the run on (its
+    lease lapsed) and it trains again from its checkpoint on the two other hosts. Once
+    the link is back, the fenced leader writes nothing but its own attempt's log."""
+    name = "dphost0"
+    dh.submit(experiment(tmp_path, name, epochs=32))
+    run_key = the_run_key(dh, name)
+
+    def training_past_checkpoint() -> dict[int, dict[str, Any]] | None:
+        attempt = int(gang(dh, run_key).get("attempt") or 0)
+        found = ranks(dh, run_key, attempt) if attempt else {}
+        return found if len(found) == 2 and all((r.get("step") or 0) >= 7 for r in found.values()) else None
+
+    first_ranks = wait_for(training_past_checkpoint, timeout=90, what="both ranks past epoch 7")
+    first = int(gang(dh, run_key)["attempt"])
+    victim = dh.worker_named(first_ranks[0]["worker"])
+    run_name = first_ranks[0]["name"]
+    run_log = dh.root / name / "digits/base/seed=0/logs" / f"fold_0.attempt_{first}.log"
+    seen_before = len(dh.log(victim))
+    stopped_line = f"rank 0 of {run_name} (attempt {first}) stops"
+
+    cut_at = time.time()
+    dh.cut(victim)
+    try:
+        wait_for(lambda: 1 not in ranks(dh, run_key, first), timeout=LOSS_TO_STOP + 10,
+                 what="rank 1 of the cut-off attempt to stop", seen=lambda: gang(dh, run_key))
+        rank1_stopped = time.time() - cut_at
+        wait_for(lambda: run_log.exists() and stopped_line in run_log.read_text(errors="replace"),
+                 timeout=LOSS_TO_STOP + 10, what="the cut-off rank 0 to stop",
+                 seen=lambda: run_log.read_text(errors="replace")[-2000:] if run_log.exists() else None)
+        rank0_stopped = time.time() - cut_at
+
+        def relaunched() -> dict[int, dict[str, Any]] | None:
+            g = gang(dh, run_key)
+            attempt = int(g.get("attempt") or 0)
+            found = ranks(dh, run_key, attempt) if attempt > first and g.get("state") == "training" else {}
+            return found if len(found) == 2 else None
+
+        again_ranks = wait_for(relaunched, timeout=RELAUNCH_LIMIT + 15, what="the relaunch to train on two hosts",
+                               seen=lambda: (gang(dh, run_key), dh.log("control")[-1500:]))
+        again = time.time() - cut_at
+        second = int(gang(dh, run_key)["attempt"])
+        survivors = {NET.hosts[h].hostname for h in NET.hosts if h != victim}
+        assert {r["host"] for r in again_ranks.values()} == survivors, (again_ranks, victim)
+        st = audit(dh, name, folds=1)
+        before, dirs = snapshot(dh.root / name), folders(dh.root / name)
+        watch = DiskWatch(dh.root / name)
+    finally:
+        if victim in dh.cut_off:
+            dh.restore(victim)
+    own_log = str(run_log.relative_to(dh.root / name))
+    try:
+        # Back: the fenced leader's attempt ends without writing (the worker says so).
+        wait_for(lambda: "stops without writing" in dh.log(victim)[seen_before:], timeout=60,
+                 what="the cut-off leader to give its attempt up", seen=lambda: dh.log(victim)[seen_before:][-2000:])
+        after = snapshot(dh.root / name)
+    finally:
+        seen = watch.stop()
+    assert writes_except(seen, {own_log}) == []  # only its own attempt's log may grow
+    assert changes(before, after, appended={own_log}) == []
+    assert folders(dh.root / name) == dirs
+    fold = st["group_details"][0]["folds"][0]
+    meta = json.loads(Path(fold["files"]["metadata.json"]).read_text())
+    assert meta["attempt"] == second and meta["host"] in survivors, (meta["attempt"], second, meta["host"])
+    assert meta["trainer_info"]["resumed_from_epoch"] > 5, meta["trainer_info"]
+    assert dh.client.hget(keys.attempts(run_key), "committed") == b"1"
+    print(f"\nrank 0's host {first_ranks[0]['host']} cut off: rank 1 stopped after {rank1_stopped:.1f} s, the "
+          f"cut-off rank 0 after {rank0_stopped:.1f} s; attempt {second} trained on {sorted(survivors)} after "
+          f"{again:.1f} s, resumed from epoch {meta['trainer_info']['resumed_from_epoch']}; committed once, by "
+          f"attempt {second}; the fenced leader wrote nothing after the link came back but its own log")
     assert rank0_stopped <= LOSS_TO_STOP and rank1_stopped <= LOSS_TO_STOP, (rank0_stopped, rank1_stopped)
     assert again <= RELAUNCH_LIMIT, again

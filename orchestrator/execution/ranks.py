@@ -63,6 +63,9 @@ def leading(gang: Gang, workers: list[str], worker: WorkerInfo, send: Send, chec
                 yield DistInfo(0, gang.world, backend, checkpoint_every(), load, save), watch
             except Exception as exc:
                 why = watch.stop_why
+                # Said first: cut off from Redis, the abort below waits for its socket timeout.
+                log.warning("rank 0 of %s (attempt %d) stops: %s", run.name, gang.attempt,
+                            f"{why or type(exc).__name__ + ': ' + str(exc)}"[:300])
                 gang.abort(f"rank 0 stopped: {why or exc}")
                 if why is not None or _collective_error(exc):
                     raise GangLost(f"{why or exc}") from exc
@@ -76,7 +79,8 @@ def leading(gang: Gang, workers: list[str], worker: WorkerInfo, send: Send, chec
     finally:
         if watch is not None:
             watch.close()
-        gang.release(workers)
+        with contextlib.suppress(Exception):  # cut off from Redis: the slots lapse by themselves
+            gang.release(workers)
 
 
 def not_admitted(client: Any, run: RunSpec, worker: WorkerInfo) -> str | None:
