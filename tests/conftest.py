@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 # test process, so its cluster starts once, not once in each of the three processes that
 # `load` would spread its tests over. Every other test is spread one by one.
 # Longest first (their seconds in a full run): they are handed out in this order.
-CLUSTER_MODULES = ("test_faults", "test_roles_cluster", "test_search", "test_data_parallel", "test_multihost", "test_return_mode",
+CLUSTER_MODULES = ("test_faults", "test_roles_cluster", "test_search", "test_data_parallel", "test_multihost",
+                   "test_data_parallel_hosts", "test_return_mode",
                    "test_acl", "test_hostile", "test_report", "test_watch")
 
 

@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import redis
 import yaml
 
 from orchestrator import keys
-from orchestrator.cluster.local import free_port, spawn, stop_process
+from orchestrator.cluster.local import free_port, spawn, start_redis, stop_process
 from orchestrator.execution.gang import Gang, GangNotReady
 from orchestrator.execution.runner import WorkerInfo, execute
 from orchestrator.experiment.config import load_experiments
@@ -79,22 +78,11 @@ def test_a_ranked_spec_round_trips_and_ordinary_messages_are_unchanged(tmp_path:
 
 # --- the reservation script, against a real Redis --------------------------------------
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port, folder = free_port(), tmp_path_factory.mktemp("redis")
-    proc = spawn([shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                  "--dir", str(folder), "--save", "", "--appendonly", "no"], dict(os.environ), folder / "out")
-    client = redis.Redis(port=port)
-    wait_for(lambda: _pings(client), timeout=20, what="redis-server")
-    yield f"redis://127.0.0.1:{port}/0"
-    stop_process(proc)
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
+@pytest.fixture
+def redis_url(module_redis: str) -> str:
+    """This module's own Redis (conftest.module_redis): its registry holds only the
+    workers these tests register."""
+    return module_redis
 
 
 def _register(client: redis.Redis, names: list[str], device: str = "cpu") -> None:
@@ -302,12 +290,7 @@ class GangCluster:
                        **extra)
 
     def start(self) -> None:
-        folder = self.base / "redis"
-        folder.mkdir()
-        self.procs["redis"] = spawn([shutil.which("redis-server") or "redis-server", "--port", str(self.port),
-                                     "--bind", "127.0.0.1", "--dir", str(folder), "--save", "",
-                                     "--appendonly", "no"], dict(os.environ), folder / "out")
-        wait_for(lambda: _pings(self.client), timeout=20, what="redis-server")
+        self.procs["redis"], _ = start_redis(self.base / "redis", self.port)
         base = [sys.executable, "-m", "orchestrator", "worker", "--loglevel", "INFO"]
         for n in WORKERS:
             self.procs[n] = spawn([*base, "--cpu", "--name", f"{n}@%h"], self.env(), self.logs / f"{n}.log")
