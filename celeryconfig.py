@@ -17,18 +17,20 @@ import os
 
 from orchestrator import settings
 from orchestrator.execution.transfer import results_transfer, return_max_bytes
+from orchestrator.keys import celery_url
 
 settings.refuse_and_exit()  # a plain `celery -A tasks ...` checks them here, before anything
 _env = settings.value
 
 # --- where things are ------------------------------------------------------------
-broker_url = _env("ORCH_BROKER_URL")
+# (A Unix socket: unix:///path for the project's clients, redis+socket:// for Celery's.)
+broker_url = celery_url(_env("ORCH_BROKER_URL"))
 # Chords need a backend that counts parts atomically: Redis, here the same server.
-result_backend = _env("ORCH_RESULT_BACKEND") or broker_url
+result_backend = celery_url(_env("ORCH_RESULT_BACKEND") or _env("ORCH_BROKER_URL"))
 # Results root: every run's files go below it (a shared filesystem across hosts).
 orch_results_root = os.path.abspath(_env("ORCH_RESULTS_ROOT"))
 # Live state (run/group states for progress bars): Redis, by default the backend's.
-orch_state_url = _env("ORCH_STATE_URL") or result_backend
+orch_state_url = _env("ORCH_STATE_URL") or _env("ORCH_RESULT_BACKEND") or _env("ORCH_BROKER_URL")
 
 
 def _tls_options(url: str) -> dict[str, object] | None:
@@ -119,12 +121,13 @@ broker_transport_options = {
     "sep": ":",
     # Queues are served in the order a worker lists them: pinned queue first.
     "queue_order_strategy": "priority",
-    "socket_keepalive": True,
     "socket_timeout": 30,
     "socket_connect_timeout": 10,
     "retry_on_timeout": True,
     "health_check_interval": 25,
 }
+if not broker_url.startswith("redis+socket://"):  # (TCP only: a Unix socket refuses the option)
+    broker_transport_options["socket_keepalive"] = True
 broker_connection_retry_on_startup = True
 broker_connection_max_retries = None  # keep retrying: a Redis restart must not kill workers
 
@@ -141,7 +144,7 @@ result_backend_max_retries = 20
 redis_socket_timeout = 30
 redis_socket_connect_timeout = 10
 redis_retry_on_timeout = True
-redis_socket_keepalive = True
+redis_socket_keepalive = not result_backend.startswith("redis+socket://")
 redis_backend_health_check_interval = 25
 
 # --- queues -------------------------------------------------------------------------

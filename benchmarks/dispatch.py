@@ -185,7 +185,7 @@ class Timed:
         t0 = time.monotonic()
         self.proc = proc = subprocess.Popen(
             self.argv, env=self.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent(signal.SIGTERM))
 
         def reader() -> None:
             assert proc.stdout is not None

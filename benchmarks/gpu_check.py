@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,8 +117,10 @@ class Sampler:
 
 # -- experiments ---------------------------------------------------------------------
 def write_experiment(path: Path, name: str, seeds: list[int], gpus: str, epochs: int,
-                     memory_gb: float = 1) -> None:
-    """Small MLP runs on digits (1797 samples, 64 features, 10 classes), one split each."""
+                     memory_gb: float = 1, ranks: int = 1, backend: str = "auto") -> None:
+    """Small MLP runs on digits (1797 samples, 64 features, 10 classes), one split each;
+    `ranks` > 1: data-parallel (docs/data-parallel.md)."""
+    dp = f"  ranks: {ranks}\n  backend: {backend}\n" if (ranks, backend) != (1, "auto") else ""
     path.write_text(
         f"# written by benchmarks/gpu_check.py\n"
         f"experiment: {name}\n"
@@ -126,7 +129,7 @@ def write_experiment(path: Path, name: str, seeds: list[int], gpus: str, epochs:
         f"split:\n  validation: 0.25\n"
         f"seeds: {json.dumps(seeds)}\n"
         f"params:\n  hidden: [256, 256]\n  epochs: {epochs}\n  batch_size: 64\n  lr: 0.001\n"
-        f"resources:\n  gpus: {gpus}\n  gpu_memory_gb: {memory_gb:g}\n")
+        f"resources:\n  gpus: {gpus}\n  gpu_memory_gb: {memory_gb:g}\n{dp}")
 
 
 def finished_runs(root: Path, experiment: str) -> list[dict[str, Any]]:
@@ -200,18 +203,20 @@ class Check:
                 "--loglevel", "INFO"]
         self.procs.spawn(name, argv, cluster_env(self.url, self.root), self.logs / f"{name}.log")
 
-    def gpu_workers(self, count: int) -> list[str]:
-        names = [f"gpu{self.args.gpu}-{k}" for k in range(count)]
+    def gpu_workers(self, count: int, cpu: bool = False) -> list[str]:
+        """`count` workers on the GPU (`--cpu`: on the CPU, for a rehearsal without one)."""
+        prefix, flags = ("cpu", ["--cpu"]) if cpu else (f"gpu{self.args.gpu}", ["--gpu", str(self.args.gpu)])
+        names = [f"{prefix}-{k}" for k in range(count)]
         for n in names:
-            self.spawn_worker(n, ["--gpu", str(self.args.gpu)], f"{n}@%h")
+            self.spawn_worker(n, flags, f"{n}@%h")
         wait_ready(self.url, [f"{n}@" for n in names], self.procs, names)
         return names
 
     def submit(self, name: str, seeds: list[int], gpus: str, epochs: int,
-               memory_gb: float = 1) -> tuple[float, list[dict[str, Any]]]:
+               memory_gb: float = 1, ranks: int = 1, backend: str = "auto") -> tuple[float, list[dict[str, Any]]]:
         work = self.tmp / name
         work.mkdir()
-        write_experiment(work / "exp.yaml", name, seeds, gpus, epochs, memory_gb)
+        write_experiment(work / "exp.yaml", name, seeds, gpus, epochs, memory_gb, ranks, backend)
         argv = [sys.executable, "-m", "orchestrator", "submit", str(work / "exp.yaml"), "--wait",
                 "--broker", self.url, "--results-root", str(self.root)]
         t = Timed(argv, base_env(), work / "submit.out", self.args.timeout).run()
@@ -455,18 +460,25 @@ def main() -> int:
     if args.packed < 2 or args.memory_runs < 2 or args.repeat < 1:
         p.error("--packed and --memory-runs must be 2 or more, --repeat 1 or more")
 
-    tmp = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    return drive("gpu_check", args, Check, Check.run)
+
+
+def drive(name: str, args: argparse.Namespace, kind: type[Check], body: Callable[[Any], None],
+          need_gpu: bool = True) -> int:
+    """Run `body` on a `kind` check in a temporary folder, then stop every process, write
+    --json and print the verdict. Exit status: 0 every check held, 1 one did not (or
+    something broke), 2 no usable GPU (when `need_gpu`), 130 Ctrl-C."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"{name}_"))
     procs = Procs()
-    check = Check(args, tmp, procs)
+    check = kind(args, tmp, procs)
     try:
-        target = check.detect()
-        if target is None:
-            print(f"gpu_check: no usable GPU {args.gpu} here; run this on a machine with an NVIDIA GPU",
+        if need_gpu and check.detect() is None:
+            print(f"{name}: no usable GPU {args.gpu} here; run this on a machine with an NVIDIA GPU",
                   file=sys.stderr)
             return 2
-        check.run()
+        body(check)
     except BenchmarkError as exc:
-        print(f"gpu_check: {exc}", file=sys.stderr)
+        print(f"{name}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -479,8 +491,8 @@ def main() -> int:
             log(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    print("gpu_check: " + ("every check held" if not check.failures
-                           else f"{len(check.failures)} check(s) failed: " + "; ".join(check.failures)))
+    print(f"{name}: " + ("every check held" if not check.failures
+                         else f"{len(check.failures)} check(s) failed: " + "; ".join(check.failures)))
     return 0 if not check.failures else 1
 
 

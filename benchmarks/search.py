@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Search figures (docs/search.md, issue 17).
 
-    python benchmarks/search.py [--trials 1000] [--part bookkeeping,tpe,asha,resume]
+    python benchmarks/search.py [--trials 1000]
+        [--part bookkeeping,tpe,asha,asha-digits,determinism,resume]
 
 - bookkeeping: a `random` and a `tpe` search of `trials` trials, one fold each, driven by
   the real step (orchestrator.search.engine.step) in this process against a temporary
@@ -12,8 +13,15 @@
 - tpe: TPE against random on the objective trainer's known function (in-process
   proposals, no training): the trials each needs to reach random's best after 200.
   Goal: TPE in a third or fewer.
-- asha: ASHA against full budgets on the objective function: the best score found and
-  the epochs spent. Goal: the same best within 1% at a third or less of the epochs.
+- asha, asha-digits: ASHA (decided from the reports at the rungs: asha.judge) against
+  training every trial to max_epochs, on the objective (81 random trials) and on digits
+  with `mlp` (27 random trials, ranked at the rungs by train_loss): the best final score
+  and the epochs spent. Each trial is trained once, in this process, to max_epochs and
+  its per-epoch reports replayed through the engine's proposals and asha.judge on 4
+  lockstep workers (see _replay_asha). Goal: the same best within 1% at
+  a third or less of the epochs.
+- determinism: `orchestrator run` (local mode) of one batch-mode TPE search with 1, 2
+  and 4 workers: the same proposals in the same order.
 - resume: a cold step (a fresh process, nothing cached) over the journal of a killed
   `trials`-trial search: the time until its new proposals are published. Goal: under 1 s.
 """
@@ -65,24 +73,26 @@ def bookkeeping(work: Path, trials: int) -> None:
         layout = Layout(root)
         search = _search(_config(work, f"bk_{strategy}", strategy, trials, 4))
         save_search(layout, search)
-        outside = [0.0]
+        outside = [0.0, 0.0]  # wall, CPU
 
         def publish(experiment: str, plans: list[Any], layout: Any = layout, outside: list[float] = outside) -> None:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             for p in plans:  # the workers' and the control worker's part: not bookkeeping
                 for spec in p.todo:
                     execute(spec, layout, worker, 1)
                 for specs in groups(p.specs):
                     finalize_group(layout, specs)
             outside[0] += time.perf_counter() - start
+            outside[1] += time.process_time() - cpu
 
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         while not step(layout, search.experiment, publish).get("finished"):
             pass
-        total = time.perf_counter() - start
-        own = total - outside[0]
+        own = time.perf_counter() - start - outside[0]
+        own_cpu = time.process_time() - cpu - outside[1]  # what a loaded machine's waits do not inflate
         print(f"bookkeeping {strategy:6s}: {trials} trials, {own:.2f} s of step time "
-              f"= {1000 * own / trials:.2f} ms per proposal (training and finalize: {outside[0]:.1f} s)")
+              f"= {1000 * own / trials:.2f} ms per proposal, {1000 * own_cpu / trials:.2f} ms of CPU "
+              f"(training and finalize: {outside[0]:.1f} s)")
 
 
 def _simulate(search: Any, score: Any) -> list[tuple[Any, float]]:
@@ -92,58 +102,198 @@ def _simulate(search: Any, score: Any) -> list[tuple[Any, float]]:
 
     entries: list[dict[str, Any]] = []
     scored = []
-    epochs = 0
     while True:
         new = propose(search, history(entries))
         entries += new
         running = [t for t in history(entries).ordered if t.state == RUNNING]
         if not running:
-            break
+            return scored
         for t in running:
-            value, spent = score(t)
-            epochs += spent
-            entries.append({"type": "result", "number": t.number, "state": "COMPLETE", "values": [value],
-                            "budget": t.budget})
+            value = score(t)
+            entries.append({"type": "result", "number": t.number, "state": "COMPLETE", "values": [value]})
             scored.append((t, value))
-    from orchestrator.search.engine import pruned_at_end
-
-    entries += pruned_at_end(search, history(entries))
-    return scored + [(None, float(epochs))]
 
 
 def tpe_vs_random(work: Path) -> None:
     from orchestrator.trainers.objective import expected_score
 
-    def score(t: Any) -> tuple[float, int]:
-        return expected_score(t.params["x"], t.params["y"], t.params["kind"], 3), 3
+    def score(t: Any) -> float:
+        return expected_score(t.params["x"], t.params["y"], t.params["kind"], 3)
 
-    rnd = _simulate(_search(_config(work, "r200", "random", 200, 4)), score)[:-1]
+    rnd = _simulate(_search(_config(work, "r200", "random", 200, 4)), score)
     target = max(v for _, v in rnd)
-    tpe = _simulate(_search(_config(work, "t200", "tpe", 200, 4)), score)[:-1]
+    tpe = _simulate(_search(_config(work, "t200", "tpe", 200, 4)), score)
     reached = next((i + 1 for i, (_, v) in enumerate(tpe) if v >= target), None)
     print(f"tpe vs random: random's best after 200 trials {target:.4f}; TPE reaches it after "
           f"{reached} trials ({'goal met' if reached and reached <= 200 / 3 else 'goal NOT met'}: "
           f"a third is {200 / 3:.0f}); TPE's best after 200: {max(v for _, v in tpe):.4f}")
 
 
-def asha_vs_full(work: Path, trials: int = 81) -> None:
-    from orchestrator.trainers.objective import expected_score
+def _curves(spec: Any) -> tuple[list[dict[str, float]], dict[str, float]]:
+    """Train one run in this process as a worker would (the same trainer, params, data
+    and split): (the trainer's report at every epoch, the run's validation scores)."""
+    import numpy as np
 
-    def score(t: Any) -> tuple[float, int]:
-        budget = t.budget or 27
-        return expected_score(t.params["x"], t.params["y"], t.params["kind"], budget), budget
+    from orchestrator.collect.metrics import scores
+    from orchestrator.execution.runner import runnable
+    from orchestrator.experiment import datasets
+    from orchestrator.trainers import Reporter, TrainContext
 
-    full = _simulate(_search(_config(work, "full", "random", trials, 4, epochs="epochs: 27, ")), score)
-    asha_cfg = _config(work, "asha", "random", trials, 4, extra="  asha: {min_epochs: 1, max_epochs: 27, "
-                       "reduction_factor: 3}\n", epochs="")
-    asha = _simulate(_search(asha_cfg), score)
-    best_full = max(v for t, v in full[:-1])
-    best_asha = max(v for t, v in asha[:-1] if t.budget == 27)
-    ratio = asha[-1][1] / full[-1][1]
-    print(f"asha vs full budgets ({trials} random trials, 27 epochs, eta 3): best {best_asha:.4f} vs "
-          f"{best_full:.4f} ({100 * (best_full - best_asha) / best_full:+.2f}% lower) at "
-          f"{asha[-1][1]:.0f} vs {full[-1][1]:.0f} epochs ({ratio:.2f} of them); goal: within 1% at "
-          f"a third or less: {'met' if best_asha >= 0.99 * best_full and ratio <= 1 / 3 else 'NOT met'}")
+    trainer, params = runnable(spec, "cpu")
+    table = datasets.load(spec.dataset)
+    split = datasets.split(table, spec)
+    seen: list[dict[str, float]] = []
+    reporter = Reporter(on_report=lambda last: seen.append(dict(last)))
+    rows = np.concatenate([split.val, split.holdout])
+    result = trainer.fn(TrainContext(params=params, device="cpu", seed=spec.seed, fold=spec.fold,
+                                     run_name=spec.name, X_train=table.X[split.train], y_train=table.y[split.train],
+                                     X_eval=table.X[rows], n_classes=len(table.classes), reporter=reporter))
+    n_val = len(split.val)
+    return seen, scores(table.y[split.val], np.asarray(result.probabilities)[:n_val])
+
+
+def _replay_asha(search: Any, trained: Any) -> tuple[dict[int, Any], int, int]:
+    """An ASHA search run as the steps run it (engine.propose, asha.judge over rung
+    reports), on `parallel` workers in lockstep (each running trial trains one epoch per
+    tick, its rung reports judged after the tick, a pruned trial's slot refilled at once).
+    `trained(trial)`: (its reports at every epoch, its final value), a run trained once
+    to max_epochs: a run's first k epochs are the same whether it is stopped at k or not
+    (no schedule depends on the epoch budget). The stop's own delay (a report and a lease
+    renewal, about a second on a cluster) is not counted. Returns (trials by number, the
+    epochs trained, the ticks)."""
+    from orchestrator.search.asha import judge
+    from orchestrator.search.engine import propose
+    from orchestrator.search.journal import RUNNING, history
+
+    asha = search.cfg.asha
+    entries: list[dict[str, Any]] = []
+    reports: dict[tuple[str, int], dict[str, float]] = {}
+    trained_epochs: dict[int, int] = {}
+    spent = ticks = 0
+    while True:
+        entries += propose(search, history(entries))
+        h = history(entries)
+        running = [t for t in h.ordered if t.state == RUNNING]
+        if not running:
+            return h.trials, spent, ticks
+        ticks += 1
+        for t in running:
+            epoch = trained_epochs[t.number] = trained_epochs.get(t.number, 0) + 1
+            spent += 1
+            seen, _ = trained(t)
+            for spec in search.specs(t):
+                reports[(spec.run_id, epoch)] = seen[epoch - 1]
+        runs = {t.number: [s.run_id for s in search.specs(t)] for t in running}
+        ended = {t.number for t in running if trained_epochs[t.number] >= asha.max_epochs}
+        entries += judge(search.cfg, h, runs, reports, ended)
+        h = history(entries)
+        for n in sorted(ended):
+            if h.trials[n].state == RUNNING:
+                entries.append({"type": "result", "number": n, "state": "COMPLETE", "values": [trained(h.trials[n])[1]],
+                                "budget": asha.max_epochs})
+
+
+def asha_vs_full(work: Path, dataset: str) -> None:
+    """ASHA (from the reports at the rungs) against training every trial to max_epochs:
+    the same random search (async: trial k is the same point in both), its best trial's
+    final score and the epochs each spent."""
+    if dataset == "objective":
+        trials, max_epochs, metric, rung_metric = 81, 27, "reported.score", ""
+        body = _config(work, "a_obj", "random", trials, 4, epochs="")
+    else:  # mlp reports train_loss at every epoch; the search ranks by validation accuracy
+        trials, max_epochs, metric, rung_metric = 27, 27, "oof.accuracy", ", metric: reported.train_loss"
+        body = _digits_config(work, trials)
+    final = metric.split(".")
+    asha_block = (f"  mode: async\n  asha: {{min_epochs: 1, max_epochs: {max_epochs}, reduction_factor: 3"
+                  f"{rung_metric}}}\n")
+    path = work / f"asha_{dataset}.yaml"
+    path.write_text(body.read_text() + asha_block)
+    search = _search(path)
+    cache: dict[str, tuple[list[dict[str, float]], float]] = {}
+
+    def trained(t: Any) -> tuple[list[dict[str, float]], float]:
+        if t.point not in cache:
+            (spec,) = search.specs(t)
+            seen, val = _curves(spec)
+            cache[t.point] = (seen, seen[-1][final[1]] if final[0] == "reported" else val[final[1]])
+        return cache[t.point]
+
+    start = time.perf_counter()
+    by_number, spent, ticks = _replay_asha(search, trained)
+    complete = [t for t in by_number.values() if t.state == "COMPLETE"]
+    pruned = [t for t in by_number.values() if t.state == "PRUNED"]
+    best_asha = max(t.values[0] for t in complete)
+    # Full budgets: the same trials (async random: trial k's point depends on k only),
+    # each trained to max_epochs.
+    assert len(cache) <= trials
+    full = [trained(t)[1] for t in by_number.values()]
+    best_full = max(full)
+    total = trials * max_epochs
+    ratio = spent / total
+    gap = 100 * (best_full - best_asha) / abs(best_full)
+    print(f"asha vs full budgets on {dataset} ({trials} random trials, {max_epochs} epochs, reduction factor 3, "
+          f"rungs {search.cfg.asha.rungs}, ranked at the rungs by {search.cfg.asha.metric}, 4 workers): "
+          f"best {metric} {best_asha:.4f} vs {best_full:.4f} ({gap:+.2f}% lower) at {spent} vs {total} epochs "
+          f"({ratio:.2f} of them; {len(pruned)} pruned, {len(complete)} to the end; {ticks} vs "
+          f"{-(-trials // 4) * max_epochs} epoch-ticks of 4 workers); goal: within 1% at a third or less: "
+          f"{'met' if gap <= 1 and ratio <= 1 / 3 else 'NOT met'} ({time.perf_counter() - start:.0f} s)")
+
+
+def _digits_config(work: Path, trials: int) -> Path:
+    path = work / "digits_base.yaml"
+    path.write_text("experiment: asha_digits\ntrainer: mlp\ndatasets: [digits]\nsplit: {validation: 0.25}\n"
+                    "holdout: 0\nresources: {gpus: 0}\nparams: {batch_size: 64}\n"
+                    f"search:\n  strategy: random\n  metric: oof.accuracy\n  trials: {trials}\n  parallel: 4\n"
+                    "  seed: 0\n  space: {lr: {loguniform: [0.00003, 0.3]}, weight_decay: {uniform: [0.0, 0.01]}}\n"
+                    "  architecture: {layers: [1, 2], width: [8, 128], activation: [relu, tanh, sigmoid]}\n")
+    return path
+
+
+def determinism(work: Path, asha: bool = False) -> None:
+    """`orchestrator run` (local mode: a private Redis, N CPU workers and a control
+    worker) of one search with 1, 2 and 4 workers: the proposals (and with ASHA, which
+    trials were pruned at which rung), in trial order, must be the same. A batch-mode TPE
+    search of 12 trials of 3 epochs of 0-0.1 s; with `asha`, an evolution of 4 x 3
+    generations with ASHA (9 epochs of 0.1-0.3 s, rungs 1 and 3; a 0.5 s watchdog and a
+    3 s lease, so that decisions land mid-run)."""
+    import os
+
+    from orchestrator.paths import Layout
+    from orchestrator.search.engine import read_history
+
+    name = "det_asha" if asha else "det"
+    if asha:
+        path = _config(work, name, "evolution", 0, 4, epochs="", extra=(
+            "  asha: {min_epochs: 1, max_epochs: 9, reduction_factor: 3}\n"
+            "  evolution: {population: 4, generations: 3, elitism: 1, tournament: 2}\n"))
+        text = path.read_text().replace("  trials: 0\n", "").replace("  parallel: 4\n", "")
+        path.write_text(text.replace(SPACE, SPACE[:-1] + ", seconds: {uniform: [0.1, 0.3]}}"))
+        env = {"ORCH_WATCHDOG_INTERVAL": "0.5", "ORCH_LEASE_SECONDS": "3"}
+    else:
+        path = _config(work, name, "tpe", 12, 4)
+        # Each trial 3 epochs of 0-0.1 s: trials finish in different orders.
+        path.write_text(path.read_text().replace(SPACE, SPACE[:-1] + ", seconds: {uniform: [0.0, 0.1]}}"))
+        env = {}
+    seen = {}
+    for n in (1, 2, 4):
+        root = work / f"{name}-{n}"
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "orchestrator", "run", str(path), "--workers", str(n),
+                               "--results-root", str(root)], capture_output=True, text=True, cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": str(REPO), **env}, timeout=600)
+        if proc.returncode != 0:
+            print(f"determinism: run with {n} workers failed: {proc.stderr[-2000:]}")
+            return
+        trials = read_history(Layout(root), name).ordered
+        seen[n] = [(t.params, t.state, t.budget if t.state == "PRUNED" else None) for t in trials]
+        pruned = [(t.number, t.budget) for t in trials if t.state == "PRUNED"]
+        print(f"determinism: {'evolution with ASHA' if asha else 'batch TPE'}, {len(trials)} trials, {n} workers: "
+              f"{time.perf_counter() - start:.1f} s; first three proposals "
+              f"{[{k: v for k, v in p.items() if k != 'seconds'} for p, _, _ in seen[n][:3]]}"
+              + (f"; pruned (trial, rung): {pruned}" if asha else ""))
+    same = seen[1] == seen[2] == seen[4]
+    print(f"determinism: the same {len(seen[1])} proposals{', prunings' if asha else ''} in the same order "
+          f"with 1, 2 and 4 workers: {same}")
 
 
 def resume(work: Path, trials: int) -> None:
@@ -181,7 +331,7 @@ def resume(work: Path, trials: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=1000)
-    ap.add_argument("--part", default="bookkeeping,tpe,asha,resume")
+    ap.add_argument("--part", default="bookkeeping,tpe,asha,asha-digits,determinism,determinism-asha,resume")
     args = ap.parse_args()
     parts = args.part.split(",")
     with tempfile.TemporaryDirectory() as tmp:
@@ -191,7 +341,13 @@ def main() -> None:
         if "tpe" in parts:
             tpe_vs_random(work)
         if "asha" in parts:
-            asha_vs_full(work)
+            asha_vs_full(work, "objective")
+        if "asha-digits" in parts:
+            asha_vs_full(work, "digits")
+        if "determinism" in parts:
+            determinism(work)
+        if "determinism-asha" in parts:
+            determinism(work, asha=True)
         if "resume" in parts:
             resume(work, args.trials)
 

@@ -12,8 +12,10 @@ outputs go; see orchestrator.execution.leases for the lease protocol):
     orch:cancel:<experiment>           unix time of the last `orchestrator cancel`
     orch:paused:<experiment>           present while the experiment is paused
     parked.<experiment>                the queue (a kombu list) of a paused experiment's runs
+    orch:parked                        hash experiment -> time a run of it was last parked
     orch:exp:<experiment>:runs|groups  live states (hash) for progress bars and `watch`
     orch:progress                      hash run_key -> the run's latest trainer report
+    orch:rungs:<experiment>            hash "<run_id>:<epoch>" -> a run's report at an ASHA rung
     orch:group:<group_id>:finalized    finalize executions of a group (audits: 1)
     orch:log:<run_key>:<attempt>       the tail of an attempt's log, for other hosts
     orch:fold:<run_key>                return mode: the fold's status record
@@ -30,6 +32,8 @@ outputs go; see orchestrator.execution.leases for the lease protocol):
     orch:rank:<run_key>:<attempt>:<r>  a rank's lease and heartbeat (JSON, PX ttl)
     orch:ddp:<run_key>:<attempt>:*     the torch.distributed store of one attempt
     rank.<worker>                      the queue only that worker takes: a gang's rank tasks
+    orch:roles:* orch:w:* orch:xp:*    roles experiments: state, weights, experience
+                                       (orchestrator.roles.rkeys lists them)
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ if TYPE_CHECKING:  # redis is imported where a client is made: `validate` and `p
 PREFIX = "orch"
 ACTIVE = f"{PREFIX}:active"
 WAITING = f"{PREFIX}:waiting"
+PARKED = f"{PREFIX}:parked"
 EPOCH = f"{PREFIX}:epoch"
 PROGRESS = f"{PREFIX}:progress"
 WATCHDOG_LOCK = f"{PREFIX}:watchdog:lock"
@@ -77,6 +82,10 @@ def exp_runs(experiment: str) -> str:
 
 def exp_groups(experiment: str) -> str:
     return f"{PREFIX}:exp:{experiment}:groups"
+
+
+def rungs(experiment: str) -> str:
+    return f"{PREFIX}:rungs:{experiment}"
 
 
 def group_finalized(group_id: str) -> str:
@@ -156,6 +165,19 @@ _TIMEOUTS: dict[str, dict[str, object]] = {
                 "retry_on_timeout": True},
     "command": {"socket_timeout": 5, "socket_connect_timeout": 3, "health_check_interval": 25},
 }
+
+
+def celery_url(url: str) -> str:
+    """`url` as kombu and Celery's Redis result backend spell it. redis-py (every client
+    this project makes) reads a Unix socket as unix:///path?db=N; kombu and Celery know
+    only redis+socket:///path?virtual_host=N (kombu: "No such transport: unix")."""
+    if not url.startswith("unix://"):
+        return url
+    from urllib.parse import parse_qsl, urlencode, urlsplit
+
+    parts = urlsplit(url)
+    query = urlencode([("virtual_host" if k == "db" else k, v) for k, v in parse_qsl(parts.query)])
+    return f"redis+socket://{parts.path}" + (f"?{query}" if query else "")
 
 
 def client(url: str, kind: Kind = "service") -> redis.Redis:

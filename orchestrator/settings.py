@@ -44,7 +44,7 @@ class Setting:
             high = "" if self.maximum is None else f"at most {self.maximum:g}"
             return ", ".join(x for x in (what, " and ".join(x for x in (low, high) if x)) if x)
         if self.kind == "url":
-            return "a redis:// or rediss:// URL"
+            return "a redis://, rediss:// or unix:// (a Unix socket) URL"
         if self.kind == "modules":
             return "comma-separated Python module names"
         if self.kind == "names":
@@ -111,7 +111,7 @@ def _s(name: str, kind: str, default: Any, shown: str, meaning: str, **rules: An
 _SECONDS = {"minimum": 0.0, "above": True}
 SETTINGS: dict[str, Setting] = {s.name: s for s in [
     _s("ORCH_BROKER_URL", "url", "redis://127.0.0.1:6379/0", "`redis://127.0.0.1:6379/0`",
-       "the broker (also `--broker`)"),
+       "the broker (also `--broker`): `redis://`, `rediss://` (TLS) or `unix:///path/redis.sock`"),
     _s("ORCH_RESULT_BACKEND", "url", None, "the broker URL", "chord counting and task results (Redis)"),
     _s("ORCH_STATE_URL", "url", None, "the result backend", "live run/group states for progress bars"),
     _s("ORCH_RESULTS_ROOT", "path", "results", "`./results`", "where every file goes (also `--results-root`)"),

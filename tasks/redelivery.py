@@ -65,7 +65,7 @@ def restore_message(task_id: str) -> bool:
 
 
 def restore_orphans(known_task_ids: set[str], orphaned: Any) -> list[str]:
-    """Unacknowledged training messages that no attempt holds a lease for (nor waits on)
+    """Unacknowledged training (and role) messages that no attempt holds a lease for (nor waits on)
     and that `orphaned(age, taker)` (cluster.watchdog.OrphanRule) finds lost: their
     worker died or lost them before it started (a kill between fetch and start, a
     connection cut, a Redis restart while the restore at disconnect could not reach
@@ -85,7 +85,7 @@ def restore_orphans(known_task_ids: set[str], orphaned: Any) -> list[str]:
                 taker = payload["properties"].get(TAKER)
             except (ValueError, KeyError, IndexError, TypeError, AttributeError):
                 continue
-            if task != "tasks.train_run" or task_id in known_task_ids:
+            if task not in ("tasks.train_run", "tasks.role_run") or task_id in known_task_ids:
                 continue
             if not orphaned(now - float(delivered.get(tag, now)), taker):
                 continue
@@ -123,6 +123,8 @@ def _experiment(payload: dict[str, Any]) -> str:
         spec = args[1][0]
     elif task == "tasks.group_failed":  # (failed task id), specs=[spec]
         spec = kwargs["specs"][0]
+    elif task == "tasks.role_run":  # a role instance (orchestrator.roles), spec=RoleSpec
+        spec = kwargs["spec"]
     else:
         raise KeyError(task)
     return str(spec["experiment"])

@@ -13,10 +13,11 @@ import logging
 import os
 from typing import Any
 
+from orchestrator.search.rungs import SEARCH_STEP
+
 from . import app
 
 log = logging.getLogger(__name__)
-SEARCH_STEP = "tasks.search_step"
 _finished: dict[str, tuple[float, int]] = {}  # experiment -> journal (mtime, size) when it ended
 
 
@@ -37,7 +38,7 @@ def _publish(experiment: str, plans: list[Any]) -> None:
     publish(plans, {s.run_id: s.to_dict() for p in plans for s in p.specs})
 
 
-def run_step(experiment: str, republish: bool = False) -> dict[str, Any]:
+def run_step(experiment: str, republish: bool | float = False) -> dict[str, Any]:
     from orchestrator.search.engine import step
 
     layout, live = _services()
@@ -45,12 +46,18 @@ def run_step(experiment: str, republish: bool = False) -> dict[str, Any]:
 
 
 @app.task(name=SEARCH_STEP, bind=True, ignore_result=True)
-def search_step(self: Any, experiment: str, republish: bool = False) -> dict[str, Any]:
-    """One idempotent step of the search `experiment` (orchestrator.search.engine.step)."""
+def search_step(self: Any, experiment: str, republish: Any = False) -> dict[str, Any]:
+    """One idempotent step of the search `experiment` (orchestrator.search.engine.step).
+    `republish`: a submission's time (publish again what was published before it), or
+    true (everything in flight), or false."""
+    import math
+
     from orchestrator.experiment.names import check_name
 
     check_name(str(experiment), "experiment")  # from the broker: a name, never a path
-    return run_step(experiment, bool(republish))
+    if isinstance(republish, int | float) and not isinstance(republish, bool) and math.isfinite(republish):
+        return run_step(experiment, float(republish))
+    return run_step(experiment, republish is True)
 
 
 def after_group(specs: Any) -> None:

@@ -22,24 +22,29 @@ log = logging.getLogger(__name__)
 _stop = threading.Event()
 
 
+# A parked index entry outlives its queue's last park by this much before it is dropped.
+PARKED_FORGET_SECONDS = 60.0
+
+
 def unpark_unpaused() -> list[str]:
     """Parked queues of experiments that are no longer paused (a run parked in the
-    moment `resume` ran): move them back. The watchdog calls this every tick."""
+    moment `resume` ran): move them back. The watchdog calls this every tick. The parked
+    index (keys.PARKED, written where a run is parked) names them: no walk of the
+    keyspace, whose size grows with every run's results and logs."""
+    import time
+
     from orchestrator.dispatch.canvas import unpark
-    from orchestrator.execution.leases import Leases
 
     done: list[str] = []
-    with app.connection_for_write() as conn:
-        # The whole keyspace is walked every tick (results, logs, attempts: thousands of
-        # keys): in big steps, not SCAN's default 10 keys a round trip.
-        names = {k.decode().split(":")[0][len("parked."):]
-                 for k in conn.default_channel.client.scan_iter("parked.*", count=5000)}
-    if not names:
-        return done
-    leases = Leases.from_url(app.conf.orch_state_url)
-    for name in sorted(names):
-        if name and not leases.paused(name) and (moved := unpark(name)):
+    leases = _leases()
+    now = time.time()
+    for name, at in sorted(leases.parked().items()):
+        if not name or leases.paused(name):
+            continue
+        if moved := unpark(name):
             done.append(f"{name}: {len(moved)} parked runs back on their queues (not paused)")
+        elif now - at > PARKED_FORGET_SECONDS:
+            leases.forget_parked(name)  # (`resume` itself moves its parked runs back)
     return done
 
 

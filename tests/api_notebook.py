@@ -25,6 +25,11 @@ with orch.local(workers=2, results_root=root) as client:
     result = future.result(timeout=120)
     out["function"] = {"id": future.id, "state": future.state(), "accuracy": result.accuracy,
                        "metrics": result.metrics, "dir": str(result.dir)}
+    # A data-parallel evaluation (issue 18) through the same API: 2 ranks on the 2 workers.
+    dp = client.evaluate("mlp", {"epochs": 3, "hidden": [8], "batch_size": 32}, "iris",
+                         resources={"gpus": 0, "ranks": 2})
+    dp_result = dp.result(timeout=180)
+    out["ranks"] = {"state": dp.state(), "accuracy": dp_result.accuracy, "dir": str(dp_result.dir)}
     cluster = client.cluster
     assert cluster is not None
     out["processes"] = sorted(cluster.processes)

@@ -19,6 +19,8 @@ config: dict[str, Any] = {
                "evolution": {"population": 4, "generations": 2, "tournament": 2, "elitism": 1}},
 }
 out: dict[str, Any] = {}
+(plan,) = orch.Client(results_root=root).plan(config)  # the search and its first proposals
+out["plan"] = {"totals": plan.totals, "search": plan.search}
 with orch.local(workers=2, results_root=root) as client:
     exp = client.submit(config)
     out["is_search"] = exp.is_search()

@@ -22,6 +22,32 @@ from orchestrator.cluster.local import spawn, start_redis, stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Modules whose fixtures start a cluster once per module (Redis and several workers:
+# 10-20 s each). Under `--dist loadgroup` (pyproject.toml) each runs all its tests in one
+# test process, so its cluster starts once, not once in each of the three processes that
+# `load` would spread its tests over. Every other test is spread one by one.
+# Longest first (their seconds in a full run): they are handed out in this order.
+CLUSTER_MODULES = ("test_faults", "test_roles_cluster", "test_search", "test_data_parallel", "test_multihost",
+                   "test_data_parallel_hosts", "test_return_mode",
+                   "test_acl", "test_hostile", "test_report", "test_watch")
+
+
+def _module(item: pytest.Item) -> str:
+    module = getattr(item, "module", None)
+    return module.__name__.rpartition(".")[2] if module else ""
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the items
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the cluster modules' tests as one xdist group each, and hand those long
+    groups out first (longest work first: the short single tests then fill the gaps
+    instead of a long group starting last and running on alone)."""
+    for item in items:
+        if _module(item) in CLUSTER_MODULES:
+            item.add_marker(pytest.mark.xdist_group(_module(item)))
+    order = {name: i for i, name in enumerate(CLUSTER_MODULES)}
+    items.sort(key=lambda item: order.get(_module(item), len(order)))  # stable within a module
+
 
 def cli_env(**extra: str) -> dict[str, str]:
     """Environment for orchestrator subprocesses: test trainers, wide terminal, no broker."""
@@ -41,15 +67,18 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 240)
     return proc
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
-    """Poll `condition` until it returns something truthy; fail the test after `timeout`."""
+def wait_for(condition: Callable[[], Any], timeout: float = 60, what: str = "condition",
+             seen: Callable[[], Any] | None = None) -> Any:
+    """Poll `condition` until it returns something truthy; fail the test after `timeout`,
+    saying what `seen()` returns then (the state the condition looked at), if given."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+            pytest.fail(f"timed out after {timeout}s waiting for {what}"
+                        + (f"; seen: {seen()!r}" if seen else ""))
         time.sleep(0.1)
 
 
@@ -66,12 +95,31 @@ def write_experiment(tmp_path: Path) -> Callable[..., Path]:
     return write
 
 
+def _redis(folder: Path) -> Iterator[str]:
+    proc, url = start_redis(folder)
+    try:
+        yield url
+    finally:
+        stop_process(proc)
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A private redis-server for the whole session."""
-    proc, url = start_redis(tmp_path_factory.mktemp("redis"))
-    yield url
-    stop_process(proc)
+    """A private redis-server for the whole session (of this test process)."""
+    yield from _redis(tmp_path_factory.mktemp("redis"))
+
+
+@pytest.fixture(scope="module")
+def module_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private redis-server for one module: its registry and queues hold only what
+    that module's tests put there."""
+    yield from _redis(tmp_path_factory.mktemp("module-redis"))
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty redis-server for one test."""
+    yield from _redis(tmp_path / "redis")
 
 
 @dataclass

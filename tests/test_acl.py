@@ -214,12 +214,12 @@ def test_an_experiment_runs_to_done_with_one_user_per_role(acl_redis: AclRedis, 
         # back (the submitter takes them off the parked queue only), and they train.
         slow = tmp_path / "acl_slow.yaml"
         slow.write_text("experiment: acl_slow\ntrainer: slow\ndatasets: [iris]\nfolds: 3\n"
-                        "params: {seconds: 1.5}\nresources: {gpus: 0}\n")
+                        "params: {seconds: 4}\nresources: {gpus: 0}\n")  # `pause` must land mid-run
         assert run_cli("submit", str(slow), env=env("submitter")).returncode == 0
         paused = run_cli("pause", "acl_slow", env=env("submitter"))
         assert paused.returncode == 0, paused.stderr
         wait_for(lambda: sum(admin.llen(k) for k in admin.scan_iter("parked.acl_slow*")) >= 1, timeout=60,
-                 what="a parked run")
+                 what="a parked run", seen=lambda: run_cli("status", "acl_slow", env=env("submitter")).stdout)
         resumed = run_cli("resume", "acl_slow", env=env("submitter"))
         assert resumed.returncode == 0 and "waiting runs back on their queues" in resumed.stdout, resumed.stderr
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -19,6 +20,7 @@ import redis
 import orchestrator as orch
 from orchestrator import keys
 from orchestrator.cluster.local import stop_process
+from orchestrator.views.progress import NotebookLine
 
 from .conftest import REPO, Cluster, cli_env, wait_for
 
@@ -96,6 +98,11 @@ def test_notebook_style_script_on_a_local_cluster_with_a_function_trainer(tmp_pa
     assert fn["state"] == "DONE" and 0.8 < fn["accuracy"] <= 1.0, fn  # centroids do learn iris
     meta = json.loads((Path(fn["dir"]) / "fold_0" / "metadata.json").read_text())
     assert meta["spec"]["trainer"] == "centroid_fn" and meta["spec"]["params"] == {"temperature": 0.5}
+    dp = out["ranks"]
+    meta = json.loads((Path(dp["dir"]) / "fold_0" / "metadata.json").read_text())
+    assert dp["state"] == "DONE" and meta["spec"]["resources"]["ranks"] == 2, meta
+    info = meta.get("trainer_info", {})
+    assert (info.get("ranks"), info.get("backend")) == (2, "gloo"), meta
     assert out["processes"] == ["control", "cpu1", "cpu2", "redis"]
     assert out["stopped"] is True and out["redis_after"] == "gone"
 
@@ -132,6 +139,11 @@ def test_a_search_block_submitted_as_a_dict_is_waited_on_and_its_best_trials_rea
         assert record["train_status"] == "DONE"
         assert metric_value(record, "reported.score") == pytest.approx(trial["score"])
     assert out["metric_refused"] is True
+    # Client.plan before the submit: the search and the proposals its first step made.
+    planned = out["plan"]["search"]
+    assert out["plan"]["totals"] == {} and planned["search"]["strategy"] == "evolution"
+    assert planned["progress"]["proposed"] == 0 and planned["runs_per_trial"] == 1
+    assert [(n["number"], n["params"]) for n in planned["next"]] == [(t.number, t.params) for t in journal[:4]]
     # What `orchestrator search best --json` prints; submitted again: ended, the same.
     assert best_report(Layout(root), "evo_py", 3)["trials"] == best == out["again_best"]
     assert out["again"]["finished"] is True and out["again"]["proposed"] == 7
@@ -305,3 +317,49 @@ def test_an_experiment_is_paused_resumed_and_cancelled_from_python(running_clust
     assert client.experiment("steer_py").done()
     with pytest.raises(orch.ExperimentNotFound):
         client.experiment("no_such_experiment")
+
+
+def test_wait_in_a_real_notebook_shows_one_progress_line_updated_in_place(tmp_path: Path) -> None:
+    """A Jupyter kernel (nbclient, ipykernel) runs a notebook that submits to orch.local()
+    and waits with progress=True. Without ipywidgets rich's live bar shows nothing in a
+    notebook, so the wait keeps one display output up to date by its display id: at the
+    end it holds the whole bar and every run; no warning, no error."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    root = tmp_path / "results"
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell("import orchestrator as orch"),
+        nbformat.v4.new_code_cell(
+            f"with orch.local(workers=2, results_root={str(root)!r}) as client:\n"
+            "    exp = client.submit({'experiment': 'nbbar', 'trainer': 'slow', 'datasets': ['iris'],\n"
+            "                         'folds': 4, 'params': {'seconds': 0.5}, 'resources': {'gpus': 0}})\n"
+            "    status = exp.wait(timeout=120)\n"
+            "status['runs']"),
+    ]
+    env = cli_env(ORCH_TRAINER_MODULES="tests.plugins")
+    saved = dict(os.environ)
+    os.environ.update(env)  # the kernel starts with this process's environment
+    updates: list[str] = []
+
+    class Client(nbclient.NotebookClient):  # type: ignore[misc,name-defined]
+        def process_message(self, msg: dict[str, Any], cell: Any, cell_index: int) -> Any:
+            if msg["msg_type"] == "update_display_data":
+                updates.append(msg["content"]["data"]["text/plain"])
+            return super().process_message(msg, cell, cell_index)
+
+    try:
+        Client(nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    outputs = nb.cells[1].outputs
+    shown = [o for o in outputs if o.output_type == "display_data"]
+    assert len(shown) == 1, outputs  # one output, updated in place
+    text = shown[0].data["text/plain"]
+    assert len(updates) >= 2 and updates[-1] == text, updates  # updated in place as runs ended
+    assert text.startswith("training ") and "4/4 runs (4 done, 0 failed, 0 running)" in text, text
+    assert "█" * NotebookLine.WIDTH in text, text
+    result = [o for o in outputs if o.output_type == "execute_result"]
+    assert result and result[0].data["text/plain"] == "{'DONE': 4}", outputs
+    assert not [o for o in outputs if o.output_type in ("error", "stream") and "ipywidgets" in str(o)], outputs

@@ -301,3 +301,46 @@ def test_bad_settings_are_clear_errors(write_experiment, tmp_path: Path, args: l
     proc = run_cli("submit", str(cfg), *args, env=cli_env(**env), timeout=120)
     assert proc.returncode == code, proc.stderr
     assert message in " ".join(proc.stderr.split())
+
+
+def test_celery_url_spells_a_unix_socket_as_kombu_does() -> None:
+    from orchestrator.keys import celery_url
+
+    assert celery_url("unix:///run/redis/r.sock") == "redis+socket:///run/redis/r.sock"
+    assert celery_url("unix:///run/r.sock?db=2") == "redis+socket:///run/r.sock?virtual_host=2"
+    for url in ("redis://h:6379/0", "rediss://h:6380/1?ssl_cert_reqs=required"):
+        assert celery_url(url) == url
+
+
+def test_a_cluster_on_a_unix_socket_runs_an_experiment(tmp_path: Path, write_experiment) -> None:
+    """ORCH_BROKER_URL=unix:///path (what redis-py reads) reaches workers, submit and
+    status: kombu and Celery's backend get redis+socket://, without the TCP-only
+    keepalive option (both broke with a traceback before)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from orchestrator.cluster.local import spawn, stop_process
+
+    from .conftest import cli_env
+
+    sock = tmp_path / "redis.sock"
+    redis_proc = spawn([shutil.which("redis-server") or "redis-server", "--port", "0", "--unixsocket", str(sock),
+                        "--dir", str(tmp_path), "--save", "", "--appendonly", "no"], dict(os.environ),
+                       tmp_path / "redis.out")
+    workers: list[subprocess.Popen[bytes]] = []
+    try:
+        wait_for(sock.exists, timeout=20, what="redis-server's socket")
+        env = cli_env(ORCH_BROKER_URL=f"unix://{sock}", ORCH_RESULTS_ROOT=str(tmp_path / "results"))
+        for role, name in (("--cpu", "uxcpu@%h"), ("--control", "uxctl@%h")):
+            workers.append(spawn([sys.executable, "-m", "orchestrator", "worker", role, "--name", name],
+                                 env, tmp_path / f"{role[2:]}.log"))
+        cfg = write_experiment("unix_sock", trainer="prior", datasets=["iris"], folds=2, resources={"gpus": 0})
+        proc = run_cli("submit", str(cfg), "--wait", env=env, timeout=120)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+        status = json.loads(run_cli("status", "unix_sock", "--json", env=env).stdout)
+        assert status["groups"] == {"DONE": 1} and status["runs"] == {"DONE": 2}, status
+    finally:
+        for p in [*workers, redis_proc]:
+            stop_process(p)

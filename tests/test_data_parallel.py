@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
+import re
 import signal
 import subprocess
 import sys
@@ -23,7 +23,7 @@ import redis
 import yaml
 
 from orchestrator import keys
-from orchestrator.cluster.local import free_port, spawn, stop_process
+from orchestrator.cluster.local import free_port, spawn, start_redis, stop_process
 from orchestrator.execution.gang import Gang, GangNotReady
 from orchestrator.execution.runner import WorkerInfo, execute
 from orchestrator.experiment.config import load_experiments
@@ -78,29 +78,18 @@ def test_a_ranked_spec_round_trips_and_ordinary_messages_are_unchanged(tmp_path:
 
 # --- the reservation script, against a real Redis --------------------------------------
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port, folder = free_port(), tmp_path_factory.mktemp("redis")
-    proc = spawn([shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                  "--dir", str(folder), "--save", "", "--appendonly", "no"], dict(os.environ), folder / "out")
-    client = redis.Redis(port=port)
-    wait_for(lambda: _pings(client), timeout=20, what="redis-server")
-    yield f"redis://127.0.0.1:{port}/0"
-    stop_process(proc)
+@pytest.fixture
+def redis_url(module_redis: str) -> str:
+    """This module's own Redis (conftest.module_redis): its registry holds only the
+    workers these tests register."""
+    return module_redis
 
 
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-
-
-def _register(client: redis.Redis, names: list[str]) -> None:
+def _register(client: redis.Redis, names: list[str], device: str = "cpu") -> None:
     from orchestrator.cluster.registry import WorkerRecord, register
 
     for n in names:
-        register(client, WorkerRecord(name=n, host="h", pid=1, gpu=None, device="cpu",
+        register(client, WorkerRecord(name=n, host="h", pid=1, gpu=None, device=device,
                                       queues=[keys.rank_queue(n), "cpu"], state="idle", started=0.0,
                                       heartbeat=time.time()), 60)
 
@@ -163,6 +152,128 @@ def test_nothing_trains_until_all_ranks_joined_and_a_newer_attempt_fences_the_ol
         watch.close()
 
 
+def test_a_lost_ranks_worker_is_passed_over_until_it_beats_again(tmp_path: Path, redis_url: str) -> None:
+    """A host cut off stays registered for up to three heartbeats: the relaunch must not
+    reserve it (its rank would never come; the gang would wait for the join bound)."""
+    from orchestrator.cluster.registry import WorkerRecord, register
+    from orchestrator.execution.gang import RankWatch
+
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    _register(client, ["w1", "w2", "w3"])
+    run = expand(load_experiments([str(write(tmp_path, "lost", folds=None, split={"validation": 0.3}))])[0])[0]
+    old = Gang(client, run, 1)
+    assert old.reserve("w1", "cpu") == ["w1", "w2"]
+    watch = RankWatch(old, 0, "w1", "h", None)
+    watch.all_joined = True  # rank 1 (on w2) joined, then its lease lapsed: no key
+    watch.beat()
+    assert watch.stop_why == "rank 1 lost its lease (killed, paused or cut off)"
+    assert client.hget(keys.gang(run.run_key), "abort").decode() == watch.stop_why
+    old.release(["w1", "w2"])
+    client.delete(keys.rank(run.run_key, 1, 0))
+    assert Gang(client, run, 2).reserve("w1", "cpu") == ["w1", "w3"]  # w2 passed over, though free
+    Gang(client, run, 2).release(["w1", "w3"])
+    _register(client, ["w3"])
+    client.set(keys.slot("w3"), "someone else", px=60_000)  # only w2 is free now
+    with pytest.raises(GangNotReady, match="needs 2 free workers at once, 1 free"):
+        Gang(client, run, 3).reserve("w1", "cpu")
+    register(client, WorkerRecord(name="w2", host="h", pid=1, gpu=None, device="cpu",  # w2 beats again
+                                  queues=[keys.rank_queue("w2"), "cpu"], state="idle", started=0.0,
+                                  heartbeat=time.time() + 0.01), 60)
+    assert Gang(client, run, 4).reserve("w1", "cpu") == ["w1", "w2"]
+
+
+def test_a_rank_whose_gpu_lacks_the_runs_memory_is_refused_and_the_gang_waits_saying_why(
+        tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ranks 1..N-1 go through rank 0's GPU admission (memory by NVML, the GPU's share):
+    a rank refused ends its attempt before anything trains, and its leader waits (tried
+    again later, not one of the run's retries), saying why. NVML faked (tests/fake_nvml.py)."""
+    from orchestrator.cluster import gpu
+    from orchestrator.execution.admission import Shares
+    from orchestrator.execution.gang import RankWatch
+    from orchestrator.execution.ranks import not_admitted, run_rank
+
+    from .fake_nvml import FakeNVML
+    from .test_gpu_admission import machine
+
+    monkeypatch.setenv("ORCH_DEVICE", "cuda")
+    monkeypatch.setenv("ORCH_GPU", "0")
+    monkeypatch.setenv("ORCH_GANG_JOIN_SECONDS", "10")
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    _register(client, ["w1", "w2"], device="cuda")
+    run = expand(load_experiments([str(write(tmp_path, "gpuadm", folds=None, split={"validation": 0.3},
+                                             resources={"gpus": 1, "gpu_memory_gb": 4, "ranks": 2,
+                                                        "backend": "gloo"}))])[0])[0]
+    leader = Gang(client, run, 1)
+    assert leader.reserve("w1", "cuda") == ["w1", "w2"]
+    watch = RankWatch(leader, 0, "w1", "h", "0").start()
+    gpu.use_nvml(FakeNVML(machine([1000])))
+    try:
+        out = run_rank(client, {"spec": run.to_dict(), "rank": 1, "attempt": 1, "backend": "gloo"}, "w2")
+        assert out == {"rank": 1, "status": "NOT_ADMITTED",
+                       "why": "on w2: GPU 0 has 1000 MiB free, the run needs 4096 MiB"}, out
+        started = time.monotonic()
+        with pytest.raises(GangNotReady, match="not admitted: rank 1 on w2: GPU 0 has 1000 MiB free"):
+            watch.wait_all()  # the leader learns it at its next beat, not at the join bound
+        assert time.monotonic() - started < 5
+        g = {k.decode(): v.decode() for k, v in client.hgetall(keys.gang(run.run_key)).items()}
+        assert g["state"] == "waiting" and g["why"].startswith("not admitted: rank 1 on w2"), g
+        leader.release(["w1", "w2"])
+        with pytest.raises(GangNotReady, match="needs 2 free workers at once, 1 free"):
+            Gang(client, run, 2).reserve("w1", "cuda")  # w2 passed over until it beats again
+        # Memory enough: admitted; but a whole GPU each (gpus: 1), and rank 0 holds this one.
+        gpu.use_nvml(FakeNVML(machine([8000])))
+        here = WorkerInfo("w2", "cuda", "0")
+        assert not_admitted(client, run, here) is None
+        client.set(keys.lease(run.run_key), "token")  # rank 0's lease: its share counts
+        assert Shares(client).acquire(here.host, [0], run.run_key, 1.0)
+        assert not_admitted(client, run, here) == "on w2: its GPU share is taken by other runs"
+        half = expand(load_experiments([str(write(tmp_path, "gpuhalf", folds=None, split={"validation": 0.3},
+                                                  resources={"gpus": 0.5, "ranks": 2, "backend": "gloo"}))])[0])[0]
+        client.set(keys.lease(half.run_key), "token")
+        client.delete(keys.gpu_share(here.host, 0))
+        assert Shares(client).acquire(here.host, [0], half.run_key, 0.5)
+        assert not_admitted(client, half, here) is None  # two half shares: rank 0's and this one fit
+        monkeypatch.setenv("ORCH_DEVICE", "cpu")
+        assert not_admitted(client, run, WorkerInfo("w2", "cpu", None)) is None  # CPU workers: no admission
+    finally:
+        gpu.use_nvml(None)
+        watch.close()
+
+
+def test_a_rank_that_cannot_renew_its_lease_for_a_whole_lease_stops_itself(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cut off from Redis, a rank cannot hear that its peers aborted the attempt; once its
+    own lease has lapsed (no renewal for a whole lease) it stops by itself."""
+    from orchestrator.execution.gang import RankWatch
+
+    monkeypatch.setenv("ORCH_GANG_LEASE_SECONDS", "1")
+    run = expand(load_experiments([str(write(tmp_path, "cut", folds=None, split={"validation": 0.3}))])[0])[0]
+    nowhere = redis.Redis(port=free_port(), socket_connect_timeout=0.2, socket_timeout=0.2)
+    watch = RankWatch(Gang(nowhere, run, 1), 1, "w2", "h", None)
+    started = time.monotonic()
+    watch.beat()
+    assert watch.stop_why is None  # one failed beat is not a lapsed lease
+
+    def stopped() -> str | None:
+        watch.beat()
+        return watch.stop_why
+
+    why = wait_for(stopped, timeout=5, what="the rank to stop itself")
+    assert why.startswith("cut off from Redis for ") and why.endswith("its rank lease lapsed"), why
+    assert 1.0 < time.monotonic() - started < 3.0
+
+
+def test_ranks_meet_on_the_interface_toward_redis_only_when_redis_is_on_another_host() -> None:
+    """Redis on loopback or a unix socket: one host, left to gloo (tests/test_data_parallel_hosts.py
+    has the other case for real)."""
+    from orchestrator.execution.store import route_interface
+
+    assert route_interface(redis.Redis(host="127.0.0.1", port=free_port())) is None
+    assert route_interface(redis.Redis(unix_socket_path="/nonexistent/redis.sock")) is None
+
+
 # --- real workers -----------------------------------------------------------------------
 
 class GangCluster:
@@ -179,12 +290,7 @@ class GangCluster:
                        **extra)
 
     def start(self) -> None:
-        folder = self.base / "redis"
-        folder.mkdir()
-        self.procs["redis"] = spawn([shutil.which("redis-server") or "redis-server", "--port", str(self.port),
-                                     "--bind", "127.0.0.1", "--dir", str(folder), "--save", "",
-                                     "--appendonly", "no"], dict(os.environ), folder / "out")
-        wait_for(lambda: _pings(self.client), timeout=20, what="redis-server")
+        self.procs["redis"], _ = start_redis(self.base / "redis", self.port)
         base = [sys.executable, "-m", "orchestrator", "worker", "--loglevel", "INFO"]
         for n in WORKERS:
             self.procs[n] = spawn([*base, "--cpu", "--name", f"{n}@%h"], self.env(), self.logs / f"{n}.log")
@@ -360,8 +466,14 @@ def test_sigstop_of_a_rank_stops_its_attempt_within_15s(gc: GangCluster, tmp_pat
     first = int(gc.gang(run.run_key)["attempt"])
     shown = run_cli("status", "dpstop", env=gc.env()).stdout  # one line per fold, its ranks under it
     assert "gang training" in shown and "  rank 0 " in shown and "  rank 1 " in shown, shown
-    frame = run_cli("watch", "dpstop", "--once", env=gc.env()).stdout  # each rank's worker names its run
+    frame = run_cli("watch", "dpstop", "--once", env=gc.env(COLUMNS="80")).stdout  # each rank's worker names its run
     assert "[rank 0/2]" in frame and "[rank 1/2]" in frame, frame
+    # ... and the run has its ranks under it: worker, host, GPU, step, last beat, attempt.
+    assert re.search(rf"· gang training · attempt {first} · 2 ranks", frame), frame
+    for r in (0, 1):
+        assert re.search(rf"  rank {r}\s+{re.escape(ranks[r]['worker'][:8])}\S*\s+\S+\s+-\s+step \d+\s+\d+\.\ds\s+{first}\b",
+                         frame), frame
+    print(f"\n`watch dpstop --once` at 80 columns:\n{frame}")
     pid = int(ranks[1]["pid"])
     os.kill(pid, signal.SIGSTOP)
     paused = time.monotonic()
@@ -380,6 +492,46 @@ def test_sigstop_of_a_rank_stops_its_attempt_within_15s(gc: GangCluster, tmp_pat
     assert attempts.get("committed") == 1
     print(f"\nrank 1 SIGSTOPped: rank 0 of its attempt stopped {stopped:.1f} s later")
     assert stopped <= LOSS_TO_STOP
+
+
+@pytest.mark.integration
+def test_watch_in_a_real_terminal_shows_each_rank_under_its_run(gc: GangCluster, tmp_path: Path) -> None:
+    """`orchestrator watch` in a real pseudo-terminal (tmux, 80x24, as tests/test_watch.py):
+    a training 2-rank run with its gang line and one line per rank (worker, host, GPU,
+    step, last beat, attempt); q quits with the terminal restored. Then `cancel` ends it."""
+    from .test_watch import Tmux, watch_script
+
+    cfg = write(tmp_path, "dpwatch", datasets=["digits"], folds=None, split={"validation": 0.3},
+                params={"epochs": 400, "batch_size": 32, "hidden": [32]})
+    assert run_cli("submit", str(cfg), env=gc.env()).returncode == 0
+    run = expand(load_experiments([str(cfg)])[0])[0]
+
+    def training() -> dict[int, dict[str, Any]] | None:
+        attempt = int(gc.gang(run.run_key).get("attempt") or 0)
+        ranks = gc.ranks(run.run_key, attempt) if attempt else {}
+        return ranks if len(ranks) == 2 and all((r.get("step") or 0) >= 1 for r in ranks.values()) else None
+
+    ranks = wait_for(training, timeout=90, what="both ranks training")
+    attempt = int(gc.gang(run.run_key)["attempt"])
+    tmux = Tmux(f"orch-dpwatch-{time.monotonic_ns()}")
+    try:
+        tmux.start(watch_script(tmp_path / "watch.sh", gc.env(), "dpwatch", "--interval", "0.5"))
+        rows = [re.compile(rf"  rank {r}\s+{re.escape(ranks[r]['worker'][:8])}\S*\s+\S+\s+-\s+step \d+\s+\d+\.\ds\s+"
+                           rf"{attempt}\b") for r in (0, 1)]
+        screen = tmux.wait_screen(lambda s: all(row.search(s) for row in rows) and "gang training" in s,
+                                  timeout=40, what="the screen to show both ranks under the run")
+        lines = screen.rstrip("\n").split("\n")
+        assert len(lines) <= 24 and max(len(line) for line in lines) <= 80, screen
+        assert re.search(rf"· gang training · attempt {attempt} · 2 ranks", screen), screen
+        tmux("send-keys", "-t", "w", "q")
+        after = tmux.wait_screen(lambda s: "watch exited" in s, timeout=15, what="watch to exit on q")
+        assert "tty restored" in after and "watch exited 0" in after, after
+    finally:
+        tmux.kill()
+    print(f"\n`watch dpwatch` in tmux (80x24):\n{screen}")
+    assert run_cli("cancel", "dpwatch", env=gc.env()).returncode == 0
+    st = gc.finished("dpwatch", timeout=60)
+    assert st["group_details"][0]["folds"][0]["state"] == "CANCELLED"
 
 
 @pytest.mark.integration

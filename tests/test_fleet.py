@@ -24,7 +24,7 @@ import redis
 from orchestrator import keys
 from orchestrator.cli.worker import celery_worker_command
 from orchestrator.cluster import gpu, registry, supervisor
-from orchestrator.cluster.local import spawn, start_redis, stop_process
+from orchestrator.cluster.local import spawn, stop_process
 
 from .conftest import celery_app, cli_env, run_cli, wait_for
 from .fake_nvml import FakeNVML
@@ -40,14 +40,6 @@ TWO_GPUS: dict[str, Any] = {
         {"name": "NVIDIA A10", "memory_total_mb": 23028, "memory_used_mb": 0, "utilization": None},
     ],
 }
-
-
-@pytest.fixture(scope="module")
-def fleet_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A private redis-server for this module: its registry holds only this module's workers."""
-    proc, url = start_redis(tmp_path_factory.mktemp("fleet-redis"))
-    yield url
-    stop_process(proc)
 
 
 @pytest.fixture
@@ -170,8 +162,8 @@ def test_return_results_misuse_is_a_clear_error(args: list[str], env: dict[str, 
     assert message in " ".join(proc.stderr.split())
 
 
-def test_workers_up_refuses_bad_gpu_selections(fake_machine: Any, fleet_redis: str, tmp_path: Path) -> None:
-    base = {"ORCH_BROKER_URL": fleet_redis, "ORCH_RESULTS_ROOT": str(tmp_path / "r")}
+def test_workers_up_refuses_bad_gpu_selections(fake_machine: Any, module_redis: str, tmp_path: Path) -> None:
+    base = {"ORCH_BROKER_URL": module_redis, "ORCH_RESULTS_ROOT": str(tmp_path / "r")}
     state = ["--state-dir", str(tmp_path / "state")]
     bad = run_cli("workers", "up", "--gpus", "0,5", *state, env=cli_env(**base, **fake_machine(TWO_GPUS)))
     assert bad.returncode == 2 and "no GPU 5 on this host; valid: 0, 1" in bad.stderr
@@ -213,8 +205,8 @@ def test_supervisor_with_exit_when_idle_lets_a_clean_exit_be(tmp_path: Path) -> 
 
 # --- the registry -------------------------------------------------------------------
 
-def test_registry_records_expire_and_only_their_owner_removes_them(fleet_redis: str) -> None:
-    client = registry.client(fleet_redis.rsplit("/", 1)[0] + "/1")  # db 1: away from the workers' db
+def test_registry_records_expire_and_only_their_owner_removes_them(module_redis: str) -> None:
+    client = registry.client(module_redis.rsplit("/", 1)[0] + "/1")  # db 1: away from the workers' db
     now = time.time()
     rec = registry.WorkerRecord(name="gpu0@h1", host="h1", pid=111, gpu=0, device="cuda", queues=["gpu"],
                              state="idle", started=now, heartbeat=now)
@@ -235,10 +227,10 @@ def test_registry_records_expire_and_only_their_owner_removes_them(fleet_redis: 
     client.flushdb()
 
 
-def test_idle_check_counts_messages_of_every_priority(fleet_redis: str) -> None:
+def test_idle_check_counts_messages_of_every_priority(module_redis: str) -> None:
     from tasks.idle import queued as _queued
 
-    app = celery_app(fleet_redis.rsplit("/", 1)[0] + "/2")
+    app = celery_app(module_redis.rsplit("/", 1)[0] + "/2")
     with app.connection_for_write() as conn:
         assert _queued(["fleet-idle-a", "fleet-idle-b"], conn) == 0  # never declared: empty
         app.send_task("tests.nothing", queue="fleet-idle-a", priority=0)
@@ -263,9 +255,9 @@ def _kill_leftovers(state: Path) -> None:
 
 
 @pytest.mark.integration
-def test_workers_up_list_restart_down(fleet_redis: str, fake_machine: Any, tmp_path: Path) -> None:
+def test_workers_up_list_restart_down(module_redis: str, fake_machine: Any, tmp_path: Path) -> None:
     state = tmp_path / "state"
-    env = cli_env(ORCH_BROKER_URL=fleet_redis, ORCH_RESULTS_ROOT=str(tmp_path / "results"), ORCH_PRELOAD="0",
+    env = cli_env(ORCH_BROKER_URL=module_redis, ORCH_RESULTS_ROOT=str(tmp_path / "results"), ORCH_PRELOAD="0",
                   ORCH_WORKER_HEARTBEAT="1", **fake_machine(TWO_GPUS))
     up = run_cli("workers", "up", "--gpus", "1", "--cpu", "1", "--state-dir", str(state), "--wait", "120",
                  env=env)
@@ -296,16 +288,16 @@ def test_workers_up_list_restart_down(fleet_redis: str, fake_machine: Any, tmp_p
 
         # "current run" comes from the run leases' hash (written by training workers;
         # simulated here in this module's private Redis).
-        redis.Redis.from_url(fleet_redis).hset(keys.ACTIVE, "run-1", json.dumps(
+        redis.Redis.from_url(module_redis).hset(keys.ACTIVE, "run-1", json.dumps(
             {"worker": f"cpu1@{HOST}", "name": "exp/iris/base/seed=0/fold=2", "experiment": "exp",
              "started": time.time()}))
-        listing = run_cli("workers", "list", env=cli_env(COLUMNS="250", ORCH_BROKER_URL=fleet_redis))
+        listing = run_cli("workers", "list", env=cli_env(COLUMNS="250", ORCH_BROKER_URL=module_redis))
         assert "exp/iris/base/seed=0/fold=2" in listing.stdout and f"gpu1@{HOST}" in listing.stdout
-        redis.Redis.from_url(fleet_redis).delete(keys.ACTIVE)
+        redis.Redis.from_url(module_redis).delete(keys.ACTIVE)
 
         # A worker that dies (its whole process group, like a crash) is started again.
         os.killpg(c["pid"], signal.SIGKILL)
-        restarted = wait_for(lambda: (r := _records(fleet_redis).get(f"cpu1@{HOST}")) and r.pid != c["pid"] and r,
+        restarted = wait_for(lambda: (r := _records(module_redis).get(f"cpu1@{HOST}")) and r.pid != c["pid"] and r,
                              timeout=90, what="cpu1 to be restarted and registered")
         status = json.loads((state / "supervisor.json").read_text())["workers"]
         assert (status["cpu1"]["restarts"], status["cpu1"]["exit_codes"]) == (1, [-signal.SIGKILL])
@@ -314,7 +306,7 @@ def test_workers_up_list_restart_down(fleet_redis: str, fake_machine: Any, tmp_p
         down = run_cli("workers", "down", "--state-dir", str(state), env=env)
         assert down.returncode == 0, down.stdout + down.stderr
         assert "stopped: cpu1 (stopped), gpu1 (stopped)" in down.stdout
-        assert _records(fleet_redis) == {}  # each worker removed its own record on the way out
+        assert _records(module_redis) == {}  # each worker removed its own record on the way out
         assert not any(psutil.pid_exists(p) for p in (g["pid"], restarted.pid, pool_child))
         assert not (state / "supervisor.pid").exists()
     finally:
@@ -322,9 +314,9 @@ def test_workers_up_list_restart_down(fleet_redis: str, fake_machine: Any, tmp_p
 
 
 @pytest.mark.integration
-def test_worker_exits_when_idle_after_its_run(fleet_redis: str, tmp_path: Path, write_experiment: Any) -> None:
+def test_worker_exits_when_idle_after_its_run(module_redis: str, tmp_path: Path, write_experiment: Any) -> None:
     root = tmp_path / "results"
-    env = cli_env(ORCH_BROKER_URL=fleet_redis, ORCH_RESULTS_ROOT=str(root), ORCH_PRELOAD="0",
+    env = cli_env(ORCH_BROKER_URL=module_redis, ORCH_RESULTS_ROOT=str(root), ORCH_PRELOAD="0",
                   ORCH_WORKER_HEARTBEAT="1")
     config = write_experiment("idle_exit", trainer="slow", datasets=["iris"], split={"validation": 0.25},
                               params={"seconds": 3}, resources={"gpus": 0})
@@ -335,7 +327,7 @@ def test_worker_exits_when_idle_after_its_run(fleet_redis: str, tmp_path: Path, 
     proc = spawn([sys.executable, "-m", "orchestrator", "worker", "--cpu", "--name", "idler@%h",
                   "--exit-when-idle", "2"], env, log)
     try:
-        busy = wait_for(lambda: (r := _records(fleet_redis).get(f"idler@{HOST}")) and r.state == "busy" and r,
+        busy = wait_for(lambda: (r := _records(module_redis).get(f"idler@{HOST}")) and r.state == "busy" and r,
                         timeout=90, what="the worker to take the queued run")
         assert busy.exit_when_idle == 2.0 and busy.active == 1
         assert proc.wait(timeout=90) == 0  # it left by itself, cleanly
@@ -345,15 +337,15 @@ def test_worker_exits_when_idle_after_its_run(fleet_redis: str, tmp_path: Path, 
         assert status["runs"] == {"DONE": 1}
         assert status["group_details"][0]["folds"][0]["worker"] == f"idler@{HOST}"
         assert "shutting down (--exit-when-idle)" in log.read_text()
-        assert f"idler@{HOST}" not in _records(fleet_redis)
+        assert f"idler@{HOST}" not in _records(module_redis)
     finally:
         stop_process(proc)
 
 
 @pytest.mark.integration
-def test_down_drain_lets_the_running_run_finish(fleet_redis: str, tmp_path: Path, write_experiment: Any) -> None:
+def test_down_drain_lets_the_running_run_finish(module_redis: str, tmp_path: Path, write_experiment: Any) -> None:
     state = tmp_path / "state"
-    env = cli_env(ORCH_BROKER_URL=fleet_redis, ORCH_RESULTS_ROOT=str(tmp_path / "results"), ORCH_PRELOAD="0",
+    env = cli_env(ORCH_BROKER_URL=module_redis, ORCH_RESULTS_ROOT=str(tmp_path / "results"), ORCH_PRELOAD="0",
                   ORCH_WORKER_HEARTBEAT="1")
     config = write_experiment("drain", trainer="slow", datasets=["iris"], split={"validation": 0.25},
                               params={"seconds": 4, "smoothing": 0.5}, resources={"gpus": 0})
@@ -361,7 +353,7 @@ def test_down_drain_lets_the_running_run_finish(fleet_redis: str, tmp_path: Path
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         assert run_cli("submit", str(config), env=env).returncode == 0
-        wait_for(lambda: (r := _records(fleet_redis).get(f"cpu1@{HOST}")) and r.state == "busy",
+        wait_for(lambda: (r := _records(module_redis).get(f"cpu1@{HOST}")) and r.state == "busy",
                  timeout=60, what="cpu1 to start the run")
         down = run_cli("workers", "down", "--drain", "--state-dir", str(state), env=env)
         assert down.returncode == 0 and "drain" in down.stdout

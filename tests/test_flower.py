@@ -12,7 +12,6 @@ import sys
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from orchestrator.cluster.flowerconf import (
     default_state_dir,
     flower_command,
 )
-from orchestrator.cluster.local import free_port, spawn, start_redis, stop_process
+from orchestrator.cluster.local import free_port, spawn, stop_process
 from orchestrator.errors import OrchestratorError
 
 from .conftest import celery_app, cli_env, run_cli, wait_for
@@ -192,15 +191,6 @@ def _get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, bytes]:
         return exc.code, exc.read()
     except OSError:
         return 0, b""
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[str]:
-    proc, url = start_redis(tmp_path / "redis")
-    try:
-        yield url
-    finally:
-        stop_process(proc)
 
 
 def _start_flower(url: str, tmp_path: Path, port: int, *args: str) -> subprocess.Popen[bytes]:

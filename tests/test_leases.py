@@ -4,6 +4,7 @@ a claim (one round trip at the start of each run)."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import pytest
@@ -176,3 +177,58 @@ def test_the_orphan_rule_hands_on_a_dead_takers_message_after_the_chord_claim_co
     assert rule(TAKER_DEAD_FOR - 0.5, [f"gone{tag}@h", 400]) is False  # too soon after delivery
     for bad in (None, "x", [alive], [alive, "100"], [1, 100], [alive, True, 3]):
         assert rule(old, bad) is False, bad  # unknown taker: only the grace applies
+
+
+def test_a_parked_run_is_noted_in_the_parked_index(leases: Leases) -> None:
+    """begin() of a paused experiment's run notes the experiment in keys.PARKED in the
+    same round trip: the watchdog reads that instead of walking the keyspace."""
+    exp, run_id = f"exp-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    leases.client.set(keys.paused(exp), "1")
+    before = time.time()
+    assert leases.begin(run_id, {}, exp, None, "t1").paused
+    assert before <= leases.parked()[exp] <= time.time()
+    leases.forget_parked(exp)
+    assert exp not in leases.parked()
+
+
+_CHORE = """
+import json, sys, time
+import redis
+from orchestrator import keys
+from orchestrator.experiment.spec import DatasetRef, Resources, RunSpec
+from tasks import app
+from tasks.watchdog import PARKED_FORGET_SECONDS, unpark_unpaused
+
+client = redis.Redis.from_url(sys.argv[1])
+def spec(exp):
+    return RunSpec(experiment=exp, trainer="prior", trainer_version="1",
+                   dataset=DatasetRef(name="iris", source="sklearn"), params={}, seed=0, fold=0, k=2,
+                   validation=None, holdout=0.2, output=f"{exp}/iris", point="base",
+                   resources=Resources(gpus=0)).to_dict()
+for exp in ("back", "still_paused"):
+    app.send_task("tasks.train_run", args=[spec(exp)], queue=keys.parked_queue(exp))
+client.hset(keys.PARKED, mapping={"back": time.time(), "still_paused": time.time(),
+                                  "old": time.time() - PARKED_FORGET_SECONDS - 1})
+client.set(keys.paused("still_paused"), "1")
+done = unpark_unpaused()
+print(json.dumps({"done": done, "cpu": client.llen("cpu"), "index": sorted(k.decode() for k in client.hkeys(keys.PARKED)),
+                  "parked": {e: client.llen(keys.parked_queue(e)) for e in ("back", "still_paused")}}))
+"""
+
+
+def test_the_watchdog_unparks_from_the_index_and_forgets_old_entries(private_redis: str) -> None:
+    """The watchdog's chore moves back the parked runs of an experiment that is not
+    paused (found through the index), leaves a paused one's, and drops an index entry
+    whose queue is empty and whose last park is old."""
+    import subprocess
+    import sys
+
+    from .conftest import REPO, cli_env
+
+    proc = subprocess.run([sys.executable, "-c", _CHORE, private_redis], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env=cli_env(ORCH_BROKER_URL=private_redis))
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["done"] == ["back: 1 parked runs back on their queues (not paused)"]
+    assert out["cpu"] == 1 and out["parked"] == {"back": 0, "still_paused": 1}
+    assert out["index"] == ["back", "still_paused"]  # "old" forgotten; "back" parked just now

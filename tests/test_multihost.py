@@ -1,8 +1,8 @@
 """Two worker hosts for real: each in its own network namespace, joined to the Redis host
 by a veth pair, so that cutting a host's link is a network partition and not a pause.
 
-Topology (every address lives inside a namespace this test creates; none in the root
-namespace, nothing is sent anywhere else):
+Topology (tests/netns.py makes it; every address lives inside a namespace this test
+creates; none in the root namespace, nothing is sent anywhere else):
 
     orchmh-hub  bridge orchmhbr0 10.213.0.1/24: redis-server, the control worker
                 (watchdog, chord callbacks) and the submitting CLI
@@ -40,7 +40,6 @@ poll for the cut-off attempt's own staging folder), then test_faults' audit.
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import json
 import os
 import select
@@ -61,6 +60,7 @@ import redis
 from orchestrator.cluster.local import spawn
 
 from .conftest import REPO, cli_env, wait_for
+from .netns import Host, Network, in_netns
 from .test_faults import (
     FREE_SLOT_LIMIT,
     REASSIGN_LIMIT,
@@ -76,123 +76,61 @@ from .test_faults import (
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
-HUB = "orchmh-hub"
-BRIDGE = "orchmhbr0"
-REDIS_ADDR = "10.213.0.1"
+NET = Network(
+    hub="orchmh-hub", bridge="orchmhbr0", hub_addr="10.213.0.1",
+    hosts={"hosta": Host("orchmh-a", "orchmh-hosta", "orchmh-a0", "10.213.0.11"),
+           "hostb": Host("orchmh-b", "orchmh-hostb", "orchmh-b0", "10.213.0.12")},
+    lock=Path("/tmp/orchmh.lock"))
+HUB = NET.hub
+REDIS_ADDR = NET.hub_addr
 REDIS_PORT = 6400
 CUT_LATE = 40.0  # seconds a link stays cut in the "back after the commit" scenario
-LOCK = Path("/tmp/orchmh.lock")  # one session at a time may own these names
-
-
-@dataclass(frozen=True)
-class Host:
-    netns: str
-    hostname: str
-    hub_port: str  # the veth end on the hub's bridge: set down to cut the host off
-    addr: str
-
-
-HOSTS = {"hosta": Host("orchmh-a", "orchmh-hosta", "orchmh-a0", "10.213.0.11"),
-         "hostb": Host("orchmh-b", "orchmh-hostb", "orchmh-b0", "10.213.0.12")}
-WORKERS = ("hosta", "hostb", "control")
-
-
-def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"`ip {' '.join(args)}` failed: {proc.stderr.strip()}")
-    return proc
-
-
-def remove_network() -> None:
-    """Delete this test's namespaces (their veths and bridge go with them); no error if
-    they are not there. A process still inside one keeps it alive but nameless: a new
-    namespace of the same name is a fresh one."""
-    for ns in (HUB, *(h.netns for h in HOSTS.values())):
-        ip("netns", "del", ns, check=False)
-
-
-def create_network() -> None:
-    ip("netns", "add", HUB)
-    ip("-n", HUB, "link", "set", "lo", "up")
-    ip("-n", HUB, "link", "add", BRIDGE, "type", "bridge")
-    ip("-n", HUB, "addr", "add", f"{REDIS_ADDR}/24", "dev", BRIDGE)
-    ip("-n", HUB, "link", "set", BRIDGE, "up")
-    for h in HOSTS.values():
-        ip("netns", "add", h.netns)
-        ip("-n", h.netns, "link", "set", "lo", "up")
-        # Made inside the namespaces: no interface of this test ever exists in the root one.
-        ip("-n", HUB, "link", "add", h.hub_port, "type", "veth", "peer", "name", "eth0", "netns", h.netns)
-        ip("-n", HUB, "link", "set", h.hub_port, "master", BRIDGE, "up")
-        ip("-n", h.netns, "addr", "add", f"{h.addr}/24", "dev", "eth0")
-        ip("-n", h.netns, "link", "set", "eth0", "up")
-        probe = subprocess.run(in_netns(h.netns, ["true"], hostname=h.hostname),
-                               capture_output=True, text=True, timeout=30)
-        if probe.returncode != 0:
-            raise RuntimeError(f"`unshare --uts` (a hostname per host) failed: {probe.stderr.strip()}")
-
-
-def set_link(host: Host, up: bool) -> None:
-    ip("-n", HUB, "link", "set", host.hub_port, "up" if up else "down")
-
-
-def in_netns(netns: str, argv: list[str], hostname: str | None = None) -> list[str]:
-    """`argv` run inside `netns` (same pid: ip, unshare and sh all exec), with its own
-    hostname when given."""
-    prefix = ["ip", "netns", "exec", netns]
-    if hostname is not None:
-        prefix += ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', hostname]
-    return prefix + argv
-
-
-def namespaces_unavailable() -> str | None:
-    """Why this machine cannot run the test, or None."""
-    if os.geteuid() != 0:
-        return f"network namespaces need root (ip netns add); running as uid {os.geteuid()}"
-    for tool in ("ip", "unshare", "redis-server"):
-        if shutil.which(tool) is None:
-            return f"`{tool}` is not installed"
-    return None
+HOSTS = NET.hosts
 
 
 class MultiHostCluster(FaultCluster):
-    """FaultCluster's Redis and workers, placed in the namespaces above. `url` (what the
-    test_faults helpers hand to `orchestrator status`) is Redis's unix socket; the
-    workers and the submitting CLI use `tcp_url`, across the veths and the bridge."""
+    """FaultCluster's Redis and workers, placed in the namespaces of `net` (a worker per
+    host of `workers`, `cpu@<hostname>`, and a control worker in the hub). `url` (what the
+    test_faults helpers hand to `orchestrator status`) is Redis's unix socket; the workers
+    and the submitting CLI use `tcp_url`, across the veths and the bridge."""
 
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, net: Network = NET, workers: tuple[str, ...] | None = None,
+                 **env: str):
         super().__init__(base)
         self.client.close()
+        self.net = net
+        self.names = (*(workers if workers is not None else net.hosts), "control")
+        self.extra_env = env
         self.port = REDIS_PORT
         self.socket = base / "redis.sock"
         self.url = f"unix://{self.socket}?db=0"
-        self.tcp_url = f"redis://{REDIS_ADDR}:{REDIS_PORT}/0"
+        self.tcp_url = f"redis://{net.hub_addr}:{REDIS_PORT}/0"
         self.client = redis.Redis(unix_socket_path=str(self.socket), socket_timeout=5)
         self.cut_off: set[str] = set()
 
     def host_env(self) -> dict[str, str]:
-        return cli_env(ORCH_BROKER_URL=self.tcp_url, ORCH_RESULTS_ROOT=str(self.root))
+        return cli_env(ORCH_BROKER_URL=self.tcp_url, ORCH_RESULTS_ROOT=str(self.root), **self.extra_env)
 
     def start_redis(self, persist: bool = False) -> None:
         exe = shutil.which("redis-server")
         assert exe
         data = self.base / "redis"
         data.mkdir(exist_ok=True)
-        argv = [exe, "--port", str(REDIS_PORT), "--bind", REDIS_ADDR, "--unixsocket", str(self.socket),
+        argv = [exe, "--port", str(REDIS_PORT), "--bind", self.net.hub_addr, "--unixsocket", str(self.socket),
                 "--unixsocketperm", "700",
                 # No password: the bridge is this test's own, nothing else can reach it.
                 "--protected-mode", "no", "--dir", str(data), "--save", "",
                 "--appendonly", "yes" if persist else "no", "--maxmemory-policy", "noeviction",
                 "--logfile", str(data / "redis.log")]
-        self.redis_proc = spawn(in_netns(HUB, argv), dict(os.environ), data / "redis.out")
+        self.redis_proc = spawn(in_netns(self.net.hub, argv), dict(os.environ), data / "redis.out")
         wait_for(self._redis_up, timeout=20, what="redis-server (in the hub namespace) to answer")
 
     def start_worker(self, name: str) -> None:
         base = [sys.executable, "-m", "orchestrator", "worker", "--loglevel", "INFO"]
         if name == "control":
-            argv = in_netns(HUB, [*base, "--control"])
+            argv = in_netns(self.net.hub, [*base, "--control"])
         else:
-            host = HOSTS[name]
+            host = self.net.hosts[name]
             argv = in_netns(host.netns, [*base, "--cpu", "--accept-gpu-runs", "--name", "cpu@%h"],
                             hostname=host.hostname)
         self.workers[name] = spawn(argv, self.host_env(), self.logs / f"{name}.log")
@@ -201,32 +139,32 @@ class MultiHostCluster(FaultCluster):
     def ensure_workers(self) -> None:
         for name in list(self.cut_off):
             self.restore(name)
-        for name in WORKERS:
+        for name in self.names:
             proc = self.workers.get(name)
             if proc is None or proc.poll() is not None:
                 self.start_worker(name)
-        wait_for(lambda: all(self.log(n).count("ready.") >= self.starts[n] for n in WORKERS),
+        wait_for(lambda: all(self.log(n).count("ready.") >= self.starts[n] for n in self.names),
                  timeout=90, what="workers to be ready")
 
     def worker_named(self, node: str) -> str:
         """cpu@orchmh-hosta -> hosta"""
         hostname = node.split("@")[-1]
-        return next(name for name, h in HOSTS.items() if h.hostname == hostname)
+        return next(name for name, h in self.net.hosts.items() if h.hostname == hostname)
 
     def node(self, name: str) -> str:
-        return f"cpu@{HOSTS[name].hostname}"
+        return f"cpu@{self.net.hosts[name].hostname}"
 
     def cut(self, name: str) -> None:
         self.cut_off.add(name)
-        set_link(HOSTS[name], up=False)
+        self.net.set_link(self.net.hosts[name], up=False)
 
     def restore(self, name: str) -> None:
-        set_link(HOSTS[name], up=True)
+        self.net.set_link(self.net.hosts[name], up=True)
         self.cut_off.discard(name)
 
     def submit(self, cfg: Path) -> None:
         """`orchestrator submit` from the hub (it reaches Redis throughout)."""
-        argv = in_netns(HUB, [sys.executable, "-m", "orchestrator", "submit", str(cfg)])
+        argv = in_netns(self.net.hub, [sys.executable, "-m", "orchestrator", "submit", str(cfg)])
         proc = subprocess.run(argv, cwd=REPO, env=self.host_env(), capture_output=True, text=True,
                               timeout=120)
         assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -235,33 +173,14 @@ class MultiHostCluster(FaultCluster):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MultiHostCluster]:
-    if (why := namespaces_unavailable()) is not None:
-        pytest.skip(f"multi-host test skipped: {why}")
-    with open(LOCK, "w") as lock:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    pytest.skip(f"multi-host test skipped: another session holds {LOCK} (its namespaces)")
-                time.sleep(1)
-        remove_network()  # what a crashed run of this test left
+    with NET.owned("multi-host test"):
+        c = MultiHostCluster(tmp_path_factory.mktemp("multihost"))
         try:
-            try:
-                create_network()
-            except RuntimeError as exc:
-                pytest.skip(f"multi-host test skipped: cannot make network namespaces here: {exc}")
-            c = MultiHostCluster(tmp_path_factory.mktemp("multihost"))
-            try:
-                c.start_redis()
-                c.ensure_workers()
-                yield c
-            finally:
-                c.stop()
+            c.start_redis()
+            c.ensure_workers()
+            yield c
         finally:
-            remove_network()
+            c.stop()
 
 
 @pytest.fixture

@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 import redis
 
-from orchestrator.cluster.local import start_redis, stop_process
 from orchestrator.execution.runner import WorkerInfo, _progress_sender
 from orchestrator.experiment.spec import DatasetRef, Resources, RunSpec
 from orchestrator.livestate import LiveState
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[str]:
-    proc, url = start_redis(tmp_path / "redis")
-    yield url
-    stop_process(proc)
 
 
 def _spec(fold: int) -> RunSpec:

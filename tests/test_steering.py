@@ -53,15 +53,18 @@ def committed_once(cluster: Cluster, name: str) -> None:
 def test_pause_lets_running_runs_finish_and_holds_the_rest_until_resume(
         running_cluster: Cluster, write_experiment: Any) -> None:
     name = "paused_exp"
+    # 6 s runs: `pause` must land while the first two train (a CLI start under load: seconds).
     cfg = write_experiment(name, trainer="slow", datasets=["iris"], folds=4,
-                           params={"seconds": 3.0}, resources={"gpus": 0})
+                           params={"seconds": 6.0}, resources={"gpus": 0})
     assert run_cli("submit", str(cfg), env=running_cluster.env()).returncode == 0
     wait_for(lambda: len(active(running_cluster, name)) == 2, timeout=60, what="2 runs training")
     proc = run_cli("pause", name, env=running_cluster.env())
     assert proc.returncode == 0 and "paused; running runs finish" in proc.stdout, proc.stderr
     # The two running runs finish; the two others wait, parked, and do not start.
     wait_for(lambda: parked(running_cluster, name) == 2 and fold_states(running_cluster, name).count("DONE") == 2,
-             timeout=60, what="2 runs DONE and 2 parked")
+             timeout=60, what="2 runs DONE and 2 parked",
+             seen=lambda: (parked(running_cluster, name), fold_states(running_cluster, name),
+                           active(running_cluster, name)))
     assert active(running_cluster, name) == {}
     text = run_cli("status", name, env=running_cluster.env()).stdout
     assert f"{name} PAUSED" in text

@@ -11,14 +11,11 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import redis
 
 from orchestrator import keys
-from orchestrator.cluster.local import start_redis, stop_process
 from orchestrator.collect.status import Status, write_fold_status
 from orchestrator.experiment.plan import RUN, GroupPlan, make_plan
 from orchestrator.experiment.spec import DatasetRef, Resources, RunSpec
@@ -27,13 +24,6 @@ from orchestrator.paths import Layout, atomic_write_json
 from orchestrator.views.progress import Poller, Tracked
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[str]:
-    proc, url = start_redis(tmp_path / "redis")
-    yield url
-    stop_process(proc)
 
 
 def spec(point: str, fold: int, k: int = 2) -> RunSpec:

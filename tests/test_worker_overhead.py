@@ -17,19 +17,12 @@ import redis
 from kombu import Connection
 from kombu.transport import redis as kombu_redis
 
-from orchestrator.cluster.local import spawn, start_redis, stop_process
+from orchestrator.cluster.local import spawn, stop_process
 from tasks.overhead import _conn_or_acquire, share_channel_clients
 
 from .conftest import cli_env, run_cli, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[str]:
-    proc, url = start_redis(tmp_path / "redis")
-    yield url
-    stop_process(proc)
 
 
 def test_a_channel_sends_every_command_through_one_client_per_pool(

@@ -46,12 +46,15 @@ class Checked:
 class Plan:
     """What submitting an experiment would do (`orchestrator plan --json`): `totals`
     (runs, done, to_run, groups, groups_to_finalize) and one row per run (name, run_id,
-    group_id, queue, state)."""
+    group_id, queue, state). For a search, `search` instead: its config, what it has
+    done (`progress`) and the proposals its next step would make (`next`: number,
+    params, point), as `orchestrator plan` prints them; totals and runs are then empty."""
 
     experiment: str
     totals: dict[str, int]
     runs: list[dict[str, Any]]
     paused: bool
+    search: dict[str, Any] | None = None
 
 
 def _as_list(configs: Configs) -> list[Config]:
@@ -104,9 +107,14 @@ class Client(Session):
 
         out = []
         for exp in self.load(configs):
+            paused = paused_info(self.layout, exp.name) is not None
+            if exp.search is not None:
+                from ..search.client import search_plan
+
+                out.append(Plan(exp.name, {}, [], paused, search_plan(self.layout, exp)))
+                continue
             plans = make_plan(self.layout, expand(exp))
-            out.append(Plan(exp.name, totals(plans), plan_rows(self.layout, plans),
-                            paused_info(self.layout, exp.name) is not None))
+            out.append(Plan(exp.name, totals(plans), plan_rows(self.layout, plans), paused))
         return out
 
     # -- experiments -----------------------------------------------------------------

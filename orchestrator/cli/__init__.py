@@ -25,6 +25,7 @@ from . import (  # noqa: E402, F401  (each registers its commands)
     experiments,
     flower,
     reporting,
+    roles,
     running,
     searching,
     watching,

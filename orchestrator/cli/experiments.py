@@ -124,7 +124,14 @@ def validate(configs: tuple[str, ...]) -> None:
     Example:
       orchestrator validate configs/          # every *.yaml in the folder
     """
-    for exp in load_experiments(list(configs)):
+    from .roles import split_roles_configs, validate_roles
+
+    others, roles_files = split_roles_configs(configs)
+    if roles_files:  # `roles:` experiments (docs/roles.md)
+        click.get_current_context().invoke(validate_roles, configs=tuple(roles_files))
+        if not others:
+            return
+    for exp in load_experiments(list(others)):
         if exp.search is not None:
             cfg = exp.search
             per_trial = len(exp.datasets) * len(exp.seeds)
@@ -208,21 +215,9 @@ def plan(configs: tuple[str, ...], results_root: str | None, as_json: bool) -> N
 def _plan_searches(layout: Layout, searches: list[Any], as_json: bool) -> None:
     """A search's plan: its config, what it has done, and the proposals its next step
     would make (from its records and seed: the same ones the step will record)."""
-    from ..search.engine import progress, propose, read_history, search_of
+    from ..search.client import search_plan
 
-    data = []
-    for exp in searches:
-        search = search_of(exp)
-        h = read_history(layout, exp.name)
-        state = progress(search, h)
-        state.pop("best")
-        nxt = [e for e in propose(search, h) if e["type"] in ("trial", "promote")]
-        per_trial = len(search.datasets) * len(search.seeds)
-        data.append({"experiment": exp.name, "search": search.cfg.to_dict(), "progress": state,
-                     "groups_per_trial": per_trial, "runs_per_trial": per_trial * search.template.n_folds,
-                     "next": [{"number": e["number"], "params": e.get("params"), "point": e.get("point"),
-                               "promote_to": e.get("budget") if e["type"] == "promote" else None}
-                              for e in nxt]})
+    data = [search_plan(layout, exp) for exp in searches]
     if as_json:
         print_json(data)
         return
@@ -257,7 +252,11 @@ def status(experiment: str | None, results_root: str | None, as_json: bool, brok
     """
     from ..dispatch.manifest import experiments
     from ..views.overview import experiment_status
+    from .roles import is_roles_experiment, show_status
 
+    if is_roles_experiment(results_root, experiment):  # its roles, from the cluster's Redis
+        show_status(str(experiment), as_json, results_root, broker)
+        return
     layout = Layout(results_root_path(results_root))
     names = [experiment] if experiment else experiments(layout)
     lookup = _in_flight(broker)

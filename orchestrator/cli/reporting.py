@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import webbrowser
 from pathlib import Path
 
@@ -45,7 +46,11 @@ def report(experiment: str, results_root: str | None, output: Path | None, metri
       orchestrator report iris_sweep --open
     """
     from ..views.htmlreport import write_report
+    from .roles import is_roles_experiment, show_report
 
+    if is_roles_experiment(results_root, experiment):  # the evaluators' plot (docs/roles.md)
+        show_report(experiment, results_root, os.environ.get("ORCH_BROKER_URL"))
+        return
     layout = Layout(results_root_path(results_root))
     try:
         result = write_report(layout, experiment, output, metric=metric, top=top)

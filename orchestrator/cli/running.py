@@ -224,7 +224,14 @@ def submit(configs: tuple[str, ...], results_root: str | None, broker: str | Non
         raise errors.OrchestratorError(
             "no broker configured: pass --broker redis://HOST:6379/0 or set ORCH_BROKER_URL "
             "(or use `orchestrator run` to start a local cluster)")
-    exps = load_experiments(list(configs))
+    from .roles import split_roles_configs, submit_roles_files
+
+    others, roles_files = split_roles_configs(configs)
+    if roles_files:  # `roles:` experiments start their role tasks (docs/roles.md)
+        submit_roles_files(roles_files, results_root, broker)
+        if not others:
+            return
+    exps = load_experiments(others)
     root = results_root_path(results_root, writable=True)
     use_broker(broker, root)
     layout = Layout(root)

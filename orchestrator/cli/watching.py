@@ -32,7 +32,11 @@ def watch(experiment: str | None, broker: str | None, results_root: str | None, 
     """
     from ..dispatch.manifest import load_manifest
     from ..views import dashboard
+    from .roles import is_roles_experiment, show_watch
 
+    if is_roles_experiment(results_root, experiment):
+        show_watch(str(experiment), max(interval, 0.2), once, results_root, broker)
+        return
     root, url = cluster_paths(broker, results_root)
     layout = Layout(root)
     if experiment is not None:

@@ -179,8 +179,12 @@ def follow_environment() -> None:
     twice), while celeryconfig read the environment once, at its import."""
     import os
 
-    broker = os.environ.get("ORCH_BROKER_URL")
-    backend = os.environ.get("ORCH_RESULT_BACKEND") or broker
+    from ..keys import celery_url
+
+    given = os.environ.get("ORCH_BROKER_URL")
+    state = os.environ.get("ORCH_STATE_URL") or os.environ.get("ORCH_RESULT_BACKEND") or given
+    broker = celery_url(given) if given else None
+    backend = celery_url(os.environ.get("ORCH_RESULT_BACKEND") or given or "")
     conf = app.conf
     if not broker or (conf.broker_url == broker and conf.result_backend == backend):
         return
@@ -190,7 +194,7 @@ def follow_environment() -> None:
         with contextlib.suppress(Exception):
             _KEPT.pop(key).release()
     conf.broker_url, conf.result_backend = broker, backend
-    conf.orch_state_url = os.environ.get("ORCH_STATE_URL") or backend
+    conf.orch_state_url = state
     app._pool = None
     app.amqp._producer_pool = None
     app._backend_cache = None  # Celery 5.7 keeps the backend here, or per thread:

@@ -74,8 +74,9 @@ MAX_ETA_AHEAD = 24 * 3600.0  # seconds; retries wait at most 300 s (orchestrator
 ORJSON_MAX_BRACKETS = 1024  # text with more brackets is decoded by Python's JSON module
 CONTROL_QUEUE = "control"
 # Every other task of ours is a control task. A rank of a data-parallel run comes from
-# `rank.<worker>` (orchestrator.execution.gang).
-TRAINING_TASKS = frozenset({"tasks.train_run", "tasks.train_rank"})
+# `rank.<worker>` (orchestrator.execution.gang). A role instance (orchestrator.roles) runs
+# like a run, from cpu or gpu.
+TRAINING_TASKS = frozenset({"tasks.train_run", "tasks.train_rank", "tasks.role_run"})
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}")  # uuids, and room for other ids
 

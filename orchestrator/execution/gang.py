@@ -7,7 +7,9 @@ attempt becomes rank 0, the leader. It holds the run's lease as every run does, 
    N-1 other free workers that can take ranks (`orch:slot:<worker>`), or none at all;
    a gang that cannot fill holds nothing and tries again later (RetryLater), saying why
    in `orch:gang:<run_key>`. So two gangs can never each hold part of what the other
-   needs (two 2-rank jobs on 3 slots: one reserves two, the other holds none).
+   needs (two 2-rank jobs on 3 slots: one reserves two, the other holds none). A worker
+   whose rank was lost is passed over until its registry heartbeat is newer than the
+   loss (a host cut off stays registered for three heartbeats).
 2. **Send the ranks.** Rank r's task goes to `rank.<worker>`, the queue only that worker
    takes, first. Ranks are numbered at the rendezvous: 0 the leader, 1..N-1 in the
    order the slots were taken.
@@ -21,7 +23,8 @@ attempt becomes rank 0, the leader. It holds the run's lease as every run does, 
 5. **Watch.** Each rank's heartbeat also checks its peers' leases and the gang record:
    a lapsed peer (killed, paused, cut off), or a newer attempt of the run (fencing),
    marks the gang aborted and stops this rank at its next report, or at the collective
-   timeout if it is blocked in one. The leader's failure then counts as one of the
+   timeout if it is blocked in one. A rank that could not renew its own lease for a
+   whole lease (cut off from Redis) stops too. The leader's failure then counts as one of the
    run's `retries`; the relaunch resumes from the last checkpoint.
 
 Nothing here knows Celery: the leader sends rank tasks through a function it is given.
@@ -49,6 +52,8 @@ log = logging.getLogger(__name__)
 JOIN_POLL_SECONDS = 0.05
 SLOT_TTL_FLOOR_MS = 60_000  # a reservation whose ranks never arrive lapses by itself
 GANG_TTL_SECONDS = 7 * 24 * 3600
+NOT_ADMITTED = "not admitted:"  # how a rank's refusal (GPU admission) starts in the gang's abort
+LOST_TTL_SECONDS = 600  # a lost rank's worker is passed over until it beats again, at most this long
 
 # KEYS: slot keys of the leader's worker, then of every candidate; ARGV: holder, n, ttl
 # ms. The leader's slot must be free (or its own); then n-1 free candidates; all or none.
@@ -163,11 +168,14 @@ class Gang:
         for raw in self.client.hvals(keys.ACTIVE):
             with contextlib.suppress(ValueError, TypeError):
                 busy.add(json.loads(raw).get("worker"))
-        me = next((r for r in list_workers(self.client) if r.name == leader), None)
+        records = list_workers(self.client)
+        me = next((r for r in records if r.name == leader), None)
         here = me.host if me else None
-        found = [r for r in list_workers(self.client)
+        found = [r for r in records
                  if r.name != leader and keys.rank_queue(r.name) in r.queues and r.device == device
                  and r.name not in busy]
+        lost = self.client.mget([lost_key(r.name) for r in found]) if found else []
+        found = [r for r, at in zip(found, lost, strict=True) if not _lost_since(at, r.heartbeat)]
         found.sort(key=lambda r: (r.host != here, r.name))
         return [r.name for r in found]
 
@@ -215,6 +223,26 @@ class Gang:
         with contextlib.suppress(Exception):
             self._abort(keys=[self.key], args=[self.attempt, why])
 
+    def refuse(self, rank: int, worker: str, why: str) -> None:
+        """Rank `rank` was not admitted to `worker`'s GPU: the attempt ends before training
+        (its leader raises GangNotReady: tried again later, not a failure), and `worker` is
+        passed over until its next registry heartbeat."""
+        with contextlib.suppress(Exception):
+            self._abort(keys=[self.key], args=[self.attempt, f"{NOT_ADMITTED} rank {rank} {why}"])
+            self.client.set(lost_key(worker), repr(time.time()), ex=LOST_TTL_SECONDS)
+
+    def mark_lost(self, ranks: list[int]) -> None:
+        """The workers of ranks whose lease lapsed are passed over by reservations until
+        their registry heartbeat is newer than the loss: a host cut off stays registered
+        for up to three heartbeats, and a gang that reserved it would wait for the join
+        bound (ORCH_GANG_JOIN_SECONDS) for a rank that never comes."""
+        with contextlib.suppress(Exception):
+            workers = json.loads(self.client.hget(self.key, "workers") or "[]")
+            now = time.time()
+            for r in ranks:
+                if 0 <= r < len(workers) and isinstance(workers[r], str):
+                    self.client.set(lost_key(workers[r]), repr(now), ex=LOST_TTL_SECONDS)
+
     def beat(self, rank: int, worker: str, record: dict[str, Any], peers: bool) -> tuple[str, str]:
         """Renew this rank's lease and slot; ('ok', '') or (what, why) it must stop."""
         others = [keys.rank(self.run.run_key, self.attempt, r) for r in range(self.world) if r != rank]
@@ -226,6 +254,7 @@ class Gang:
         if what != "ok":
             return what, _text(reply[1])
         if missing := [names[int(_text(i))] for i in reply[1:]]:
+            self.mark_lost(missing)
             return "lost", f"rank {', '.join(map(str, missing))} lost its lease (killed, paused or cut off)"
         return "ok", ""
 
@@ -240,6 +269,19 @@ class Gang:
         with contextlib.suppress(Exception):
             self.client.delete(keys.rank(self.run.run_key, self.attempt, rank))
             self.release([worker])
+
+
+def lost_key(worker: str) -> str:
+    """When a rank of `worker` was last lost (Gang.mark_lost)."""
+    return f"{keys.PREFIX}:gang-lost:{worker}"
+
+
+def _lost_since(at: Any, heartbeat: float) -> bool:
+    """Lost at `at` (unix time, as stored) and not heard of since."""
+    try:
+        return at is not None and float(_text(at)) >= heartbeat
+    except ValueError:
+        return False
 
 
 def join_seconds() -> float:
@@ -270,6 +312,7 @@ class RankWatch:
                                        "started": time.time()}
         self.stop_why: str | None = None
         self.all_joined = False
+        self.renewed = time.monotonic()  # the last beat that reached Redis
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"rank{rank}-watch", daemon=True)
 
@@ -285,7 +328,13 @@ class RankWatch:
             what, why = self.gang.beat(self.rank, self.worker, self.record, self.all_joined)
         except Exception as exc:  # Redis unreachable: the lease lapses, the peers stop
             log.warning("rank %d heartbeat failed: %s", self.rank, exc)
+            # Unrenewed for a whole lease, this rank's lease is gone: its peers abort the
+            # attempt (they see it lost), so it stops too, without hearing so (cut off).
+            if (silent := time.monotonic() - self.renewed) > lease_ms() / 1000 and self.stop_why is None:
+                self.stop_why = f"cut off from Redis for {silent:.0f} s: its rank lease lapsed"
+                log.warning("rank %d of %s stops: %s", self.rank, self.gang.run.name, self.stop_why)
             return
+        self.renewed = time.monotonic()
         if what != "ok" and self.stop_why is None:
             self.stop_why = why
             if what == "lost":
@@ -312,6 +361,8 @@ class RankWatch:
         self.gang.join(self.rank)
         deadline = time.monotonic() + join_seconds()
         while (n := self.gang.joined()) < self.gang.world:
+            if self.stop_why is not None and self.stop_why.startswith(NOT_ADMITTED):
+                raise self.gang.waiting(self.stop_why)  # nothing trained: tried again later
             if self.stop_why is not None:
                 raise GangLost(self.stop_why)
             if time.monotonic() > deadline:
@@ -328,8 +379,15 @@ def process_group(gang: Gang, rank: int, backend: str) -> Iterator[None]:
 
     import torch.distributed as dist
 
-    from .store import RedisStore
+    from .store import RedisStore, route_interface
 
+    # Across hosts, the ranks meet on the interface their host reaches Redis through,
+    # unless the operator named one (GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME).
+    variable = "GLOO_SOCKET_IFNAME" if backend == "gloo" else "NCCL_SOCKET_IFNAME"
+    if variable not in os.environ and (found := route_interface(gang.client)) is not None:
+        os.environ[variable] = found[0]
+        log.info("%s rank %d: %s over %s (%s, the address this host reaches Redis from)",
+                 gang.run.name, rank, backend, *found)
     timeout = float(settings.value("ORCH_GANG_COLLECTIVE_TIMEOUT"))
     store = RedisStore(gang.client, gang.prefix + "s/", timeout=max(timeout, join_seconds()))
     dist.init_process_group(backend, store=store, rank=rank, world_size=gang.world,
@@ -367,7 +425,8 @@ def checkpoint_every() -> int:
 
 def gang_views(client: Any, run_keys: list[str]) -> dict[str, dict[str, Any]]:
     """For `status` and `watch`: each data-parallel run's gang (state, attempt, why it
-    waits) and the ranks of its current attempt (worker, host, GPU, step, last beat)."""
+    waits) and the ranks of its current attempt (worker, host, GPU, step, last beat).
+    Two round trips, whatever the number of runs."""
     pipe = client.pipeline(transaction=False)
     for key in run_keys:
         pipe.hgetall(keys.gang(key))
@@ -376,12 +435,17 @@ def gang_views(client: Any, run_keys: list[str]) -> dict[str, dict[str, Any]]:
         if not raw:
             continue
         g = {_text(k): _text(v) for k, v in raw.items()}
-        attempt, world = int(g.get("attempt") or 0), int(g.get("world") or 0)
-        ranks = []
-        if attempt and world:
-            for value in client.mget([keys.rank(key, attempt, r) for r in range(world)]):
-                with contextlib.suppress(ValueError, TypeError):
-                    ranks.append(json.loads(value))
-        out[key] = {"state": g.get("state"), "attempt": attempt or None, "world": world or None,
-                    "why": g.get("why") or None, "abort": g.get("abort"), "ranks": ranks}
+        with contextlib.suppress(ValueError):
+            attempt, world = int(g.get("attempt") or 0), int(g.get("world") or 0)
+            out[key] = {"state": g.get("state"), "attempt": attempt or None, "world": world or None,
+                        "why": g.get("why") or None, "abort": g.get("abort"), "ranks": []}
+    pipe = client.pipeline(transaction=False)
+    asked = [key for key, v in out.items() if v["attempt"] and v["world"]]
+    for key in asked:
+        pipe.mget([keys.rank(key, out[key]["attempt"], r) for r in range(min(out[key]["world"], 1024))])
+    for key, values in zip(asked, pipe.execute() if asked else [], strict=True):
+        for value in values:
+            with contextlib.suppress(ValueError, TypeError):
+                if isinstance(rec := json.loads(value), dict):
+                    out[key]["ranks"].append(rec)
     return out

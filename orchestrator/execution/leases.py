@@ -94,14 +94,19 @@ _CLAIM = _CLAIM_FN + "return claim()"
 # The start of an attempt: its experiment's gates, then the claim. KEYS[4] cancel,
 # KEYS[5] paused, KEYS[6] waiting; ARGV[6] the message's submitted_at ('' if unknown),
 # ARGV[7] task id (a claimed delivery no longer waits). Code 3: cancelled after the
-# message was submitted (the cancel time is returned as the holder); 2: paused.
+# message was submitted (the cancel time is returned as the holder); 2: paused (and the
+# experiment ARGV[12] is noted in the parked index KEYS[8] at time ARGV[13], so the
+# watchdog finds parked queues without walking the keyspace).
 # Once claimed, optionally the run's live state (KEYS[7] hash, ARGV[8] '1', ARGV[9]
 # field, ARGV[10] the JSON value up to the attempt number, which the script appends
 # with the closing brace, ARGV[11] ttl_s).
 _BEGIN = _CLAIM_FN + """
 local c = redis.call('GET', KEYS[4])
 if c and (ARGV[6] == '' or (tonumber(c) or 0) > tonumber(ARGV[6])) then return {3, 0, 0, c} end
-if redis.call('EXISTS', KEYS[5]) == 1 then return {2, 0, 0, ''} end
+if redis.call('EXISTS', KEYS[5]) == 1 then
+  redis.call('HSET', KEYS[8], ARGV[12], ARGV[13])
+  return {2, 0, 0, ''}
+end
 local r = claim()
 if r[1] == 1 then
   redis.call('HDEL', KEYS[6], ARGV[7])
@@ -289,10 +294,10 @@ class Leases:
             value = value[:-1] + (', "attempt": ' if value != "{}" else '"attempt": ')
         reply = cast(list[Any], self._begin(
             keys=[keys.lease(run_key), ACTIVE, keys.attempts(run_key), keys.cancel(experiment),
-                  keys.paused(experiment), WAITING, hkey or keys.UNUSED],
+                  keys.paused(experiment), WAITING, hkey or keys.UNUSED, keys.PARKED],
             args=[run_key, token, self.ttl_ms, record, ATTEMPTS_TTL,
                   "" if submitted_at is None else repr(float(submitted_at)), task_id,
-                  "1" if entry is not None else "0", field, value, ttl]))
+                  "1" if entry is not None else "0", field, value, ttl, experiment, repr(time.time())]))
         code = int(reply[0])
         if code == 3:
             return Start(cancelled_at=_float(reply[3]) or 0.0)
@@ -390,6 +395,14 @@ class Leases:
 
     def paused(self, experiment: str) -> bool:
         return bool(self.client.exists(keys.paused(experiment)))
+
+    def parked(self) -> dict[str, float]:
+        """Experiments a run of which was parked -> when one last was (begin() notes it)."""
+        raw = cast(dict[bytes, bytes], self.client.hgetall(keys.PARKED))
+        return {k.decode(): _float(v) or 0.0 for k, v in raw.items()}
+
+    def forget_parked(self, experiment: str) -> None:
+        self.client.hdel(keys.PARKED, experiment)
 
     def pause(self, experiment: str, now: bool) -> None:
         self.client.set(keys.paused(experiment), json.dumps({"at": time.time(), "now": now}))

@@ -58,10 +58,14 @@ def leading(gang: Gang, workers: list[str], worker: WorkerInfo, send: Send, chec
         gang.set_state("training")
         load, save = checkpoint_io(checkpoint, check)
         with process_group(gang, 0, backend):
+            log.info("%s attempt %d: all %d ranks met (%s)", run.name, gang.attempt, gang.world, backend)
             try:
                 yield DistInfo(0, gang.world, backend, checkpoint_every(), load, save), watch
             except Exception as exc:
                 why = watch.stop_why
+                # Said first: cut off from Redis, the abort below waits for its socket timeout.
+                log.warning("rank 0 of %s (attempt %d) stops: %s", run.name, gang.attempt,
+                            f"{why or type(exc).__name__ + ': ' + str(exc)}"[:300])
                 gang.abort(f"rank 0 stopped: {why or exc}")
                 if why is not None or _collective_error(exc):
                     raise GangLost(f"{why or exc}") from exc
@@ -75,7 +79,27 @@ def leading(gang: Gang, workers: list[str], worker: WorkerInfo, send: Send, chec
     finally:
         if watch is not None:
             watch.close()
-        gang.release(workers)
+        with contextlib.suppress(Exception):  # cut off from Redis: the slots lapse by themselves
+            gang.release(workers)
+
+
+def not_admitted(client: Any, run: RunSpec, worker: WorkerInfo) -> str | None:
+    """GPU admission of a rank r >= 1, as rank 0 had it (orchestrator.execution.admission):
+    on a GPU worker, a GPU of this worker has the run's memory free (NVML) and room for its
+    share (`resources.gpus`: a whole GPU each when 1). Why not, or None. The share is
+    checked, not taken: rank 0 holds the run's entry, and ranks hold the run's slots."""
+    from .admission import Need, Shares, free_memory_mb, worker_gpus
+
+    mine = worker_gpus() if worker.device == "cuda" and run.resources.gpus > 0 else []
+    if not mine:
+        return None
+    need = Need.of(run)
+    if Shares(client).room(worker.host, mine, need):
+        return None
+    free = free_memory_mb(mine)
+    short = [f"GPU {i} has {f} MiB free" for i in mine if (f := free[i]) is not None and f < need.memory_mb]
+    return (f"on {worker.name}: " + ("; ".join(short) + f", the run needs {need.memory_mb} MiB" if short
+                                     else "its GPU share is taken by other runs"))
 
 
 def _collective_error(exc: BaseException) -> bool:
@@ -99,6 +123,10 @@ def run_rank(client: Any, payload: Any, hostname: str) -> dict[str, Any]:
         log.warning("refused a rank task: %s", exc)
         return {"status": "REFUSED", "why": str(exc)}
     gang = Gang(client, run, attempt)
+    if (why := not_admitted(client, run, worker)) is not None:
+        gang.refuse(rank, worker.name, why)
+        log.warning("rank %d of %s (attempt %d) refused: %s", rank, run.name, attempt, why)
+        return {"rank": rank, "status": "NOT_ADMITTED", "why": why}
     watch = RankWatch(gang, rank, worker.name, worker.host, worker.gpu).start()
     log.info("%s attempt %d: rank %d of %d started on %s", run.name, attempt, rank, gang.world, worker.name)
     try:
@@ -111,6 +139,7 @@ def run_rank(client: Any, payload: Any, hostname: str) -> dict[str, Any]:
                             on_report=lambda last: watch.step(last.get("epoch")))
         eval_rows = np.concatenate([split.val, split.holdout])
         with process_group(gang, rank, backend):
+            log.info("%s attempt %d: rank %d met the others (%s)", run.name, attempt, rank, backend)
             trainer.fn(TrainContext(
                 params=params, device=worker.device, seed=run.seed, fold=run.fold, run_name=run.name,
                 X_train=table.X[split.train], y_train=table.y[split.train], X_eval=table.X[eval_rows],
@@ -122,8 +151,9 @@ def run_rank(client: Any, payload: Any, hostname: str) -> dict[str, Any]:
         return {"rank": rank, "status": "STOPPED", "why": str(exc)}
     except Exception as exc:  # noqa: BLE001 (a rank's failure is the gang's: rank 0 reports it)
         why = watch.stop_why or f"{type(exc).__name__}: {exc}"
-        gang.abort(f"rank {rank} stopped: {why}")
+        # Said first: cut off from Redis, the abort below waits for its socket timeout.
         log.warning("rank %d of %s (attempt %d) stops: %s", rank, run.name, attempt, why)
+        gang.abort(f"rank {rank} stopped: {why}")
         return {"rank": rank, "status": "STOPPED", "why": why}
     finally:
         watch.close()

@@ -236,6 +236,10 @@ def execute(spec: RunSpec, layout: Layout, worker: WorkerInfo, attempt: int,
     if watch is not None:  # rank 0: its step goes into its rank lease; a lost peer stops it
         should_stop = _either(guard.stop_reason, lambda: watch.stop_why)
         on_report = _also(on_report, lambda last: watch.step(last.get("epoch")))
+    if live and spec.report_at:  # an ASHA search's run: its reports at the rungs go to the control side
+        from ..search.rungs import sender
+
+        on_report = _also(on_report, sender(live, spec))
     reporter = Reporter(should_stop=should_stop, on_report=on_report)
     eval_rows = np.concatenate([split.val, split.holdout])
     result = trainer.fn(TrainContext(

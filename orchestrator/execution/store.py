@@ -13,6 +13,8 @@ torch is imported at the top: only the process that trains imports this module.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import time
 from datetime import timedelta
 from typing import Any
@@ -91,3 +93,33 @@ class RedisStore(dist.Store):  # type: ignore[misc]
 
     def clone(self) -> RedisStore:
         return RedisStore(self.client, self.prefix, self._timeout.total_seconds())
+
+
+def route_interface(client: Any) -> tuple[str, str] | None:
+    """(interface, address) this host reaches the Redis of `client` through, when Redis is
+    on another host (TCP, not loopback); else None. Every rank reaches that Redis, so the
+    interface toward it is one the ranks can reach each other through, whatever the host
+    names resolve to (gloo binds to the host name's address by default). IPv4, Linux."""
+    import fcntl
+    import struct
+
+    kw = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
+    host, port = kw.get("host"), int(kw.get("port") or 6379)
+    if not host or "path" in kw:
+        return None
+    try:
+        target = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_DGRAM)[0][4]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(target)  # a route lookup: nothing is sent
+            mine = probe.getsockname()[0]
+    except OSError:
+        return None
+    if mine.startswith("127."):
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            with contextlib.suppress(OSError):
+                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+                if socket.inet_ntoa(packed[20:24]) == mine:
+                    return name, mine
+    return None

@@ -108,7 +108,8 @@ def _search() -> dict[str, Any]:
             k: {"type": "number", "minimum": low, "maximum": high, "default": default}
             for k, (low, high, default) in EVOLUTION_KEYS.items()}},
         "asha": {"type": "object", "additionalProperties": False,
-                 "properties": {k: {"type": "integer", "minimum": 1} for k in ASHA_KEYS}},
+                 "properties": {k: {"type": "string"} if k == "metric" else {"type": "integer", "minimum": 1}
+                                for k in ASHA_KEYS}},
     }
     assert set(properties) == set(SEARCH_KEYS)  # one declaration each
     for key, text in SEARCH_KEYS.items():

@@ -103,6 +103,10 @@ class RunSpec:
     retries: int = 0
     timeout: float | None = None
     priority: int = 5
+    # Epochs at which the worker hands the trainer's report to the control side (an ASHA
+    # search's rungs: orchestrator.search.rungs). Not part of the run's identity; in the
+    # message only when set.
+    report_at: tuple[int, ...] = ()
 
     # -- identity ---------------------------------------------------------------
     def _identity(self, with_fold: bool) -> dict[str, Any]:
@@ -175,7 +179,7 @@ class RunSpec:
         """Plain JSON-ready dict (built by hand: dataclasses.asdict deep-copies, and
         submitting 1000 runs called this thousands of times)."""
         ds, res = self.dataset, self.resources
-        return {
+        out = {
             "experiment": self.experiment, "trainer": self.trainer,
             "trainer_version": self.trainer_version,
             "dataset": {"name": ds.name, "source": ds.source, "path": ds.path,
@@ -187,6 +191,9 @@ class RunSpec:
             "resources": res.to_dict(),
             "retries": self.retries, "timeout": self.timeout, "priority": self.priority,
         }
+        if self.report_at:
+            out["report_at"] = list(self.report_at)
+        return out
 
     def to_json(self) -> str:
         return canonical_json(self.to_dict())
@@ -281,6 +288,8 @@ _SPEC_KEYS = (
     "fold", "k", "validation", "holdout", "output", "overrides", "resources", "retries",
     "timeout", "priority",
 )
+_OPTIONAL_SPEC_KEYS = ("report_at",)  # present only where set
+MAX_REPORT_AT = 64
 _DATASET_KEYS = ("name", "source", "path", "target", "sha256")
 _RESOURCE_KEYS = ("gpus", "gpu_memory_gb")
 _GANG_KEYS = ("ranks", "backend")  # present only in a data-parallel run's message
@@ -478,7 +487,7 @@ def _resources(value: object) -> Resources:
 def _parse_spec(data: object) -> RunSpec:
     if not isinstance(data, dict):
         raise InvalidSpecError(f"run spec must be a JSON object, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(_SPEC_KEYS), key=str)
+    unknown = sorted(set(data) - set(_SPEC_KEYS) - set(_OPTIONAL_SPEC_KEYS), key=str)
     missing = [k for k in _SPEC_KEYS if k not in data]
     if unknown or missing:
         raise InvalidSpecError(f"run spec keys: unknown {[_show(k, 40) for k in unknown[:10]]}, "
@@ -522,4 +531,15 @@ def _parse_spec(data: object) -> RunSpec:
         timeout=None if timeout is None else _number(
             timeout, "timeout", "null or a positive number of seconds up to 1e9", 0, 1e9, low_open=True),
         priority=_int(data["priority"], "priority", 0, 9),
+        report_at=_report_at(data.get("report_at", [])),
     )
+
+
+def _report_at(value: object) -> tuple[int, ...]:
+    valid = f"a list of at most {MAX_REPORT_AT} increasing epochs from 1 to 1000000"
+    if not isinstance(value, list) or len(value) > MAX_REPORT_AT:
+        raise _fail("report_at", valid, value)
+    out = tuple(_int(v, "report_at", 1, 1_000_000) for v in value)
+    if list(out) != sorted(set(out)):
+        raise _fail("report_at", valid, value)
+    return out

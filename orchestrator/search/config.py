@@ -24,12 +24,12 @@ SEARCH_KEYS = {
     "trials": "how many trials (not for evolution: population and generations say it)",
     "parallel": "trials in flight at once (default 4)",
     "seed": "the strategy's seed (default 0)",
-    "mode": "batch (default: deterministic) or async (random, tpe: fill free slots at once)",
+    "mode": "batch (default: deterministic) or async (random, tpe: fill free slots at once; the default with asha)",
     "max_failed_trials": "the search stops once more trials than this failed (default: trials)",
     "space": "parameter distributions, as sweep.random.space",
     "architecture": "mlp layers: {layers: [min, max], width: [min, max], activation: [...], dropout: [low, high]}",
     "evolution": "{population, generations, tournament, mutation_rate, crossover_rate, elitism}",
-    "asha": "{min_epochs, max_epochs, reduction_factor}: stop poor trials early",
+    "asha": "{min_epochs, max_epochs, reduction_factor, metric}: stop poor trials early, from their reports",
 }
 SECTIONS = {"oof": "out-of-fold predictions", "ensemble_holdout": "the fold ensemble on the holdout",
             "reported": "the mean over folds of the trainer's last report"}
@@ -40,7 +40,7 @@ ARCH_PARAMS = ("hidden", "activation", "dropout")  # what an architecture sets
 EVOLUTION_KEYS = {"population": (2, 10000, 8), "generations": (1, 10000, 5), "tournament": (1, 100, 3),
                   "mutation_rate": (0.0, 1.0, 0.3), "crossover_rate": (0.0, 1.0, 0.5),
                   "elitism": (0, 10000, 1)}
-ASHA_KEYS = ("min_epochs", "max_epochs", "reduction_factor")
+ASHA_KEYS = ("min_epochs", "max_epochs", "reduction_factor", "metric")
 MAX_TRIALS = 100_000
 
 
@@ -80,18 +80,28 @@ class Evolution:
 
 @dataclass(frozen=True)
 class Asha:
+    """Early stopping from the reports a run sends while it trains (orchestrator.search.asha)."""
+
     min_epochs: int
     max_epochs: int
     reduction_factor: int
+    metric: str = ""  # reported.<name>: what the trainer reports at every epoch, compared at the rungs
+    direction: str = "maximize"
 
     @property
     def rungs(self) -> list[int]:
-        """Epoch budgets at which a trial is compared: min, min*eta, ... up to max."""
+        """The epochs at which a trial is compared: min, min*eta, ... below max_epochs
+        (a trial that passes the last one trains to max_epochs)."""
         out, e = [], self.min_epochs
         while e < self.max_epochs:
             out.append(e)
             e *= self.reduction_factor
-        return [*out, self.max_epochs]
+        return out
+
+    @property
+    def name(self) -> str:
+        """The key of the trainer's report compared at the rungs (`score` for reported.score)."""
+        return self.metric.split(".", 1)[1]
 
 
 @dataclass(frozen=True)
@@ -232,7 +242,11 @@ def parse_search(block: Any, trainer_params: dict[str, Any] | None,
     if not _int(seed) or not 0 <= seed < 2**32:
         c.bad("seed", f"must be an integer from 0 to {2**32 - 1}, got {seed!r}")
         seed = 0
-    mode = block.get("mode", "batch")
+    # With ASHA, random and tpe fill a slot as soon as a trial is pruned (async) unless
+    # `mode: batch` asks for determinism (orchestrator.search.asha: batch mode judges in
+    # trial order).
+    asha_async = isinstance(block.get("asha"), dict) and strategy in ASYNC_STRATEGIES
+    mode = block.get("mode", "async" if asha_async else "batch")
     if mode not in MODES:
         c.bad("mode", f"must be batch or async, got {mode!r}")
     elif mode == "async" and strategy in STRATEGIES and strategy not in ASYNC_STRATEGIES:
@@ -241,9 +255,7 @@ def parse_search(block: Any, trainer_params: dict[str, Any] | None,
     if not _int(max_failed) or max_failed < 0:
         c.bad("max_failed_trials", f"must be an integer >= 0, got {max_failed!r}")
         max_failed = trials
-    asha = _asha(c, block.get("asha"), trainer_params, fixed, space)
-    if asha is not None and strategy in STRATEGIES and strategy not in ASYNC_STRATEGIES:
-        c.bad("asha", f"is for {' and '.join(ASYNC_STRATEGIES)} (asynchronous); {strategy} is generational")
+    asha = _asha(c, block.get("asha"), trainer_params, fixed, space, metrics, directions)
     if problems:
         return None, problems
     assert isinstance(strategy, str) and isinstance(mode, str)
@@ -407,13 +419,28 @@ def _evolution(c: _Check, evo: Any, strategy: Any) -> Evolution | None:
 
 
 def _asha(c: _Check, asha: Any, trainer_params: dict[str, Any] | None, fixed: dict[str, Any],
-          space: list[Dist]) -> Asha | None:
+          space: list[Dist], metrics: list[str], directions: list[str]) -> Asha | None:
     if asha is None:
         return None
     if not isinstance(asha, dict) or set(asha) - set(ASHA_KEYS):
         c.bad("asha", f"must be a mapping with {', '.join(ASHA_KEYS)}, e.g. "
                       "{min_epochs: 1, max_epochs: 27, reduction_factor: 3}")
         return None
+    metric: Any = asha.get("metric")
+    if metric is None:  # the search's own metric, when it is one the trainer reports
+        metric = metrics[0] if metrics and str(metrics[0]).startswith("reported.") else None
+        if metric is None:
+            c.bad("asha.metric", "required when search.metric is not a reported value: ASHA compares "
+                                 "what the trainer reports while it trains, e.g. reported.train_loss (mlp)")
+            return None
+    elif (problem := metric_problem(metric)) is not None or not str(metric).startswith("reported."):
+        c.bad("asha.metric", problem or f"must be a value the trainer reports at every epoch, "
+                                        f"reported.<name> (e.g. reported.train_loss), got {metric!r}")
+        return None
+    if metrics and metric == metrics[0] and directions:
+        direction = directions[0]
+    else:
+        direction = "minimize" if str(metric).endswith("loss") else "maximize"
     if trainer_params is not None and "epochs" not in trainer_params:
         c.bad("asha", "needs a trainer with an `epochs` param (it sets each trial's epoch budget)")
         return None
@@ -431,4 +458,4 @@ def _asha(c: _Check, asha: Any, trainer_params: dict[str, Any] | None, fixed: di
     if not _int(eta) or eta < 2:
         c.bad("asha.reduction_factor", f"must be an integer >= 2, got {eta!r}")
         return None
-    return Asha(min_epochs=mn, max_epochs=mx, reduction_factor=eta)
+    return Asha(min_epochs=mn, max_epochs=mx, reduction_factor=eta, metric=str(metric), direction=direction)

@@ -32,7 +32,7 @@ from ..experiment.expand import groups
 from ..experiment.plan import SKIP, GroupPlan, make_plan
 from ..experiment.spec import DatasetRef, RunSpec
 from ..paths import Layout, atomic_write_json, file_lock, read_json
-from . import evolution
+from . import asha, evolution, prune, rungs
 from .config import SearchConfig
 from .journal import (
     COMPLETE,
@@ -73,15 +73,17 @@ class Search:
 
     def specs(self, trial: Trial) -> list[RunSpec]:
         params = {**self.template.params, **trial.params}
-        if self.cfg.asha is not None:
-            params["epochs"] = trial.budget or self.cfg.asha.max_epochs
-        point = trial.point if self.cfg.asha is None else f"{trial.point},epochs={params['epochs']}"
+        report_at: tuple[int, ...] = ()
+        if self.cfg.asha is not None:  # one run to max_epochs, its reports at the rungs judged
+            params["epochs"] = self.cfg.asha.max_epochs
+            report_at = tuple(self.cfg.asha.rungs)
         out = []
         for ds, output in zip(self.datasets, self.outputs, strict=True):
             for seed in self.seeds:
                 for fold in range(self.template.n_folds):
                     out.append(dataclasses.replace(self.template, dataset=ds, output=output, seed=seed,
-                                                   fold=fold, params=params, point=point))
+                                                   fold=fold, params=params, point=trial.point,
+                                                   report_at=report_at))
         return out
 
 
@@ -160,8 +162,10 @@ def _trial_outcome(layout: Layout, search: Search, trial: Trial, live: Any) -> d
             return _failed(trial, f"{first.group_name}: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
         return None  # still running
     means = [sum(v[i] for v in values) / len(values) for i in range(len(search.cfg.metrics))]
-    return {"type": "result", "number": trial.number, "state": COMPLETE, "values": means,
-            "budget": trial.budget}
+    out = {"type": "result", "number": trial.number, "state": COMPLETE, "values": means}
+    if search.cfg.asha is not None:
+        out["budget"] = search.cfg.asha.max_epochs
+    return out
 
 
 def _failed(trial: Trial, error: str) -> dict[str, Any]:
@@ -205,17 +209,14 @@ def progress(search: Search, h: History) -> dict[str, Any]:
             "generation": generation,
             "best": best[0] if best else None,
             "stopped": f"more than max_failed_trials={cfg.max_failed_trials} trials failed" if stopped else None,
-            "finished": running == 0 and (stopped or asked >= cfg.trials)
-            and (cfg.asha is None or not asha_promotions(search, h, asked))}
+            "finished": running == 0 and (stopped or asked >= cfg.trials)}
 
 
 def best_trials(search: Search, h: History, top: int) -> list[Trial]:
     """The best COMPLETE trials by the first metric (ties: the earlier trial); with
-    ASHA, those trained on the full budget."""
+    ASHA, a PRUNED trial is not COMPLETE: those listed trained to max_epochs."""
     sign = -1.0 if search.cfg.directions[0] == "maximize" else 1.0
     done = [t for t in h.trials.values() if t.state == COMPLETE and t.values]
-    if search.cfg.asha is not None:
-        done = [t for t in done if t.budget == search.cfg.asha.max_epochs]
     return sorted(done, key=lambda t: (sign * (t.values or [0.0])[0], t.number))[:top]
 
 
@@ -223,11 +224,8 @@ def best_trials(search: Search, h: History, top: int) -> list[Trial]:
 def _trial_entry(search: Search, number: int, generation: int, raw: dict[str, Any],
                  attrs: dict[str, Any] | None = None) -> dict[str, Any]:
     params = trainer_params(search.cfg, raw)
-    entry = {"type": "trial", "number": number, "generation": generation, "params": params, "raw": raw,
-             "point": name_of(params), "system_attrs": attrs or {}, "t": time.time()}
-    if search.cfg.asha is not None:
-        entry["budget"] = search.cfg.asha.rungs[0]
-    return entry
+    return {"type": "trial", "number": number, "generation": generation, "params": params, "raw": raw,
+            "point": name_of(params), "system_attrs": attrs or {}, "t": time.time()}
 
 
 def propose(search: Search, h: History) -> list[dict[str, Any]]:
@@ -238,16 +236,6 @@ def propose(search: Search, h: History) -> list[dict[str, Any]]:
         return []
     left = cfg.trials - len(h.trials)
     first = len(h.trials)
-    if cfg.asha is not None:  # asynchronous: promotions first, then new trials
-        free = cfg.parallel - running
-        promotions = asha_promotions(search, h, free)
-        n = min(free - len(promotions), left)
-        if n <= 0:
-            return promotions
-        from .samplers import ask
-
-        return [*promotions, *(_trial_entry(search, first + i, first + i, raw, attrs)
-                               for i, (raw, attrs) in enumerate(ask(cfg, h.ordered, n, first, search.experiment)))]
     if left <= 0:
         return []
     if cfg.strategy == "evolution":
@@ -278,37 +266,15 @@ def propose(search: Search, h: History) -> list[dict[str, Any]]:
             for i, (raw, attrs) in enumerate(ask(cfg, h.ordered, n, first, search.experiment))]
 
 
-def asha_promotions(search: Search, h: History, free: int) -> list[dict[str, Any]]:
-    """ASHA (Li et al., arXiv 1810.05934): from the highest rung down, a trial in the
-    top 1/reduction_factor of the results at its rung, and not promoted yet, goes on to
-    the next budget. `free`: slots to fill."""
-    asha = search.cfg.asha
-    if asha is None or free <= 0:
-        return []
-    sign = -1.0 if search.cfg.directions[0] == "maximize" else 1.0
-    rungs = asha.rungs
-    out: list[dict[str, Any]] = []
-    for k in reversed(range(len(rungs) - 1)):
-        budget = rungs[k]
-        results = sorted((sign * t.rungs[budget][0], t.number) for t in h.trials.values() if budget in t.rungs)
-        for _, number in results[: len(results) // asha.reduction_factor]:
-            t = h.trials[number]
-            if t.state == COMPLETE and t.budget == budget and len(out) < free:
-                out.append({"type": "promote", "number": number, "budget": rungs[k + 1]})
-    return out
-
-
-def pruned_at_end(search: Search, h: History) -> list[dict[str, Any]]:
-    """ASHA, once nothing runs, nothing is left to ask and no trial can be promoted:
-    the trials left below the full budget are PRUNED."""
-    asha = search.cfg.asha
-    if asha is None or h.count(RUNNING) or len(h.trials) < search.cfg.trials:
-        return []
-    if asha_promotions(search, h, len(h.trials)):
-        return []
-    return [{"type": "result", "number": t.number, "state": PRUNED, "values": t.values, "budget": t.budget,
-             "error": f"stopped by ASHA after {t.budget} epochs"}
-            for t in h.ordered if t.state == COMPLETE and t.budget != asha.max_epochs]
+def _stop_pruned(layout: Layout, search: Search, h: History, live: Any, journal: Any) -> None:
+    """Stop the runs of every PRUNED trial not stopped yet (after its PRUNED result is
+    durable), then record that they were (not fsynced: lost, it means stopping again)."""
+    todo = [t for t in h.ordered if t.state == PRUNED and not t.stopped]
+    if not todo or live is None:
+        return
+    for t in todo:
+        prune.stop(layout, live, search.specs(t), (t.error or "pruned by ASHA")[:500])
+    append(journal, [{"type": "stopped", "numbers": [t.number for t in todo], "t": time.time()}], durable=False)
 
 
 # -- the step -----------------------------------------------------------------------
@@ -347,36 +313,51 @@ def all_plans(search: Search, h: History) -> list[GroupPlan]:
 
 
 def step(layout: Layout, experiment: str, publish: Publish, live: Any = None,
-         republish: bool = False) -> dict[str, Any]:
+         republish: bool | float = False) -> dict[str, Any]:
     """One idempotent step of the search (see the module docstring); returns its
     progress. `republish`: publish again every trial in flight (a submission: the
-    broker may have lost their messages; a run delivered twice still trains once)."""
+    broker may have lost their messages; a run delivered twice still trains once);
+    a time: those published before it (a submission's own time: what a step published
+    since is in the broker, and a second delivery of it would hold a worker waiting)."""
+    before = (float("inf") if republish is True else float(republish)) if republish else None
     search = load_search(layout, experiment)
     if search is None:
         return {}
     journal = layout.search_journal(experiment)
     with file_lock(layout.search_lock(experiment)):
-        changed = republish
+        changed = bool(republish)
         for _ in range(100_000):  # until a pass changes nothing (reused points end at once)
             h = load_history(journal)
-            results = [r for t in h.ordered if t.state == RUNNING and t.published
-                       and (r := _trial_outcome(layout, search, t, live)) is not None]
+            live_trials = [t for t in h.ordered if t.state == RUNNING and t.published]
+            outcomes = {t.number: r for t in live_trials
+                        if (r := _trial_outcome(layout, search, t, live)) is not None}
+            # ASHA: the rung reports of the search's runs, read after the outcomes: a run
+            # found ended has sent all its reports (later ones wait for the next step).
+            reports = rungs.read(live, experiment) if search.cfg.asha is not None and live is not None else {}
             try:
+                judged = (asha.judge(search.cfg, h, {t.number: [s.run_id for s in search.specs(t)]
+                                                     for t in live_trials}, reports, set(outcomes))
+                          if reports else [])
+                results = [r for n, r in outcomes.items() if h.trials[n].state == RUNNING]
                 for r in results:  # told to the strategy before it is asked (written below)
                     apply(h, r)
                 new = propose(search, h)
-                # One durable write: the results, and the proposals before anything of
-                # them is published (write-ahead).
-                append(journal, results + new)
+                # One durable write: the rung values and what they decided, the results,
+                # and the proposals before anything of them is published (write-ahead).
+                append(journal, judged + results + new)
             except BaseException:
                 forget_history(journal)  # it holds results that may not be written
                 raise
+            if any(e["type"] == "result" for e in judged):
+                changed = True
+                _stop_pruned(layout, search, load_history(journal), live, journal)
             h = load_history(journal)
             running = [t for t in h.ordered if t.state == RUNNING]
             inflight = sum(1 for t in running if t.published)
             fresh = [t for t in running if not t.published][:max(search.cfg.parallel - inflight, 0)]
-            todo = ([t for t in running if t.published] if republish else []) + fresh
-            republish = False
+            todo = ([t for t in running if t.published and t.published_at < before]
+                    if before is not None else []) + fresh
+            before = None
             if todo:
                 numbers = {t.number for t in todo}
                 busy = {s.group_id for t in running if t.published and t.number not in numbers
@@ -391,9 +372,8 @@ def step(layout: Layout, experiment: str, publish: Publish, live: Any = None,
             if results or new or todo:
                 changed = True
                 continue
-            pruned = pruned_at_end(search, load_history(journal))
-            append(journal, pruned)
-            changed = changed or bool(pruned)
+            if live is not None:  # pruned trials a killed step did not stop (idempotent)
+                _stop_pruned(layout, search, load_history(journal), live, journal)
             break
         h = load_history(journal)
         state = progress(search, h)

@@ -15,6 +15,7 @@ import math
 import random
 from typing import Any
 
+from .asha import told
 from .config import Evolution, SearchConfig
 from .journal import COMPLETE, Trial
 from .space import draw, log_int, random_raw, short
@@ -25,10 +26,12 @@ def rng_for(seed: int, generation: int) -> random.Random:
 
 
 def fitness(cfg: SearchConfig, t: Trial) -> float:
-    """Higher is better; a trial without a score is the worst."""
-    if t.state != COMPLETE or not t.values:
+    """Higher is better; a trial without a score is the worst. A trial pruned by ASHA
+    scores its last rung value (asha.told)."""
+    state, values = told(cfg, t)
+    if state != COMPLETE or not values:
         return -math.inf
-    return t.values[0] if cfg.directions[0] == "maximize" else -t.values[0]
+    return values[0] if cfg.directions[0] == "maximize" else -values[0]
 
 
 def ranked(cfg: SearchConfig, members: list[Trial]) -> list[Trial]:

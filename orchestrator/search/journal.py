@@ -3,8 +3,9 @@ per line, appended by the search steps (one at a time: the search's lock).
 
 Entries: `trial` (a proposal, written before anything is published: write-ahead),
 `published` (its groups went to the broker), `result` (COMPLETE with its values, or
-FAILED with its error, or PRUNED), `generation` (evolution: which trials are the
-elites carried into a generation). Everything a step decides is derived from these
+FAILED with its error, or PRUNED by ASHA), `generation` (evolution: which trials are the
+elites carried into a generation), `rung` (ASHA: a trial's reported value at a rung
+epoch), `stopped` (ASHA: the runs of these pruned trials were told to stop). Everything a step decides is derived from these
 entries and the seed, so a step re-run after a kill at any point decides the same.
 
 Appending is the one write under the results root that is not a rename: a log grows
@@ -36,11 +37,13 @@ class Trial:
     point: str
     system_attrs: dict[str, Any] = field(default_factory=dict)  # Optuna's, told back
     published: bool = False
+    published_at: float = 0.0  # when it was last published (the `published` entry's time)
     state: str = RUNNING
     values: list[float] | None = None
     error: str | None = None
-    budget: int | None = None  # ASHA: the epochs of its current rung
-    rungs: dict[int, list[float]] = field(default_factory=dict)  # ASHA: budget -> its values there
+    budget: int | None = None  # ASHA: the epochs it trained (its last rung when pruned)
+    rungs: dict[int, float] = field(default_factory=dict)  # ASHA: rung epoch -> its reported value there
+    stopped: bool = False  # ASHA: its runs were told to stop (a PRUNED trial)
 
 
 @dataclass
@@ -159,20 +162,25 @@ def apply(h: History, e: dict[str, Any]) -> None:
     if kind == "trial":
         h.trials[e["number"]] = Trial(
             number=e["number"], generation=e.get("generation", 0), params=e["params"], raw=e["raw"],
-            point=e["point"], system_attrs=e.get("system_attrs") or {}, budget=e.get("budget"))
+            point=e["point"], system_attrs=e.get("system_attrs") or {})
     elif kind == "published":
         for n in e["numbers"]:
             if n in h.trials:
-                h.trials[n].published = True
+                h.trials[n].published, h.trials[n].published_at = True, float(e.get("t") or 0.0)
     elif kind == "result" and e["number"] in h.trials:
         t = h.trials[e["number"]]
         t.state, t.error = e["state"], e.get("error")
         if e.get("values") is not None:
             t.values = e["values"]
-            if e.get("budget") is not None:
-                t.rungs[e["budget"]] = e["values"]
-    elif kind == "promote" and e["number"] in h.trials:  # ASHA: on to the next rung
+        if e.get("budget") is not None:
+            t.budget = e["budget"]
+    elif kind == "rung" and e["number"] in h.trials:  # ASHA
         t = h.trials[e["number"]]
-        t.budget, t.state, t.published = e["budget"], RUNNING, False
+        t.rungs[e["epoch"]] = e["value"]
+        t.budget = max(t.rungs)
+    elif kind == "stopped":
+        for n in e["numbers"]:
+            if n in h.trials:
+                h.trials[n].stopped = True
     elif kind == "generation":
         h.elites[e["generation"]] = list(e["elites"])

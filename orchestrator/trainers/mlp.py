@@ -153,7 +153,13 @@ def _load_checkpoint(dist_info: Any) -> dict[str, Any] | None:
 
 
 def preload() -> None:
-    import torch  # noqa: F401  (imports only: CUDA stays uninitialised)
+    """torch's imports and the optimizer's first use, on the CPU (CUDA stays
+    uninitialised). A process's first AdamW imports torch._dynamo: 4-7 s on a loaded
+    2-core host. Paid by one rank of a data-parallel gang and not by its peer, it held
+    that rank's first collective past the peer's collective timeout."""
+    import torch
+
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
 
 
 TRAINER = Trainer(

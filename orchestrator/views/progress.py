@@ -94,6 +94,35 @@ def poll_interval(waited: float) -> float:
     return min(1.0, max(0.05, waited / 100))
 
 
+class NotebookLine:
+    """The progress in a Jupyter notebook without ipywidgets, where rich's live bar shows
+    nothing (it needs them): one output, updated in place through IPython's display ids."""
+
+    WIDTH = 24
+
+    def __init__(self) -> None:
+        from IPython.display import display
+
+        self.handle = display({"text/plain": "training: starting"}, raw=True, display_id=True)
+
+    def show(self, done: int, failed: int, running: int, total: int, eta: str) -> None:
+        filled = round(self.WIDTH * (done + failed) / total) if total else self.WIDTH
+        self.handle.update({"text/plain": f"training {'█' * filled}{'░' * (self.WIDTH - filled)} "
+                                          f"{done + failed}/{total} runs ({done} done, {failed} failed, "
+                                          f"{running} running), ETA {eta}"}, raw=True)
+
+
+def _notebook_line(console: Console) -> NotebookLine | None:
+    """A NotebookLine when `console` is in a notebook that lacks ipywidgets, else None."""
+    if not console.is_jupyter:
+        return None
+    try:
+        import ipywidgets  # noqa: F401  (rich's own Jupyter display works with it)
+    except ImportError:
+        return NotebookLine()
+    return None
+
+
 def wait(live: LiveState, tracked: list[Tracked], console: Console,
          check: Callable[[], None] | None = None,
          poll: Callable[[float], float] = poll_interval, lines: bool = True) -> None:
@@ -104,7 +133,8 @@ def wait(live: LiveState, tracked: list[Tracked], console: Console,
     start = time.monotonic()
     already = None
     lost_since: float | None = None
-    interactive = console.is_terminal or console.is_jupyter
+    notebook = _notebook_line(console)
+    interactive = console.is_terminal or (console.is_jupyter and notebook is None)
     last_line = 0.0
     columns = [TextColumn("[bold]{task.description}"), BarColumn(),
                TextColumn("{task.completed}/{task.total} runs"),
@@ -142,7 +172,9 @@ def wait(live: LiveState, tracked: list[Tracked], console: Console,
             eta = "0s" if not remaining else f"{remaining / rate:.0f}s" if rate > 0 else "?"
             bar.update(task, completed=done + failed, done=done, failed=failed,
                        running=running, eta=eta)
-            if lines and not interactive and (time.monotonic() - last_line > 5 or finished == total):
+            if notebook is not None:
+                notebook.show(done, failed, running, sum(states.values()), eta)
+            if lines and not interactive and notebook is None and (time.monotonic() - last_line > 5 or finished == total):
                 print(f"progress: {done + failed}/{sum(states.values())} runs "
                       f"({done} done, {failed} failed, {running} running), "
                       f"groups {finished}/{total}, ETA {eta}", file=sys.stderr, flush=True)

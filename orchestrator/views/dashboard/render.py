@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console, Group, RenderableType
 from rich.text import Text
 
-from .snapshot import PROGRESS_META, ExperimentRow, Snapshot, WorkerRow
+from .snapshot import PROGRESS_META, ExperimentRow, GangRow, Snapshot, WorkerRow
 
 # --- rendering ------------------------------------------------------------------
 
@@ -203,8 +203,12 @@ def _worker_lines(snap: Snapshot, width: int, limit: int | None) -> list[Text]:
         gpu = str(r.gpu) if r.gpu is not None else {"control": "ctl", "cpu": "cpu"}.get(r.device, "?")
         state = "stop" if r.state == "stopping" else r.state
         if r.run:
-            name = r.run[len(prefix):] if prefix and r.run.startswith(prefix) else r.run
-            run = shorten(name, run_w - (3 if r.more_runs else 0)) + (f" +{r.more_runs}" if r.more_runs else "")
+            # A rank's tag (snapshot._with_ranks) stays whole; the run name after it is cut.
+            tag, name = ("", r.run) if not r.run.startswith("[rank ") or "] " not in r.run else \
+                (r.run[:r.run.index("] ") + 2], r.run[r.run.index("] ") + 2:])
+            name = name[len(prefix):] if prefix and name.startswith(prefix) else name
+            room = run_w - len(tag) - (3 if r.more_runs else 0)
+            run = tag + shorten(name, max(1, room)) + (f" +{r.more_runs}" if r.more_runs else "")
             prog = describe_progress(r.progress, prog_w)
             elapsed = duration(snap.taken_at - r.run_started) if r.run_started else "?"
         else:
@@ -221,6 +225,44 @@ def _worker_lines(snap: Snapshot, width: int, limit: int | None) -> list[Text]:
         lines.append(_line(*cells))
     if len(shown) < len(rows):
         lines.append(Text(f"… and {len(rows) - len(shown)} more workers", style="bright_black"))
+    return lines
+
+
+def _gang_line(g: GangRow, width: int, prefix: str | None) -> Text:
+    name = g.run[len(prefix):] if prefix and g.run.startswith(prefix) else g.run
+    about = [f"gang {g.state or '?'}", f"attempt {g.attempt or '-'}", f"{g.world or '?'} ranks"]
+    if g.why:
+        about.append(g.why)
+    tail = " · " + " · ".join(about)
+    line = Text.assemble((shorten(name, max(12, width - len(tail))), "bold"), tail)
+    if g.why and g.state != "waiting":  # aborted: this attempt is stopping
+        line.stylize("red", line.plain.index(g.why))
+    return line
+
+
+def _gang_lines(snap: Snapshot, width: int, limit: int | None) -> list[Text]:
+    """Each data-parallel run held now, its gang, and one line per rank of its current
+    attempt: worker, host, GPU, step, last heartbeat, attempt."""
+    if not snap.gangs:
+        return []
+    name_w = max(6, min(max((len(r.worker) for g in snap.gangs for r in g.ranks), default=6), 16))
+    host_w = max(4, min(max((len(r.host or "") for g in snap.gangs for r in g.ranks), default=4), 14))
+    columns = [("DATA-PARALLEL", 13, False), ("WORKER", name_w, False), ("HOST", host_w, False),
+               ("GPU", 3, False), ("STEP", 9, False), ("BEAT", 6, True), ("ATTEMPT", 7, True)]
+    lines = [_line(*(_cell(title, w, right) for title, w, right in columns))]
+    lines[0].stylize("bold")
+    prefix = f"{snap.experiments[0].name}/" if len(snap.experiments) == 1 else None
+    for g in snap.gangs:
+        lines.append(_gang_line(g, width, prefix))
+        for r in g.ranks:
+            beat = "?" if r.beat_age is None else (f"{r.beat_age:.1f}s" if r.beat_age < 60 else duration(r.beat_age))
+            values: list[str | Text] = [f"  rank {r.rank}", r.worker, r.host or "?", r.gpu if r.gpu is not None else "-",
+                      f"step {r.step}" if r.step is not None else "joining",
+                      Text(beat, style="bold red" if r.late else ""), str(r.attempt or "?")]
+            lines.append(_line(*(_cell(v, w, right) for v, (_, w, right) in zip(values, columns, strict=True))))
+    if limit is not None and len(lines) > limit:
+        keep = max(0, limit - 1)
+        lines = [*lines[:keep], Text(f"… and {len(lines) - keep} more lines of ranks", style="bright_black")]
     return lines
 
 
@@ -277,18 +319,23 @@ def render(snap: Snapshot, width: int = 80, height: int | None = None, ascii_onl
                   + f" · results {snap.results_root}", style="bright_black")
 
     n_fail = len(snap.failures) + 1 if snap.failures else 0
-    wanted = [len(snap.experiments) + 1, len(snap.workers) + 1, n_fail]
+    n_gang = 1 + sum(1 + len(g.ranks) for g in snap.gangs) if snap.gangs else 0
+    wanted = [len(snap.experiments) + 1, len(snap.workers) + 1, n_fail, n_gang]
     if height is None:
-        limits: list[int | None] = [None, None, None]
+        limits: list[int | None] = [None, None, None, None]
     else:
-        fixed = len(header) + 1 + 3  # header, footer, a blank line before each section
-        got = _allot(max(0, height - fixed), [max(2, wanted[0]), max(2, wanted[1]), wanted[2]],
-                     [3, 3, 2], order=[1, 0, 2])
-        limits = [max(1, got[0] - 1), max(1, got[1] - 1), max(0, got[2] - 1)]
+        # header, footer, a blank line before each section
+        fixed = len(header) + 1 + 3 + (1 if n_gang else 0)
+        got = _allot(max(0, height - fixed), [max(2, wanted[0]), max(2, wanted[1]), wanted[2], wanted[3]],
+                     [3, 3, 2, 3], order=[1, 0, 3, 2])
+        limits = [max(1, got[0] - 1), max(1, got[1] - 1), max(0, got[2] - 1), got[3]]
     parts: list[Text] = [*header, Text()]
     parts += _experiment_lines(snap, width, limits[0], ascii_only)
     parts.append(Text())
     parts += _worker_lines(snap, width, limits[1])
+    gangs = _gang_lines(snap, width, limits[3])
+    if gangs and (limits[3] is None or limits[3] > 0):
+        parts += [Text(), *gangs]
     failures = _failure_lines(snap, width, limits[2])
     if failures and (limits[2] is None or limits[2] > 0):
         parts += [Text(), *failures]

@@ -69,6 +69,32 @@ class WorkerRow:
 
 
 @dataclass(frozen=True)
+class RankRow:
+    """One rank of a data-parallel run, as its lease says (orch:rank:...)."""
+
+    rank: int
+    worker: str
+    host: str | None = None
+    gpu: str | None = None
+    step: Any = None  # its trainer's last reported epoch
+    beat_age: float | None = None  # seconds since its last heartbeat
+    attempt: int | None = None
+    late: bool = False  # its last beat is older than a rank lease (ORCH_GANG_LEASE_SECONDS)
+
+
+@dataclass(frozen=True)
+class GangRow:
+    """A data-parallel run now held by an attempt, and the ranks of its gang."""
+
+    run: str  # run name
+    state: str | None  # joining | training | done | waiting
+    attempt: int | None
+    world: int | None
+    why: str | None = None  # why it waits, or why its attempt was aborted
+    ranks: list[RankRow] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class FailureRow:
     experiment: str
     name: str  # run name, or its id when the manifest does not list it
@@ -88,6 +114,7 @@ class Snapshot:
     focus: str | None = None  # the EXPERIMENT argument
     error: str | None = None  # Redis unreachable: the other fields are the last good read
     error_since: float | None = None
+    gangs: list[GangRow] = field(default_factory=list)  # data-parallel runs held now, their ranks
 
 
 # --- ETA ------------------------------------------------------------------------
@@ -230,20 +257,38 @@ class Collector:
         active = {k: v for k, v in _decode_hash(active_raw).items()
                   if isinstance(v, dict) and v.get("token") and isinstance(v.get("worker"), str)}
         progress = _decode_hash(progress_raw)
-        workers = _with_ranks(self._workers(records, active, progress, now), self._ranks())
+        gangs, by_worker = self._gangs(active, now)
+        workers = _with_ranks(self._workers(records, active, progress, now), by_worker)
         return Snapshot(self.url, str(self.layout.root), now, rows, workers, failures[:MAX_FAILURES],
-                        failed_total, self.focus)
+                        failed_total, self.focus, gangs=gangs)
 
-    def _ranks(self) -> dict[str, dict[str, Any]]:
-        """The ranks of data-parallel runs now training, by worker (their rank leases)."""
-        found = list(self.client.scan_iter(f"{keys.PREFIX}:rank:*", count=1000))
-        out: dict[str, dict[str, Any]] = {}
-        values: list[Any] = list(self.client.mget(found)) if found else []  # type: ignore[arg-type]
-        for raw in values:
-            rec = _json(raw)
-            if isinstance(rec, dict) and isinstance(rec.get("worker"), str):
-                out[rec["worker"]] = rec
-        return out
+    def _gangs(self, active: dict[str, dict[str, Any]],
+               now: float) -> tuple[list[GangRow], dict[str, dict[str, Any]]]:
+        """The gangs of the runs held now (`status` reads them the same way:
+        execution.gang.gang_views, two round trips), and their rank records by worker."""
+        from ...execution.gang import gang_views, lease_ms
+
+        held = {k: v for k, v in active.items() if not self.focus or v.get("experiment") == self.focus}
+        gangs: list[GangRow] = []
+        by_worker: dict[str, dict[str, Any]] = {}
+        views = gang_views(self.client, sorted(held)) if held else {}
+        lease = lease_ms() / 1000
+        for key, view in sorted(views.items(), key=lambda kv: str(held[kv[0]].get("name"))):
+            ranks = []
+            for rec in view["ranks"]:
+                if not isinstance(rec.get("worker"), str) or not isinstance(rec.get("rank"), int):
+                    continue
+                by_worker[rec["worker"]] = rec
+                beat, gpu = rec.get("beat"), rec.get("gpu")
+                age = max(0.0, now - beat) if isinstance(beat, (int, float)) else None
+                ranks.append(RankRow(rec["rank"], rec["worker"], str(rec.get("host") or "") or None,
+                                     None if gpu is None else str(gpu), rec.get("step"), age,
+                                     rec.get("attempt") if isinstance(rec.get("attempt"), int) else None,
+                                     late=age is not None and age > lease))
+            why = view.get("why") if view.get("state") == "waiting" else view.get("abort")
+            gangs.append(GangRow(str(held[key].get("name") or key[:12]), view.get("state"), view.get("attempt"),
+                                 view.get("world"), why, sorted(ranks, key=lambda r: r.rank)))
+        return gangs, by_worker
 
     def _from_live(self, name: str, man: _Manifest, states: dict[str, str | None],
                    raw: dict[bytes, bytes], now: float) -> tuple[ExperimentRow, list[FailureRow]]:
