@@ -452,8 +452,10 @@ def test_sigstop_of_a_rank_stops_its_attempt_within_15s(gc: GangCluster, tmp_pat
     timeout) stop the attempt within 15 s, not a collective's default 10-30 min. Resumed,
     the paused rank finds itself fenced and writes nothing; the run ends DONE once."""
     # 50 epochs: still training after the `status` and `watch` below on a loaded machine.
+    # 200 epochs: the run must still train after `status` and `watch` below (under load,
+    # seconds each); with 50 it once ended before the SIGSTOP.
     cfg = write(tmp_path, "dpstop", datasets=["digits"], folds=None, split={"validation": 0.3}, retries=2,
-                params={"epochs": 50, "batch_size": 32, "hidden": [32]})
+                params={"epochs": 200, "batch_size": 32, "hidden": [32]})
     assert run_cli("submit", str(cfg), env=gc.env()).returncode == 0
     run = expand(load_experiments([str(cfg)])[0])[0]
 
