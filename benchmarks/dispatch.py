@@ -49,7 +49,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.trees import compile_tree  # noqa: E402
-from orchestrator.cluster.local import _die_with_parent, spawn, start_redis, stop_process  # noqa: E402
+from orchestrator.cluster.local import spawn, start_redis, stop_process  # noqa: E402
+from orchestrator.cluster.spawning import die_with_parent  # noqa: E402
 
 # ORCH_* variables that point a process at a cluster: every child gets them explicitly.
 CLUSTER_VARS = ("ORCH_BROKER_URL", "ORCH_RESULT_BACKEND", "ORCH_STATE_URL", "ORCH_RESULTS_ROOT")
@@ -185,7 +186,7 @@ class Timed:
         t0 = time.monotonic()
         self.proc = proc = subprocess.Popen(
             self.argv, env=self.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent(signal.SIGTERM))
+            stdin=subprocess.DEVNULL, preexec_fn=die_with_parent(signal.SIGTERM))
 
         def reader() -> None:
             assert proc.stdout is not None

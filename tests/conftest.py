@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from orchestrator.cluster.local import spawn, start_redis, stop_process
+from orchestrator.cluster.local import spawn, start_redis, stop_process, stop_processes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -164,5 +164,4 @@ def running_cluster(redis_url: str, tmp_path_factory: pytest.TempPathFactory) ->
         wait_for(lambda: len(app.control.ping(timeout=0.5)) >= 3, timeout=60, what="3 workers to answer ping")
         yield cluster
     finally:
-        for proc in cluster.processes.values():
-            stop_process(proc)
+        stop_processes(cluster.processes.values())

@@ -25,7 +25,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from orchestrator.cluster.local import free_port, spawn, stop_process
+from orchestrator.cluster.local import free_port, spawn, stop_process, stop_processes
 
 from .conftest import REPO, celery_app, cli_env, run_cli, wait_for
 
@@ -280,8 +280,7 @@ def test_an_experiment_runs_to_done_with_one_user_per_role(acl_redis: AclRedis, 
                    or o.endswith(".reply.celery.pidbox") for o in flower_denied), flower_denied
         print(f"submit --wait took {submit_s:.1f} s; Flower was refused: {sorted(flower_denied)}")
     finally:
-        for proc in procs.values():
-            stop_process(proc)
+        stop_processes(procs.values())
         (logs / "acl-log.json").write_text(json.dumps(acl_redis.denials(), indent=1, default=str))
 
 

@@ -6,7 +6,6 @@ The cluster: three CPU workers and a control worker, each in its own process gro
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -23,7 +22,7 @@ import redis
 import yaml
 
 from orchestrator import keys
-from orchestrator.cluster.local import free_port, spawn, start_redis, stop_process
+from orchestrator.cluster.local import free_port, spawn, start_redis, stop_process, stop_processes
 from orchestrator.execution.gang import Gang, GangNotReady
 from orchestrator.execution.runner import WorkerInfo, execute
 from orchestrator.experiment.config import load_experiments
@@ -306,12 +305,9 @@ class GangCluster:
 
     def stop(self) -> None:
         workers = [p for n, p in self.procs.items() if n != "redis" and p.poll() is None]
-        for proc in workers:  # all at once: each hands back what it holds, then exits
-            with_group_cont(proc)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
         for proc in workers:
-            stop_process(proc, grace=15)
+            with_group_cont(proc)
+        stop_processes(workers, grace=15)  # all at once: each hands back what it holds, then exits
         if "redis" in self.procs:
             stop_process(self.procs["redis"])
 

@@ -9,6 +9,7 @@ Leases use the defaults (10 s, watchdog every 2 s): the promise is "within 30 s"
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 import redis
 
-from orchestrator.cluster.local import free_port, spawn, stop_process
+from orchestrator.cluster.local import free_port, spawn, stop_process, stop_processes
 
 from .conftest import cli_env, run_cli, wait_for
 
@@ -118,7 +119,9 @@ class FaultCluster:
 
     def stop(self) -> None:
         for proc in self.workers.values():
-            with_group_kill(proc)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGCONT)  # a paused group cannot act on SIGTERM
+        stop_processes(self.workers.values(), grace=15)
         if self.redis_proc is not None:
             stop_process(self.redis_proc)
 

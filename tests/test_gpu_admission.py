@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.cluster.local import spawn, start_redis, stop_process
+from orchestrator.cluster.local import spawn, start_redis, stop_process, stop_processes
 
 from .conftest import cli_env, run_cli, wait_for
 
@@ -53,8 +53,7 @@ class GpuCluster:
                  what="workers to be ready")
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            stop_process(proc)
+        stop_processes(self.procs.values())
         self.procs.clear()
 
 

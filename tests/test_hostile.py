@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 import redis
 
-from orchestrator.cluster.local import spawn, start_redis, stop_process
+from orchestrator.cluster.local import spawn, start_redis, stop_process, stop_processes
 from orchestrator.execution.deadletters import DeadLetters
 
 from .conftest import celery_app, cli_env, run_cli, wait_for
@@ -85,8 +85,7 @@ def hostile_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostil
                  what="the CPU and control workers to be ready")
         yield cluster
     finally:
-        for p in cluster.workers.values():
-            stop_process(p)
+        stop_processes(cluster.workers.values())
         stop_process(proc)
 
 

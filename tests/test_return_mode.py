@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 
-from orchestrator.cluster.local import spawn, start_redis, stop_process
+from orchestrator.cluster.local import spawn, start_redis, stop_process, stop_processes
 from orchestrator.collect.finalize import finalize_group
 from orchestrator.collect.status import fold_is_done
 from orchestrator.execution import transfer
@@ -58,8 +58,7 @@ def return_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReturnC
         wait_for(lambda: len(app.control.ping(timeout=0.5)) >= 2, timeout=60, what="2 workers to answer ping")
         yield cluster
     finally:
-        for proc in cluster.processes.values():
-            stop_process(proc)
+        stop_processes(cluster.processes.values())
         stop_process(redis_proc)
 
 

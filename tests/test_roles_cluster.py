@@ -20,7 +20,7 @@ import pytest
 import redis
 import yaml
 
-from orchestrator.cluster.local import spawn, start_redis, stop_process
+from orchestrator.cluster.local import spawn, start_redis, stop_process, stop_processes
 from orchestrator.roles import rkeys
 from orchestrator.roles.weights import WeightStore
 
@@ -79,7 +79,7 @@ class RolesCluster:
         for proc in self.workers.values():
             if proc.poll() is None:
                 with_cont(proc)
-            stop_process(proc, grace=5)
+        stop_processes(self.workers.values(), grace=5)
         stop_process(self.redis_proc)
 
 

@@ -10,7 +10,7 @@ import atexit
 import gc
 import sys
 
-from ..cluster import prestart
+from ..cluster import prestart, warm
 
 prestart.start(sys.argv)  # `orchestrator run` in local mode: its workers' fork server, now
 
@@ -59,3 +59,6 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(errors.EXIT_INTERRUPTED)
+
+
+warm.entry = main  # what `workers up` runs in the workers it forks (orchestrator.cluster.warm)

@@ -56,7 +56,12 @@ def preload(trainers: bool, only: str | None = None) -> None:
     in `only`, comma-separated; default ORCH_PRELOAD_TRAINERS, else every one)."""
     preload_base()
     if trainers:
-        preload_trainers(only if only is not None else os.environ.get("ORCH_PRELOAD_TRAINERS"))
+        if only is None:
+            from .. import settings
+
+            names = settings.value("ORCH_PRELOAD_TRAINERS")
+            only = ",".join(names) if names else None
+        preload_trainers(only)
 
 
 def preload_base() -> None:

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ import redis
 from .. import keys, settings
 from ..errors import EnvironmentProblem
 from . import prestart
-from .spawning import _die_with_parent, spawn  # noqa: F401  (_die_with_parent: benchmarks/dispatch.py)
+from .spawning import spawn
 
 INSTALL_HINT = ("redis-server was not found on PATH. Install it (Debian/Ubuntu: "
                 "`sudo apt-get install redis-server`; macOS: `brew install redis`), "
@@ -44,19 +45,28 @@ def free_port() -> int:
 
 def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: float = 10.0) -> None:
     """Signal the process group, wait up to `grace` seconds, then SIGKILL it."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
+    stop_processes([proc], sig, grace)
+
+
+def stop_processes(procs: Iterable[subprocess.Popen[bytes]], sig: int = signal.SIGTERM,
+                   grace: float = 10.0) -> None:
+    """stop_process for several at once: every group is signalled first, then all are
+    waited for within one `grace`, then what is left gets SIGKILL (a cluster of N workers
+    stops in the time of its slowest, not in the sum of theirs)."""
+    live = []
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+                live.append(proc)
+    deadline = time.monotonic() + grace
+    for proc in live:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    for proc in live:
         proc.wait(timeout=10)
 
 

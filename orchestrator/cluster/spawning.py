@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def _die_with_parent(sig: int) -> Callable[[], None]:
+def die_with_parent(sig: int) -> Callable[[], None]:
     def setup() -> None:
         os.setsid()
         if sys.platform.startswith("linux"):
@@ -26,4 +26,4 @@ def spawn(argv: list[str], env: dict[str, str], log: Path, deathsig: int = signa
     process dies (Linux)."""
     with open(log, "ab") as fh:
         return subprocess.Popen(argv, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent(deathsig))
+                                stdin=subprocess.DEVNULL, preexec_fn=die_with_parent(deathsig))

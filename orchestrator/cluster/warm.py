@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,16 +50,22 @@ def load(env: Mapping[str, str], commands: Sequence[Any]) -> None:
     freeze()
 
 
+# What a forked worker runs (`orchestrator ARGS`): orchestrator.cli's main, which the CLI
+# sets here at its import (the cluster layer does not import the CLI). The supervisor
+# that forks is itself an `orchestrator workers` command: it is always set there.
+entry: Callable[[], None] | None = None
+
+
 def start(args: list[str], env: Mapping[str, str], log: Path, commands: Sequence[Any]) -> Forked:
     """Fork `orchestrator ARGS` (a worker command) with `env` as its whole environment; it
     gets SIGTERM if this process dies."""
     load(env, commands)
 
     def run() -> int:
-        from ..cli import main
-
+        if entry is None:
+            raise RuntimeError("orchestrator.cli registers the forked workers' entry point at its import")
         sys.argv = ["orchestrator", *args]
-        main()
+        entry()
         return 0
 
     return Forked(fork_child(run, env, str(log), deathsig=signal.SIGTERM, replace_env=True))
