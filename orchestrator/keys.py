@@ -16,7 +16,8 @@ outputs go; see orchestrator.execution.leases for the lease protocol):
     orch:exp:<experiment>:runs|groups  live states (hash) for progress bars and `watch`
     orch:progress                      hash run_key -> the run's latest trainer report
     orch:rungs:<experiment>            hash "<run_id>:<epoch>" -> a run's report at an ASHA rung
-    orch:group:<group_id>:finalized    finalize executions of a group (audits: 1)
+    orch:group:<exp>:<group_id>:finalized   finalizes that wrote a group (audits: 1)
+    orch:group:<exp>:<group_id>:finalizing  the lock a finalize holds while it writes
     orch:log:<run_key>:<attempt>       the tail of an attempt's log, for other hosts
     orch:fold:<run_key>                return mode: the fold's status record
     orch:return:<run_key>              return mode: the fold's packed files
@@ -88,13 +89,15 @@ def rungs(experiment: str) -> str:
     return f"{PREFIX}:rungs:{experiment}"
 
 
-def group_finalized(group_id: str) -> str:
-    return f"{PREFIX}:group:{group_id}:finalized"
+def group_finalized(experiment: str, group_id: str) -> str:
+    """How many finalizes wrote a group (an audit). Per experiment: a group_id is the
+    content of its runs, which two experiments may share (each in its own folder)."""
+    return f"{PREFIX}:group:{experiment}:{group_id}:finalized"
 
 
-def group_finalizing(group_id: str) -> str:
+def group_finalizing(experiment: str, group_id: str) -> str:
     """The lock one finalize of a group holds while it writes (livestate.finalizing)."""
-    return f"{PREFIX}:group:{group_id}:finalizing"
+    return f"{PREFIX}:group:{experiment}:{group_id}:finalizing"
 
 
 def log(run_key: str, attempt: int) -> str:

@@ -111,19 +111,19 @@ class LiveState:
         trainer reported last: epoch, step, metrics...} for every run training now."""
         return json_hash(cast(dict[bytes, bytes], self.client.hgetall(PROGRESS)))
 
-    def finalizing(self, group_id: str) -> Any:
+    def finalizing(self, experiment: str, group_id: str) -> Any:
         """A lock (a context manager) that one finalize of a group holds while it reads
         the folds and writes the group's outputs. Two finalizes of one group (the chord
         body, and a finalize-only task that a client published while that body was on its
         way) then write one after the other: the second finds the group DONE and writes
         nothing. It expires after FINALIZE_LOCK_SECONDS, should its holder die; a waiter
         that cannot take it in that time raises (the task is retried)."""
-        return self.client.lock(keys.group_finalizing(group_id), timeout=FINALIZE_LOCK_SECONDS,
+        return self.client.lock(keys.group_finalizing(experiment, group_id), timeout=FINALIZE_LOCK_SECONDS,
                                 blocking_timeout=FINALIZE_LOCK_SECONDS + 10, sleep=0.05)
 
-    def count_finalize(self, group_id: str) -> int:
+    def count_finalize(self, experiment: str, group_id: str) -> int:
         """One more finalize that wrote a group's outputs (for audits: normally 1)."""
-        key = keys.group_finalized(group_id)
+        key = keys.group_finalized(experiment, group_id)
         pipe = self.client.pipeline(transaction=False)
         pipe.incr(key)
         pipe.expire(key, TTL_SECONDS)

@@ -228,7 +228,7 @@ def test_an_outside_search_killed_half_way_is_collected_by_a_new_client(running_
         assert record["status"] == "DONE" and record["attempt"] == 1, record
         assert len(record.get("history", [])) == 1, record
         assert [p.name for p in client.layout.logs_dir(spec).iterdir()] == ["fold_0.attempt_1.log"]
-        assert int(r.get(keys.group_finalized(future.id)) or 0) == 1
+        assert int(r.get(keys.group_finalized("search", future.id)) or 0) == 1
         # Found again by id, from the manifest alone.
         assert client.future(future.id).run_ids == future.run_ids
     # The evaluations are ordinary runs of an ordinary experiment: `status` sees them.

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import redis
 
+from orchestrator import keys
 from orchestrator.cluster.local import free_port, spawn, stop_process, stop_processes
 
 from .conftest import cli_env, run_cli, wait_for
@@ -206,7 +207,7 @@ def audit(fc: FaultCluster, name: str, folds: int = 2, state: str = "DONE", time
                 assert Path(path).stat().st_size > 0
         rows = (fc.root / name / "final_results.csv").read_text().strip().splitlines()
         assert len(rows) == 1 + folds, rows  # one row per run, header included
-        assert fc.client.get(f"orch:group:{group['group_id']}:finalized") == b"1"  # chord body once
+        assert fc.client.get(keys.group_finalized(name, group["group_id"])) == b"1"  # chord body once
     partial = [p for p in fc.root.rglob("*") if p.name.endswith(".tmp") or p.name == ".staging"
                or p.parent.name == ".staging"]
     assert partial == [], partial  # nothing half-written left anywhere, no staging folder

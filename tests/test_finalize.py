@@ -355,8 +355,8 @@ def test_two_finalizes_of_one_group_at_once_write_it_once(group: tuple[Layout, l
     for t in threads:
         t.join(timeout=60)
     assert not errors and [r["train_status"] for r in results] == ["DONE", "DONE"]
-    assert int(client.get(keys.group_finalized(specs[0].group_id)) or 0) == 1
-    assert not client.exists(keys.group_finalizing(specs[0].group_id))  # released
+    assert int(client.get(keys.group_finalized(specs[0].experiment, specs[0].group_id)) or 0) == 1
+    assert not client.exists(keys.group_finalizing(specs[0].experiment, specs[0].group_id))  # released
     check(layout, specs)  # outputs as the reference computes them
     rows = [r for r in csv.DictReader(open(layout.final_results(specs[0].experiment)))]
     assert sorted(r["run_id"] for r in rows) == sorted(s.run_id for s in specs)

@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 import redis
 
+from orchestrator import keys
+
 from .conftest import Cluster, run_cli, wait_for
 
 pytestmark = pytest.mark.integration
@@ -45,7 +47,7 @@ def committed_once(cluster: Cluster, name: str) -> None:
     assert group["state"] == "DONE", group
     for f in group["folds"]:
         assert client.hget(f"orch:attempts:{f['run_key']}", "committed") == b"1", f
-    assert client.get(f"orch:group:{group['group_id']}:finalized") == b"1"
+    assert client.get(keys.group_finalized(name, group["group_id"])) == b"1"
     rows = (cluster.root / name / "final_results.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + len(group["folds"])
 

@@ -113,7 +113,7 @@ def finalize_group(layout: Layout, specs: list[RunSpec], live: LiveState | None 
             live.set_group(first.experiment, first.group_id, Status.DONE.value)
         return existing
     if live:
-        live.count_finalize(first.group_id)
+        live.count_finalize(first.experiment, first.group_id)
     if paths is None:
         paths = group_paths(layout, specs)
     if states is None:

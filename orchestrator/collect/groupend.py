@@ -79,7 +79,7 @@ class GroupEnd:
         """Chord body: ensemble outputs, final_results.csv rows, status.json DONE."""
         group = self.accept(specs, folds, delivery)
         try:
-            with self.live.finalizing(group[0].group_id):  # one finalize of a group at a time
+            with self.live.finalizing(group[0].experiment, group[0].group_id):  # one finalize of a group at a time
                 paths = group_paths(self.layout, group)  # built once, for collect and finalize
                 record = finalize_group(self.layout, group, self.live, self.collect(group, paths), paths)
         except Exception as exc:
