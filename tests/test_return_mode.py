@@ -152,15 +152,16 @@ def test_status_shows_running_and_returned_folds_from_redis(return_cluster: Retu
                                                             write_experiment: Any) -> None:
     cluster = return_cluster
     cfg = write_experiment("ret_live", trainer="slow", datasets=["iris"], folds=2, resources={"gpus": 0},
-                           params={"seconds": 6})
+                           params={"seconds": 12})
     assert run_cli("submit", str(cfg), env=cluster.env()).returncode == 0
 
     def seen() -> dict[str, Any] | None:
         folds = _status(cluster, "ret_live")["group_details"][0]["folds"]
         return {f["state"]: f for f in folds} if {f["state"] for f in folds} == {"RETURNED", "IN_PROGRESS"} else None
 
-    # One worker: the second fold trains (6 s: several `status` calls, even on a loaded
-    # machine) while the first one's files wait in Redis.
+    # One worker: the second fold trains (12 s: several `status` calls, even on a loaded
+    # machine; with 6 s it once ended before the last of them) while the first one's
+    # files wait in Redis.
     states = wait_for(seen, timeout=60, what="one fold RETURNED and one IN_PROGRESS")
     running = states["IN_PROGRESS"]
     assert running["worker"].startswith("cpu1@") and running["attempt"] == 1 and running["elapsed"] is not None
