@@ -43,7 +43,7 @@ def roles_status(client: redis.Redis, layout: Layout, experiment: str) -> dict[s
                           "state": state, "attempt": beat.get("attempt"), "lease": held,
                           "heartbeat_age_s": None if age is None else round(age, 1),
                           **{k: v for k, v in beat.items() if k.endswith("_per_s") or k in (
-                              "games", "samples", "steps", "evaluated", "version")}})
+                              "games", "samples", "steps", "evaluated", "version", "behind")}})
     store = WeightStore(client, experiment)
     kept = store.versions()
     latest = store.latest()
@@ -61,7 +61,8 @@ def roles_status(client: redis.Redis, layout: Layout, experiment: str) -> dict[s
         "ended": raw_state.get("ended"), "paused": bool(client.exists(keys.paused(experiment))),
         "instances": instances,
         "weights": {"version": latest, "step": meta.get("step") if meta else None, "kept": kept,
-                    "best": None if best is None else {"version": best[0], "score": best[1]}},
+                    "best": None if best is None else {"version": best[0], "score": best[1]},
+                    "unscored": store.unscored()},
         "throughput": {"games_per_s": round(sum(float(i.get("games_per_s") or 0) for i in actors), 1),
                        "samples_per_s": round(sum(float(i.get("samples_per_s") or 0) for i in actors), 1),
                        "learner_steps_per_s": learner.get("steps_per_s")},
@@ -78,7 +79,8 @@ def status_lines(data: dict[str, Any]) -> list[str]:
             + (f" (ended: {data['ended']})" if data.get("ended") else "")
             + (" PAUSED" if data.get("paused") else ""))
     lines = [head,
-             f"weights: version {w['version']} (step {w['step']}), kept {w['kept']}, best {w['best']}",
+             f"weights: version {w['version']} (step {w['step']}), kept {w['kept']}, best {w['best']}"
+             + (f", not scored yet {w['unscored']}" if w.get("unscored") else ""),
              f"throughput: {t['games_per_s']} games/s, {t['samples_per_s']} samples/s from actors; "
              f"learner {t['learner_steps_per_s']} steps/s",
              f"experience stream: {x['length']} entries, {x['pending']} read and not yet acknowledged",
