@@ -43,6 +43,7 @@ from .weights import Fenced, MiB, WeightStore
 log = logging.getLogger(__name__)
 BEAT_EVERY = 1.0  # seconds between heartbeats of a role (a state change beats at once)
 ENDED_POLL = 0.5  # how often `running()` reads the experiment's end mark
+NOT_RATES = ("version", "behind")  # heartbeat numbers that are not counts (no rate of them)
 UNSCORED_POLL = 0.2  # how often a learner waiting for the evaluators looks again
 
 
@@ -143,7 +144,7 @@ class RoleContext:
         self._beat_at, self._state = now, state
         rates = {}
         for key, value in stats.items():
-            if isinstance(value, int | float) and not isinstance(value, bool) and key != "version":
+            if isinstance(value, int | float) and not isinstance(value, bool) and key not in NOT_RATES:
                 t0, v0 = self._start.setdefault(key, (now, float(value)))
                 if now - t0 > 0.5:
                     rates[f"{key}_per_s"] = round((float(value) - v0) / (now - t0), 2)

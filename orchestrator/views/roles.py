@@ -87,7 +87,7 @@ def status_lines(data: dict[str, Any]) -> list[str]:
              "",
              f"{'instance':<14} {'kind':<10} {'state':<22} {'host':<14} {'attempt':>7} {'beat s':>7}  rates"]
     for i in data["instances"]:
-        rates = ", ".join(f"{k} {v}" for k, v in i.items() if k.endswith("_per_s"))
+        rates = ", ".join(f"{k} {v}" for k, v in i.items() if k.endswith("_per_s") or k == "behind")
         lines.append(f"{i['instance']:<14} {i['kind']:<10} {i['state']:<22} {str(i['host'] or '-'):<14} "
                      f"{str(i['attempt'] or '-'):>7} {str(i['heartbeat_age_s'] if i['heartbeat_age_s'] is not None else '-'):>7}  {rates}")
     if data["evaluations"]:
