@@ -104,3 +104,14 @@ def test_a_forged_role_message_is_refused(field: str, value: Any) -> None:
     good = specs_of(parse_roles(GOOD), 1.0)[0].to_dict()
     with pytest.raises((InvalidSpecError, UnknownRoleError)):
         RoleSpec.from_dict({**good, field: value})
+
+
+def test_status_plots_the_scores_per_version() -> None:
+    """`status` and `watch` draw the evaluators' scores per version in one line: every
+    version a character (their mean when more than 60), from 0.5 (or the lowest) to 1."""
+    from orchestrator.views.roles import SPARKS, score_plot
+
+    few = score_plot([{"version": v, "win_random": 0.5 + v / 10, "draw_random": 0.0} for v in range(1, 6)])
+    assert few.endswith(f": {SPARKS[1]}{SPARKS[3]}{SPARKS[4]}{SPARKS[6]}{SPARKS[7]} 1.00"), few
+    many = score_plot([{"version": v, "win_random": 0.2, "draw_random": 0.1} for v in range(1, 301)])
+    assert "versions 1..300 (0.3 to 1, 5 a character)" in many and many.count(SPARKS[0]) == 60, many

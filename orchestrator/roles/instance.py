@@ -167,7 +167,7 @@ class RoleContext:
         while not self.weights.room_for_one():
             if (why := self.stop_why()) is not None:
                 raise RunStopped(f"version at step {step} not published: {why}", cancelled=why.startswith("cancelled"))
-            self.beat("waiting: versions unscored", steps=step)
+            self.beat("waiting: evaluators", steps=step)
             time.sleep(UNSCORED_POLL)
         self.experience.ensure_group()
         from .experience import GROUP
