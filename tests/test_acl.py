@@ -176,39 +176,79 @@ def _get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, bytes]:
         return 0, b""
 
 
-def test_an_experiment_runs_to_done_with_one_user_per_role(acl_redis: AclRedis, tmp_path: Path) -> None:
-    root, logs = tmp_path / "results", tmp_path / "logs"
-    logs.mkdir()
+@dataclass
+class AclWorkers:
+    """A control worker and CPU workers, each logged in as its own user; one results root."""
+
+    redis: AclRedis
+    root: Path
+    logs: Path
+    procs: dict[str, subprocess.Popen[bytes]]
+
+    def env(self, role: str, **extra: str) -> dict[str, str]:
+        return cli_env(ORCH_BROKER_URL=self.redis.url(role), ORCH_RESULTS_ROOT=str(self.root), **extra)
+
+    def start(self, name: str, argv: list[str], role: str, **extra: str) -> None:
+        self.procs[name] = spawn(argv, self.env(role, **extra), self.logs / f"{name}.log")
+
+    def start_worker(self, name: str, *flags: str) -> None:
+        """`orchestrator worker FLAGS --name NAME@%h`: the control user with --control, else the worker user."""
+        self.start(name, [sys.executable, "-m", "orchestrator", "worker", "--loglevel", "INFO", *flags,
+                          "--name", f"{name}@%h"], "control" if "--control" in flags else "worker")
+
+    def log(self, name: str) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+    def wait_registered(self, names: set[str]) -> None:
+        admin = self.redis.client("admin")
+
+        def registered() -> bool:
+            for name, proc in self.procs.items():
+                assert proc.poll() is None, f"{name} exited:\n" + self.log(name)
+            seen = {k.decode().split(":")[-1].split("@")[0] for k in admin.scan_iter("orch:worker:*")}
+            return names <= seen
+
+        wait_for(registered, timeout=90, what=f"workers {sorted(names)} to register")
+
+    def stop(self, *names: str) -> None:
+        stop_processes([self.procs.pop(n) for n in (names or list(self.procs)) if n in self.procs])
+
+
+@pytest.fixture(scope="module")
+def acl_workers(acl_redis: AclRedis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AclWorkers]:
+    """The module's control worker (`aclcontrol`, control user) and CPU worker (`aclcpu`,
+    worker user): started once, shared by the tests that run work through them."""
+    base = tmp_path_factory.mktemp("acl-workers")
+    workers = AclWorkers(acl_redis, base / "results", base / "logs", {})
+    workers.logs.mkdir()
+    try:
+        workers.start_worker("aclcontrol", "--control")
+        workers.start_worker("aclcpu", "--cpu")
+        workers.wait_registered({"aclcontrol", "aclcpu"})
+        yield workers
+    finally:
+        workers.stop()
+
+
+def test_an_experiment_runs_to_done_with_one_user_per_role(acl_redis: AclRedis, acl_workers: AclWorkers,
+                                                           tmp_path: Path) -> None:
+    logs = acl_workers.logs
     admin = acl_redis.client("admin")
     admin.acl_log_reset()
-
-    def env(role: str, **extra: str) -> dict[str, str]:
-        return cli_env(ORCH_BROKER_URL=acl_redis.url(role), ORCH_RESULTS_ROOT=str(root), **extra)
-
-    worker = [sys.executable, "-m", "orchestrator", "worker", "--loglevel", "INFO"]
+    env = acl_workers.env
     flower_port = free_port()
-    procs = {
-        "control": spawn([*worker, "--control", "--name", "aclcontrol@%h"], env("control"), logs / "control.log"),
-        "cpu": spawn([*worker, "--cpu", "--name", "aclcpu@%h"], env("worker"), logs / "cpu.log"),
-        "flower": spawn([sys.executable, "-m", "orchestrator", "flower", "--port", str(flower_port),
-                         "--state-dir", str(tmp_path / "flower"), "--read-only"],
-                        env("flower", ORCH_FLOWER_USER=FLOWER_LOGIN[0], ORCH_FLOWER_PASSWORD=FLOWER_LOGIN[1]),
-                        logs / "flower.log"),
-    }
+    acl_workers.start("flower", [sys.executable, "-m", "orchestrator", "flower", "--port", str(flower_port),
+                                 "--state-dir", str(tmp_path / "flower"), "--read-only"], "flower",
+                      ORCH_FLOWER_USER=FLOWER_LOGIN[0], ORCH_FLOWER_PASSWORD=FLOWER_LOGIN[1])
     try:
-        def registered() -> bool:
-            for name, proc in procs.items():
-                assert proc.poll() is None, f"{name} exited:\n" + (logs / f"{name}.log").read_text()[-3000:]
-            names = {k.decode().split(":")[-1].split("@")[0] for k in admin.scan_iter("orch:worker:*")}
-            return {"aclcontrol", "aclcpu"} <= names
-
-        wait_for(registered, timeout=90, what="both workers to register")
+        acl_workers.wait_registered({"aclcontrol", "aclcpu"})
         cfg = tmp_path / "acl.yaml"
         cfg.write_text("experiment: acl_exp\ntrainer: prior\ndatasets: [iris]\nfolds: 2\nseeds: [0, 1]\n"
                        "resources: {gpus: 0}\n")
         started = time.monotonic()
         proc = run_cli("submit", str(cfg), "--wait", env=env("submitter"), timeout=180)
-        assert proc.returncode == 0, proc.stderr + (logs / "cpu.log").read_text()[-3000:]
+        assert proc.returncode == 0, proc.stderr + acl_workers.log("aclcpu")
         submit_s = time.monotonic() - started
         # Pause while the first run trains: the worker parks the others; resume moves them
         # back (the submitter takes them off the parked queue only), and they train.
@@ -266,7 +306,7 @@ def test_an_experiment_runs_to_done_with_one_user_per_role(acl_redis: AclRedis, 
                  what="Flower to list both workers (from their events)")
         assert _get(base + "/api/queues/length", auth=FLOWER_LOGIN)[0] == 200
         assert _get(base + "/api/tasks", auth=FLOWER_LOGIN)[0] == 200
-        assert procs["flower"].poll() is None, (logs / "flower.log").read_text()[-3000:]
+        assert acl_workers.procs["flower"].poll() is None, acl_workers.log("flower")
 
         # Nobody but Flower was refused anything; Flower only its inspect requests (a reply
         # queue of its own, kombu's restore mutex), which this user does not allow.
@@ -280,8 +320,80 @@ def test_an_experiment_runs_to_done_with_one_user_per_role(acl_redis: AclRedis, 
                    or o.endswith(".reply.celery.pidbox") for o in flower_denied), flower_denied
         print(f"submit --wait took {submit_s:.1f} s; Flower was refused: {sorted(flower_denied)}")
     finally:
-        stop_processes(procs.values())
+        acl_workers.stop("flower")
         (logs / "acl-log.json").write_text(json.dumps(acl_redis.denials(), indent=1, default=str))
+
+
+ROLES_EXP = {
+    "experiment": "acl_roles",
+    "roles": {"learner": {"function": "tictactoe.learner",
+                          "settings": {"steps": 20, "publish_every": 5, "batch": 64, "new_per_step": 32}},
+              "actor": {"function": "tictactoe.actor", "settings": {"games": 8}},
+              "evaluator": {"function": "tictactoe.evaluator", "settings": {"games": 20, "games_best": 10}}},
+    "weights": {"keep": 1, "unscored": 2}, "experience": {"maxlen": 1000},
+}
+
+
+def test_a_roles_experiment_runs_to_its_end_with_one_user_per_role(acl_redis: AclRedis, acl_workers: AclWorkers,
+                                                                   tmp_path: Path) -> None:
+    """The roles example, small (20 learner steps, a version every 5), on CPU workers
+    logged in as the worker user, the control worker as the control user, the commands as
+    the submitter: weights, streams, heartbeats and cursors all go through the ACL, the
+    learner reaches its budget, the evaluator scores every version, every role stops,
+    and Redis refused nobody anything (ACL LOG empty)."""
+    import yaml
+
+    admin = acl_redis.client("admin")
+    admin.acl_log_reset()
+    env = acl_workers.env("submitter")
+    extra = ("aclcpu2", "aclcpu3")  # a learner, an actor and an evaluator run at once: three CPU slots
+    started = time.monotonic()
+    try:
+        for name in extra:
+            acl_workers.start_worker(name, "--cpu")
+        acl_workers.wait_registered({"aclcontrol", "aclcpu", *extra})
+        ready = time.monotonic()
+        cfg = tmp_path / "roles.yaml"
+        cfg.write_text(yaml.safe_dump(ROLES_EXP))
+        proc = run_cli("submit", str(cfg), env=env)
+        assert proc.returncode == 0, proc.stderr
+        exp = str(ROLES_EXP["experiment"])
+        status = acl_workers.root / exp / "roles" / "status.json"
+
+        def shown() -> dict[str, object]:
+            done = run_cli("status", exp, "--json", env=env)
+            assert done.returncode == 0, done.stderr
+            return dict(json.loads(done.stdout))
+
+        def finished() -> bool:
+            data = shown()
+            instances = data["instances"]
+            assert isinstance(instances, list)
+            return (status.exists() and json.loads(status.read_text())["state"] == "DONE"
+                    and all(i["state"] == "stopped" for i in instances))
+
+        wait_for(finished, timeout=120, what="the learner's step budget and every role to stop",
+                 seen=lambda: [acl_workers.log(n)[-600:] for n in ("aclcpu", *extra)] + [shown()])
+        took = time.monotonic() - ready
+        data = shown()
+        weights, evals = data["weights"], data["evaluations"]
+        assert isinstance(weights, dict) and isinstance(evals, list)
+        published = int(admin.get(f"orch:w:{exp}:seq") or 0)
+        assert [e["version"] for e in evals] == list(range(1, published + 1)) and evals[-1]["step"] == 20, evals
+        assert weights["unscored"] == [] and len(weights["kept"]) <= 2  # keep 1, and the best
+        assert admin.hgetall(f"orch:roles:{exp}:cursor") == {f"role.{exp}.evaluator.0".encode(): str(published).encode()}
+        for args in (["watch", exp, "--once"], ["report", exp]):
+            done = run_cli(*args, env=env)
+            assert done.returncode == 0 and "learner.0" in done.stdout, (args, done.stdout, done.stderr)
+        assert (acl_workers.root / exp / "roles" / "winrate.png").stat().st_size > 1000
+        denied = acl_redis.denials()
+        assert denied == [], json.dumps(denied, indent=1, default=str)
+        print(f"\nroles under the ACL: {len(extra)} more CPU workers up in {ready - started:.1f} s; "
+              f"submit to every role stopped in {took:.1f} s; {published} versions, each scored once; "
+              f"ACL LOG: {len(denied)} entries")
+    finally:
+        acl_workers.stop(*extra)
+        (acl_workers.logs / "acl-log-roles.json").write_text(json.dumps(acl_redis.denials(), indent=1, default=str))
 
 
 def test_the_control_user_may_read_what_the_watchdog_reads(acl_redis: AclRedis, tmp_path: Path) -> None:

@@ -132,6 +132,7 @@ def test_the_example_learns_to_its_target(cluster: RolesCluster) -> None:
     store = WeightStore(cluster.client, exp)
     published = int(cluster.client.get(f"{store.prefix}:seq"))
     assert [m["version"] for m in cluster.checkpoints(exp)] == list(range(1, published + 1))
+    assert [e["version"] for e in data["evaluations"]] == list(range(1, published + 1))  # each scored
     assert len(store.versions()) <= 4  # keep 3, and the best
     report = run_cli("report", exp, env=cluster.env())
     assert report.returncode == 0 and (cluster.root / exp / "roles" / "winrate.png").stat().st_size > 1000

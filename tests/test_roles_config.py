@@ -49,6 +49,9 @@ def test_specs_with_device_overrides_round_trip() -> None:
     assert actor.settings_for("cpu")["games"] == 8 and actor.settings_for("cuda")["games"] == 64
     assert actor.settings_for("cpu")["epsilon"] == 0.2  # the function's default
     assert actor.queue == "cpu"
+    assert {s.unscored for s in specs} == {4}  # versions held for the evaluator (the default)
+    alone = parse_roles({**GOOD, "roles": {k: v for k, v in GOOD["roles"].items() if k != "evaluator"}})
+    assert {s.unscored for s in specs_of(alone, 1.0)} == {0}  # no evaluator: nothing is held
 
 
 @pytest.mark.parametrize("change, key, words", [
@@ -66,6 +69,7 @@ def test_specs_with_device_overrides_round_trip() -> None:
      "roles.actor.cuda.epsilon", "must be a number"),
     ({"experience": {"maxlen": 10}}, "experience.maxlen", "from 100"),
     ({"weights": {"chunk_mb": 1024}}, "weights.chunk_mb", "512 MB"),
+    ({"weights": {"unscored": 0}}, "weights.unscored", "until an evaluator scores them"),
     ({"sweep": {"grid": {}}}, "sweep", "a roles experiment takes"),
     ({"roles": {"bad/name": {"function": "tictactoe.actor"}}}, "roles.bad/name", "not a valid name"),
     ({"roles": {**GOOD["roles"], "actor": {"function": "tictactoe.actor", "settings": {"games": 500}}},
@@ -94,8 +98,20 @@ def test_every_mistake_is_reported_at_once_with_exit_2(tmp_path: Path) -> None:
 @pytest.mark.parametrize("field, value", [
     ("function", "os.system"), ("experiment", "../etc"), ("role", "a/b"), ("index", 5), ("kind", "actor"),
     ("settings", {"steps": "many"}), ("overrides", {"rocm": {}}), ("gpus", 3), ("extra", 1),
+    ("unscored", -1), ("unscored", 10_000), ("unscored", True),
 ])
 def test_a_forged_role_message_is_refused(field: str, value: Any) -> None:
     good = specs_of(parse_roles(GOOD), 1.0)[0].to_dict()
     with pytest.raises((InvalidSpecError, UnknownRoleError)):
         RoleSpec.from_dict({**good, field: value})
+
+
+def test_status_plots_the_scores_per_version() -> None:
+    """`status` and `watch` draw the evaluators' scores per version in one line: every
+    version a character (their mean when more than 60), from 0.5 (or the lowest) to 1."""
+    from orchestrator.views.roles import SPARKS, score_plot
+
+    few = score_plot([{"version": v, "win_random": 0.5 + v / 10, "draw_random": 0.0} for v in range(1, 6)])
+    assert few.endswith(f": {SPARKS[1]}{SPARKS[3]}{SPARKS[4]}{SPARKS[6]}{SPARKS[7]} 1.00"), few
+    many = score_plot([{"version": v, "win_random": 0.2, "draw_random": 0.1} for v in range(1, 301)])
+    assert "versions 1..300 (0.3 to 1, 5 a character)" in many and many.count(SPARKS[0]) == 60, many

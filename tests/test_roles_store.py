@@ -324,3 +324,204 @@ def test_the_acl_users_may_do_what_roles_need(tmp_path: Path) -> None:
         assert denied == [], denied
     finally:
         stop_process(proc)
+
+
+# -- evaluators: every version, in order, once ------------------------------------------
+
+def _ttt_version(seed: int) -> bytes:
+    from orchestrator.roles import ttt_game as game
+
+    return game.to_bytes(game.init_params(seed))
+
+
+def _evaluator_spec(exp: str, games: int, unscored: int = 8) -> dict[str, object]:
+    from orchestrator.roles.spec import RoleSpec
+
+    return RoleSpec(experiment=exp, role="evaluator", function="tictactoe.evaluator", kind="evaluator", index=0,
+                    count=1, gpus=0.0, settings={"games": games, "games_best": 4}, keep=1,
+                    unscored=unscored).to_dict()
+
+
+def _records(client: redis.Redis, exp: str) -> list[dict[str, object]]:
+    from orchestrator.roles.instance import evaluations
+
+    got = evaluations(client, exp)
+    return [got[v] for v in sorted(got)]
+
+
+def test_the_evaluator_scores_every_version_in_order(client: redis.Redis, lease: tuple[str, str],
+                                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Five versions published while the evaluator is held back (not started) all stay
+    in Redis (keep 1: they are pinned until scored); the evaluator (the example's, as a
+    worker runs it, without Celery) then scores all five in order, each once; two more
+    published just before the experiment ends are scored before it stops."""
+    from orchestrator.paths import Layout
+    from orchestrator.roles import rkeys
+    from orchestrator.roles import tictactoe as ttt
+    from orchestrator.roles.evaluation import Scoreboard
+    from orchestrator.roles.instance import Done, run_instance
+
+    exp = f"evals{uuid.uuid4().hex[:6]}"
+    store = WeightStore(client, exp, keep=1, chunk_bytes=MiB, unscored=8)
+    key, token = lease
+    published = [store.publish(_ttt_version(i), token, key, step=10 * i) for i in range(5)]
+    assert store.versions() == published and store.unscored() == published  # none pruned: none scored
+    matches: list[int] = []
+    real_match = ttt.game.match
+    monkeypatch.setattr(ttt.game, "match", lambda *a, **k: matches.append(1) or real_match(*a, **k))
+    outcome: list[object] = []
+    started = time.monotonic()
+    worker = threading.Thread(target=lambda: outcome.append(run_instance(
+        client, Layout(tmp_path), _evaluator_spec(exp, games=20), "evaltest@h", "cpu", "task-1")))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(_records(client, exp)) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        took = time.monotonic() - started
+        published += [store.publish(_ttt_version(i), token, key, step=10 * i) for i in (5, 6)]
+        client.hset(rkeys.state(exp), "ended", "the learner reached its step budget")  # ends: it scores what it owes
+        worker.join(60)
+    finally:
+        client.hset(rkeys.state(exp), "ended", "test over")
+        worker.join(60)
+    assert outcome and isinstance(outcome[0], Done) and outcome[0].result["status"] == "STOPPED", outcome
+    rows = _records(client, exp)
+    assert [r["version"] for r in rows] == published  # every version, none twice (a hash per version) ...
+    assert [r["step"] for r in rows] == [10 * i for i in range(7)]
+    at = [float(str(r["evaluated_at"])) for r in rows]
+    assert at == sorted(at)  # ... in order
+    assert all(r["attempt"] == 1 for r in rows)
+    assert "win_best" not in rows[0] and all("win_best" in r for r in rows[1:])  # against the best before it
+    assert len(matches) == 2 * len(published) - 1  # each scored once: vs random, vs the best (not the first)
+    assert Scoreboard(client, exp).cursors() == {f"role.{exp}.evaluator.0": published[-1]}
+    assert store.unscored() == []
+    best = store.best()
+    assert best is not None and set(store.versions()) == {published[-1], best[0]}  # keep 1 + the best
+    csv_rows = (tmp_path / exp / "roles" / "evaluations.csv").read_text().splitlines()
+    assert len(csv_rows) == 1 + len(published)
+    print(f"\n5 held-back versions scored in {took:.1f} s; 7 records in order {published}; "
+          f"{len(matches)} matches; best {best}")
+    store.clear()
+
+
+def test_a_zombie_evaluator_records_nothing(client: redis.Redis, lease: tuple[str, str]) -> None:
+    """The record script is fenced by the evaluator's lease and by its cursor: a zombie
+    records nothing, moves no cursor and releases no pin; no version is recorded twice."""
+    from orchestrator.roles.evaluation import Scoreboard
+
+    exp = f"evz{uuid.uuid4().hex[:6]}"
+    store = WeightStore(client, exp, keep=1, chunk_bytes=MiB, unscored=4)
+    key, token = lease
+    v1, v2 = (store.publish(b"v" * 10, token, key, step=i) for i in (1, 2))
+    board, ev_key = Scoreboard(client, exp), f"orch:lease:role.{exp}.evaluator.0"
+    client.set(ev_key, "first")
+    assert board.record(store, "e0", ev_key, "first", v1, {"step": 1}, 0.5) is True
+    client.set(ev_key, "second")  # the instance was handed on
+    with pytest.raises(Fenced):
+        board.record(store, "e0", ev_key, "first", v2, {"step": 2}, 0.9)
+    assert board.cursor("e0") == v1 and store.unscored() == [v2] and store.best() == (v1, 0.5)
+    with pytest.raises(ValueError, match="recorded already"):
+        board.record(store, "e0", ev_key, "second", v1, {"step": 1}, 0.5)
+    assert board.record(store, "e0", ev_key, "second", v2, {"step": 2}, 0.4) is False  # not better than v1
+    assert board.cursor("e0") == v2 and store.unscored() == [] and store.best() == (v1, 0.5)
+    client.delete(ev_key)
+    store.clear()
+
+
+def test_the_learner_waits_while_versions_are_unscored(client: redis.Redis, lease: tuple[str, str]) -> None:
+    """At most `unscored` versions wait for an evaluator: the store says there is no room
+    for one more until one is scored, and the pinned ones outlive `keep`."""
+    from orchestrator.roles.evaluation import Scoreboard
+
+    exp = f"evw{uuid.uuid4().hex[:6]}"
+    store = WeightStore(client, exp, keep=1, chunk_bytes=MiB, unscored=3)
+    key, token = lease
+    vs = [store.publish(b"w" * 10, token, key, step=i) for i in range(3)]
+    assert not store.room_for_one() and store.versions() == vs
+    client.set(f"orch:lease:role.{exp}.evaluator.0", "ev")
+    Scoreboard(client, exp).record(store, "e0", f"orch:lease:role.{exp}.evaluator.0", "ev", vs[0], {}, None)
+    store.prune()
+    assert store.room_for_one() and store.versions() == vs[1:]
+    assert WeightStore(client, exp).room_for_one()  # without evaluators: never waits
+    client.delete(f"orch:lease:role.{exp}.evaluator.0")
+    store.clear()
+
+
+def _evaluator_process(url: str, root: str, spec: dict[str, object], log: str) -> None:
+    """A worker's pool process running one evaluator attempt (no Celery); every scoring
+    is a line of its log (the example's own log line)."""
+    import logging
+
+    from orchestrator.paths import Layout
+    from orchestrator.roles.instance import run_instance
+
+    handler = logging.FileHandler(log)
+    handler.setFormatter(logging.Formatter(f"{os.getpid()} %(message)s"))
+    logging.getLogger("orchestrator.roles.tictactoe").addHandler(handler)
+    logging.getLogger("orchestrator.roles.tictactoe").setLevel(logging.INFO)
+    run_instance(redis.Redis.from_url(url), Layout(Path(root)), spec, f"ev{os.getpid()}@h", "cpu", "task-1")
+
+
+def test_an_evaluator_killed_mid_way_goes_on_from_its_cursor(redis_url: str, client: redis.Redis,
+                                                             lease: tuple[str, str], tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ten versions wait; the evaluator process is SIGKILLed after three records, and a
+    new attempt (once the lease lapsed) goes on from the durable cursor: ten records, in
+    order, each once; what the first attempt recorded is not scored again, and at most
+    the one version it was scoring at the kill is scored by both."""
+    import re
+
+    from orchestrator import keys
+    from orchestrator.roles import rkeys
+
+    monkeypatch.setenv("ORCH_LEASE_SECONDS", "1")  # the spawned attempts' leases lapse fast
+    exp = f"evk{uuid.uuid4().hex[:6]}"
+    store = WeightStore(client, exp, keep=1, chunk_bytes=MiB, unscored=10)
+    key, token = lease
+    published = [store.publish(_ttt_version(i), token, key, step=i) for i in range(10)]
+    spec, log = _evaluator_spec(exp, games=150, unscored=10), tmp_path / "scored.log"
+    ctx = mp.get_context("spawn")
+    first = ctx.Process(target=_evaluator_process, args=(redis_url, str(tmp_path), spec, str(log)))
+    started = time.monotonic()
+    first.start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(_records(client, exp)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert first.pid is not None
+        os.kill(first.pid, signal.SIGKILL)
+        first.join(10)
+        before = [int(str(r["version"])) for r in _records(client, exp)]
+        lease_key = keys.lease(rkeys.instance_key(exp, "evaluator", 0))
+        deadline = time.monotonic() + 10
+        while client.exists(lease_key) and time.monotonic() < deadline:  # the watchdog's hand-on, here the lapse
+            time.sleep(0.05)
+        second = ctx.Process(target=_evaluator_process, args=(redis_url, str(tmp_path), spec, str(log)))
+        second.start()
+        deadline = time.monotonic() + 90
+        while len(_records(client, exp)) < 10 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        took = time.monotonic() - started
+    finally:
+        client.hset(rkeys.state(exp), "ended", "test over")
+    second.join(30)
+    rows = _records(client, exp)
+    assert [r["version"] for r in rows] == published, rows
+    at = [float(str(r["evaluated_at"])) for r in rows]
+    assert at == sorted(at)
+    by_attempt = {a: [int(str(r["version"])) for r in rows if r["attempt"] == a] for a in (1, 2)}
+    assert by_attempt[1] == before and by_attempt[1] + by_attempt[2] == published and 3 <= len(before) < 10
+    assert second.pid is not None
+    scored: dict[int, list[int]] = {}
+    for line in log.read_text().splitlines():
+        m = re.match(r"(\d+) version (\d+) ", line)
+        if m:
+            scored.setdefault(int(m.group(1)), []).append(int(m.group(2)))
+    first_scored, second_scored = scored.get(first.pid or 0, []), scored[second.pid]
+    assert second_scored == by_attempt[2]  # from the cursor on, in order, each once
+    assert first_scored[:len(before)] == before and len(first_scored) - len(before) <= 1  # the one in flight
+    assert store.unscored() == []
+    print(f"\nevaluator killed after {len(before)} records (versions {before}); the next attempt scored "
+          f"{by_attempt[2]}; {took:.1f} s in all; scored twice: {sorted(set(first_scored) & set(second_scored))}")
+    store.clear()

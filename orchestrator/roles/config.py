@@ -6,7 +6,7 @@ with file, key path and what would be valid; the CLI exits 2):
       learner:   {function: tictactoe.learner, count: 1, settings: {steps: 400, publish_every: 20}}
       actor:     {function: tictactoe.actor, count: 2, settings: {games: 32}, cpu: {games: 16}}
       evaluator: {function: tictactoe.evaluator, count: 1, resources: {gpus: 0}}
-    weights: {keep: 3, chunk_mb: 8}
+    weights: {keep: 3, chunk_mb: 8, unscored: 4}
     experience: {maxlen: 20000}
 
 Exactly one role is a learner with count 1 (its step budget ends the experiment).
@@ -30,12 +30,15 @@ TOP_KEYS = {
     "experiment": "experiment name (required)",
     "description": "free text",
     "roles": "mapping role name -> {function, count, resources, settings, cuda, cpu} (required)",
-    "weights": "{keep: versions kept besides the best (default 3), chunk_mb: chunk size in MiB (default 8)}",
+    "weights": "{keep: versions kept besides the best (default 3), chunk_mb: chunk size in MiB (default 8), "
+               "unscored: versions held until an evaluator scores them, at most (default 4)}",
     "experience": "{maxlen: most samples the stream holds (default 50000)}",
     "seed": "integer seed of every role (default 0)",
 }
 ROLE_KEYS = ("function", "count", "resources", "settings", "cuda", "cpu")
 COUNT_MAX = 64
+UNSCORED_MAX = 1000
+WEIGHT_KEYS = ("keep", "chunk_mb", "unscored")
 DEVICES = ("cuda", "cpu")  # per-device settings that replace `settings`
 
 
@@ -59,6 +62,7 @@ class RolesExperiment:
     chunk_mb: int
     maxlen: int
     seed: int
+    unscored: int = 4  # versions held in Redis until an evaluator scores them, at most
 
     @property
     def learner(self) -> RoleConfig:
@@ -107,7 +111,7 @@ def parse_roles(doc: Any, file: str = "<dict>") -> RolesExperiment:
         bad("experiment", f"{name!r} is not a valid name ({NAME_RULE})" if "experiment" in doc
             else "required key is missing (a name like 'ttt_selfplay')")
     roles = _roles(doc.get("roles"), bad)
-    keep, chunk_mb = _weights(doc.get("weights", {}), bad)
+    keep, chunk_mb, unscored = _weights(doc.get("weights", {}), bad)
     maxlen = _experience(doc.get("experience", {}), bad)
     seed = doc.get("seed", 0)
     if not _int(seed) or seed < 0:
@@ -121,7 +125,7 @@ def parse_roles(doc: Any, file: str = "<dict>") -> RolesExperiment:
     if problems:
         raise ConfigError(problems)
     return RolesExperiment(name=str(name), file=file, roles=tuple(roles), keep=keep, chunk_mb=chunk_mb,
-                           maxlen=maxlen, seed=int(seed))
+                           maxlen=maxlen, seed=int(seed), unscored=unscored)
 
 
 def _roles(value: Any, bad: Any) -> list[RoleConfig]:
@@ -208,21 +212,25 @@ def _settings(key: str, value: Any, role: Role | None, bad: Any) -> dict[str, An
     return dict(value)
 
 
-def _weights(value: Any, bad: Any) -> tuple[int, int]:
+def _weights(value: Any, bad: Any) -> tuple[int, int, int]:
     if not isinstance(value, dict):
-        bad("weights", "must be a mapping {keep, chunk_mb}")
-        return 3, 8
+        bad("weights", "must be a mapping {keep, chunk_mb, unscored}")
+        return 3, 8, 4
     for k in value:
-        if k not in ("keep", "chunk_mb"):
-            bad(f"weights.{k}", f"unknown key{did_you_mean(str(k), ['keep', 'chunk_mb'])}; valid: keep, chunk_mb")
-    keep, chunk = value.get("keep", 3), value.get("chunk_mb", 8)
+        if k not in WEIGHT_KEYS:
+            bad(f"weights.{k}", f"unknown key{did_you_mean(str(k), list(WEIGHT_KEYS))}; valid: {', '.join(WEIGHT_KEYS)}")
+    keep, chunk, unscored = value.get("keep", 3), value.get("chunk_mb", 8), value.get("unscored", 4)
     if not _int(keep) or not 1 <= keep <= 1000:
         bad("weights.keep", f"must be an integer from 1 to 1000 (versions kept besides the best), got {keep!r}")
         keep = 3
     if not _int(chunk) or not 1 <= chunk <= 256:
         bad("weights.chunk_mb", f"must be an integer from 1 to 256 (MiB; a Redis value holds at most 512 MB), got {chunk!r}")
         chunk = 8
-    return int(keep), int(chunk)
+    if not _int(unscored) or not 1 <= unscored <= UNSCORED_MAX:
+        bad("weights.unscored", f"must be an integer from 1 to {UNSCORED_MAX} (versions held in Redis until an "
+                                f"evaluator scores them; the learner waits beyond), got {unscored!r}")
+        unscored = 4
+    return int(keep), int(chunk), int(unscored)
 
 
 def _experience(value: Any, bad: Any) -> int:

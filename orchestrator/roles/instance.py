@@ -12,7 +12,7 @@ the experience stream, and `running()` (False once the attempt is fenced, the
 experiment cancelled, or ended by the learner's step budget), `wait_unpaused()` (actors
 produce nothing while `orchestrator pause` holds), `beat(...)` (heartbeat with state
 and throughput, for `status`/`watch`), `publish(...)` and `end(...)` for the learner,
-`record_eval(...)` for evaluators.
+`record_eval(...)` for evaluators (orchestrator.roles.evaluation.evaluate_each).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from ..errors import InvalidSpecError, RunStopped, UnknownTrainerError
 from ..execution.leases import Claim, LeaseGuard, Leases
 from ..paths import Layout
 from . import rkeys
+from .evaluation import Scoreboard
 from .experience import ExperienceStream
 from .files import RolesFiles
 from .registry import get_role
@@ -42,6 +43,8 @@ from .weights import Fenced, MiB, WeightStore
 log = logging.getLogger(__name__)
 BEAT_EVERY = 1.0  # seconds between heartbeats of a role (a state change beats at once)
 ENDED_POLL = 0.5  # how often `running()` reads the experiment's end mark
+NOT_RATES = ("version", "behind")  # heartbeat numbers that are not counts (no rate of them)
+UNSCORED_POLL = 0.2  # how often a learner waiting for the evaluators looks again
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,7 @@ class RoleContext:
         self._beat_at, self._state = now, state
         rates = {}
         for key, value in stats.items():
-            if isinstance(value, int | float) and not isinstance(value, bool) and key != "version":
+            if isinstance(value, int | float) and not isinstance(value, bool) and key not in NOT_RATES:
                 t0, v0 = self._start.setdefault(key, (now, float(value)))
                 if now - t0 > 0.5:
                     rates[f"{key}_per_s"] = round((float(value) - v0) / (now - t0), 2)
@@ -158,7 +161,14 @@ class RoleContext:
     def publish(self, data: bytes | memoryview, step: int, ack_ids: Sequence[str] = ()) -> int:
         """Publish a version under this attempt's lease (raises Fenced for a zombie),
         acknowledging `ack_ids` of the experience stream with it. Its checkpoint file is
-        written before the pointer flips: every version that ever became current has one."""
+        written before the pointer flips: every version that ever became current has one.
+        While `weights.unscored` versions wait for an evaluator it waits (the bound on the
+        versions Redis holds); it raises RunStopped if the attempt must stop meanwhile."""
+        while not self.weights.room_for_one():
+            if (why := self.stop_why()) is not None:
+                raise RunStopped(f"version at step {step} not published: {why}", cancelled=why.startswith("cancelled"))
+            self.beat("waiting: evaluators", steps=step)
+            time.sleep(UNSCORED_POLL)
         self.experience.ensure_group()
         from .experience import GROUP
 
@@ -181,9 +191,24 @@ class RoleContext:
                                  "ended_at": time.time()})
 
     # -- evaluators' ---------------------------------------------------------------------
-    def record_eval(self, version: int, scores: dict[str, Any]) -> None:
-        self.client.hset(rkeys.evals(self.spec.experiment), str(version), json.dumps(scores))
+    def eval_slot(self) -> tuple[int, int]:
+        """(index, count) of this evaluator: it owes the versions numbered index mod count."""
+        return self.spec.index, self.spec.count
+
+    def eval_cursor(self) -> int:
+        """The last version this evaluator instance recorded (0: none), durable in Redis."""
+        return Scoreboard(self.client, self.spec.experiment).cursor(self.instance)
+
+    def record_eval(self, version: int, scores: dict[str, Any], best_score: float | None = None) -> bool:
+        """Record `version`'s scores and move this instance's cursor to it, releasing the
+        version's pin, under this attempt's lease (raises Fenced for a zombie); with
+        `best_score`, the version becomes the best if it beats the best's. True if it did."""
+        became = Scoreboard(self.client, self.spec.experiment).record(
+            self.weights, self.instance, keys.lease(self.instance), self.guard.token, version,
+            {**scores, "attempt": self.attempt}, best_score)
+        self.weights.prune()  # the pin is gone: the version goes unless it is kept
         self.files.write_evaluations(list(evaluations(self.client, self.spec.experiment).values()))
+        return became
 
     def evaluated(self) -> dict[int, dict[str, Any]]:
         return evaluations(self.client, self.spec.experiment)
@@ -239,7 +264,8 @@ def _attempt(client: redis.Redis, layout: Layout, spec: RoleSpec, role: Any, wor
     files = RolesFiles(layout, exp)
     ctx = RoleContext(spec=spec, settings=spec.settings_for(device), device=device, worker=worker, host=host,
                       client=client, leases=leases, guard=guard, files=files,
-                      weights=WeightStore(client, exp, keep=spec.keep, chunk_bytes=spec.chunk_mb * MiB),
+                      weights=WeightStore(client, exp, keep=spec.keep, chunk_bytes=spec.chunk_mb * MiB,
+                                          unscored=spec.unscored if spec.kind == "learner" else 0),
                       experience=ExperienceStream(client, exp, maxlen=spec.maxlen))
     log.info("%s attempt %d started on %s", spec.name, got.attempt, worker)
     outcome: Outcome

@@ -5,10 +5,13 @@
     orch:roles:<exp>:state              hash: ended (why), ended_at, submitted_at
     orch:roles:<exp>:beat               hash instance key -> JSON heartbeat (host, state, rates)
     orch:roles:<exp>:evals              hash version -> JSON scores of the evaluators
+    orch:roles:<exp>:cursor             hash evaluator instance key -> last version it recorded
     orch:w:<exp>:seq                    version counter (INCR: a version number is never reused)
     orch:w:<exp>:ptr                    the current version (flipped last, under the learner's token)
     orch:w:<exp>:versions               zset of the published versions
     orch:w:<exp>:best                   JSON {version, score}: kept whatever K says
+    orch:w:<exp>:unscored               zset of the versions no evaluator scored yet: kept until
+                                        scored, at most `weights.unscored` of them
     orch:w:<exp>:v:<n>:meta             JSON: size, chunks, checksums, step, attempt
     orch:w:<exp>:v:<n>:c:<i>            chunk i of version n (staged with a TTL, persisted at the flip)
     orch:w:<exp>:ready                  pub/sub channel: "a version is ready" (a hint only)
@@ -35,6 +38,10 @@ def beats(experiment: str) -> str:
 
 def evals(experiment: str) -> str:
     return f"{PREFIX}:roles:{experiment}:evals"
+
+
+def cursors(experiment: str) -> str:
+    return f"{PREFIX}:roles:{experiment}:cursor"
 
 
 def weights(experiment: str) -> str:

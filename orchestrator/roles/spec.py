@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import InvalidSpecError
 from ..experiment.names import check_name
-from .config import COUNT_MAX, DEVICES, RoleConfig, RolesExperiment
+from .config import COUNT_MAX, DEVICES, UNSCORED_MAX, RoleConfig, RolesExperiment
 from .registry import KINDS, get_role
 
 ROLE_TASK = "tasks.role_run"
@@ -30,6 +30,7 @@ class RoleSpec:
     keep: int = 3
     chunk_mb: int = 8
     maxlen: int = 50_000
+    unscored: int = 0  # versions held for the evaluators at most (0: the experiment has none)
     seed: int = 0
     submitted_at: float | None = None
 
@@ -65,12 +66,12 @@ class RoleSpec:
         check_name(spec.role, "role")
         role = get_role(str(spec.function))
         ints = {"index": spec.index, "count": spec.count, "keep": spec.keep, "chunk_mb": spec.chunk_mb,
-                "maxlen": spec.maxlen, "seed": spec.seed}
+                "maxlen": spec.maxlen, "unscored": spec.unscored, "seed": spec.seed}
         for key, value in ints.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise InvalidSpecError(f"role spec field {key} must be a non-negative integer, got {value!r}")
         if not (spec.index < spec.count <= COUNT_MAX and 1 <= spec.keep and 1 <= spec.chunk_mb <= 256
-                and spec.maxlen >= 1):
+                and spec.maxlen >= 1 and spec.unscored <= UNSCORED_MAX):
             raise InvalidSpecError(f"role spec out of range: index {spec.index} of {spec.count}")
         if spec.kind != role.kind or spec.kind not in KINDS:
             raise InvalidSpecError(f"role function {role.name!r} is a {role.kind}, not a {spec.kind!r}")
@@ -100,8 +101,9 @@ def _overrides(raw: Any) -> dict[str, Any]:
 def specs_of(exp: RolesExperiment, submitted_at: float) -> list[RoleSpec]:
     """One spec per role instance, the learner first."""
     ordered: list[RoleConfig] = sorted(exp.roles, key=lambda r: KINDS.index(r.kind))
+    unscored = exp.unscored if any(r.kind == "evaluator" for r in exp.roles) else 0
     return [RoleSpec(experiment=exp.name, role=r.name, function=r.function, kind=r.kind, index=i,
                      count=r.count, gpus=r.gpus, settings=dict(r.settings), overrides=dict(r.overrides),
-                     keep=exp.keep, chunk_mb=exp.chunk_mb, maxlen=exp.maxlen, seed=exp.seed,
+                     keep=exp.keep, chunk_mb=exp.chunk_mb, maxlen=exp.maxlen, unscored=unscored, seed=exp.seed,
                      submitted_at=submitted_at)
             for r in ordered for i in range(r.count)]

@@ -8,9 +8,9 @@
   publishes the weights every `publish_every` steps (acknowledging the samples it
   trained on with them), and ends the experiment at `steps`. It resumes from the last
   published version.
-- `tictactoe.evaluator`: plays each new version against a random player and against
-  the best version so far; records win, draw and loss rates per version, and marks the
-  best version (the weight store keeps it).
+- `tictactoe.evaluator`: plays every published version, in order, against a random
+  player and against the best version before it; records win, draw and loss rates per
+  version, and marks the best version (the weight store keeps it).
 
 torch is imported by the learner only, inside its function: worker start, `submit`
 and the other roles never load it.
@@ -25,7 +25,9 @@ import numpy as np
 
 from ..trainers.base import Param
 from . import ttt_game as game
+from .evaluation import evaluate_each
 from .role import Role
+from .weights import Version
 
 log = logging.getLogger(__name__)
 MAX_SAMPLES_READ = 2048
@@ -146,52 +148,34 @@ def actor(ctx: Any) -> None:
 
 
 def evaluator(ctx: Any) -> None:
+    """Scores every version it owes, in order (orchestrator.roles.evaluation): against a
+    random player, and against the best of the versions scored before it."""
     import time
 
     s = ctx.settings
-    rng = np.random.default_rng(ctx.spec.seed * 1000 + 500 + ctx.spec.index)
-    done = ctx.evaluated()
-    best = ctx.weights.best()
-    best_params: game.Params | None = None
-    if best is not None and (got := ctx.weights.fetch(best[0])) is not None:
-        best_params = game.from_bytes(got.data)
+    rng = np.random.default_rng(ctx.spec.seed * 1000 + 500 + ctx.spec.index + 7919 * ctx.attempt)
     n = int(s["games"])
+    best_seen: tuple[int, game.Params] | None = None
 
-    def evaluate(version: Any) -> None:
-        nonlocal best, best_params
+    def score(version: Version) -> tuple[dict[str, Any], float]:
+        nonlocal best_seen
+        best = ctx.weights.best()
+        if best is not None and best[0] != version.number and (best_seen is None or best_seen[0] != best[0]):
+            got = ctx.weights.fetch(best[0])  # the best is kept whatever `keep` says
+            best_seen = (best[0], game.from_bytes(got.data)) if got is not None else None
         params = game.from_bytes(version.data)
         vs_random = game.match(game.greedy(params), game.random_player, n, rng)
         row: dict[str, Any] = {"step": version.step, "games": n, "win_random": vs_random["win"],
                                "draw_random": vs_random["draw"], "loss_random": vs_random["loss"]}
-        if best is not None and best_params is not None and best[0] != version.number:
-            vs_best = game.match(game.greedy(params, 0.1), game.greedy(best_params, 0.1), int(s["games_best"]), rng)
+        if best is not None and best_seen is not None and best_seen[0] == best[0] != version.number:
+            vs_best = game.match(game.greedy(params, 0.1), game.greedy(best_seen[1], 0.1), int(s["games_best"]), rng)
             row.update(win_best=vs_best["win"], draw_best=vs_best["draw"], loss_best=vs_best["loss"],
                        best_version=best[0])
-        if ctx.weights.mark_best(version.number, vs_random["win"] + vs_random["draw"]):
-            best, best_params = (version.number, vs_random["win"] + vs_random["draw"]), params
         row["evaluated_at"] = time.time()
-        ctx.record_eval(version.number, row)
-        done[version.number] = row
         log.info("version %d (step %d): vs random %s", version.number, version.step, vs_random)
+        return row, vs_random["win"] + vs_random["draw"]
 
-    last: int | None = max(done) if done else None
-    while ctx.running():
-        number = ctx.weights.wait_newer(last, timeout=1.0, stop=lambda: not ctx.running())
-        ctx.beat("running", evaluated=len(done), version=last)
-        if number is None:
-            continue
-        version = ctx.weights.fetch()
-        if version is None:
-            continue
-        last = version.number
-        if version.number % ctx.spec.count == ctx.spec.index and version.number not in done:
-            evaluate(version)
-    # The experiment ended at the learner's step budget: its final version is scored too.
-    why = ctx.stop_why() or ""
-    if why.startswith("ended") and ctx.spec.index == 0:
-        final = ctx.weights.fetch()
-        if final is not None and final.number not in done:
-            evaluate(final)
+    evaluate_each(ctx, score)
 
 
 ROLES = [

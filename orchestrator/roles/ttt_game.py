@@ -59,7 +59,7 @@ def to_bytes(params: Params) -> bytes:
     return buf.getvalue()
 
 
-def from_bytes(data: bytes) -> Params:
+def from_bytes(data: bytes | bytearray) -> Params:
     """Weights from a version's bytes (npz, never pickles: the bytes come from Redis)."""
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
         return {k: np.asarray(z[k], dtype=np.float32) for k in ("w1", "b1", "w2", "b2", "w3", "b3")}

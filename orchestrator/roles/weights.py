@@ -18,7 +18,12 @@ not a delivery. Here (keys: orchestrator.roles.rkeys):
    read (its chunks gone) is retried at the new pointer; every read is verified against
    the checksums. A `ready` message on pub/sub is only a hint: readers poll as well.
 4. After a flip, versions beyond the last `keep` are deleted, except the best one
-   (`mark_best`, from the evaluators).
+   (`mark_best`, from the evaluators) and the versions no evaluator has scored yet: with
+   `unscored` > 0 (the experiment has evaluators) the flip also pins the version (zset
+   `unscored`), the evaluator that scores it releases the pin (orchestrator.roles.
+   evaluation), and the learner publishes only while fewer than `unscored` versions are
+   pinned (`room_for_one`; RoleContext.publish waits). So Redis holds at most
+   keep + 1 + unscored versions, and every version lives until it is scored.
 """
 
 from __future__ import annotations
@@ -44,23 +49,26 @@ STAGE_TTL_S = 600  # chunks of a version that was never flipped (a zombie's, a c
 CHECKSUM = "sha256"
 
 # KEYS[1] lease of the publisher, KEYS[2] ptr, KEYS[3] versions zset, KEYS[4] meta of the
-# version, KEYS[5] the experience stream (or an unused key), KEYS[6..] the chunk keys.
+# version, KEYS[5] the experience stream (or an unused key), KEYS[6] the unscored zset,
+# KEYS[7..] the chunk keys.
 # ARGV[1] token, ARGV[2] version, ARGV[3] meta JSON, ARGV[4] ready channel, ARGV[5] the
-# consumer group ('' : no acks), ARGV[6..] the stream ids to acknowledge.
+# consumer group ('' : no acks), ARGV[6] '1': pin the version until an evaluator scores
+# it, ARGV[7..] the stream ids to acknowledge.
 # Returns 1 published; 0 fenced (the lease is not the token's); -1 not newer than the
 # pointer; -2 a chunk is missing (expired while staged).
 _FLIP = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 local cur = tonumber(redis.call('GET', KEYS[2]) or '0')
 if tonumber(ARGV[2]) <= cur then return -1 end
-for i = 6, #KEYS do
+for i = 7, #KEYS do
   if redis.call('EXISTS', KEYS[i]) == 0 then return -2 end
 end
-for i = 6, #KEYS do redis.call('PERSIST', KEYS[i]) end
+for i = 7, #KEYS do redis.call('PERSIST', KEYS[i]) end
 redis.call('SET', KEYS[4], ARGV[3])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[2])
-if ARGV[5] ~= '' and #ARGV > 5 then
-  redis.call('XACK', KEYS[5], ARGV[5], unpack(ARGV, 6))
+if ARGV[6] == '1' then redis.call('ZADD', KEYS[6], ARGV[2], ARGV[2]) end
+if ARGV[5] ~= '' and #ARGV > 6 then
+  redis.call('XACK', KEYS[5], ARGV[5], unpack(ARGV, 7))
 end
 redis.call('SET', KEYS[2], ARGV[2])
 redis.call('PUBLISH', ARGV[4], ARGV[2])
@@ -115,11 +123,13 @@ class WeightStore:
     """The weight versions of one experiment, on one Redis client."""
 
     def __init__(self, client: redis.Redis, experiment: str, keep: int = 3,
-                 chunk_bytes: int = DEFAULT_CHUNK):
-        if keep < 1 or chunk_bytes < 1:
-            raise ValueError("keep and chunk_bytes must be positive")
+                 chunk_bytes: int = DEFAULT_CHUNK, unscored: int = 0):
+        """`unscored` > 0: the experiment has evaluators; each version published here is
+        kept until one scores it, and at most `unscored` such versions wait at a time."""
+        if keep < 1 or chunk_bytes < 1 or unscored < 0:
+            raise ValueError("keep and chunk_bytes must be positive, unscored not negative")
         self.client, self.experiment = client, experiment
-        self.keep, self.chunk_bytes = keep, chunk_bytes
+        self.keep, self.chunk_bytes, self.unscored_max = keep, chunk_bytes, unscored
         self.prefix = rkeys.weights(experiment)
         self._flip = client.register_script(_FLIP)
         self._best = client.register_script(_BEST)
@@ -133,6 +143,10 @@ class WeightStore:
     @property
     def ready_channel(self) -> str:
         return f"{self.prefix}:ready"
+
+    @property
+    def unscored_key(self) -> str:
+        return f"{self.prefix}:unscored"
 
     def meta_key(self, version: int) -> str:
         return f"{self.prefix}:v:{version}:meta"
@@ -169,8 +183,9 @@ class WeightStore:
         undo = checkpoint(version, meta) if checkpoint is not None else None
         code = int(cast(int, self._flip(
             keys=[lease_key, self.pointer_key, f"{self.prefix}:versions", self.meta_key(version),
-                  stream or f"{self.prefix}:none", *chunk_keys],
-            args=[token, version, json.dumps(meta), self.ready_channel, group if stream else "", *ids])))
+                  stream or f"{self.prefix}:none", self.unscored_key, *chunk_keys],
+            args=[token, version, json.dumps(meta), self.ready_channel, group if stream else "",
+                  "1" if self.unscored_max else "0", *ids])))
         if code != 1:
             self.client.delete(*chunk_keys)  # never visible: drop at once rather than expire
             if undo is not None:
@@ -182,10 +197,11 @@ class WeightStore:
         return version
 
     def prune(self) -> list[int]:
-        """Delete versions beyond the last `keep`, except the best; returns those deleted."""
+        """Delete versions beyond the last `keep`, except the best and those not scored
+        yet (pinned at their flip); returns those deleted."""
         listed = [int(v) for v in cast(list[bytes], self.client.zrange(f"{self.prefix}:versions", 0, -1))]
         best = self.best()
-        keep = set(listed[-self.keep:]) | ({best[0]} if best else set())
+        keep = set(listed[-self.keep:]) | ({best[0]} if best else set()) | set(self.unscored())
         gone = [v for v in listed if v not in keep]
         if not gone:
             return []
@@ -199,6 +215,15 @@ class WeightStore:
                 pipe.delete(self.chunk_key(v, i))
         pipe.execute()
         return gone
+
+    def unscored(self) -> list[int]:
+        """The versions published for evaluators and not scored yet, oldest first."""
+        return [int(v) for v in cast(list[bytes], self.client.zrange(self.unscored_key, 0, -1))]
+
+    def room_for_one(self) -> bool:
+        """Whether a version may be published now: fewer than `unscored` versions wait
+        for an evaluator (always, without evaluators)."""
+        return not self.unscored_max or int(cast(int, self.client.zcard(self.unscored_key))) < self.unscored_max
 
     def mark_best(self, version: int, score: float) -> bool:
         """Keep `version` as the best (whatever `keep` says) if `score` beats the best's."""

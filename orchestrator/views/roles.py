@@ -6,6 +6,7 @@ experience stream, and the evaluators' scores per version (a plot in `report`)."
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -43,7 +44,7 @@ def roles_status(client: redis.Redis, layout: Layout, experiment: str) -> dict[s
                           "state": state, "attempt": beat.get("attempt"), "lease": held,
                           "heartbeat_age_s": None if age is None else round(age, 1),
                           **{k: v for k, v in beat.items() if k.endswith("_per_s") or k in (
-                              "games", "samples", "steps", "evaluated", "version")}})
+                              "games", "samples", "steps", "evaluated", "version", "behind")}})
     store = WeightStore(client, experiment)
     kept = store.versions()
     latest = store.latest()
@@ -61,7 +62,8 @@ def roles_status(client: redis.Redis, layout: Layout, experiment: str) -> dict[s
         "ended": raw_state.get("ended"), "paused": bool(client.exists(keys.paused(experiment))),
         "instances": instances,
         "weights": {"version": latest, "step": meta.get("step") if meta else None, "kept": kept,
-                    "best": None if best is None else {"version": best[0], "score": best[1]}},
+                    "best": None if best is None else {"version": best[0], "score": best[1]},
+                    "unscored": store.unscored()},
         "throughput": {"games_per_s": round(sum(float(i.get("games_per_s") or 0) for i in actors), 1),
                        "samples_per_s": round(sum(float(i.get("samples_per_s") or 0) for i in actors), 1),
                        "learner_steps_per_s": learner.get("steps_per_s")},
@@ -78,17 +80,19 @@ def status_lines(data: dict[str, Any]) -> list[str]:
             + (f" (ended: {data['ended']})" if data.get("ended") else "")
             + (" PAUSED" if data.get("paused") else ""))
     lines = [head,
-             f"weights: version {w['version']} (step {w['step']}), kept {w['kept']}, best {w['best']}",
+             f"weights: version {w['version']} (step {w['step']}), kept {w['kept']}, best {w['best']}"
+             + (f", not scored yet {w['unscored']}" if w.get("unscored") else ""),
              f"throughput: {t['games_per_s']} games/s, {t['samples_per_s']} samples/s from actors; "
              f"learner {t['learner_steps_per_s']} steps/s",
              f"experience stream: {x['length']} entries, {x['pending']} read and not yet acknowledged",
              "",
              f"{'instance':<14} {'kind':<10} {'state':<22} {'host':<14} {'attempt':>7} {'beat s':>7}  rates"]
     for i in data["instances"]:
-        rates = ", ".join(f"{k} {v}" for k, v in i.items() if k.endswith("_per_s"))
+        rates = ", ".join(f"{k} {v}" for k, v in i.items() if k.endswith("_per_s") or k == "behind")
         lines.append(f"{i['instance']:<14} {i['kind']:<10} {i['state']:<22} {str(i['host'] or '-'):<14} "
                      f"{str(i['attempt'] or '-'):>7} {str(i['heartbeat_age_s'] if i['heartbeat_age_s'] is not None else '-'):>7}  {rates}")
     if data["evaluations"]:
+        lines += ["", score_plot(data["evaluations"])]
         lines += ["", f"{'version':>7} {'step':>6} {'win/random':>10} {'draw/random':>11} {'win+draw':>8} {'win/best':>8}"]
         for e in data["evaluations"][-15:]:
             wd = float(e.get("win_random", 0)) + float(e.get("draw_random", 0))
@@ -96,6 +100,23 @@ def status_lines(data: dict[str, Any]) -> list[str]:
             lines.append(f"{e['version']:>7} {e.get('step', ''):>6} {e.get('win_random', 0):>10.2f} "
                          f"{e.get('draw_random', 0):>11.2f} {wd:>8.2f} {'-' if wb in (None, '') else f'{float(wb):.2f}':>8}")
     return lines
+
+
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def score_plot(evals: list[dict[str, Any]], width: int = 60) -> str:
+    """The evaluators' scores per version as a one-line plot for the terminal (`status`,
+    `watch`): win or draw against a random player, from 0.5 (or lower, to the lowest
+    score) to 1, every version (several per character, their mean, beyond `width`)."""
+    values = [float(e.get("win_random", 0)) + float(e.get("draw_random", 0)) for e in evals]
+    low = min(0.5, math.floor(min(values) * 10) / 10)  # the rates that matter fill the height
+    per = -(-len(values) // width)
+    cells = [values[i:i + per] for i in range(0, len(values), per)]
+    line = "".join(SPARKS[max(0, min(len(SPARKS) - 1, int((sum(c) / len(c) - low) / (1 - low) * len(SPARKS))))]
+                   for c in cells)
+    return (f"win or draw vs random, versions {evals[0]['version']}..{evals[-1]['version']} "
+            f"({low:g} to 1{f', {per} a character' if per > 1 else ''}): {line} {values[-1]:.2f}")
 
 
 def plot_scores(data: dict[str, Any], path: Path) -> Path | None:
