@@ -15,7 +15,7 @@ from celery.exceptions import Reject
 from orchestrator import keys
 from orchestrator.execution.runner import WorkerInfo
 from orchestrator.paths import Layout
-from orchestrator.roles.instance import Done, Failed, HandBack, run_instance
+from orchestrator.roles.instance import Done, Failed, HandBack, give_up, run_instance
 from orchestrator.roles.spec import ROLE_TASK
 
 from . import app
@@ -46,6 +46,9 @@ def role_run(self: Any, spec: dict[str, Any]) -> dict[str, Any]:
     retries = int(self.request.retries or 0)
     if outcome.transient or isinstance(outcome.error, redis.RedisError):  # not the role's fault: no cap, backoff
         raise self.retry(exc=outcome.error, countdown=min(BACKOFF_MAX_S, 2.0 ** retries), max_retries=None)
+    if retries >= ROLE_RETRIES:  # the role's own failure, for good: its experiment ends FAILED
+        why = give_up(_client(), Layout(app.conf.orch_results_root), spec, outcome.error, retries + 1)
+        return {"status": "FAILED", "why": why}
     raise self.retry(exc=outcome.error, countdown=2)
 
 

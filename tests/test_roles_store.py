@@ -525,3 +525,24 @@ def test_an_evaluator_killed_mid_way_goes_on_from_its_cursor(redis_url: str, cli
     print(f"\nevaluator killed after {len(before)} records (versions {before}); the next attempt scored "
           f"{by_attempt[2]}; {took:.1f} s in all; scored twice: {sorted(set(first_scored) & set(second_scored))}")
     store.clear()
+
+
+def test_a_role_that_gives_up_ends_its_experiment_failed(client: redis.Redis, tmp_path: Path) -> None:
+    """An evaluator whose function failed for good ends the experiment FAILED with why:
+    a learner waiting for it to score (the `unscored` bound) stops instead of waiting for
+    ever, and any later delivery of a role ends at once. The first reason stays."""
+    from orchestrator.paths import Layout
+    from orchestrator.roles.files import RolesFiles
+    from orchestrator.roles.instance import ended, give_up, run_instance
+
+    exp = f"evf{uuid.uuid4().hex[:6]}"
+    spec, layout = _evaluator_spec(exp, games=4), Layout(tmp_path)
+    why = give_up(client, layout, spec, ValueError("bad board"), attempts=4)
+    assert why == f"{exp}/evaluator.0 failed 4 times, last: ValueError: bad board"
+    assert ended(client, exp) == f"failed: {why}"
+    status = RolesFiles(layout, exp).status() or {}
+    assert status["state"] == "FAILED" and status["why"] == why
+    give_up(client, layout, spec, RuntimeError("later"), attempts=4)
+    assert ended(client, exp) == f"failed: {why}" and (RolesFiles(layout, exp).status() or {})["why"] == why
+    later = run_instance(client, layout, spec, "w@h", "cpu", "task-2")
+    assert getattr(later, "result", {}).get("status") == "ENDED", later

@@ -1,7 +1,7 @@
 """Where a roles experiment's files go under the results root (atomic writes only):
 
     <root>/<experiment>/experiment.json              manifest (kind: roles, the role specs)
-    <root>/<experiment>/roles/status.json            state: RUNNING, DONE, CANCELLED; why; when
+    <root>/<experiment>/roles/status.json            state: RUNNING, DONE, CANCELLED, FAILED (a role gave up); why; when
     <root>/<experiment>/roles/weights/v<n>.npz       each published version (a checkpoint file)
     <root>/<experiment>/roles/weights/v<n>.json      its meta (step, checksum, attempt)
     <root>/<experiment>/roles/evaluations.csv        one row per evaluated version

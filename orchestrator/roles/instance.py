@@ -225,6 +225,20 @@ def evaluations(client: redis.Redis, experiment: str) -> dict[int, dict[str, Any
     return out
 
 
+def give_up(client: redis.Redis, layout: Layout, payload: Any, error: BaseException, attempts: int) -> str:
+    """A role instance whose function failed `attempts` times in a row ends its experiment
+    FAILED, with the reason: every other role stops (a learner waiting on an evaluator
+    that will never come back would otherwise wait for ever). Returns the reason."""
+    spec = RoleSpec.from_dict(payload)
+    why = f"{spec.name} failed {attempts} times, last: {type(error).__name__}: {error}"
+    if client.hsetnx(rkeys.state(spec.experiment), "ended", f"failed: {why}"):
+        client.hsetnx(rkeys.state(spec.experiment), "ended_at", repr(time.time()))
+        RolesFiles(layout, spec.experiment).write_status(
+            {"experiment": spec.experiment, "state": "FAILED", "why": why, "ended_at": time.time()})
+    log.error("%s: gave up, the experiment ends FAILED", why)
+    return why
+
+
 def run_instance(client: redis.Redis, layout: Layout, payload: Any, worker: str, device: str,
                  task_id: str) -> Outcome:
     """One delivery of a role task: validate, claim, run the role function, release.
