@@ -185,7 +185,7 @@ def show_watch(experiment: str, interval: float, once: bool, results_root: str |
         if not once:
             out.clear()
         out.print("\n".join(status_lines(data)), markup=False)
-        if once or data.get("status") in ("DONE", "CANCELLED"):
+        if once or data.get("status") in ("DONE", "CANCELLED", "FAILED"):
             return
         time.sleep(interval)
 
