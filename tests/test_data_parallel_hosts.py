@@ -15,6 +15,9 @@ again, from its checkpoint, on the two other hosts within 30 s of the cut. Its o
 are written once, by the new attempt; once the link is back, the cut-off rank writes
 nothing. Then the same with rank 0's host cut off: the watchdog hands the run on (its
 lease lapsed), and the fenced leader, back, writes nothing but its own attempt's log.
+Last, roles across the same hosts: the learner's host is cut off and the learner runs
+again on the free host within 30 s, from its last version; the cut-off one publishes
+nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,8 +39,8 @@ import yaml
 
 from orchestrator import keys
 
-from .conftest import wait_for
-from .netns import Host, Network
+from .conftest import REPO, wait_for
+from .netns import Host, Network, in_netns
 from .test_faults import audit, snapshot
 from .test_multihost import DiskWatch, MultiHostCluster, changes, folders, writes_except
 
@@ -265,3 +270,76 @@ def test_rank_0s_host_cut_off_its_run_is_handed_on_and_the_fenced_leader_writes_
           f"attempt {second}; the fenced leader wrote nothing after the link came back but its own log")
     assert rank0_stopped <= LOSS_TO_STOP and rank1_stopped <= LOSS_TO_STOP, (rank0_stopped, rank1_stopped)
     assert again <= RELAUNCH_LIMIT, again
+
+
+def test_a_learners_host_cut_off_its_learner_runs_again_elsewhere_and_the_cut_off_one_publishes_nothing(
+        dh: MultiHostCluster, tmp_path: Path) -> None:
+    """Roles across hosts (docs/roles.md): a learner and an actor on two of the three
+    hosts; the learner's host loses its link. Its lease lapses, the watchdog hands the
+    role's message on, and the learner runs again on the free host within 30 s, resuming
+    from its last version; once the link is back, the cut-off learner publishes nothing
+    (fenced) and stops. Then `cancel` stops every role."""
+    from orchestrator.roles import rkeys
+    from orchestrator.roles.weights import WeightStore
+
+    name = "rolehosts"
+    doc = {"experiment": name,
+           "roles": {"learner": {"function": "tictactoe.learner",
+                                 "settings": {"steps": 1_000_000, "publish_every": 5, "new_per_step": 32}},
+                     "actor": {"function": "tictactoe.actor", "settings": {"games": 8}}},
+           "weights": {"keep": 3}, "experience": {"maxlen": 3000}}
+    cfg = tmp_path / f"{name}.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    dh.submit(cfg)
+    store = WeightStore(dh.client, name)
+
+    def beat(instance: str, after: int = 0, not_on: str | None = None) -> dict[str, Any] | None:
+        raw = dh.client.hget(rkeys.beats(name), rkeys.instance_key(name, *instance.split(".")))
+        b = json.loads(raw) if raw else None
+        ok = b and b.get("state") == "running" and int(b.get("attempt") or 0) > after and b.get("host") != not_on
+        return b if ok else None
+
+    def versions_of(attempt: int) -> list[dict[str, Any]]:
+        """Every version `attempt` published, from the checkpoint files (Redis keeps 3)."""
+        metas = [json.loads(p.read_text()) for p in (dh.root / name / "roles" / "weights").glob("v*.json")]
+        return sorted((m for m in metas if m.get("attempt") == attempt), key=lambda m: m["version"])
+
+    before = wait_for(lambda: beat("learner.0"), timeout=90, what="the learner to run")
+    wait_for(lambda: beat("actor.0"), timeout=90, what="the actor to run")
+    wait_for(lambda: len(versions_of(int(before["attempt"]))) >= 2, timeout=90, what="two versions")
+    victim = dh.worker_named(before["worker"])
+    seen_before = len(dh.log(victim))
+    cut_at = time.time()
+    dh.cut(victim)
+    try:
+        last = store.meta(store.latest() or 0) or {}
+        after = wait_for(lambda: beat("learner.0", int(before["attempt"]), before["host"]),
+                         timeout=RELAUNCH_LIMIT + 15, what="the learner to run on another host",
+                         seen=lambda: dh.client.hgetall(rkeys.beats(name)))
+        again = time.time() - cut_at
+        first_new = wait_for(lambda: next(iter(versions_of(int(after["attempt"]))), None), timeout=60,
+                             what="a version of the new attempt")
+    finally:
+        dh.restore(victim)
+    wait_for(lambda: f"learner.0 attempt {before['attempt']}: " in dh.log(victim)[seen_before:], timeout=60,
+             what="the cut-off learner to stop", seen=lambda: dh.log(victim)[seen_before:][-2000:])
+    late = [m["version"] for m in versions_of(int(before["attempt"])) if m["published_at"] > cut_at]
+    print(f"\nlearner attempt {before['attempt']} on {before['host']} cut off at version {last.get('version')} "
+          f"(step {last.get('step')}); attempt {after['attempt']} running on {after['host']} after {again:.1f} s, "
+          f"its first version {first_new['version']} at step {first_new['step']}; versions published by the "
+          f"cut-off learner after the cut: {late}")
+    assert late == []
+    assert first_new["step"] == last["step"] + 5  # resumed from its last version
+    assert again <= RELAUNCH_LIMIT, again
+    latest = store.meta(store.latest() or 0) or {}
+    assert latest.get("attempt") == after["attempt"]
+    assert subprocess_cancel(dh, name) == 0
+    wait_for(lambda: all(json.loads(v).get("state") == "stopped"
+                         for v in dh.client.hgetall(rkeys.beats(name)).values()), timeout=60,
+             what="every role to stop after cancel", seen=lambda: dh.client.hgetall(rkeys.beats(name)))
+
+
+def subprocess_cancel(c: MultiHostCluster, name: str) -> int:
+    """`orchestrator cancel` from the hub."""
+    argv = in_netns(c.net.hub, [sys.executable, "-m", "orchestrator", "cancel", name])
+    return subprocess.run(argv, cwd=REPO, env=c.host_env(), capture_output=True, text=True, timeout=120).returncode
