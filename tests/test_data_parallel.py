@@ -286,7 +286,7 @@ class GangCluster:
 
     def env(self, **extra: str) -> dict[str, str]:
         return cli_env(ORCH_BROKER_URL=self.url, ORCH_RESULTS_ROOT=str(self.root), ORCH_CHECKPOINT_EVERY="5",
-                       **extra)
+                       ORCH_PRELOAD_TRAINERS="mlp", **extra)  # ranks start alike: mlp warm in every worker
 
     def start(self) -> None:
         self.procs["redis"], _ = start_redis(self.base / "redis", self.port)

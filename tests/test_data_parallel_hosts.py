@@ -59,7 +59,8 @@ RELAUNCH_LIMIT = 30.0  # ... and the run trains again from its checkpoint within
 @pytest.fixture(scope="module")
 def dh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MultiHostCluster]:
     with NET.owned("multi-host data-parallel test"):
-        c = MultiHostCluster(tmp_path_factory.mktemp("dphosts"), NET, ORCH_CHECKPOINT_EVERY="5")
+        c = MultiHostCluster(tmp_path_factory.mktemp("dphosts"), NET, ORCH_CHECKPOINT_EVERY="5",
+                             ORCH_PRELOAD_TRAINERS="mlp")
         try:
             c.start_redis()
             c.ensure_workers()
