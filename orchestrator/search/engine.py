@@ -31,6 +31,7 @@ from ..experiment.config import Experiment
 from ..experiment.expand import groups
 from ..experiment.plan import SKIP, GroupPlan, make_plan
 from ..experiment.spec import DatasetRef, RunSpec
+from ..outage import is_outage
 from ..paths import Layout, atomic_write_json, file_lock, read_json
 from . import asha, evolution, prune, rungs
 from .config import SearchConfig
@@ -187,6 +188,8 @@ def _adopt(layout: Layout, specs: list[RunSpec], live: Any) -> bool:
         try:
             finalize_group(layout, specs, live)
         except Exception as exc:
+            if is_outage(exc):  # Redis restarting: not the group's failure (the next step adopts it)
+                raise
             mark_group_failed(layout, specs, reason=f"{type(exc).__name__}: {exc}", live=live)
     else:
         mark_group_failed(layout, specs, live=live, states=states)
