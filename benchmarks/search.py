@@ -23,7 +23,16 @@
 - determinism: `orchestrator run` (local mode) of one batch-mode TPE search with 1, 2
   and 4 workers: the same proposals in the same order.
 - resume: a cold step (a fresh process, nothing cached) over the journal of a killed
-  `trials`-trial search: the time until its new proposals are published. Goal: under 1 s.
+  `trials`-trial search: the time until its new proposals are published, from the
+  process's start and after its imports (numpy and Optuna included, as a control worker
+  has them); a `random` search that lost its last batch's publish, and a `tpe` one that
+  must rebuild its study and ask. Goal: under 1 s.
+
+    python benchmarks/search.py --part bookkeeping,resume --against /tmp/old [--repeat 5]
+
+measures those parts on this checkout's code and on the code at /tmp/old (e.g. `git
+worktree add /tmp/old <commit>`) with this same script, interleaved, and prints the
+medians side by side.
 """
 
 from __future__ import annotations
