@@ -562,3 +562,24 @@ def test_the_cached_tpe_proposes_what_optunas_own_tpe_does(mode: str, tmp_path: 
     stock, stock_cold = run(), run(samplers.forget)
     assert len([p for p in ours if p]) == 40
     assert ours == stock == ours_cold == stock_cold
+
+
+def test_the_status_and_watch_line_shows_trials_pruned_the_generation_and_the_best(tmp_path: Path) -> None:
+    """What `status` prints and `watch` shows of a search (views.search.status_line over
+    search_status, as the dashboard's snapshot calls it): trials ended of all, complete,
+    failed, pruned and running ones, the generation, and the best so far."""
+    from orchestrator.views.search import search_status, status_line
+
+    layout, search, _ = _step_setup(tmp_path, {"strategy": "random", "metric": "reported.score", "trials": 5,
+                                                "parallel": 4, "seed": 1, "space": SPACE})
+    entries = propose(search, history([]))
+    entries += [{"type": "result", "number": 0, "state": "COMPLETE", "values": [0.25]},
+                {"type": "result", "number": 1, "state": "COMPLETE", "values": [0.75]},
+                {"type": "result", "number": 2, "state": "PRUNED", "values": [0.1], "error": "pruned by ASHA"},
+                {"type": "result", "number": 3, "state": "FAILED", "error": "boom"}]
+    append(layout.search_journal("st"), entries)
+    st = search_status(layout, "st")
+    assert st is not None
+    line = status_line("st", {**st, "trial_details": None})
+    assert "4/5 trials ended (2 complete, 1 failed, 1 pruned, 0 running)" in line, line
+    assert "generation " in line and "best 0.75 (trial 1: " in line, line
