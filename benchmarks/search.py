@@ -23,12 +23,22 @@
 - determinism: `orchestrator run` (local mode) of one batch-mode TPE search with 1, 2
   and 4 workers: the same proposals in the same order.
 - resume: a cold step (a fresh process, nothing cached) over the journal of a killed
-  `trials`-trial search: the time until its new proposals are published. Goal: under 1 s.
+  `trials`-trial search: the time until its new proposals are published, from the
+  process's start and after its imports (numpy and Optuna included, as a control worker
+  has them); a `random` search that lost its last batch's publish, and a `tpe` one that
+  must rebuild its study and ask. Goal: under 1 s.
+
+    python benchmarks/search.py --part bookkeeping,resume --against /tmp/old [--repeat 5]
+
+measures those parts on this checkout's code and on the code at /tmp/old (e.g. `git
+worktree add /tmp/old <commit>`) with this same script, interleaved, and prints the
+medians side by side.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -38,7 +48,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+# The code measured: this checkout, or (compare(), --against) another one, measured by
+# this same script.
+CODE = Path(os.environ.get("SEARCH_BENCH_CODE") or REPO)
+sys.path.insert(0, str(CODE))
 
 SPACE = "{x: {uniform: [-4, 4]}, y: {uniform: [-4, 4]}, kind: {choice: [a, b, c]}}"
 
@@ -296,9 +309,32 @@ def determinism(work: Path, asha: bool = False) -> None:
           f"with 1, 2 and 4 workers: {same}")
 
 
+def _cold_steps(root: Path, experiment: str, journal: Path, killed: bytes, repeat: int = 5) -> tuple[float, float]:
+    """A fresh process's step over `killed` (the journal as a kill left it), `repeat`
+    times: the medians of (seconds from the process's start, seconds from the end of
+    its imports: the engine's, numpy and Optuna, as a control worker has them from its
+    start: tasks.training._preload_in_parent) until the step's first publish."""
+    code = (f"import time, sys; sys.path.insert(0, {str(CODE)!r}); t0 = time.perf_counter()\n"
+            "from orchestrator.paths import Layout\nfrom orchestrator.search.engine import step\n"
+            "import numpy, optuna, orchestrator.search.samplers\n"
+            "t1 = time.perf_counter(); seen = []\n"
+            f"step(Layout({str(root)!r}), {experiment!r}, lambda e, p: seen.append(time.perf_counter()))\n"
+            "print(seen[0] - t0 if seen else -1, seen[0] - t1 if seen else -1)")
+    times = []
+    for _ in range(repeat):
+        journal.write_bytes(killed)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        times.append([float(x) for x in out.split()])
+    return statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
+
+
 def resume(work: Path, trials: int) -> None:
-    """A search of `trials` trials killed with its last batch recorded but not published:
-    a fresh process's step, until that batch is published."""
+    """Two searches of `trials` trials, killed, then a fresh process's step (nothing
+    cached: it reads the journal, rebuilds what it needs, imports Optuna if it asks),
+    until its first publish: a `random` one killed with its last batch recorded but not
+    published (the step publishes it); a `tpe` one killed after its last results were
+    recorded, before its next proposals (the step rebuilds the study from the journal,
+    asks for them, records and publishes them)."""
     from orchestrator.paths import Layout
     from orchestrator.search.engine import save_search, step
 
@@ -313,27 +349,71 @@ def resume(work: Path, trials: int) -> None:
     journal = layout.search_journal(search.experiment)
     lines = journal.read_bytes().splitlines(keepends=True)
     killed = b"".join(lines[:-1])  # ...killed before its `published` entry
-    code = (f"import time, sys; sys.path.insert(0, {str(REPO)!r}); t0 = time.perf_counter()\n"
-            "from orchestrator.paths import Layout\nfrom orchestrator.search.engine import step\n"
-            "t1 = time.perf_counter(); seen = []\n"
-            f"step(Layout({str(root)!r}), 'bk_random', lambda e, p: seen.append(time.perf_counter()))\n"
-            "print(seen[0] - t0 if seen else -1, seen[0] - t1 if seen else -1)")
-    times = []
-    for _ in range(3):
-        journal.write_bytes(killed)
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-        times.append([float(x) for x in out.split()])
-    whole, own = statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
+    whole, own = _cold_steps(root, "bk_random", journal, killed)
     print(f"resume: a fresh process publishes the lost batch of a {trials}-trial search after {whole:.2f} s "
-          f"({own:.2f} s after its imports; median of 3; goal: under 1 s)")
+          f"({own:.2f} s after its imports; median of 5; goal: under 1 s)")
+
+    root = work / "root-tpe"
+    layout = Layout(root)
+    journal = layout.search_journal("bk_tpe")
+    killed = journal.read_bytes()  # every trial's result recorded, nothing proposed since
+    save_search(layout, _search(_config(work, "bk_tpe", "tpe", trials + 4, 4)))  # 4 more to propose
+    whole, own = _cold_steps(root, "bk_tpe", journal, killed)
+    print(f"resume tpe: a fresh process rebuilds the study of a {trials}-trial TPE search, proposes and "
+          f"publishes its next batch after {whole:.2f} s ({own:.2f} s after its imports; median of 5; "
+          "goal: under 1 s)")
+
+
+FIGURES = {  # what compare() reads from each part's lines: (label, pattern of one figure)
+    "bookkeeping": [("random ms CPU/proposal", r"bookkeeping random: .*?([0-9.]+) ms of CPU"),
+                    ("random ms wall/proposal", r"bookkeeping random: .*?= ([0-9.]+) ms per proposal"),
+                    ("tpe ms CPU/proposal", r"bookkeeping tpe   : .*?([0-9.]+) ms of CPU"),
+                    ("tpe ms wall/proposal", r"bookkeeping tpe   : .*?= ([0-9.]+) ms per proposal")],
+    "resume": [("resume s (process start)", r"resume: .*? after ([0-9.]+) s \("),
+               ("resume s (after imports)", r"resume: .*? s \(([0-9.]+) s after its imports"),
+               ("resume tpe s (process start)", r"resume tpe: .*? after ([0-9.]+) s \("),
+               ("resume tpe s (after imports)", r"resume tpe: .*? s \(([0-9.]+) s after its imports")],
+}
+
+
+def compare(against: Path, parts: list[str], trials: int, repeat: int) -> None:
+    """The parts in `parts` (bookkeeping, resume) measured by this script `repeat` times
+    on this checkout's code and on the code at `against`, interleaved so that both see
+    the same load: each figure's median, side by side."""
+    import re
+
+    run_parts = ",".join(dict.fromkeys(["bookkeeping", *parts] if "resume" in parts else parts))
+    wanted = [f for part in parts for f in FIGURES[part]]
+    seen: dict[str, dict[str, list[float]]] = {"before": {}, "after": {}}
+    for i in range(repeat):
+        for label, code in (("before", against), ("after", REPO)):
+            proc = subprocess.run([sys.executable, __file__, "--part", run_parts, "--trials", str(trials)],
+                                  capture_output=True, text=True, cwd=code,
+                                  env={**os.environ, "SEARCH_BENCH_CODE": str(code), "PYTHONPATH": str(code)})
+            for name, pattern in wanted:
+                if (m := re.search(pattern, proc.stdout)) is not None:
+                    seen[label].setdefault(name, []).append(float(m.group(1)))
+            print(f"pass {i + 1}/{repeat} {label}: " + ", ".join(f"{k} {v[-1]:g}" for k, v in seen[label].items())
+                  + (f" (exit {proc.returncode}: {proc.stderr[-500:]})" if proc.returncode else ""), flush=True)
+    print(f"\nmedians of {repeat} interleaved passes, {trials} trials (before: {against}; after: {REPO}):")
+    width = max(len(name) for name, _ in wanted)
+    for name, _ in wanted:
+        cells = [f"{statistics.median(seen[k][name]):8.3f}" if seen[k].get(name) else "       -" for k in seen]
+        print(f"  {name:{width}s}  before {cells[0]}  after {cells[1]}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=1000)
     ap.add_argument("--part", default="bookkeeping,tpe,asha,asha-digits,determinism,determinism-asha,resume")
+    ap.add_argument("--against", type=Path, help="another checkout (e.g. a git worktree of an older commit): "
+                    "run the bookkeeping and resume parts of both, interleaved, and print medians side by side")
+    ap.add_argument("--repeat", type=int, default=5, help="passes of each checkout with --against")
     args = ap.parse_args()
     parts = args.part.split(",")
+    if args.against is not None:
+        compare(args.against.resolve(), [p for p in parts if p in FIGURES], args.trials, args.repeat)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if "bookkeeping" in parts:

@@ -102,6 +102,18 @@ def _preload_in_parent(**_: Any) -> None:
             log.critical("%s: this worker cannot run its trainers and stops", exc)
             raise SystemExit(EXIT_USAGE) from exc
     warm_up()  # scikit-learn's imports and first-use work (orchestrator.experiment.datasets)
+    if set(selected if selected is not None else app.amqp.queues) == {"control"}:
+        # A control worker runs the search steps: their imports (Optuna's ~0.25 s, more
+        # on a loaded host) done before its first message, so that a search resumed by a
+        # restarted control worker sends its next proposals without waiting for them.
+        # (Control workers only: training workers never import Optuna.)
+        try:
+            import optuna  # noqa: F401
+
+            import orchestrator.search.engine  # noqa: F401
+            import orchestrator.search.samplers  # noqa: F401
+        except ImportError:  # only costs time later
+            log.exception("preloading the search steps' imports failed")
 
     if not settings.value("ORCH_PRELOAD"):
         return

@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,87 @@ def module_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def private_redis(tmp_path: Path) -> Iterator[str]:
     """A fresh, empty redis-server for one test."""
     yield from _redis(tmp_path / "redis")
+
+
+@dataclass
+class RestartableRedis:
+    """A private redis-server that persists every write (append-only, fsync always) and
+    can be killed and started again on its port with its data: a Redis restart."""
+
+    folder: Path
+    port: int
+    proc: subprocess.Popen[bytes] | None = None
+    keeper: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        import shutil
+
+        import redis
+
+        exe = shutil.which("redis-server")
+        assert exe, "redis-server is needed (scripts/install.sh installs it)"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.proc = spawn([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
+                           "--save", "", "--appendonly", "yes", "--appendfsync", "always",
+                           "--logfile", str(self.folder / "redis.log")], dict(os.environ), self.folder / "redis.out")
+        client = redis.Redis.from_url(self.url)
+        wait_for(lambda: _answers(client), timeout=20, what="redis-server to answer")
+
+    def kill(self) -> None:
+        import signal
+
+        assert self.proc is not None
+        stop_process(self.proc, sig=signal.SIGKILL)
+        self.proc = None
+        self.keeper.set()  # the thread that started it (restart_soon) may end
+
+    def restart_soon(self, after: float = 1.0) -> threading.Thread:
+        """Kill it now (SIGKILL) and start it again with its data `after` seconds later,
+        from a thread that lives as long as the new server: spawn() ties a child to the
+        thread that started it (its parent-death signal)."""
+        self.kill()
+        self.keeper = threading.Event()
+        keeper = self.keeper
+        started = threading.Event()
+
+        def restart() -> None:
+            time.sleep(after)
+            self.start()
+            started.set()
+            keeper.wait()
+
+        threading.Thread(target=restart, daemon=True).start()
+        waiter = threading.Thread(target=lambda: started.wait(60))
+        waiter.start()
+        return waiter
+
+
+def _answers(client: Any) -> bool:
+    import redis
+
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture
+def restartable_redis(tmp_path: Path) -> Iterator[RestartableRedis]:
+    """A fresh RestartableRedis for one test (stopped at its end)."""
+    from orchestrator.cluster.local import free_port
+
+    server = RestartableRedis(tmp_path / "restartable-redis", free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.proc is not None:
+            stop_process(server.proc)
+        server.keeper.set()
 
 
 @dataclass

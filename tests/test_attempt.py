@@ -39,6 +39,8 @@ from orchestrator.experiment.spec import RunSpec
 from orchestrator.livestate import LiveState
 from orchestrator.paths import Layout
 
+from .conftest import RestartableRedis
+
 
 @pytest.fixture(autouse=True)
 def test_trainers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
@@ -227,3 +229,92 @@ def test_a_refused_part_counts_in_its_chord_only_if_it_is_one_of_the_chords_runs
     assert not part_of({**specs[2], "fold": 5}, body)
     assert not part_of(specs[2], {"task": "tasks.finalize", "kwargs": {"folds": [0, 1]}})
     assert not part_of("junk", body) and not part_of(specs[2], None) and not part_of(specs[2], [1])
+
+
+# --- Redis restarting is not the run's failure ---------------------------------------------
+
+def _outage_services(server: RestartableRedis, tmp_path: Path) -> Services:
+    """Services on `server` through a client that does not retry on its own (as after
+    redis-py's own retries ran out): an outage reaches the attempt's code."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    client = redis.Redis.from_url(server.url, retry=Retry(NoBackoff(), 0))
+    layout = Layout(tmp_path / "results")
+    layout.root.mkdir(parents=True, exist_ok=True)
+    return Services(layout=layout, leases=Leases(client, ttl=5), live=LiveState(client),
+                    shares=Shares(client), sink=lambda: SharedSink(layout))
+
+
+def _redis_killed_at_renumber(svc: Services, server: RestartableRedis, spec: dict[str, Any],
+                              monkeypatch: pytest.MonkeyPatch) -> list[threading.Thread]:
+    """The run's status file records an attempt 1 that Redis does not know of (it ran
+    before Redis lost its state), so the next attempt's claim (attempt 1 again) is
+    renumbered after it (leases.renumber, a round trip): Redis is killed right before
+    that round trip, and started again, with its data, a second later."""
+    from orchestrator.execution.runner import WorkerInfo, record_failure
+
+    record_failure(RunSpec.from_dict(spec), svc.layout, WorkerInfo.from_env("cpu1@test"), 1,
+                   ValueError("an attempt before Redis lost its state"), will_retry=True)
+    real = svc.leases.renumber
+    restarts: list[threading.Thread] = []
+
+    def renumber(*args: Any, **kwargs: Any) -> Any:
+        if not restarts:
+            restarts.append(server.restart_soon())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(svc.leases, "renumber", renumber)
+    return restarts
+
+
+def test_a_redis_restart_mid_attempt_is_retried_not_counted_as_the_runs_failure(
+        restartable_redis: RestartableRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """retries: 0, and Redis is killed and restarted during the attempt (what
+    test_search's Redis-restart scenario once saw end as a FAILED trial): the attempt is
+    retried, the retry claims the run anew (attempt 2, fenced as any) and trains it."""
+    svc = _outage_services(restartable_redis, tmp_path)
+    spec = specs_of(tmp_path, retries=0)[0]
+    run = RunSpec.from_dict(spec)
+    restarts = _redis_killed_at_renumber(svc, restartable_redis, spec, monkeypatch)
+    first = attempt(svc, spec, None, delivery())
+    assert restarts, "the outage was not injected"
+    restarts[0].join(timeout=30)
+    assert isinstance(first, RetryLater), first
+    assert isinstance(first.error, redis.ConnectionError)
+    rec = record(svc, spec)
+    assert rec["status"] == "PENDING" and "ConnectionError" in rec["error"]
+    assert not svc.leases.live([run.run_key])  # the attempt released its lease
+    second = attempt(svc, spec, None, delivery())  # the retry: a new delivery
+    assert isinstance(second, Finished) and not second.result.get("skipped"), second
+    rec = record(svc, spec)
+    assert rec["status"] == "DONE" and rec["attempt"] == 2
+    assert [(h["attempt"], h["outcome"]) for h in rec["history"]] == [(1, "RETRY"), (2, "DONE")]
+    counts = svc.leases.attempts(run.run_key)
+    assert counts.get("failed") is None and counts["outages"] == 1 and counts["committed"] == 1
+
+
+def test_redis_outages_past_the_bound_count_as_the_runs_failure(
+        restartable_redis: RestartableRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attempt_mod, "OUTAGE_RETRIES", 0)  # this run has had its outages
+    svc = _outage_services(restartable_redis, tmp_path)
+    spec = specs_of(tmp_path, retries=0)[0]
+    restarts = _redis_killed_at_renumber(svc, restartable_redis, spec, monkeypatch)
+    outcome = attempt(svc, spec, None, delivery())
+    restarts[0].join(timeout=30)
+    assert isinstance(outcome, GiveUp) and isinstance(outcome.error, redis.ConnectionError), outcome
+    assert record(svc, spec)["status"] == "FAILED"
+
+
+def test_a_claim_during_a_redis_restart_waits_for_redis(
+        restartable_redis: RestartableRedis, tmp_path: Path) -> None:
+    """A delivery that arrives while Redis restarts: its claim waits until Redis answers,
+    then the run trains (no failure, no retry)."""
+    svc = _outage_services(restartable_redis, tmp_path)
+    spec = specs_of(tmp_path, retries=0)[0]
+    restart = restartable_redis.restart_soon()
+    outcome = attempt(svc, spec, None, delivery())
+    restart.join(timeout=30)
+    assert isinstance(outcome, Finished) and not outcome.result.get("skipped"), outcome
+    rec = record(svc, spec)
+    assert rec["status"] == "DONE" and [h["outcome"] for h in rec["history"]] == ["DONE"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -360,3 +361,43 @@ def test_two_finalizes_of_one_group_at_once_write_it_once(group: tuple[Layout, l
     check(layout, specs)  # outputs as the reference computes them
     rows = [r for r in csv.DictReader(open(layout.final_results(specs[0].experiment)))]
     assert sorted(r["run_id"] for r in rows) == sorted(s.run_id for s in specs)
+
+
+def test_a_redis_restart_during_finalize_does_not_fail_the_group(
+        group: tuple[Layout, list[RunSpec]], restartable_redis: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis is killed in the middle of a group's finalize (holding the group's lock, at
+    its audit count) and started again, with its data, a second later: not the group's
+    failure. The finalize waits for Redis, takes its lock again and writes the group
+    DONE, once; the lock is released."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from orchestrator import keys
+    from orchestrator.collect.groupend import GroupEnd
+    from orchestrator.execution.attempt import Delivery
+    from orchestrator.execution.returns import Returns
+    from orchestrator.livestate import LiveState
+
+    layout, specs = group
+    client = redis.Redis.from_url(restartable_redis.url, retry=Retry(NoBackoff(), 0))  # no retries of its own
+    live = LiveState(client)
+    real = live.count_finalize
+    restarts: list[Any] = []
+
+    def count_finalize(*args: Any) -> int:
+        if not restarts:
+            restarts.append(restartable_redis.restart_soon())
+        return real(*args)
+
+    monkeypatch.setattr(live, "count_finalize", count_finalize)
+    end = GroupEnd(layout, live, Returns(client), 1 << 20)
+    started = time.monotonic()
+    result = end.finalize([specs[0].to_dict()], [s.fold for s in specs], Delivery(task_id="t", task="tasks.finalize"))
+    restarts[0].join(timeout=30)
+    assert result["train_status"] == "DONE"
+    assert read_json(layout.group_status(specs[0]))["train_status"] == "DONE"
+    assert time.monotonic() - started < 30  # not after the lock's expiry (120 s)
+    assert int(client.get(keys.group_finalized(specs[0].experiment, specs[0].group_id)) or 0) == 1
+    assert not client.exists(keys.group_finalizing(specs[0].experiment, specs[0].group_id))
+    check(layout, specs)

@@ -5,15 +5,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from typing import Any
+
+import redis
 
 from ..errors import InvalidSpecError, UnknownTrainerError
 from ..execution.attempt import Delivery, refuse
 from ..execution.returns import Returns, collect
 from ..experiment.spec import RunSpec
 from ..livestate import LiveState
+from ..outage import OUTAGE_RETRIES, is_outage, wait_for_redis
 from ..paths import Layout
 from ..trainers import get_trainer
 from .finalize import FoldStates, finalize_group, fold_states, group_paths, mark_group_failed
@@ -76,16 +80,37 @@ class GroupEnd:
         return states
 
     def finalize(self, specs: Any, folds: Any, delivery: Delivery) -> dict[str, Any]:
-        """Chord body: ensemble outputs, final_results.csv rows, status.json DONE."""
+        """Chord body: ensemble outputs, final_results.csv rows, status.json DONE.
+
+        A Redis outage (Redis restarting) is not the group's failure: the finalize waits
+        for Redis and runs again (it is idempotent: under the group's lock, a group
+        found DONE is not written twice), up to OUTAGE_RETRIES times; an outage that
+        outlasts that raises without marking the group FAILED (a search's step adopts
+        it, `run`/`submit` again finalizes it)."""
         group = self.accept(specs, folds, delivery)
-        try:
-            with self.live.finalizing(group[0].experiment, group[0].group_id):  # one finalize of a group at a time
-                paths = group_paths(self.layout, group)  # built once, for collect and finalize
-                record = finalize_group(self.layout, group, self.live, self.collect(group, paths), paths)
-        except Exception as exc:
-            # Recorded here, with its reason: the chord error callback only learns a task id.
-            mark_group_failed(self.layout, group, reason=f"{type(exc).__name__}: {exc}", live=self.live)
-            raise
+        for tries in range(OUTAGE_RETRIES + 1):
+            lock = self.live.finalizing(group[0].experiment, group[0].group_id)  # one finalize of a group at a time
+            token = None
+            try:
+                with lock:
+                    token = lock.local.token
+                    paths = group_paths(self.layout, group)  # built once, for collect and finalize
+                    record = finalize_group(self.layout, group, self.live, self.collect(group, paths), paths)
+                break
+            except Exception as exc:
+                if is_outage(exc):
+                    if tries < OUTAGE_RETRIES and wait_for_redis(self.live.client):
+                        log.warning("%s: Redis did not answer the finalize (%s); finalizing again",
+                                    group[0].group_name, exc)
+                        if token is not None:  # its release failed: the lock, still ours, kept by Redis
+                            lock.local.token = token
+                            with contextlib.suppress(redis.RedisError):
+                                lock.release()
+                        continue
+                    raise
+                # Recorded here, with its reason: the chord error callback only learns a task id.
+                mark_group_failed(self.layout, group, reason=f"{type(exc).__name__}: {exc}", live=self.live)
+                raise
         return {"group_id": record["group_id"], "train_status": record["train_status"]}
 
     def failed(self, specs: Any, folds: Any, delivery: Delivery) -> dict[str, Any]:

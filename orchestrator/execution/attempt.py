@@ -17,6 +17,10 @@ a retry, a requeue, a raise); nothing here knows Celery. The order of decisions:
    with backoff up to `retries`, a CUDA out-of-memory once with the run's `cuda_oom`
    overrides; a fenced attempt (a zombie) writes nothing (HandBack).
 
+A Redis outage (Redis restarting) is not the run's failure: the claim waits for Redis,
+and an attempt that met one is retried (a new delivery: claimed and fenced anew) without
+counting against `retries`, up to outage.OUTAGE_RETRIES times (orchestrator.outage).
+
 Whatever happens, the attempt's end releases its GPU shares and its lease, with the
 log tail and the live DONE mark, in one round trip.
 """
@@ -40,11 +44,12 @@ from ..experiment.datasets import open_regular
 from ..experiment.spec import RunSpec, check_submitted_at
 from ..keys import PROGRESS
 from ..livestate import LiveState
+from ..outage import OUTAGE_RETRIES, is_outage, wait_for_redis
 from ..paths import Layout
 from .admission import Need, Shares, worker_gpus
 from .deadletters import DeadLetters
 from .gang import Gang, GangNotReady, retry_seconds
-from .leases import Claim, LeaseGuard, Leases
+from .leases import Claim, LeaseGuard, Leases, Start
 from .ranks import Send, leading
 from .returns import ReturnSink
 from .runlogs import LOG_TTL, capture, read_tail
@@ -194,7 +199,18 @@ def attempt(svc: Services, spec: Any, submitted_at: Any, delivery: Delivery) -> 
             fh.close()
     except (UnknownTrainerError, InvalidSpecError, DatasetError) as exc:
         return refuse(svc.leases.client, delivery, exc, spec)
-    return _Attempt(svc, run, submitted, delivery, worker).start()
+    try:
+        return _Attempt(svc, run, submitted, delivery, worker).start()
+    except Exception as exc:
+        # Redis went away outside the training (a duplicate waiting for the holder, GPU
+        # admission): delivered again once it answers, not failed (bounded as below).
+        if not is_outage(exc) or not wait_for_redis(svc.leases.client):
+            raise
+        outages = svc.leases.count_outage(run.run_key)
+        if outages > OUTAGE_RETRIES:
+            raise
+        log.warning("%s: Redis did not answer (%s); delivered again", run.name, exc)
+        return RetryLater(backoff(outages - 1), exc)
 
 
 class _Attempt:
@@ -221,8 +237,7 @@ class _Attempt:
         mark = not (self.worker.device == "cuda" and run.resources.gpus > 0)
         entry = svc.live.run_entry(run.experiment, run.run_id, Status.IN_PROGRESS.value,
                                    worker=self.worker.name) if mark else None
-        begun = svc.leases.begin(run.run_key, self.info, run.experiment, self.submitted_at,
-                                 self.delivery.task_id, entry)
+        begun = self.begin(entry)
         if begun.cancelled_at is not None:
             return self.cancelled_before_start()
         if begun.paused:  # park it, same message and chord, until resumed
@@ -241,6 +256,20 @@ class _Attempt:
                     svc.shares.release(self.worker.host, gpus, run.run_key)
             if isinstance(self.sink, ReturnSink):
                 self.sink.cleanup()  # its scratch folder (created only once the run started)
+
+    def begin(self, entry: tuple[str, str, str, int] | None) -> Start:
+        """leases.begin, waiting out a Redis outage (up to OUTAGE_RETRIES of them, each up
+        to OUTAGE_WAIT_SECONDS): a delivery that meets Redis restarting has not failed."""
+        run, leases = self.run, self.svc.leases
+        for tries in range(OUTAGE_RETRIES + 1):
+            try:
+                return leases.begin(run.run_key, self.info, run.experiment, self.submitted_at,
+                                    self.delivery.task_id, entry)
+            except Exception as exc:
+                if not is_outage(exc) or tries == OUTAGE_RETRIES or not wait_for_redis(leases.client):
+                    raise
+                log.warning("%s: Redis did not answer the claim (%s); asking again", run.name, exc)
+        raise AssertionError("unreachable")
 
     def train(self, claim: Claim, gpus: list[int], mark: bool) -> Outcome:
         run, svc, worker = self.run, self.svc, self.worker
@@ -326,8 +355,11 @@ class _Attempt:
 
     def after_exception(self, claim: Claim, guard: LeaseGuard | None, exc: Exception) -> Outcome:
         """The trainer (or a write) raised: retried with backoff up to `retries` times,
-        CUDA out-of-memory once with the run's `cuda_oom` overrides, else FAILED."""
+        CUDA out-of-memory once with the run's `cuda_oom` overrides, else FAILED; a Redis
+        outage is not counted (after_outage)."""
         run, leases = self.run, self.svc.leases
+        if is_outage(exc) and (outcome := self.after_outage(claim, guard, exc)) is not None:
+            return outcome
         if guard is not None and not holds(guard):  # fenced: not the run's failure (a zombie's)
             log.warning("%s: attempt %d stops without writing: %s", run.name, claim.attempt, exc)
             return HandBack(f"fenced attempt failed: {exc}")
@@ -340,6 +372,30 @@ class _Attempt:
             log.warning("%s: attempt %d failed (%s); retrying", run.name, claim.attempt, exc)
             return RetryLater(backoff(failures - 1), exc)
         return GiveUp(exc)
+
+    def after_outage(self, claim: Claim, guard: LeaseGuard | None, exc: Exception) -> Outcome | None:
+        """Redis did not answer during the attempt (restarting, say): not the run's
+        failure. Once Redis answers again: handed back if another attempt holds the run
+        now (the watchdog gave it on), else recorded PENDING and retried with backoff: a
+        new delivery, claimed and fenced like any. None after OUTAGE_RETRIES outages of
+        this run: then it counts as its failure. Redis still silent after
+        OUTAGE_WAIT_SECONDS: retried, nothing recorded (nothing can be)."""
+        run, leases = self.run, self.svc.leases
+        if not wait_for_redis(leases.client):
+            log.warning("%s: attempt %d met a Redis outage (%s) that has not ended; retrying",
+                        run.name, claim.attempt, exc)
+            return RetryLater(backoff(0), exc)
+        guard = guard or LeaseGuard(leases, run.run_key, claim, self.info, run.experiment, self.submitted_at)
+        if not holds(guard):
+            log.warning("%s: attempt %d met a Redis outage (%s) and lost the run", run.name, claim.attempt, exc)
+            return HandBack(f"Redis outage, then fenced: {exc}")
+        outages = leases.count_outage(run.run_key)
+        if outages > OUTAGE_RETRIES:
+            return None
+        self.failed(claim, exc, guard, will_retry=True)
+        log.warning("%s: attempt %d met a Redis outage (%s); retrying (not counted against its retries)",
+                    run.name, claim.attempt, exc)
+        return RetryLater(backoff(outages - 1), exc)
 
     def out_of_memory(self, claim: Claim, guard: LeaseGuard | None, exc: Exception) -> Outcome:
         """CUDA ran out of memory although admission saw enough free: retry once with the

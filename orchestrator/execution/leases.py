@@ -389,6 +389,10 @@ class Leases:
         # No expiry here: the attempt is still in flight (finish() sets it).
         return int(cast(int, self.client.hincrby(keys.attempts(run_key), "failed", 1)))
 
+    def count_outage(self, run_key: str) -> int:
+        """One more attempt met a Redis outage (orchestrator.outage); returns how many have."""
+        return int(cast(int, self.client.hincrby(keys.attempts(run_key), "outages", 1)))
+
     def attempts(self, run_key: str) -> dict[str, int]:
         raw = cast(dict[bytes, bytes], self.client.hgetall(keys.attempts(run_key)))
         return {k.decode(): int(v) for k, v in raw.items()}

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import settings
-from ..collect.finalize import finalize_group, mark_group_failed
 from ..collect.status import Status, fold_state, group_record_done, read_group_status
 from ..dispatch.manifest import write_manifest_of
 from ..errors import ConfigError, Problem
@@ -183,10 +182,17 @@ def _adopt(layout: Layout, specs: list[RunSpec], live: Any) -> bool:
     last = max(float(r.get("finished_at") or 0) for _, r in states)
     if time.time() - last < ADOPT_AFTER_LEASES * float(settings.value("ORCH_LEASE_SECONDS")):
         return False
+    # Imported here: finalizing needs numpy and Redis's client, which a step that adopts
+    # nothing (a cold process resuming a search, `submit`) need not import (~0.3 s).
+    from ..collect.finalize import finalize_group, mark_group_failed
+    from ..outage import is_outage
+
     if all(state == Status.DONE.value for state, _ in states):
         try:
             finalize_group(layout, specs, live)
         except Exception as exc:
+            if is_outage(exc):  # Redis restarting: not the group's failure (the next step adopts it)
+                raise
             mark_group_failed(layout, specs, reason=f"{type(exc).__name__}: {exc}", live=live)
     else:
         mark_group_failed(layout, specs, live=live, states=states)
