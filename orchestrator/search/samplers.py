@@ -7,8 +7,8 @@ storage: the journal is already the durable record the step writes before it pub
 (write-ahead), and it lives under the results root with the rest of the experiment; a
 second store (Optuna's JournalRedisBackend: 4 EVALs per trial, ~9-40 ms a trial here)
 could disagree with it after a kill between the two writes, and Redis may lose its data.
-An in-memory study filled from the journal (`_add`: add_trial less its deep copy) costs
-~0.1 ms per trial: ~0.1 s for a cold step at 1,000 trials. Determinism: each batch gets a fresh sampler seeded from the
+An in-memory study filled with `add_trial` from the journal costs well under a
+millisecond per trial. Determinism: each batch gets a fresh sampler seeded from the
 search's seed and the number of its first trial, and the study holds exactly the
 journal's trials (their values, states and Optuna's own system attributes, e.g. CMA-ES's
 optimizer state) in trial-number order, so the same journal always yields the same
