@@ -534,36 +534,6 @@ def test_an_asha_step_killed_before_stopping_a_pruned_trial_stops_it_at_the_next
     assert len([e for e in read_entries(layout.search_journal("st")) if e["type"] == "rung"]) == 2  # judged once
 
 
-@pytest.mark.parametrize("mode", ["async", "batch", "asha"])
-def test_the_cached_tpe_proposes_what_optunas_own_tpe_does(mode: str, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """samplers' TPE (tpe.CachedTPE: per-trial work kept per study; the study rebuilt
-    without add_trial's deep copies) against Optuna's TPESampler and add_trial, warm and
-    cold at every step: the same proposals, with PRUNED and RUNNING trials among them."""
-    from optuna.samplers import TPESampler
-
-    from orchestrator.search import samplers, tpe
-
-    block: dict[str, Any] = {"metric": "reported.score", "space": SPACE, "seed": 11, "strategy": "tpe",
-                             "trials": 40, "parallel": 4, "mode": "batch" if mode == "batch" else "async"}
-    if mode == "asha":
-        block["asha"] = ASHA
-    search = search_for(tmp_path, block)
-
-    def run(forget: Any = None) -> list[Any]:
-        samplers.forget()
-        if mode == "asha":
-            return [e.get("params") for e in simulate_asha(search, 1, forget=forget)[0]]
-        return simulate(search, 1, forget=forget)
-
-    ours, ours_cold = run(), run(samplers.forget)
-    monkeypatch.setattr(tpe, "CachedTPE", TPESampler)
-    monkeypatch.setattr(samplers, "_add", lambda study, trial: study.add_trial(trial))
-    stock, stock_cold = run(), run(samplers.forget)
-    assert len([p for p in ours if p]) == 40
-    assert ours == stock == ours_cold == stock_cold
-
-
 def test_the_status_and_watch_line_shows_trials_pruned_the_generation_and_the_best(tmp_path: Path) -> None:
     """What `status` prints and `watch` shows of a search (views.search.status_line over
     search_status, as the dashboard's snapshot calls it): trials ended of all, complete,

@@ -21,7 +21,6 @@ import hashlib
 import json
 import warnings
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from .asha import told
@@ -42,9 +41,7 @@ def _sampler(cfg: SearchConfig, seed: int) -> Any:
     if cfg.strategy == "tpe":
         # constant_liar: trials still running count as (pessimistic) results, so a batch
         # of asks spreads out instead of proposing one point `parallel` times.
-        from .tpe import CachedTPE  # Optuna's TPE, its per-trial work kept per study
-
-        return CachedTPE(seed=seed, constant_liar=True, n_startup_trials=10)
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=10)
     if cfg.strategy == "cmaes":  # one CMA-ES generation per batch of `parallel`
         return optuna.samplers.CmaEsSampler(seed=seed, popsize=max(2, cfg.parallel),
                                             warn_independent_sampling=False)
@@ -63,8 +60,6 @@ class _Cached:
     # an ask at 1,000 trials). A pure function of the trials: a cold process computes
     # the same search space, and so the same proposals.
     search_space: Any = None
-    # CachedTPE's per-trial work (tpe.Memo), for the same reason and as pure a function.
-    memo: Any = None
 
 
 # One in-memory study per search and process, brought up to date from the journal at
@@ -92,7 +87,7 @@ def _told(cfg: SearchConfig, t: Trial) -> tuple[Any, list[float] | None]:
 
 def _study(cfg: SearchConfig, trials: list[Trial], key: str, dists: dict[str, Any]) -> Any:
     import optuna
-    from optuna.trial import FrozenTrial, TrialState
+    from optuna.trial import TrialState, create_trial
 
     cached = _studies.get(key)
     if cached is None or len(cached.states) > len(trials):  # a shorter journal: another search
@@ -116,46 +111,13 @@ def _study(cfg: SearchConfig, trials: list[Trial], key: str, dists: dict[str, An
     for t in trials[len(cached.states):]:  # recorded by another process
         state, values = _told(cfg, t)
         inter = {max(t.rungs): values[0]} if state == TrialState.PRUNED and values else None
-        # FrozenTrial as create_trial makes it, less its conversion of every distribution
-        # from Optuna's old kinds (ours are new) and its second validation (_add's).
-        now = datetime.now()
-        _add(study, FrozenTrial(number=-1, trial_id=-1, state=state, value=None,
-                                values=values if state != TrialState.RUNNING else None, datetime_start=now,
-                                datetime_complete=now if state.is_finished() else None, params=dict(t.raw),
-                                distributions=dict(dists), user_attrs={}, system_attrs=dict(t.system_attrs),
-                                intermediate_values=inter or {}))
+        study.add_trial(create_trial(state=state, values=values if state != TrialState.RUNNING else None,
+                                     params=t.raw, distributions=dists, system_attrs=t.system_attrs,
+                                     intermediate_values=inter))
         cached.states.append(state)
         if state == TrialState.RUNNING:
             cached.running.add(t.number)
     return study
-
-
-def _add(study: Any, trial: Any) -> None:
-    """study.add_trial(trial) without the in-memory storage's deep copy of `trial`: a
-    FrozenTrial just made from the journal (its dicts its own), which nothing else holds.
-    The copy was ~2/3 of a cold step's rebuild of a 1,000-trial study (0.3 of 0.5 s, the
-    bulk of resuming a killed TPE search). The bookkeeping is InMemoryStorage.
-    create_new_trial's (Optuna 5.1); another storage, or one whose insides differ, gets
-    the plain add_trial. The study is the same (tests: a cold step's proposals)."""
-    from optuna.storages import InMemoryStorage
-
-    storage = study._storage
-    needed = ("_lock", "_max_trial_id", "_studies", "_trial_id_to_study_id_and_number", "_update_cache")
-    if type(storage) is not InMemoryStorage or not all(hasattr(storage, a) for a in needed):
-        study.add_trial(trial)
-        return
-    trial._validate()
-    if trial.values is not None and len(study.directions) != len(trial.values):
-        raise ValueError(f"trial {trial.number} has {len(trial.values)} values for {len(study.directions)} objectives")
-    with storage._lock:
-        trial_id = storage._max_trial_id + 1
-        storage._max_trial_id = trial_id
-        trials = storage._studies[study._study_id].trials
-        trial.number = len(trials)
-        trial._trial_id = trial_id
-        storage._trial_id_to_study_id_and_number[trial_id] = (study._study_id, trial.number)
-        trials.append(trial)
-        storage._update_cache(trial_id, study._study_id)
 
 
 def ask(cfg: SearchConfig, trials: list[Trial], n: int, first: int,
@@ -177,12 +139,6 @@ def ask(cfg: SearchConfig, trials: list[Trial], n: int, first: int,
             if cached.search_space is None:
                 cached.search_space = study.sampler._search_space
             study.sampler._search_space = cached.search_space
-        if hasattr(study.sampler, "memo"):  # CachedTPE
-            from .tpe import Memo
-
-            if cached.memo is None:
-                cached.memo = Memo()
-            study.sampler.memo = cached.memo
         out = []
         for _ in range(n):
             trial = study.ask(dists)
