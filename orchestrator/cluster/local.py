@@ -3,9 +3,9 @@
 The CPU and control workers are forked from one fork server (orchestrator.cluster.forkserver),
 which imports what they need once; GPU workers are `orchestrator worker` commands. Each
 worker runs in its own process group (so stopping one stops its pool children too) and,
-on Linux, gets SIGKILL if its parent dies (PR_SET_PDEATHSIG), as the fork server and
-Redis do if the orchestrator dies, so a killed orchestrator never leaves workers or
-Redis behind.
+on Linux, gets SIGKILL if its parent dies (PR_SET_PDEATHSIG), as Redis does if the
+orchestrator dies; the fork server gets SIGTERM then, kills its workers and removes the
+working folder, so a killed orchestrator leaves no worker, no Redis and no folder behind.
 """
 
 from __future__ import annotations
@@ -155,11 +155,12 @@ class LocalCluster:
         tmp.write_text(json.dumps(self.fork_plan(env, server_env if early is not None else env)))
         os.replace(tmp, plan)  # an early server waits for it
         if early is None:
-            # SIGKILL if this process dies (kill -9 of `run`), and so its workers (their
-            # PDEATHSIG): a cold shutdown would wait forever on the private Redis, which
-            # dies with it. Their pool processes exit when their worker's pipe closes.
-            self.processes["workers"] = spawn([sys.executable, "-m", "orchestrator.cluster.forkserver", str(plan)],
-                                              env, self.workdir / "forkserver.log", deathsig=signal.SIGKILL)
+            # SIGTERM if this process dies (kill -9 of `run`): the server then kills its
+            # workers (a cold shutdown would wait forever on the private Redis, which dies
+            # with this process) and removes the working folder (forkserver.teardown).
+            self.processes["workers"] = spawn(
+                [sys.executable, "-m", "orchestrator.cluster.forkserver", str(plan), str(os.getpid())], env,
+                self.workdir / "forkserver.log", deathsig=signal.SIGTERM, handled=True)
         commands = self.worker_commands()
         for name in self.exec_workers():  # GPU workers: exec'd, as `workers up` does (cluster.warm)
             self.processes[name] = spawn(commands[name], env, self.workdir / f"{name}.log", deathsig=signal.SIGKILL)
