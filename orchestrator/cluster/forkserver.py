@@ -41,9 +41,9 @@ from types import FrameType
 from typing import Any
 
 # What a `celery worker` of this app imports as it starts (besides the app's own task
-# modules, tasks.MODULES): its CLI (with the plugins it loads), the worker, its pool,
-# the Redis transport and backend.
-CELERY_MODULES = ("celery.bin.celery", "celery.apps.worker", "celery.worker.consumer",
+# modules, tasks.MODULES): its command (not Celery's umbrella CLI: celery_main), the
+# worker, its pool, the Redis transport and backend.
+CELERY_MODULES = ("celery.bin.worker", "celery.app.utils", "celery.apps.worker", "celery.worker.consumer",
                   "celery.worker.components", "celery.worker.control", "celery.worker.autoscale",
                   "celery.concurrency.prefork", "celery.backends.redis", "kombu.transport.redis",
                   "celery.events.dispatcher", "celery.events.state")
@@ -194,9 +194,32 @@ def fork_child(run: Callable[[], int | None], env: Mapping[str, str | None], log
 def celery_main(args: list[str]) -> int:
     """`celery ARGS` in this process (the environment as it is now)."""
     sys.argv = ["celery", *args]
+    if args[:3] == ["-A", "tasks", "worker"]:
+        return worker_main(args[3:])
     from celery.bin.celery import main as celery_cli
 
     return celery_cli()
+
+
+def worker_main(args: list[str]) -> int:
+    """`celery -A tasks worker ARGS` as Celery's umbrella command runs it (the app found
+    as -A finds it, its context object, CELERY_WORKER_ variables), without that command:
+    importing it imports click_repl and every installed `celery.commands` plugin (Flower,
+    with tornado), 0.2 s of CPU in every local cluster's fork server, never used by a
+    worker. An app with user options of its own takes the umbrella command."""
+    from celery.app.utils import find_app
+    from celery.bin.base import CLIContext
+    from celery.bin.worker import worker
+
+    app = find_app("tasks")
+    if app.user_options.get("worker") or app.user_options.get("preload"):
+        from celery.bin.celery import main as celery_cli
+
+        return celery_cli()
+    no_color = os.environ.get("NO_COLOR", "").lower() in ("1", "true", "yes", "on")
+    obj = CLIContext(app=app, no_color=no_color, workdir=None, quiet=False)
+    return int(worker.main(args=args, prog_name="celery worker", obj=obj,
+                           auto_envvar_prefix="CELERY_WORKER") or 0)
 
 
 def fork_worker(worker: dict[str, Any]) -> int:
