@@ -16,7 +16,7 @@ changes, log file), `pids` (written once every worker is forked: name -> pid) an
 session (its pool processes in its process group, so one killpg stops them all) and
 gets SIGKILL if this process dies. This process is a subreaper: it reaps the workers and
 their orphaned pool processes, and exits once none is left. It gets SIGTERM if `run`
-dies (kill -9 of `run`: its Redis and GPU workers get SIGKILL then), and is the one left
+dies (kill -9 of `run`: its Redis gets SIGKILL then), and is the one left
 to clean up: it kills every worker's process group, reaps them and removes local mode's
 folder (the plan's), which nobody else would (teardown). Nothing here initialises CUDA: trainers' preloads only import (design
 invariant 5); each training worker forks its own pool process, which trains.
