@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """How fast `orchestrator run` (local mode) starts and stops, for two trees side by side.
 
-    python benchmarks/localrun.py [--before REF] [--after REF] [--repeat 5] [--cases sweep,iris,up]
+    python benchmarks/localrun.py [--before REF] [--after REF] [--repeat 5] [--cases sweep,iris,up,upgpu]
 
 Each tree is a `git archive` of its ref, compiled as scripts/install.sh compiles it.
 Per repeat, alternating the trees, `orchestrator run --workers 2` of
