@@ -267,7 +267,9 @@ def teardown(folder: Path | None, grace: float = 5.0) -> Callable[[int, FrameTyp
     with this process, by its own PDEATHSIG), removes the folder and exits."""
     from .. import settings
 
-    keep = bool(settings.value("ORCH_KEEP_LOCAL_LOGS"))
+    keep = False
+    with contextlib.suppress(Exception):  # an invalid value: `run` says so (settings.check_all)
+        keep = bool(settings.value("ORCH_KEEP_LOCAL_LOGS"))
 
     def handler(signum: int, frame: FrameType | None) -> None:
         for pid in list(_forked):
