@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """How fast `orchestrator run` (local mode) starts and stops, for two trees side by side.
 
-    python benchmarks/localrun.py [--before REF] [--after REF] [--repeat 5] [--cases sweep,iris,up]
+    python benchmarks/localrun.py [--before REF] [--after REF] [--repeat 5] [--cases sweep,iris,up,upgpu]
 
 Each tree is a `git archive` of its ref, compiled as scripts/install.sh compiles it.
 Per repeat, alternating the trees, `orchestrator run --workers 2` of
@@ -13,6 +13,8 @@ process's exit, and "last done -> exit"; and
   up     `orchestrator workers up --cpu 2` on a fresh Redis: from the command until both
          workers consume (two clients of that Redis blocked in BRPOP on their queues),
          and until the command returns (it waits for both to register)
+  upgpu  (only with --cases upgpu) the same with `--gpus 0,1` on two GPUs faked at the NVML
+         seam (tests/fake_nvml.py): two GPU workers (torch imported, CUDA never touched)
   worker (only with --cases worker) one `orchestrator worker --cpu` as the test suite's
          clusters start theirs: from the command until its log says it is ready
 Prints the medians per tree and the load average.
@@ -68,8 +70,14 @@ def one(tree: Path, config: Path, work: Path) -> dict[str, float]:
             "exit": end - start, "last done -> exit": end - finished, "runs": len(records)}
 
 
-def up(tree: Path, work: Path) -> dict[str, float]:
-    """`workers up --cpu 2` against a fresh Redis, then `workers down`."""
+FAKE_GPUS = {"driver": "550.54.15", "gpus": [
+    {"name": "NVIDIA H100 80GB HBM3", "memory_total_mb": 81559, "memory_used_mb": 0, "utilization": 0, "uuid": "GPU-a"},
+    {"name": "NVIDIA H100 80GB HBM3", "memory_total_mb": 81559, "memory_used_mb": 0, "utilization": 0, "uuid": "GPU-b"}]}
+
+
+def up(tree: Path, work: Path, gpus: bool = False) -> dict[str, float]:
+    """`workers up --cpu 2` (`gpus`: `--gpus 0,1` on two fake GPUs) against a fresh Redis,
+    then `workers down`."""
     import redis
 
     sys.path.insert(0, str(REPO))
@@ -81,10 +89,15 @@ def up(tree: Path, work: Path) -> dict[str, float]:
     client = redis.Redis.from_url(url)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
     env.update(PYTHONPATH=str(tree), ORCH_TRAINER_MODULES="tests.plugins", PYTHONDONTWRITEBYTECODE="1")
+    which = ["--cpu", "2"]
+    if gpus:
+        (folder / "nvml.json").write_text(json.dumps(FAKE_GPUS))
+        env.update(ORCH_NVML_MODULE="tests.fake_nvml", ORCH_FAKE_NVML=str(folder / "nvml.json"))
+        which = ["--gpus", "0,1"]
     state = ["--state-dir", str(folder / "state")]
     try:
         start = time.time()
-        proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "workers", "up", "--cpu", "2", "--broker", url,
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "workers", "up", *which, "--broker", url,
                                  "--results-root", str(folder / "results"), *state], cwd=tree, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         consuming = returned = None
@@ -136,7 +149,7 @@ def main() -> int:
     p.add_argument("--before", default="HEAD~1")
     p.add_argument("--after", default="HEAD")
     p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--cases", default="sweep,iris,up", help="of sweep, iris, up, worker")
+    p.add_argument("--cases", default="sweep,iris,up", help="of sweep, iris, up, upgpu, worker")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="localrun-"))
     try:
@@ -151,7 +164,7 @@ def main() -> int:
             for case, config in cases.items():
                 for ref, tree in trees.items():
                     cfg = config or tree / "configs" / "iris_kfold.yaml"
-                    measure = {"up": up, "worker": worker}.get(case)
+                    measure = {"up": up, "upgpu": lambda t, w: up(t, w, gpus=True), "worker": worker}.get(case)
                     figures = measure(tree, work) if measure else one(tree, cfg, work)
                     found.setdefault((case, ref), []).append(figures)
                     print(f"[{i + 1}/{args.repeat}] {case:5} {ref:10} " +

@@ -274,8 +274,11 @@ def test_workers_up_list_restart_down(module_redis: str, fake_machine: Any, tmp_
                                                                                          f"rank.gpu1@{HOST}"])
         assert (c["gpu"], c["device"], c["queues"], c["state"]) == (None, "cpu", ["cpu", f"rank.cpu1@{HOST}"], "idle")  # sorted
         assert g["heartbeat_age"] < 5 and c["current_runs"] == []
-        worker_env = psutil.Process(g["pid"]).environ()  # the worker really got its GPU
-        assert (worker_env["CUDA_VISIBLE_DEVICES"], worker_env["CUDA_DEVICE_ORDER"]) == ("1", "PCI_BUS_ID")
+        # The GPU worker is forked from the supervisor (cluster.warm), so its /proc/PID/environ
+        # is the supervisor's; its record's gpu and device come from the environment that
+        # names its CUDA_VISIBLE_DEVICES (test_local_cluster: what a forked child's getenv sees).
+        supervisor_pid = json.loads((state / "supervisor.json").read_text())["pid"]
+        assert psutil.Process(g["pid"]).cmdline() == psutil.Process(supervisor_pid).cmdline()  # forked, not exec'd
 
         # `gpus` names the owner of each GPU and of each process on it (a pool child here).
         pool_child = psutil.Process(g["pid"]).children()[0].pid

@@ -301,24 +301,63 @@ def test_a_finished_run_exits_at_once_and_leaves_no_process_and_no_folder(tmp_pa
 
 def test_a_run_killed_with_sigkill_leaves_no_worker_behind(tmp_path: Path, write_experiment) -> None:
     """`kill -9` of `orchestrator run`: its private Redis and its workers die with it (a
-    worker given SIGTERM would wait forever in its cold shutdown on the dead Redis)."""
+    worker given SIGTERM would wait forever in its cold shutdown on the dead Redis), and
+    the fork server, told by its PDEATHSIG, kills its workers and removes the
+    orchestrator-local-* folder: within a few seconds nothing is left, running or on disk."""
     cfg = write_experiment("killed9", trainer="slow", datasets=["iris"], folds=4, params={"seconds": 3.0})
     root = tmp_path / "results"
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", str(cfg), "--results-root", str(root)],
-                            cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            cwd=REPO, env=cli_env(TMPDIR=str(tmp)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_for(lambda: any(r.get("status") == "IN_PROGRESS" for r in _records_or_none(root, "killed9")),
                  timeout=90, what="a run to be training")
         children = psutil.Process(proc.pid).children(recursive=True)
         assert len(children) >= 4  # redis, 2 workers, control (and their pool processes)
+        assert any("redis-server" in " ".join(c.cmdline()) for c in children)
+        assert len(list(tmp.glob("orchestrator-local-*"))) == 1
+        proc.kill()
+        proc.wait(timeout=10)
+        killed = time.monotonic()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == [], f"left running: {[p.cmdline() for p in alive]}"
+    wait_for(lambda: list(tmp.iterdir()) == [], timeout=5, what="the orchestrator-local-* folder to go")
+    assert time.monotonic() - killed < 15
+
+
+def test_a_run_killed_while_its_workers_start_leaves_nothing(tmp_path: Path, write_experiment) -> None:
+    """`kill -9` of `run` while its fork server still imports (no worker forked yet): the
+    server and Redis die, the folder is removed."""
+    cfg = write_experiment("killed_early", trainer="prior", datasets=["iris"], folds=2)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", str(cfg), "--results-root",
+                             str(tmp_path / "results")], cwd=REPO, env=cli_env(TMPDIR=str(tmp)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    seen: dict[int, psutil.Process] = {}
+    try:
+        deadline = time.monotonic() + 60
+        while not any("forkserver" in " ".join(c.cmdline()) for c in seen.values()):
+            assert time.monotonic() < deadline and proc.poll() is None, "no fork server started"
+            with contextlib.suppress(psutil.Error):
+                seen.update({c.pid: c for c in psutil.Process(proc.pid).children(recursive=True)})
+            time.sleep(0.01)
+        assert not (next(tmp.glob("orchestrator-local-*")) / "pids.json").exists()  # none forked yet
         proc.kill()
         proc.wait(timeout=10)
     finally:
         if proc.poll() is None:
             proc.kill()
-    _, alive = psutil.wait_procs(children, timeout=30)
+    with contextlib.suppress(psutil.Error):
+        seen.update({c.pid: c for c in psutil.Process(proc.pid).children(recursive=True)})
+    _, alive = psutil.wait_procs(list(seen.values()), timeout=10)
     assert alive == [], f"left running: {[p.cmdline() for p in alive]}"
+    wait_for(lambda: list(tmp.iterdir()) == [], timeout=5, what="the orchestrator-local-* folder to go")
 
 
 def _records_or_none(root: Path, experiment: str) -> list[dict]:

@@ -396,3 +396,60 @@ def test_builtin_class_counts_match_the_data(name: str) -> None:
     table = datasets.load(ref)
     real = dict(zip(table.classes, map(int, __import__("numpy").bincount(table.y)), strict=True))
     assert datasets.class_counts(ref) == real
+
+
+@pytest.mark.parametrize("name", ["iris", "wine", "breast_cancer", "digits"])
+def test_builtin_datasets_are_what_sklearn_loads(name: str) -> None:
+    """datasets reads scikit-learn's bundled files itself (no sklearn import in workers)."""
+    import numpy as np
+    from sklearn import datasets as skd
+
+    from orchestrator.experiment import datasets
+
+    bunch = getattr(skd, f"load_{name}")()
+    table = datasets._builtin(name)
+    assert np.array_equal(table.X, np.asarray(bunch.data, dtype=np.float32))
+    assert np.array_equal(table.y, bunch.target) and table.y.dtype == np.int64
+    assert table.classes == tuple(str(n) for n in bunch.target_names)
+    assert table.features == tuple(str(f) for f in bunch.feature_names)
+
+
+def test_splits_are_sklearns_to_the_index() -> None:
+    """stratified_kfold and stratified_split give what StratifiedKFold(shuffle=True) and
+    train_test_split(stratify=...) give, for the same seeds, also with uneven and tied
+    classes, and raise where they raise."""
+    import warnings
+
+    import numpy as np
+    from sklearn.model_selection import StratifiedKFold, train_test_split
+
+    from orchestrator.experiment import datasets
+
+    rng = np.random.default_rng(0)
+    labels = [datasets._builtin("iris").y, datasets._builtin("breast_cancer").y, np.array([0, 1] * 4)]
+    labels += [rng.integers(0, c, size=n) for c, n in ((2, 13), (3, 37), (5, 101), (4, 60), (7, 250))]
+    labels += [np.array([2] * 7 + [0] * 7 + [1] * 6), np.repeat(np.arange(6), [3, 9, 5, 5, 12, 2])]
+    for y in labels:
+        for seed in (0, 1, 42, 12345):
+            for k in (2, 3, 5, 10):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    try:
+                        want = [(a.tolist(), b.tolist()) for a, b in
+                                StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)]
+                    except ValueError:
+                        with pytest.raises(ValueError):
+                            datasets.stratified_kfold(y, k, seed)
+                        continue
+                    got = [(a.tolist(), b.tolist()) for a, b in datasets.stratified_kfold(y, k, seed)]
+                assert got == want, (y.tolist(), seed, k)
+            idx = np.arange(100, 100 + len(y))
+            for size in (0.1, 0.2, 0.25, 0.33, 0.5, 0.7):
+                try:
+                    want = [a.tolist() for a in train_test_split(idx, test_size=size, stratify=y, random_state=seed)]
+                except ValueError:
+                    with pytest.raises(ValueError):
+                        datasets.stratified_split(idx, y, size, seed)
+                    continue
+                got = [a.tolist() for a in datasets.stratified_split(idx, y, size, seed)]
+                assert got == want, (y.tolist(), seed, size)

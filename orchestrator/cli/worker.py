@@ -176,9 +176,8 @@ def worker(gpu: int | None, cpu: bool, accept_gpu_runs: bool, control: bool, nam
 
 def in_process(argv: list[str], env: Mapping[str, str]) -> bool:
     """Whether `orchestrator worker` runs this Celery command in its own process rather
-    than exec'ing it. Not for GPU workers: a process's /proc/PID/environ is the one it
-    was exec'd with, and there CUDA_VISIBLE_DEVICES must show which GPU it owns. Not when
-    the pool starts by spawn either: each pool process would run this module again."""
-    if settings.value("ORCH_POOL_START_METHOD", env) != "fork":
-        return False
-    return not env.get("CUDA_VISIBLE_DEVICES")
+    than exec'ing it: yes, GPU workers too (their CUDA_VISIBLE_DEVICES goes into
+    os.environ, and so into the C environment the CUDA runtime reads when the pool
+    process that trains initialises it; nothing in this process touches CUDA). Not when
+    the pool starts by spawn: each pool process would run this module again."""
+    return bool(settings.value("ORCH_POOL_START_METHOD", env) == "fork")

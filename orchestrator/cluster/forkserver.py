@@ -1,8 +1,8 @@
 """One parent for the workers of local mode: it imports Celery, the app, its task
-modules, scikit-learn and the experiment's trainers once, then forks every worker
+modules and the experiment's trainers once, then forks every worker
 (`celery worker` with its own arguments and environment) from itself.
 
-    python -m orchestrator.cluster.forkserver PLAN.json
+    python -m orchestrator.cluster.forkserver PLAN.json [PARENT-PID]
 
 Why: local mode started each worker as two interpreters (`orchestrator worker`, then
 `celery worker`) that imported the same ~1700 modules, three of them at once on two
@@ -14,9 +14,11 @@ The plan (LocalCluster writes it): `broker` (waited for before forking), `preloa
 changes, log file), `pids` (written once every worker is forked: name -> pid) and
 `exits` (a line `name exit-code` per worker that ends). Each worker runs in its own
 session (its pool processes in its process group, so one killpg stops them all) and
-gets SIGKILL if this process dies; this process gets SIGKILL if `run` dies, and it is a
-subreaper: it reaps the workers and their orphaned pool processes, and exits once none
-is left. Nothing here initialises CUDA: trainers' preloads only import (design
+gets SIGKILL if this process dies. This process is a subreaper: it reaps the workers and
+their orphaned pool processes, and exits once none is left. It gets SIGTERM if `run`
+dies (kill -9 of `run`: its Redis gets SIGKILL then), and is the one left
+to clean up: it kills every worker's process group, reaps them and removes local mode's
+folder (the plan's), which nobody else would (teardown). Nothing here initialises CUDA: trainers' preloads only import (design
 invariant 5); each training worker forks its own pool process, which trains.
 """
 
@@ -28,22 +30,25 @@ import gc
 import importlib
 import json
 import os
+import shutil
 import signal
 import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 # What a `celery worker` of this app imports as it starts (besides the app's own task
-# modules, tasks.MODULES): its CLI (with the plugins it loads), the worker, its pool,
-# the Redis transport and backend.
-CELERY_MODULES = ("celery.bin.celery", "celery.apps.worker", "celery.worker.consumer",
+# modules, tasks.MODULES): its command (not Celery's umbrella CLI: celery_main), the
+# worker, its pool, the Redis transport and backend.
+CELERY_MODULES = ("celery.bin.worker", "celery.app.utils", "celery.apps.worker", "celery.worker.consumer",
                   "celery.worker.components", "celery.worker.control", "celery.worker.autoscale",
                   "celery.concurrency.prefork", "celery.backends.redis", "kombu.transport.redis",
                   "celery.events.dispatcher", "celery.events.state")
 PR_SET_CHILD_SUBREAPER = 36
+_forked: list[int] = []  # the workers forked so far (each the leader of its process group)
 
 
 def _prctl(option: int, value: int) -> None:
@@ -65,7 +70,7 @@ def preload(trainers: bool, only: str | None = None) -> None:
 
 
 def preload_base() -> None:
-    """Celery, the app's task modules, scikit-learn's first-use work, the trainer registry."""
+    """Celery, the app's task modules, the splits' first use (numpy; no scikit-learn), the trainer registry."""
     for name in CELERY_MODULES:
         importlib.import_module(name)
     import tasks
@@ -110,8 +115,8 @@ def freeze() -> None:
     before it forks each pool process (celery#2927), and over this heap that full
     collection took 0.28 s of every worker's start (cProfile, a load of 8); the pages of
     the frozen objects also stay shared with the workers instead of being copied when the
-    collector touches them."""
-    gc.collect()
+    collector touches them. No full collection first: after the imports (torch's too) it
+    found 165 unreachable objects in 0.18 s of the start; they stay, frozen."""
     gc.freeze()
 
 
@@ -146,6 +151,10 @@ def fork_child(run: Callable[[], int | None], env: Mapping[str, str | None], log
         return pid
     code = 1
     try:
+        # A fresh interpreter's handlers, not this process's (a fork server's teardown, a
+        # supervisor's stop) until the child installs its own (Celery does).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         os.setsid()
         _prctl(1, deathsig)  # PR_SET_PDEATHSIG
         if os.getppid() != parent:  # this process died before the prctl
@@ -185,9 +194,32 @@ def fork_child(run: Callable[[], int | None], env: Mapping[str, str | None], log
 def celery_main(args: list[str]) -> int:
     """`celery ARGS` in this process (the environment as it is now)."""
     sys.argv = ["celery", *args]
+    if args[:3] == ["-A", "tasks", "worker"]:
+        return worker_main(args[3:])
     from celery.bin.celery import main as celery_cli
 
     return celery_cli()
+
+
+def worker_main(args: list[str]) -> int:
+    """`celery -A tasks worker ARGS` as Celery's umbrella command runs it (the app found
+    as -A finds it, its context object, CELERY_WORKER_ variables), without that command:
+    importing it imports click_repl and every installed `celery.commands` plugin (Flower,
+    with tornado), 0.2 s of CPU in every local cluster's fork server, never used by a
+    worker. An app with user options of its own takes the umbrella command."""
+    from celery.app.utils import find_app
+    from celery.bin.base import CLIContext
+    from celery.bin.worker import worker
+
+    app = find_app("tasks")
+    if app.user_options.get("worker") or app.user_options.get("preload"):
+        from celery.bin.celery import main as celery_cli
+
+        return celery_cli()
+    no_color = os.environ.get("NO_COLOR", "").lower() in ("1", "true", "yes", "on")
+    obj = CLIContext(app=app, no_color=no_color, workdir=None, quiet=False)
+    return int(worker.main(args=args, prog_name="celery worker", obj=obj,
+                           auto_envvar_prefix="CELERY_WORKER") or 0)
 
 
 def fork_worker(worker: dict[str, Any]) -> int:
@@ -228,16 +260,69 @@ def reap(pids: dict[str, int], exits: Path) -> int:
                 fh.write(f"{names[pid]} {os.waitstatus_to_exitcode(status)}\n")
 
 
+def teardown(folder: Path | None, grace: float = 5.0) -> Callable[[int, FrameType | None], None]:
+    """The SIGTERM handler: `run` died (PDEATHSIG), so nobody else stops the workers or
+    removes `folder` (local mode's, unless ORCH_KEEP_LOCAL_LOGS). Kills every worker's
+    process group, reaps what is left (within `grace`: whatever is not reaped then dies
+    with this process, by its own PDEATHSIG), removes the folder and exits."""
+    from .. import settings
+
+    keep = False
+    with contextlib.suppress(Exception):  # an invalid value: `run` says so (settings.check_all)
+        keep = bool(settings.value("ORCH_KEEP_LOCAL_LOGS"))
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        for pid in list(_forked):
+            for kill in (os.killpg, os.kill):  # (kill: one forked but not yet in its own group)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                if os.waitpid(-1, os.WNOHANG) == (0, 0):
+                    time.sleep(0.01)
+            except ChildProcessError:
+                break
+        if folder is not None and not keep and folder.name.startswith("orchestrator-local-"):
+            for _ in range(20):  # a process of the dying cluster may still add a file
+                shutil.rmtree(folder, ignore_errors=True)
+                if not folder.exists():
+                    break
+                time.sleep(0.05)
+        os._exit(1)
+
+    return handler
+
+
+def mark(what: str, since: float) -> None:
+    """A line of this server's log: when each step of the start ended (wall clock, and
+    seconds since `since`), to see where a local cluster's start goes."""
+    print(f"forkserver {os.getpid()}: {what} at {time.time():.3f} (+{time.monotonic() - since:.2f} s)", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
+    began = time.monotonic()
     args = sys.argv[1:] if argv is None else argv
+    handler = teardown(Path(args[0]).parent)
+    signal.signal(signal.SIGTERM, handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # (blocked until now: spawning.spawn)
+    if len(args) > 1 and os.getppid() != int(args[1]):  # `run` died before its PDEATHSIG was set
+        handler(signal.SIGTERM, None)
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     preload_base()
+    mark("base imports done", began)
     plan = read_plan(Path(args[0]))
+    mark("plan read", began)
     if plan["preload"]:
         preload_trainers(plan.get("trainers"))
+        mark(f"trainers preloaded ({plan.get('trainers') or 'all'})", began)
     freeze()
     wait_for_broker(plan["broker"])
-    pids = {worker["name"]: fork_worker(worker) for worker in plan["workers"]}
+    pids = {}
+    for worker in plan["workers"]:
+        pids[worker["name"]] = pid = fork_worker(worker)
+        _forked.append(pid)
+    mark(f"{len(pids)} workers forked", began)
     done = Path(plan["pids"])
     tmp = done.with_suffix(".tmp")
     tmp.write_text(json.dumps(pids))

@@ -1,11 +1,11 @@
 """Local mode: a private redis-server and Celery workers as child processes.
 
-The CPU and control workers are forked from one fork server (orchestrator.cluster.forkserver),
-which imports what they need once; GPU workers are `orchestrator worker` commands. Each
+The workers (of GPUs, the CPU and control) are forked from one fork server
+(orchestrator.cluster.forkserver), which imports what they need once. Each
 worker runs in its own process group (so stopping one stops its pool children too) and,
-on Linux, gets SIGKILL if its parent dies (PR_SET_PDEATHSIG), as the fork server and
-Redis do if the orchestrator dies, so a killed orchestrator never leaves workers or
-Redis behind.
+on Linux, gets SIGKILL if its parent dies (PR_SET_PDEATHSIG), as Redis does if the
+orchestrator dies; the fork server gets SIGTERM then, kills its workers and removes the
+working folder, so a killed orchestrator leaves no worker, no Redis and no folder behind.
 """
 
 from __future__ import annotations
@@ -155,14 +155,12 @@ class LocalCluster:
         tmp.write_text(json.dumps(self.fork_plan(env, server_env if early is not None else env)))
         os.replace(tmp, plan)  # an early server waits for it
         if early is None:
-            # SIGKILL if this process dies (kill -9 of `run`), and so its workers (their
-            # PDEATHSIG): a cold shutdown would wait forever on the private Redis, which
-            # dies with it. Their pool processes exit when their worker's pipe closes.
-            self.processes["workers"] = spawn([sys.executable, "-m", "orchestrator.cluster.forkserver", str(plan)],
-                                              env, self.workdir / "forkserver.log", deathsig=signal.SIGKILL)
-        commands = self.worker_commands()
-        for name in self.exec_workers():  # GPU workers: exec'd, as `workers up` does (cluster.warm)
-            self.processes[name] = spawn(commands[name], env, self.workdir / f"{name}.log", deathsig=signal.SIGKILL)
+            # SIGTERM if this process dies (kill -9 of `run`): the server then kills its
+            # workers (a cold shutdown would wait forever on the private Redis, which dies
+            # with this process) and removes the working folder (forkserver.teardown).
+            self.processes["workers"] = spawn(
+                [sys.executable, "-m", "orchestrator.cluster.forkserver", str(plan), str(os.getpid())], env,
+                self.workdir / "forkserver.log", deathsig=signal.SIGTERM, handled=True)
         wait_redis(redis_proc, self.broker_url, self.workdir / "redis")
         return self.broker_url
 
@@ -187,21 +185,15 @@ class LocalCluster:
         return {name: [*base, *(a for k, v in role.items() for a in flags[k](v))]
                 for name, role in self.roles().items()}
 
-    def exec_workers(self) -> list[str]:
-        """The workers started as `orchestrator worker` commands, not forked: those of GPUs,
-        whose /proc/PID/environ must show their CUDA_VISIBLE_DEVICES (cluster.warm)."""
-        return [name for name, role in self.roles().items() if "gpu" in role]
-
     def fork_plan(self, env: dict[str, str], server_env: dict[str, str]) -> dict[str, Any]:
         """The fork server's plan: per worker its `celery` arguments, and its environment
-        (`env` and that of celery_worker_command) as changes to `server_env`, the server's."""
+        (`env` and that of celery_worker_command) as changes to `server_env`, the server's
+        (a GPU worker's CUDA_VISIBLE_DEVICES among them: see cluster.warm)."""
         from ..cli.worker import celery_worker_command
 
         assert self.workdir is not None
         workers: list[dict[str, Any]] = []
         for name, role in self.roles().items():
-            if name in self.exec_workers():
-                continue
             argv, wenv = celery_worker_command(**role, loglevel=self.loglevel, environ=env)
             changes: dict[str, str | None] = {k: v for k, v in wenv.items() if server_env.get(k) != v}
             changes.update({k: None for k in server_env if k not in wenv})
@@ -240,12 +232,9 @@ class LocalCluster:
         exits once none is left: its end is the end of every worker and pool process."""
         sig = signal.SIGKILL if finished else signal.SIGTERM
         pids = self.worker_pids()
-        execd = [p for n, p in self.processes.items() if n not in ("redis", "workers")]
-        for pid in [*pids.values(), *(p.pid for p in execd)]:  # all first: they stop in parallel
+        for pid in pids.values():  # all first: they stop in parallel
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, sig)
-        for proc in execd:
-            stop_process(proc, sig, grace=15)
         server = self.processes.get("workers")
         if server is not None:
             if not pids:  # still importing, or forking: its workers die with it (PDEATHSIG)

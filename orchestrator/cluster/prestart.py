@@ -42,8 +42,8 @@ def start(argv: list[str]) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="orchestrator-local-"))
     # Read by billiard at import: every local worker stops cold on SIGTERM.
     env = {**os.environ, "REMAP_SIGTERM": os.environ.get("REMAP_SIGTERM", "SIGQUIT")}
-    proc = spawn([sys.executable, "-m", "orchestrator.cluster.forkserver", str(workdir / PLAN)], env,
-                 workdir / "forkserver.log", deathsig=signal.SIGKILL)
+    proc = spawn([sys.executable, "-m", "orchestrator.cluster.forkserver", str(workdir / PLAN), str(os.getpid())],
+                 env, workdir / "forkserver.log", deathsig=signal.SIGTERM, handled=True)  # (forkserver.teardown)
     _early = (proc, workdir, env)
     atexit.register(_discard)
 

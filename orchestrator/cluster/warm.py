@@ -1,13 +1,19 @@
-"""CPU and control workers forked from a warm supervisor (`workers up`).
+"""Workers forked from a warm supervisor (`workers up`): GPU, CPU and control workers.
 
 The supervisor imports what these workers need once, before it starts the first one
-(Celery, the app's task modules, scikit-learn and, for CPU workers, the trainers'
-preloads such as torch: imports only, CUDA stays uninitialised, design invariant 5),
-then forks each of them, and each restart, from itself: a worker starts with all of it
-loaded instead of importing it in two new interpreters (~2.4 s of CPU per worker).
+(Celery, the app's task modules and, for training workers, the trainers' preloads
+such as torch: imports only, CUDA stays uninitialised, design invariant 5), then forks
+each of them, and each restart, from itself: a worker starts with all of it loaded
+instead of importing it in two new interpreters (~2.4 s of CPU per worker, and torch).
 The child runs the same `orchestrator worker` command, with the supervisor's
 environment for it, and Celery in its own process (orchestrator.cli.worker), so
-signals and `workers down` work as before. GPU workers are still exec'd (forkable).
+signals and `workers down` work as before.
+
+A GPU worker's CUDA_VISIBLE_DEVICES is set in the child's os.environ (and so in its C
+environment, which the CUDA runtime reads when it initialises: in the pool process that
+trains, never here). Its /proc/PID/environ, the environment a process was exec'd with,
+is the supervisor's: `orchestrator workers list` and the worker's record say which GPU
+it owns.
 """
 
 from __future__ import annotations
@@ -23,14 +29,12 @@ from typing import Any
 from .forkserver import Forked, fork_child, freeze, preload
 
 _loaded = False
-GPU_FLAGS = ("--gpu", "--gpus")
+TRAINING_FLAGS = ("--cpu", "--gpu", "--gpus")
 
 
 def forkable(argv: list[str]) -> bool:
-    """An `orchestrator worker` command for the CPU or `control`. GPU workers are exec'd as
-    before: /proc/PID/environ (what `ps e` and tools show) is the environment a process was
-    exec'd with, and a GPU worker's must name its CUDA_VISIBLE_DEVICES."""
-    return argv[1:4] == ["-m", "orchestrator", "worker"] and not any(f in argv for f in GPU_FLAGS)
+    """An `orchestrator worker` command (of a GPU, GPUs, the CPU or `control`)."""
+    return argv[1:4] == ["-m", "orchestrator", "worker"]
 
 
 def load(env: Mapping[str, str], commands: Sequence[Any]) -> None:
@@ -42,7 +46,7 @@ def load(env: Mapping[str, str], commands: Sequence[Any]) -> None:
     _loaded = True
     # Read by billiard at import: what each worker would get (orchestrator.cli.worker).
     os.environ["REMAP_SIGTERM"] = env.get("REMAP_SIGTERM", "SIGQUIT")
-    trains = any(forkable(c.argv) and "--cpu" in c.argv for c in commands)
+    trains = any(forkable(c.argv) and any(f in c.argv for f in TRAINING_FLAGS) for c in commands)
     try:
         preload(trains and env.get("ORCH_PRELOAD", "1") not in ("0", "false", "no"))
     except Exception:
