@@ -80,8 +80,8 @@ def _delivery(task: Any) -> Delivery:
 @worker_init.connect
 def _preload_in_parent(**_: Any) -> None:
     """In the worker's main process, before the pool forks, so every pool child starts
-    with these modules loaded: numpy's first-use work of the splits (the splits and the
-    bundled datasets need no scikit-learn: orchestrator.experiment.datasets), and on
+    with these modules loaded: scikit-learn's splitters (~1 s otherwise), its dataset
+    loaders and its first-use work (~55 ms of a pool process's first run), and on
     training workers (`orchestrator worker --gpu/--cpu` set ORCH_PRELOAD=1) each
     trainer's imports. Training workers fork a fresh child per run on GPUs
     (--max-tasks-per-child 1), and `import torch` took 3.5 s of every run's start on an
@@ -101,7 +101,7 @@ def _preload_in_parent(**_: Any) -> None:
         except TrainerModuleError as exc:
             log.critical("%s: this worker cannot run its trainers and stops", exc)
             raise SystemExit(EXIT_USAGE) from exc
-    warm_up()  # the splits' first use (orchestrator.experiment.datasets)
+    warm_up()  # scikit-learn's imports and first-use work (orchestrator.experiment.datasets)
 
     if not settings.value("ORCH_PRELOAD"):
         return

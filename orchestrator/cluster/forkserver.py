@@ -1,5 +1,5 @@
 """One parent for the workers of local mode: it imports Celery, the app, its task
-modules and the experiment's trainers once, then forks every worker
+modules, scikit-learn and the experiment's trainers once, then forks every worker
 (`celery worker` with its own arguments and environment) from itself.
 
     python -m orchestrator.cluster.forkserver PLAN.json [PARENT-PID]
@@ -70,7 +70,7 @@ def preload(trainers: bool, only: str | None = None) -> None:
 
 
 def preload_base() -> None:
-    """Celery, the app's task modules, the splits' first use (numpy; no scikit-learn), the trainer registry."""
+    """Celery, the app's task modules, scikit-learn's first-use work, the trainer registry."""
     for name in CELERY_MODULES:
         importlib.import_module(name)
     import tasks

@@ -1,7 +1,7 @@
 """Workers forked from a warm supervisor (`workers up`): GPU, CPU and control workers.
 
 The supervisor imports what these workers need once, before it starts the first one
-(Celery, the app's task modules and, for training workers, the trainers' preloads
+(Celery, the app's task modules, scikit-learn and, for training workers, the trainers' preloads
 such as torch: imports only, CUDA stays uninitialised, design invariant 5), then forks
 each of them, and each restart, from itself: a worker starts with all of it loaded
 instead of importing it in two new interpreters (~2.4 s of CPU per worker, and torch).

@@ -130,59 +130,21 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-_BREAST = ("radius", "texture", "perimeter", "area", "smoothness", "compactness", "concavity",
-           "concave points", "symmetry", "fractal dimension")
-# The bundled datasets as scikit-learn's loaders return them, read from scikit-learn's own
-# data files without importing it (importing it took 1.1 s of CPU, half of what a local
-# cluster's fork server imported): file, class names, feature names.
-# tests/test_spec_and_sweep.py checks them against the loaders.
-_BUNDLED: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
-    "iris": ("iris.csv", None, ("sepal length (cm)", "sepal width (cm)", "petal length (cm)",
-                                "petal width (cm)")),
-    "wine": ("wine_data.csv", None, (
-        "alcohol", "malic_acid", "ash", "alcalinity_of_ash", "magnesium", "total_phenols", "flavanoids",
-        "nonflavanoid_phenols", "proanthocyanins", "color_intensity", "hue",
-        "od280/od315_of_diluted_wines", "proline")),
-    "breast_cancer": ("breast_cancer.csv", None, (*(f"mean {b}" for b in _BREAST), *(f"{b} error" for b in _BREAST),
-                                                  *(f"worst {b}" for b in _BREAST))),
-    "digits": ("digits.csv.gz", tuple(map(str, range(10))),
-               tuple(f"pixel_{r}_{c}" for r in range(8) for c in range(8))),
-}
-
-
-def _bundled_file(file: str) -> Path:
-    """scikit-learn's data file `file`, found without importing scikit-learn."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("sklearn")
-    if spec is None or not spec.submodule_search_locations:
-        raise DatasetError("the bundled datasets come with scikit-learn, which is not installed")
-    return Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / file
-
-
 @functools.lru_cache(maxsize=8)
 def _builtin(name: str) -> Table:
-    """What sklearn.datasets.load_NAME() returns (data as float32, target as int64)."""
     import numpy as np
+    from sklearn import datasets as skd
 
-    file, classes, features = _BUNDLED[name]
-    path = _bundled_file(file)
-    if classes is None:  # load_csv_data: a header "n_samples,n_features,class names...", then rows
-        with open(path, encoding="utf-8") as fh:
-            rows = csv.reader(fh)
-            header = next(rows)
-            data = np.asarray([[float(v) for v in row] for row in rows if row], dtype=np.float64)
-        classes = tuple(header[2:])
-        if data.shape != (int(header[0]), int(header[1]) + 1):
-            raise DatasetError(f"{path}: {data.shape} values, its header says {header[:2]}")
-    else:  # digits: gzip'd rows of values, the last the class
-        import gzip
-
-        with gzip.open(path, "rt", encoding="utf-8") as fh:
-            data = np.asarray([[float(v) for v in line.split(",")] for line in fh if line.strip()],
-                              dtype=np.float64)
-    return Table(X=np.asarray(data[:, :-1], dtype=np.float32), y=data[:, -1].astype(np.int64),
-                 classes=classes, features=features)
+    loader = {
+        "iris": skd.load_iris, "wine": skd.load_wine,
+        "breast_cancer": skd.load_breast_cancer, "digits": skd.load_digits,
+    }[name]
+    bunch = loader()
+    names = [str(n) for n in getattr(bunch, "target_names", np.unique(bunch.target))]
+    return Table(
+        X=np.asarray(bunch.data, dtype=np.float32), y=np.asarray(bunch.target, dtype=np.int64),
+        classes=tuple(names), features=tuple(str(f) for f in bunch.feature_names),
+    )
 
 
 def _parse_csv(data: bytes, path: str, target: str) -> Table:
@@ -288,13 +250,19 @@ def split(table: Table, spec: RunSpec) -> Split:
 
 
 def warm_up() -> None:
-    """numpy's one-time work of a process, done now: a worker's main process calls this
-    before it forks its pool, so no pool process does it in its first run. (Splits and
-    bundled datasets need no scikit-learn: see stratified_kfold, stratified_split.)"""
+    """scikit-learn's one-time work of a process, done now: a worker's main process calls
+    this before it forks its pool, so no pool process does it in its first run (on GPU
+    workers, every run is a pool process's first). That is importing the dataset loaders
+    (with scipy.io), and what the first split's input checks do once: list every
+    installed package's entry points (narwhals plugins). A first run in a forked child
+    took 95 ms without this, 35-45 ms with it (iris, `prior`)."""
     import numpy as np
+    import sklearn.datasets  # noqa: F401  (_builtin)
+    from sklearn.model_selection import StratifiedKFold, train_test_split
 
-    stratified_kfold(np.array([0, 1] * 4), 2, 0)
-    stratified_split(np.arange(8), np.array([0, 1] * 4), 0.5, 0)
+    y = np.array([0, 1] * 4)
+    train_test_split(np.arange(8), test_size=0.5, stratify=y, random_state=0)
+    next(StratifiedKFold(n_splits=2).split(np.zeros((8, 1)), y))
 
 
 @functools.lru_cache(maxsize=64)
@@ -303,109 +271,21 @@ def _all_splits(table: Table, seed: int, k: int | None, validation: float | None
     """Every fold of one group at once: a worker computes the assignment once per group.
     (`table` is cached per dataset, so its identity is a valid cache key.)"""
     import numpy as np
+    from sklearn.model_selection import StratifiedKFold, train_test_split
 
     idx = np.arange(len(table.y))
     rest, holdout = idx, np.array([], dtype=np.int64)
     if holdout_fraction > 0:
-        rest, holdout = stratified_split(idx, table.y, holdout_fraction, seed)
+        rest, holdout = train_test_split(idx, test_size=holdout_fraction, stratify=table.y,
+                                         random_state=seed)
     holdout = np.sort(holdout)
     if k is not None:
-        pairs = [(rest[t], rest[v]) for t, v in stratified_kfold(table.y[rest], k, seed)]
+        folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+        pairs = [(rest[t], rest[v]) for t, v in folds.split(rest, table.y[rest])]
     else:
-        assert validation is not None
-        pairs = [stratified_split(rest, table.y[rest], validation, seed)]
+        pairs = [tuple(train_test_split(rest, test_size=validation, stratify=table.y[rest],
+                                        random_state=seed))]
     return tuple(Split(train=np.sort(t), val=np.sort(v), holdout=holdout) for t, v in pairs)
-
-
-# The two splits below are scikit-learn's (1.9), to the index: StratifiedKFold(k,
-# shuffle=True, random_state=seed).split and train_test_split(stratify=..., random_state=
-# seed), the same numpy calls on the same RandomState in the same order, for integer
-# class labels; tests/test_spec_and_sweep.py compares them with scikit-learn's. Here so
-# that no worker imports scikit-learn (1.1 s of CPU, with scipy) to split.
-
-
-def stratified_kfold(y: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(train, test) positions of each of `k` folds, every class spread evenly."""
-    import warnings
-
-    import numpy as np
-
-    rng = np.random.RandomState(seed)
-    if k > len(y):
-        raise ValueError(f"Cannot have number of splits n_splits={k} greater than the number of samples: n_samples={len(y)}.")
-    _, first, inverse = np.unique(y, return_index=True, return_inverse=True)
-    _, class_perm = np.unique(first, return_inverse=True)
-    encoded = class_perm[inverse]  # classes numbered by first appearance
-    n_classes = len(first)
-    counts = np.bincount(encoded)
-    if np.all(k > counts):
-        raise ValueError(f"n_splits={k} cannot be greater than the number of members in each class.")
-    if k > np.min(counts):
-        warnings.warn(f"The least populated class in y has only {np.min(counts)} members, which is less "
-                      f"than n_splits={k}.", UserWarning, stacklevel=2)
-    order = np.sort(encoded)
-    allocation = np.asarray([np.bincount(order[i::k], minlength=n_classes) for i in range(k)])
-    test_folds = np.empty(len(y), dtype="i")
-    for c in range(n_classes):
-        folds_for_class = np.arange(k).repeat(allocation[:, c])
-        rng.shuffle(folds_for_class)
-        test_folds[encoded == c] = folds_for_class
-    positions = np.arange(len(y))
-    return [(positions[test_folds != i], positions[test_folds == i]) for i in range(k)]
-
-
-def stratified_split(idx: np.ndarray, y: np.ndarray, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """`idx` cut into (train, test), test a `test_size` fraction, each class in proportion."""
-    import math
-
-    import numpy as np
-
-    n = len(idx)
-    if not 0 < test_size < 1:
-        raise ValueError(f"test_size={test_size} should be a float in the (0, 1) range")
-    n_test = math.ceil(test_size * n)
-    n_train = n - n_test
-    if n_train <= 0 or n_test >= n:
-        raise ValueError(f"With n_samples={n} and test_size={test_size}, the resulting train set will be empty.")
-    classes, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
-    if np.min(counts) < 2:
-        raise ValueError("The least populated classes in y have only 1 member, which is too few. The "
-                         "minimum number of groups for any class cannot be less than 2. Classes with too "
-                         f"few members are: {classes[counts < 2].tolist()}")
-    for what, size in (("train_size", n_train), ("test_size", n_test)):
-        if size < len(classes):
-            raise ValueError(f"The {what} = {size} should be greater or equal to the number of classes = {len(classes)}")
-    class_indices = np.split(np.argsort(inverse, kind="stable"), np.cumsum(counts)[:-1])
-    rng = np.random.RandomState(seed)
-    n_i = _approximate_mode(counts, n_train, rng)
-    t_i = _approximate_mode(counts - n_i, n_test, rng)
-    train: list[int] = []
-    test: list[int] = []
-    for i in range(len(classes)):
-        members = class_indices[i].take(rng.permutation(counts[i]), mode="clip")
-        train.extend(members[: n_i[i]])
-        test.extend(members[n_i[i] : n_i[i] + t_i[i]])
-    return idx[rng.permutation(train)], idx[rng.permutation(test)]
-
-
-def _approximate_mode(counts: np.ndarray, draws: int, rng: np.random.RandomState) -> np.ndarray:
-    """scikit-learn's utils.extmath._approximate_mode: `draws` shared among the classes in
-    proportion to `counts`, the rest by largest remainder, ties broken by `rng`."""
-    import numpy as np
-
-    continuous = counts / counts.sum() * draws
-    floored = np.floor(continuous)
-    need = int(draws - floored.sum())
-    if need > 0:
-        remainder = continuous - floored
-        for value in np.sort(np.unique(remainder))[::-1]:
-            (inds,) = np.where(remainder == value)
-            add_now = min(len(inds), need)
-            floored[rng.choice(inds, size=add_now, replace=False)] += 1
-            need -= add_now
-            if need == 0:
-                break
-    return floored.astype(int)
 
 
 def class_counts(ref: DatasetRef) -> dict[str, int]:
