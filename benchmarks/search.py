@@ -313,7 +313,7 @@ def _cold_steps(root: Path, experiment: str, journal: Path, killed: bytes, repea
     """A fresh process's step over `killed` (the journal as a kill left it), `repeat`
     times: the medians of (seconds from the process's start, seconds from the end of
     its imports: the engine's, numpy and Optuna, as a control worker has them from its
-    start: tasks.training._preload_in_parent) until the step's first publish."""
+    start: tasks.preload, after the worker is ready) until the step's first publish."""
     code = (f"import time, sys; sys.path.insert(0, {str(CODE)!r}); t0 = time.perf_counter()\n"
             "from orchestrator.paths import Layout\nfrom orchestrator.search.engine import step\n"
             "import numpy, optuna, orchestrator.search.samplers\n"

@@ -12,7 +12,7 @@ from celery import Celery
 # not here: `orchestrator submit` needs only the app and the tasks' names, and importing
 # them all (numpy, the trainers' registry, finalize...) took half a second of its start.
 MODULES = ["tasks.admission", "tasks.deadletters", "tasks.edge", "tasks.fleet", "tasks.idle", "tasks.overhead",
-           "tasks.ranks", "tasks.respawn", "tasks.roles", "tasks.search", "tasks.training", "tasks.watchdog"]
+           "tasks.preload", "tasks.ranks", "tasks.respawn", "tasks.roles", "tasks.search", "tasks.training", "tasks.watchdog"]
 
 app = Celery("tasks", include=MODULES)
 app.config_from_object("celeryconfig")

@@ -12,11 +12,8 @@ import logging
 from typing import Any
 
 from celery.exceptions import Reject, SoftTimeLimitExceeded
-from celery.signals import worker_init
 
-from orchestrator import settings
 from orchestrator.collect.groupend import GroupEnd
-from orchestrator.errors import EXIT_USAGE, TrainerModuleError
 from orchestrator.execution.admission import Shares
 from orchestrator.execution.attempt import (
     Delivery,
@@ -35,7 +32,6 @@ from orchestrator.execution.runner import SharedSink
 from orchestrator.execution.transfer import RETURN
 from orchestrator.livestate import LiveState
 from orchestrator.paths import Layout
-from orchestrator.trainers import registry
 
 from . import app
 from .admission import stop_consuming
@@ -75,43 +71,6 @@ def _delivery(task: Any) -> Delivery:
     request = task.request
     return Delivery(task_id=request.id, task=task.name, hostname=request.hostname or "unknown",
                     queue=(request.delivery_info or {}).get("routing_key"))
-
-
-@worker_init.connect
-def _preload_in_parent(**_: Any) -> None:
-    """In the worker's main process, before the pool forks, so every pool child starts
-    with these modules loaded: scikit-learn's splitters (~1 s otherwise), its dataset
-    loaders and its first-use work (~55 ms of a pool process's first run), and on
-    training workers (`orchestrator worker --gpu/--cpu` set ORCH_PRELOAD=1) each
-    trainer's imports. Training workers fork a fresh child per run on GPUs
-    (--max-tasks-per-child 1), and `import torch` took 3.5 s of every run's start on an
-    H100 host when it ran in the child. Trainer preloads import only: CUDA stays
-    uninitialised in this process (design invariant 5, docs/reliability.md). (Not at
-    import time: `orchestrator submit` imports this module and needs none of it.)"""
-    from orchestrator.experiment.datasets import warm_up
-
-    # The trainers of a worker that may train, loaded now: a module of
-    # ORCH_TRAINER_MODULES that cannot be imported stops it at its start (a clear line in
-    # its log, exit 2), where otherwise every run it took would fail on it. A worker of
-    # the `control` queue alone never trains, and needs no trainer installed.
-    selected = app.amqp.queues.consume_from
-    if set(selected if selected is not None else app.amqp.queues) - {"control"}:
-        try:
-            registry()
-        except TrainerModuleError as exc:
-            log.critical("%s: this worker cannot run its trainers and stops", exc)
-            raise SystemExit(EXIT_USAGE) from exc
-    warm_up()  # scikit-learn's imports and first-use work (orchestrator.experiment.datasets)
-
-    if not settings.value("ORCH_PRELOAD"):
-        return
-    only = settings.value("ORCH_PRELOAD_TRAINERS")
-    for trainer in registry().values():
-        if trainer.preload is not None and (only is None or trainer.name in only):
-            try:
-                trainer.preload()
-            except Exception:  # a failed warm-up only costs time later
-                log.exception("preloading trainer %s failed", trainer.name)
 
 
 # ignore_result: a run's outcome lives in its status file and the live state; nothing
