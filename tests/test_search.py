@@ -213,7 +213,7 @@ def test_killing_the_control_worker_then_submitting_again_ends_the_same_search(
 
 def test_a_training_worker_killed_mid_search_loses_nothing(sc: FaultCluster, tmp_path: Path) -> None:
     search = {**TPE, "strategy": "random", "trials": 4, "parallel": 2, "seed": 9}
-    cfg = config(tmp_path, "trainkill", search, seconds=0.5)
+    cfg = config(tmp_path, "trainkill", search, seconds=3.0)  # still training when the kill lands, under load
     assert run_cli("submit", str(cfg), env=sc.env()).returncode == 0
     entry = next(iter(sc.wait_running("trainkill").values()))
     victim = sc.worker_named(entry["worker"])
