@@ -546,3 +546,27 @@ def test_a_role_that_gives_up_ends_its_experiment_failed(client: redis.Redis, tm
     assert ended(client, exp) == f"failed: {why}" and (RolesFiles(layout, exp).status() or {})["why"] == why
     later = run_instance(client, layout, spec, "w@h", "cpu", "task-2")
     assert getattr(later, "result", {}).get("status") == "ENDED", later
+
+
+@pytest.mark.parametrize("flipped", [False, True])
+def test_a_flip_without_an_answer_keeps_the_checkpoint_only_of_a_version_that_became_current(
+        client: redis.Redis, lease: tuple[str, str], flipped: bool) -> None:
+    """The flip's answer is lost (Redis restarting, the host cut off): once Redis answers,
+    the publisher asks whether its version became current; the checkpoint file of one
+    that did not is removed (a cut-off learner leaves none), that of one that did stays."""
+    exp = f"evn{uuid.uuid4().hex[:6]}"
+    store = WeightStore(client, exp, keep=1, chunk_bytes=MiB)
+    key, token = lease
+    real, undone = store._flip, []
+
+    def lost_answer(**kw: object) -> object:
+        if flipped:
+            real(**kw)  # done in Redis; the answer never arrives
+        raise redis.ConnectionError("Connection reset by peer")
+
+    store._flip = lost_answer  # type: ignore[method-assign]
+    with pytest.raises(redis.ConnectionError):
+        store.publish(b"w" * 10, token, key, step=5, checkpoint=lambda v, m: lambda: undone.append(v))
+    assert undone == ([] if flipped else [1])
+    assert (store.latest() == 1) is flipped
+    store.clear()

@@ -10,6 +10,7 @@
     orch:w:<exp>:ptr                    the current version (flipped last, under the learner's token)
     orch:w:<exp>:versions               zset of the published versions
     orch:w:<exp>:best                   JSON {version, score}: kept whatever K says
+    orch:w:<exp>:published              set of every version that became current (never pruned)
     orch:w:<exp>:unscored               zset of the versions no evaluator scored yet: kept until
                                         scored, at most `weights.unscored` of them
     orch:w:<exp>:v:<n>:meta             JSON: size, chunks, checksums, step, attempt

@@ -38,6 +38,7 @@ from typing import Any, cast
 
 import redis
 
+from ..outage import wait_for_redis
 from . import rkeys, wire
 
 MiB = 1 << 20
@@ -46,11 +47,13 @@ DEFAULT_CHUNK = 8 * MiB
 # they were read into (no copy of hundreds of MB).
 STAGE_COPY_MAX = 16 * MiB
 STAGE_TTL_S = 600  # chunks of a version that was never flipped (a zombie's, a crash) expire
+UNDO_WAIT_S = 60.0  # a flip without an answer: how long to wait for Redis to ask it
 CHECKSUM = "sha256"
 
 # KEYS[1] lease of the publisher, KEYS[2] ptr, KEYS[3] versions zset, KEYS[4] meta of the
 # version, KEYS[5] the experience stream (or an unused key), KEYS[6] the unscored zset,
-# KEYS[7..] the chunk keys.
+# KEYS[7] the set of every version that became current (never pruned: a publisher whose
+# flip got no answer asks it), KEYS[8..] the chunk keys.
 # ARGV[1] token, ARGV[2] version, ARGV[3] meta JSON, ARGV[4] ready channel, ARGV[5] the
 # consumer group ('' : no acks), ARGV[6] '1': pin the version until an evaluator scores
 # it, ARGV[7..] the stream ids to acknowledge.
@@ -60,10 +63,11 @@ _FLIP = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 local cur = tonumber(redis.call('GET', KEYS[2]) or '0')
 if tonumber(ARGV[2]) <= cur then return -1 end
-for i = 7, #KEYS do
+for i = 8, #KEYS do
   if redis.call('EXISTS', KEYS[i]) == 0 then return -2 end
 end
-for i = 7, #KEYS do redis.call('PERSIST', KEYS[i]) end
+for i = 8, #KEYS do redis.call('PERSIST', KEYS[i]) end
+redis.call('SADD', KEYS[7], ARGV[2])
 redis.call('SET', KEYS[4], ARGV[3])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[2])
 if ARGV[6] == '1' then redis.call('ZADD', KEYS[6], ARGV[2], ARGV[2]) end
@@ -148,6 +152,10 @@ class WeightStore:
     def unscored_key(self) -> str:
         return f"{self.prefix}:unscored"
 
+    @property
+    def published_key(self) -> str:
+        return f"{self.prefix}:published"
+
     def meta_key(self, version: int) -> str:
         return f"{self.prefix}:v:{version}:meta"
 
@@ -181,11 +189,20 @@ class WeightStore:
                 "step": int(step), "published_at": time.time(), **(info or {})}
         stream, group, ids = acks if acks is not None else ("", "", ())
         undo = checkpoint(version, meta) if checkpoint is not None else None
-        code = int(cast(int, self._flip(
-            keys=[lease_key, self.pointer_key, f"{self.prefix}:versions", self.meta_key(version),
-                  stream or f"{self.prefix}:none", self.unscored_key, *chunk_keys],
-            args=[token, version, json.dumps(meta), self.ready_channel, group if stream else "",
-                  "1" if self.unscored_max else "0", *ids])))
+        try:
+            code = int(cast(int, self._flip(
+                keys=[lease_key, self.pointer_key, f"{self.prefix}:versions", self.meta_key(version),
+                      stream or f"{self.prefix}:none", self.unscored_key, self.published_key, *chunk_keys],
+                args=[token, version, json.dumps(meta), self.ready_channel, group if stream else "",
+                      "1" if self.unscored_max else "0", *ids])))
+        except redis.RedisError:
+            # No answer (Redis restarting, this host cut off): whether the version became
+            # current is known once Redis answers again. If it did not, its checkpoint
+            # file goes: no file is left of a version that never became current.
+            if undo is not None and wait_for_redis(self.client, UNDO_WAIT_S) and \
+                    not self.client.sismember(self.published_key, str(version)):
+                undo()
+            raise
         if code != 1:
             self.client.delete(*chunk_keys)  # never visible: drop at once rather than expire
             if undo is not None:
