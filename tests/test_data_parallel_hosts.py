@@ -110,6 +110,21 @@ def the_run_key(c: MultiHostCluster, name: str) -> str:
     return wait_for(found, timeout=90, what=f"{name}'s gang")
 
 
+def training_past_checkpoint(c: MultiHostCluster, run_key: str) -> dict[int, dict[str, Any]] | None:
+    """Both ranks of the run's current attempt, once both are past epoch 7 (a checkpoint at 5)."""
+    attempt = int(gang(c, run_key).get("attempt") or 0)
+    found = ranks(c, run_key, attempt) if attempt else {}
+    return found if len(found) == 2 and all((r.get("step") or 0) >= 7 for r in found.values()) else None
+
+
+def relaunched(c: MultiHostCluster, run_key: str, first: int) -> dict[int, dict[str, Any]] | None:
+    """Both ranks of an attempt after `first`, once its gang is training."""
+    g = gang(c, run_key)
+    attempt = int(g.get("attempt") or 0)
+    found = ranks(c, run_key, attempt) if attempt > first and g.get("state") == "training" else {}
+    return found if len(found) == 2 else None
+
+
 def test_a_host_cut_off_stops_its_attempt_and_the_run_relaunches_on_the_others(
         dh: MultiHostCluster, tmp_path: Path) -> None:
     name = "dphost"
@@ -117,12 +132,7 @@ def test_a_host_cut_off_stops_its_attempt_and_the_run_relaunches_on_the_others(
     dh.submit(experiment(tmp_path, name))
     run_key = the_run_key(dh, name)
 
-    def training_past_checkpoint() -> dict[int, dict[str, Any]] | None:
-        attempt = int(gang(dh, run_key).get("attempt") or 0)
-        found = ranks(dh, run_key, attempt) if attempt else {}
-        return found if len(found) == 2 and all((r.get("step") or 0) >= 7 for r in found.values()) else None
-
-    first_ranks = wait_for(training_past_checkpoint, timeout=90, what="both ranks past epoch 7 (a checkpoint at 5)",
+    first_ranks = wait_for(lambda: training_past_checkpoint(dh, run_key), timeout=90, what="both ranks past epoch 7 (a checkpoint at 5)",
                            seen=lambda: (gang(dh, run_key), dh.log("control")[-1500:]))
     trained = time.time()
     first = int(gang(dh, run_key)["attempt"])
@@ -147,13 +157,7 @@ def test_a_host_cut_off_stops_its_attempt_and_the_run_relaunches_on_the_others(
         rank1_stopped = time.time() - cut_at
         said = dh.log(victim)[seen_before:].split(stopped_line, 1)[1].split("\n", 1)[0].strip(": ")
 
-        def relaunched() -> dict[int, dict[str, Any]] | None:
-            g = gang(dh, run_key)
-            attempt = int(g.get("attempt") or 0)
-            found = ranks(dh, run_key, attempt) if attempt > first and g.get("state") == "training" else {}
-            return found if len(found) == 2 else None
-
-        again_ranks = wait_for(relaunched, timeout=RELAUNCH_LIMIT + 15, what="the relaunch to train on two hosts",
+        again_ranks = wait_for(lambda: relaunched(dh, run_key, first), timeout=RELAUNCH_LIMIT + 15, what="the relaunch to train on two hosts",
                                seen=lambda: gang(dh, run_key))
         again = time.time() - cut_at
         second = int(gang(dh, run_key)["attempt"])
@@ -207,12 +211,7 @@ def test_rank_0s_host_cut_off_its_run_is_handed_on_and_the_fenced_leader_writes_
     dh.submit(experiment(tmp_path, name, epochs=32))
     run_key = the_run_key(dh, name)
 
-    def training_past_checkpoint() -> dict[int, dict[str, Any]] | None:
-        attempt = int(gang(dh, run_key).get("attempt") or 0)
-        found = ranks(dh, run_key, attempt) if attempt else {}
-        return found if len(found) == 2 and all((r.get("step") or 0) >= 7 for r in found.values()) else None
-
-    first_ranks = wait_for(training_past_checkpoint, timeout=90, what="both ranks past epoch 7")
+    first_ranks = wait_for(lambda: training_past_checkpoint(dh, run_key), timeout=90, what="both ranks past epoch 7")
     first = int(gang(dh, run_key)["attempt"])
     victim = dh.worker_named(first_ranks[0]["worker"])
     run_name = first_ranks[0]["name"]
@@ -231,13 +230,7 @@ def test_rank_0s_host_cut_off_its_run_is_handed_on_and_the_fenced_leader_writes_
                  seen=lambda: run_log.read_text(errors="replace")[-2000:] if run_log.exists() else None)
         rank0_stopped = time.time() - cut_at
 
-        def relaunched() -> dict[int, dict[str, Any]] | None:
-            g = gang(dh, run_key)
-            attempt = int(g.get("attempt") or 0)
-            found = ranks(dh, run_key, attempt) if attempt > first and g.get("state") == "training" else {}
-            return found if len(found) == 2 else None
-
-        again_ranks = wait_for(relaunched, timeout=RELAUNCH_LIMIT + 15, what="the relaunch to train on two hosts",
+        again_ranks = wait_for(lambda: relaunched(dh, run_key, first), timeout=RELAUNCH_LIMIT + 15, what="the relaunch to train on two hosts",
                                seen=lambda: (gang(dh, run_key), dh.log("control")[-1500:]))
         again = time.time() - cut_at
         second = int(gang(dh, run_key)["attempt"])
